@@ -1,0 +1,420 @@
+"""Tests read like proofs: each checks an identity of derivation.md (labels in the names' docstrings) against an
+independent oracle -- closed-form Gaussian mixtures, autograd, Monte Carlo, brute force -- never a snapshot.
+
+    python -m pytest -q test_sid_flow.py
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import run_toy
+import sid_flow as sf
+
+torch.set_num_threads(1)  # 2-core CI: thread oversubscription makes tiny ops ~100x slower
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATHS = [sf.FLOW, sf.VP]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# An analytic teacher: a Gaussian mixture, whose diffused density, score and E[x0 | x_t] are closed-form
+# ------------------------------------------------------------------------------------------------------------------
+
+class Mixture:
+    """x0 ~ sum_k pi_k N(mu_k, sigma_k^2 I). Under x_t = a x0 + s eps each component stays Gaussian:
+    N(a mu_k, (a^2 sigma_k^2 + s^2) I), with per-component posterior mean mu_k + a sigma_k^2 / var_k (x_t - a mu_k)."""
+
+    def __init__(self, mu, sigma, pi):
+        self.mu, self.sigma, self.pi = (torch.as_tensor(v, dtype=torch.float64) for v in (mu, sigma, pi))
+
+    def sample(self, n, g):
+        k = torch.multinomial(self.pi, n, replacement=True, generator=g)
+        return self.mu[k] + self.sigma[k, None] * torch.randn(n, self.mu.shape[1], generator=g, dtype=torch.float64)
+
+    def _parts(self, x_t, t, path):
+        a, s, _, _ = path.coefficients(t[:, None])  # (B, 1)
+        var = a ** 2 * self.sigma[None] ** 2 + s ** 2  # (B, K)
+        diff = x_t[:, None, :] - a[:, :, None] * self.mu[None]  # (B, K, D)
+        d = self.mu.shape[1]
+        logp = (torch.log(self.pi)[None] - 0.5 * (diff ** 2).sum(-1) / var - 0.5 * d * torch.log(2 * math.pi * var))
+        return a, var, diff, logp  # logp: (B, K) log of pi_k N(x_t; a mu_k, var_k)
+
+    def log_p(self, x_t, t, path):
+        return torch.logsumexp(self._parts(x_t, t, path)[3], dim=1)  # (B,)
+
+    def posterior_mean(self, x_t, t, path):
+        a, var, diff, logp = self._parts(x_t, t, path)
+        r = torch.softmax(logp, dim=1)  # (B, K) responsibilities
+        comp = self.mu[None] + (a * self.sigma[None] ** 2 / var)[:, :, None] * diff  # (B, K, D)
+        return (r[:, :, None] * comp).sum(1)  # (B, D)
+
+    def velocity(self, x_t, t, path):
+        a, s, da, ds = path.coefficients(t[:, None])
+        x0 = self.posterior_mean(x_t, t, path)
+        return da * x0 + ds * (x_t - a * x0) / s  # (D2) with E[eps | x_t] = (x_t - a E[x0|x_t]) / s
+
+
+MIX = Mixture(mu=[[-2.0, 0.0], [1.5, 1.0], [0.5, -2.0]], sigma=[0.3, 0.6, 0.2], pi=[0.5, 0.3, 0.2])
+
+
+def _noised(n=512, seed=0, path=sf.FLOW, mix=MIX):
+    g = torch.Generator().manual_seed(seed)
+    x0 = mix.sample(n, g)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.rand(n, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    return x0, eps, t, sf.add_noise(x0, eps, t, path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. Conventions and path algebra (D1)-(D7)
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_conventions():
+    """(D1), (D2), (D13): t = 1 is noise, t = 0 is data, v = eps - x0, generator times 1, .75, .5, .25."""
+    x0, eps = torch.randn(4, 3), torch.randn(4, 3)
+    assert torch.equal(sf.add_noise(x0, eps, torch.ones(4)), eps)
+    assert torch.equal(sf.add_noise(x0, eps, torch.zeros(4)), x0)
+    assert torch.allclose(sf.velocity_target(x0, eps, torch.rand(4)), eps - x0)
+    assert sf.generator_times(4) == [1.0, 0.75, 0.5, 0.25] and sf.generator_times(1) == [1.0]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+def test_conversions_round_trip(path):
+    """(D4), (D5), (D3) in float64: from the true (x0, eps) -> v, every conversion recovers them exactly."""
+    x0, eps, t, x_t = _noised(path=path)
+    v = sf.velocity_target(x0, eps, t, path)
+    assert torch.allclose(sf.velocity_to_x0(x_t, t, v, path), x0, atol=1e-10)
+    assert torch.allclose(sf.velocity_to_eps(x_t, t, v, path), eps, atol=1e-10)
+    assert torch.allclose(sf.x0_to_velocity(x_t, t, x0, path), v, atol=1e-9)
+    score = sf.velocity_to_score(x_t, t, v, path)
+    assert torch.allclose(sf.score_to_x0(x_t, t, score, path), x0, atol=1e-9)
+    # shapes: t (B,) broadcasts over image-like samples
+    img = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    assert sf.velocity_to_x0(img, torch.rand(3, dtype=torch.float64), img).shape == img.shape
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+def test_gaussian_mixture_closed_form(path):
+    """(D3)-(D5) against an analytic teacher: velocity_to_x0 of the exact velocity is the exact E[x0|x_t], and
+    velocity_to_score is the autograd gradient of the exact log-density."""
+    _, _, t, x_t = _noised(path=path)
+    v = MIX.velocity(x_t, t, path)
+    assert torch.allclose(sf.velocity_to_x0(x_t, t, v, path), MIX.posterior_mean(x_t, t, path), atol=1e-10)
+    x = x_t.clone().requires_grad_(True)
+    (score_autograd,) = torch.autograd.grad(MIX.log_p(x, t, path).sum(), x)
+    assert torch.allclose(sf.velocity_to_score(x_t, t, v, path), score_autograd, atol=1e-8)
+
+
+def test_flow_to_vp_snr_map():
+    """(D7): the flow-matching state and its VP image under the SNR map have the same posterior mean, computed
+    independently from the mixture under each path."""
+    _, _, t, x_t = _noised(path=sf.FLOW)
+    x_vp, tau = sf.flow_to_vp(x_t, t)
+    a, s, _, _ = sf.VP.coefficients(tau)
+    assert torch.allclose(a / s, (1 - t) / t)  # same signal-to-noise ratio
+    assert torch.allclose(MIX.posterior_mean(x_vp, tau, sf.VP), MIX.posterior_mean(x_t, t, sf.FLOW), atol=1e-10)
+
+
+def test_loss_weighting():
+    """(D6): |v_hat - v|^2 = |x0_hat - x0|^2 / t^2 for any velocity prediction."""
+    x0, eps, t, x_t = _noised()
+    v_hat = torch.randn_like(x0)
+    lhs = sf.flow_matching_loss(v_hat, x0, eps, t)
+    rhs = ((sf.velocity_to_x0(x_t, t, v_hat) - x0) ** 2).sum(1) / t ** 2
+    assert torch.allclose(lhs, rhs)
+
+
+def test_fake_loss_minimiser():
+    """(D8)/(D9): the flow-matching loss is minimised by the exact E[v | x_t]: the mixture's velocity beats any
+    perturbation of it (the excess equals the perturbation's squared norm, by orthogonality)."""
+    n = 200_000
+    x0, eps, t, x_t = _noised(n=n, seed=1)
+    v_star = MIX.velocity(x_t, t, sf.FLOW)
+    delta = 0.1 * torch.sin(3 * x_t)  # any perturbation, a function of x_t only
+    excess = sf.flow_matching_loss(v_star + delta, x0, eps, t) - sf.flow_matching_loss(v_star, x0, eps, t)
+    cross = excess - (delta ** 2).sum(1)  # 2 delta . (v* - target): zero mean because v* = E[target | x_t]
+    assert abs(cross.mean()) < 4 * cross.std() / math.sqrt(n)
+    assert excess.mean() > 10 * cross.std() / math.sqrt(n)  # the perturbation is measurably worse
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. SiD: the score identity and the generator loss (D10)-(D14)
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_score_identity_monte_carlo():
+    """(D10) by Monte Carlo: E[u(x_t)^T E_g[x0|x_t]] = E[u(x_t)^T x_g] for a nonlinear u, and the rewritten Fisher
+    divergence E (f_phi - f_g)^T (f_phi - x_g) equals the direct E |f_phi - f_g|^2 (teacher = another mixture)."""
+    n = 400_000
+    x_g, _, t, x_t = _noised(n=n, seed=2)  # the "generator" is MIX
+    u = torch.tanh(x_t @ torch.tensor([[0.7, -0.3], [0.2, 0.9]], dtype=torch.float64)) + 0.1 * x_t
+    f_g = MIX.posterior_mean(x_t, t, sf.FLOW)
+    lhs, rhs = (u * f_g).sum(1), (u * x_g).sum(1)
+    se = (lhs - rhs).std() / math.sqrt(n)
+    assert abs(lhs.mean() - rhs.mean()) < 4 * se
+    teacher = Mixture(mu=[[-1.5, 0.5], [1.5, 1.5], [0.0, -2.0]], sigma=[0.4, 0.5, 0.3], pi=[0.4, 0.4, 0.2])
+    f_phi = teacher.posterior_mean(x_t, t, sf.FLOW)
+    direct = ((f_phi - f_g) ** 2).sum(1)
+    identity = ((f_phi - f_g) * (f_phi - x_g)).sum(1)
+    se = (direct - identity).std() / math.sqrt(n)
+    assert abs(direct.mean() - identity.mean()) < 4 * se
+    assert direct.mean() > 20 * se  # the check is not vacuous
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.2, 0.5])
+def test_generator_loss_gradient(alpha):
+    """(D11) autograd against the hand-derived gradient (derivation.md section 3) with linear teacher and fake
+    networks; (D14) DMD's gradient is w (x0_fake - x0_teacher) on x_g alone."""
+    g = torch.Generator().manual_seed(3)
+    B, D = 8, 5
+    A_T, A_F = (torch.randn(D, D, generator=g, dtype=torch.float64) for _ in range(2))
+    b_T, b_F = (torch.randn(D, generator=g, dtype=torch.float64) for _ in range(2))
+    x_g = torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(B, D, generator=g, dtype=torch.float64)
+    t = torch.rand(B, generator=g, dtype=torch.float64)
+    w = torch.rand(B, generator=g, dtype=torch.float64)
+    x_t = sf.add_noise(x_g, eps, t)
+    f_T, f_F = x_t @ A_T.T + b_T, x_t @ A_F.T + b_F
+    (grad,) = torch.autograd.grad(sf.sid_generator_loss(x_g, f_T, f_F, alpha, w).sum(), x_g)
+    gap, J = f_T - f_F, A_T - A_F
+    r = (f_T - x_g) - alpha * gap
+    c = (1 - t)[:, None]
+    hand = w[:, None] * (c * r @ J + c * gap @ A_T - gap - alpha * c * gap @ J)
+    assert torch.allclose(grad, hand.detach(), atol=1e-10)
+    # DMD
+    x_t = sf.add_noise(x_g, eps, t)
+    f_T, f_F = x_t @ A_T.T + b_T, x_t @ A_F.T + b_F
+    (grad_dmd,) = torch.autograd.grad(sf.dmd_generator_loss(x_g, f_T, f_F, w).sum(), x_g)
+    assert torch.allclose(grad_dmd, w[:, None] * (f_F - f_T).detach(), atol=1e-12)
+
+
+def test_weightings_and_times():
+    """(D12): every weighting is finite, positive and gradient-free; the logit-normal median is 2/3."""
+    g = torch.Generator().manual_seed(4)
+    t = sf.sample_t(100_000, "logit-normal", g, "cpu")
+    assert abs(t.median().item() - 2 / 3) < 0.01 and t.min() > 0 and t.max() < 1
+    x_g = torch.randn(16, 2, requires_grad=True)
+    for name in sf.WEIGHTINGS:
+        w = sf.sid_weight(name, t[:16], x_g, torch.randn(16, 2))
+        assert w.shape == (16,) and torch.isfinite(w).all() and (w > 0).all() and not w.requires_grad
+    with pytest.raises(ValueError):
+        sf.sid_weight("nope", t[:16], x_g, x_g)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. The few-step generator (D13)
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_backward_simulation(k):
+    """Steps 1..k-1 run without gradient; only step k carries gradient into the generator."""
+    net = sf.ToyMLP(width=16, depth=2)
+    calls = []
+
+    def G(x, t):
+        calls.append((torch.is_grad_enabled(), round(t[0].item(), 4)))
+        return net(x, t)
+
+    z = torch.randn(6, 2)
+    x_in, t_in = sf.generator_rollout(G, z, 4, k, "fresh", torch.Generator().manual_seed(0))
+    x_g = sf.generator_step(G, x_in, t_in)
+    assert calls == [(False, 1.0 - j / 4) for j in range(k - 1)] + [(True, 1.0 - (k - 1) / 4)]
+    assert not x_in.requires_grad and x_g.requires_grad
+    x_g.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_renoise_modes():
+    """fresh draws new noise, fixed reuses z, ddim recovers exactly the noise implied by x_t."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps, z = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    t, t_next = torch.full((5,), 0.75), torch.full((5,), 0.5)
+    x_t = sf.add_noise(x0, eps, t)
+    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "ddim", g), sf.add_noise(x0, eps, t_next), atol=1e-6)
+    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "fixed", g), sf.add_noise(x0, z, t_next))
+    fresh = sf.renoise(x0, x_t, t, t_next, z, "fresh", g)
+    assert not torch.allclose(fresh, sf.add_noise(x0, z, t_next)) and not torch.allclose(fresh, x_t)
+
+
+def test_one_step_generator_is_x0_prediction():
+    """K = 1: the generator's sample is x0_hat(G(z, 1)) = z - G(z, 1)."""
+    net = sf.ToyMLP(width=16, depth=2)
+    z = torch.randn(7, 2)
+    with torch.no_grad():
+        assert torch.allclose(sf.generate(lambda x, t: net(x, t), z, 1), z - net(z, torch.ones(7)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. The iteration and the loop
+# ------------------------------------------------------------------------------------------------------------------
+
+def _tiny_backbone(seed=0):
+    torch.manual_seed(seed)
+    return sf.ToyBackbone(sf.ToyMLP(width=32, depth=2))
+
+
+def _cfg(tmp_path=None, **kw):
+    base = dict(out=str(tmp_path) if tmp_path else "", iters=4, batch_size=64, progress=False, save_every=0)
+    return sf.make_config("toy", **{**base, **kw})
+
+
+@pytest.mark.parametrize("loss", ["sid", "dmd"])
+def test_iteration_touches_only_what_it_should(loss):
+    """One iteration: teacher unchanged; generator and fake move; the generator phase puts no gradient into the fake
+    network's weights (the fake's gradients after the iteration are exactly those its own update used)."""
+    bb = _tiny_backbone()
+    cfg = _cfg(loss=loss)
+    teacher0 = {k: v.clone() for k, v in bb.teacher.state_dict().items()}
+    gen, fake = bb.trainable_copy(), bb.trainable_copy()
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    seen = {}
+    opt_f.register_step_post_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()}))
+    gen0, fake0 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (gen, fake)]
+    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, bb.teacher.state_dict()[k]) for k, v in teacher0.items())
+    assert all(p.grad is None for p in bb.teacher.parameters())
+    assert any(not torch.equal(v, gen.state_dict()[k]) for k, v in gen0.items())
+    assert any(not torch.equal(v, fake.state_dict()[k]) for k, v in fake0.items())
+    assert all(torch.equal(seen[n], p.grad) for n, p in fake.named_parameters())
+    assert m["nonfinite"] == [] and math.isfinite(m["score_gap"]) and m["k"] == 4  # toy preset: last step
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """A run stopped after 3 iterations and resumed to 6 ends with the same weights, EMA and optimizer state as an
+    uninterrupted 6-iteration run with the same seed (uniform k, fresh noise: every RNG stream is restored)."""
+    bb = _tiny_backbone()
+    kw = dict(train_step="uniform", fake_updates=2, ema_decay=0.9)
+    full = sf.distill(_cfg(tmp_path / "a", iters=6, **kw), bb)
+    sf.distill(_cfg(tmp_path / "b", iters=3, **kw), bb)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = sf.distill(_cfg(tmp_path / "b", iters=6, **kw), bb)
+    assert resumed["step"] == 6
+    for key in ("generator", "ema", "fake"):
+        for (n, a), b in zip(full[key].state_dict().items(), resumed[key].state_dict().values()):
+            assert torch.equal(a, b), (key, n)
+    ck_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    ck_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for a, b in zip(ck_a["opt_gen"]["state"].values(), ck_b["opt_gen"]["state"].values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
+    assert steps == sorted(set(steps))  # the resumed log has no duplicated iterations
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    bb = _tiny_backbone()
+    sf.distill(_cfg(tmp_path, iters=2), bb)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(sf.UserError, match="alpha"):
+        sf.distill(_cfg(tmp_path, iters=4, alpha=1.2), bb)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+class NaNTeacher(sf.ToyBackbone):
+    """A teacher that returns NaN velocities (the fake and generator copies stay finite)."""
+
+    def velocity(self, net, x_t, t, cond, guidance):
+        v = net(x_t, t)
+        return v * float("nan") if net is self.teacher else v
+
+
+def test_nonfinite_loss_stops_with_step_and_phase(tmp_path):
+    """A non-finite loss skips the step; max_nonfinite in a row stop the run, naming the iteration and the phase,
+    and the checkpoint on disk holds only finite weights."""
+    torch.manual_seed(0)
+    bb = NaNTeacher(sf.ToyMLP(width=16, depth=2))
+    with pytest.raises(FloatingPointError, match=r"non-finite generator loss at iteration 3"):
+        sf.distill(_cfg(tmp_path, iters=10, max_nonfinite=3, save_every=1), bb)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["generator"].values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. The toy demo end to end, the metric and the command line
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_energy_distance():
+    """(D15): the projection formula equals the brute-force pairwise U-statistic; it is ~0 for equal laws."""
+    g = torch.Generator().manual_seed(0)
+    x, y = run_toy.checkerboard(700, g), run_toy.eight_gaussians(500, g)
+
+    def mean_dist(a, b, same):
+        d = torch.cdist(a.double(), b.double())
+        return d.sum().item() / (len(a) * (len(b) - 1) if same else len(a) * len(b))
+
+    brute = 2 * mean_dist(x, y, False) - mean_dist(x, x, True) - mean_dist(y, y, True)
+    assert abs(run_toy.energy_distance(x, y) - brute) < 5e-5 * brute  # 128-direction quadrature
+    assert abs(run_toy.energy_distance(run_toy.checkerboard(4000, g), run_toy.checkerboard(4000, g))) < 3e-3
+
+
+def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
+    """A seeded short run of the demo (small teacher, 150 iterations): the four-step student is much closer to the
+    data than the teacher sampled with four Euler steps, and every promised output is written."""
+    monkeypatch.setitem(run_toy.TEACHER, "width", 64)
+    monkeypatch.setitem(run_toy.TEACHER, "iters", 800)
+    monkeypatch.setitem(run_toy.TEACHER, "batch", 512)
+    m = run_toy.main(["--out", str(tmp_path), "--iters", "150", "--batch-size", "512", "--n-eval", "5000",
+                      "--no-progress"])
+    ed = m["energy_distance"]
+    assert ed["SiD (4 steps, raw)"] < 0.3 * ed["teacher 4 steps"]
+    assert ed["SiD (4 steps, EMA)"] < 0.5 * ed["teacher 4 steps"]  # the EMA lags in so short a run
+    for name in ("data", "teacher_4", "teacher_128", "student"):
+        arr = np.load(tmp_path / f"{name}.npy")
+        assert arr.shape == (5000, 2) and arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert (tmp_path / "toy.png").stat().st_size > 10_000 and (tmp_path / "metrics.json").exists()
+    # the second run reuses the cached teacher
+    m2 = run_toy.main(["--out", str(tmp_path), "--iters", "2", "--batch-size", "64", "--n-eval", "500",
+                       "--no-progress"])
+    assert m2["seconds"]["teacher"] == 0.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "rings"], "invalid choice"),
+    (["--alpha", "nan"], "--alpha must be finite"),
+    (["--iters", "0"], "--iters must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--loss", "kl"], "invalid choice"),
+])
+def test_toy_cli_bad_values(tmp_path, args, message):
+    """Bad flags: one line on stderr, exit status 2, nothing written."""
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "run_toy.py"), "--out", str(out), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+def test_config_presets():
+    """Defaults live in one place: presets override fields of Config, unknown fields are refused."""
+    cfg = sf.make_config("toy")
+    assert cfg.train_step == "last" and cfg.alpha == sf.Config.alpha
+    with pytest.raises(sf.UserError):
+        sf.make_config("toy", not_a_field=1)
+    with pytest.raises(sf.UserError):
+        sf.make_config("toy", weighting="1/t^3")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. The code and the derivation agree
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_derivation_labels():
+    """Every (Dk) cited in the code exists in derivation.md; every function of its symbol table exists in
+    sid_flow.py; every test it names exists here."""
+    doc = open(os.path.join(HERE, "derivation.md")).read()
+    code = open(os.path.join(HERE, "sid_flow.py")).read() + open(os.path.join(HERE, "run_toy.py")).read()
+    cited = set(re.findall(r"\(D\d+\)", code))
+    assert cited and cited <= set(re.findall(r"\(D\d+\)", doc)), cited - set(re.findall(r"\(D\d+\)", doc))
+    table = doc[doc.index("## Symbol table"):]
+    for row in table.splitlines()[3:]:
+        for name in re.findall(r"`([A-Za-z_][\w.]*)`", row.split("|")[2]):
+            assert re.search(rf"\b{re.escape(name.split('.')[-1])}\b", code), name
+    tests = open(__file__).read()
+    for name in set(re.findall(r"`(test_\w+)`", doc)):
+        assert f"def {name}(" in tests, name
