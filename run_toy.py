@@ -169,17 +169,17 @@ def main(argv=None):
     z = torch.randn(args.n_eval, 2, generator=g_eval)  # (N, 2)
     samples = {f"teacher {n} steps": sf.euler_sample(T, z, n) for n in (1, 2, 4, 8, 32, 128)}
     # the teacher's own weights used as a K-step SiD sampler: where distillation starts
-    samples["teacher as 4-step generator"] = sf.generate(T, z, 4, cfg.noise, torch.Generator().manual_seed(1))
+    samples["teacher as 4-step generator"] = sf.generate(T, z, 4, cfg.noise, sf.gaussian(torch.Generator().manual_seed(1)))
 
     def student_samples(net, K):
-        return sf.generate(lambda x, t: net(x, t), z, K, cfg.noise, torch.Generator().manual_seed(1))
+        return sf.generate(lambda x, t: net(x, t), z, K, cfg.noise, sf.gaussian(torch.Generator().manual_seed(1)))
 
     variants = VARIANTS if args.compare else {"SiD": {}}
     curves, t_distill = {}, {}
     for name, extra in variants.items():
         vcfg = sf.make_config("toy", **{**overrides, **extra})
         # one folder per distinct config: the same command resumes (or reuses) its run, a changed flag starts anew
-        vcfg.out = os.path.join(cfg.out, "runs", f"{_slug(name)}-{_config_hash(vcfg, args.dataset)}")
+        vcfg.out = os.path.join(cfg.out, "runs", f"{sf._slug(name)}-{_config_hash(vcfg, args.dataset)}")
         curve_path, ckpt_path = os.path.join(vcfg.out, "curve.json"), os.path.join(vcfg.out, "checkpoint.pt")
         done = torch.load(ckpt_path, weights_only=False)["step"] if os.path.exists(ckpt_path) else 0
         curve = [p for p in json.load(open(curve_path)) if p["step"] <= done] if os.path.exists(curve_path) else []
@@ -230,10 +230,6 @@ def main(argv=None):
 def _config_hash(cfg, dataset):
     fields = {k: v for k, v in sf.dataclasses.asdict(cfg).items() if k not in sf.RESUMABLE_FIELDS}
     return hashlib.sha1(json.dumps(dict(fields, dataset=dataset, teacher=TEACHER), sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _slug(name):
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name.lower())
 
 
 def plot(samples, data, curves, ref4, ref128, student, path):

@@ -207,13 +207,18 @@ def generator_times(K):
     return [1.0 - k / K for k in range(K)]
 
 
-def renoise(x0, x_t, t, t_next, z, mode, generator):
+def gaussian(generator=None):
+    """draw(x) -> fresh N(0, I) noise shaped like x, from `generator` (None: torch's global RNG)."""
+    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def renoise(x0, x_t, t, t_next, z, mode, draw):
     """The next generator input x_{t_next} = (1 - t_next) x0 + t_next n, with n:
-    'fresh' new N(0, I) noise (default; FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) does this step),
+    'fresh' new N(0, I) noise from draw(x0) (default; FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)),
     'fixed' the initial noise z, or 'ddim' the noise implied by the current state, (x_t - (1 - t) x0) / t
     (FlowMatchEulerDiscreteScheduler(stochastic_sampling=False), i.e. a plain Euler step)."""
     if mode == "fresh":
-        n = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        n = draw(x0)
     elif mode == "fixed":
         n = z
     elif mode == "ddim":
@@ -223,7 +228,7 @@ def renoise(x0, x_t, t, t_next, z, mode, generator):
     return add_noise(x0, n, t_next)  # (B, *D)
 
 
-def generator_rollout(velocity_fn, z, K, k, noise, generator):
+def generator_rollout(velocity_fn, z, K, k, noise, draw):
     """Run the first k-1 of the generator's K steps WITHOUT gradient and return the input of step k:
     (x_t (B, *D), t (B,)). `velocity_fn(x_t, t) -> v`. Backward simulation: earlier outputs are detached, so
     only step k will carry gradient into the generator."""
@@ -234,7 +239,7 @@ def generator_rollout(velocity_fn, z, K, k, noise, generator):
         for j in range(k - 1):
             x0 = velocity_to_x0(x_t, t, velocity_fn(x_t, t))
             t_next = torch.full_like(t, times[j + 1])
-            x_t = renoise(x0, x_t, t, t_next, z, noise, generator)
+            x_t = renoise(x0, x_t, t, t_next, z, noise, draw)
             t = t_next
     return x_t, t
 
@@ -244,9 +249,9 @@ def generator_step(velocity_fn, x_t, t):
     return velocity_to_x0(x_t, t, velocity_fn(x_t, t))  # (B, *D)
 
 
-def generate(velocity_fn, z, K, noise="fresh", generator=None):
-    """K-step sample of the generator, no gradient: (B, *D)."""
-    x_t, t = generator_rollout(velocity_fn, z, K, K, noise, generator)
+def generate(velocity_fn, z, K, noise="fresh", draw=None):
+    """K-step sample of the generator, no gradient: (B, *D). `draw` defaults to torch's global RNG."""
+    x_t, t = generator_rollout(velocity_fn, z, K, K, noise, draw or gaussian())
     with torch.no_grad():
         return generator_step(velocity_fn, x_t, t)
 
@@ -325,8 +330,231 @@ class ToyBackbone:
     def sample_cond(self, n, generator):
         return None
 
-    def trainable_copy(self):
-        return copy.deepcopy(self.teacher).float().requires_grad_(True).train()
+    def trainable_copy(self, dtype=torch.float32):
+        return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
+
+    def noise(self, shape, generator):
+        return torch.randn(shape, generator=generator, device=self.teacher.head.weight.device)
+
+    def step_noise(self, x, generator):
+        return self.noise(x.shape, generator)
+
+
+
+# The three diffusers families. Everything they do differently is in the five small methods a subclass overrides;
+# DiTBackbone holds what they share: the prompt cache, classifier-free guidance, latent shapes, decoding, export.
+
+DEFAULT_PROMPTS = [  # used when no --prompts file is given; previews use the first PREVIEW_PROMPTS of the set
+    "a red fox sitting in fresh snow, golden hour", "a bowl of ramen with a soft-boiled egg, studio photo",
+    "an astronaut riding a horse on the moon", "a watercolor painting of a lighthouse in a storm",
+    "a cozy library with tall wooden shelves and warm lamps", "a macro photo of a dew drop on a green leaf",
+    "a futuristic city skyline at night, neon reflections", "a portrait of an old fisherman, dramatic lighting",
+    "a cat wearing a tiny wizard hat, digital art", "a mountain lake at sunrise with mist over the water",
+    "a plate of colorful macarons on a marble table", "a vintage red bicycle leaning against a blue door",
+    "an isometric illustration of a tiny island village", "a hummingbird feeding from a purple flower",
+    "a sports car on a desert highway, motion blur", "a bookshelf made of clouds, surreal concept art",
+]
+PREVIEW_PROMPTS, PREVIEW_SEED = 4, 1234
+PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
+
+
+def read_prompts(path):
+    """One prompt per line; blank lines dropped, duplicates kept once (first occurrence order)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        prompts = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    if not prompts:
+        raise UserError(f"--prompts {path}: the file has no prompts (one per line)")
+    return prompts
+
+
+def _cat(conds):
+    """Concatenate conditioning dicts along the batch."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+class DiTBackbone:
+    """A diffusers text-to-image pipeline behind the Backbone interface (teacher = pipe.transformer).
+
+    Conditioning `cond` is a dict of batch-first tensors (prompt embeddings and the like). Classifier-free guidance
+    follows one convention, v = v_uncond + w (v_cond - v_uncond) with the empty prompt as uncond, evaluated in one
+    batched call; w = 1 is the conditional branch alone. Families whose network takes the guidance scale as an input
+    (FLUX.1-dev is guidance-distilled) set `guidance_embedded` and get w through that input instead, one branch."""
+
+    guidance_embedded = False
+    packing = 1                       # FLUX packs 2x2 latent patches into tokens before the transformer
+    pipeline_kwargs = {}              # what the stock pipeline must be told to condition as we do
+    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`?
+
+    def __init__(self, pipe, resolution, device, teacher_dtype, max_sequence_length=None):
+        self.pipe, self.device, self.resolution = pipe, device, resolution
+        self.max_sequence_length = max_sequence_length
+        self.teacher = pipe.transformer.to(device, teacher_dtype).requires_grad_(False).eval()
+        self.sample_shape = self.latent_shape(resolution)  # (C, h, w)
+        pipe.vae.to(device)
+        self.prompts, self.bank, self.uncond = [], None, None
+
+    # --- what a family overrides ----------------------------------------------------------------------------------
+    def encode(self, prompts):
+        """list of str -> cond dict, batch len(prompts)."""
+        raise NotImplementedError
+
+    def forward(self, net, x_t, t, cond, guidance):
+        """One call of `net` in our conventions: x_t (B, C, h, w), t (B,) in [0, 1] -> v (B, C, h, w)."""
+        raise NotImplementedError
+
+    def text_encoders(self):
+        return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(self.pipe, name)]
+
+    # --- shared ---------------------------------------------------------------------------------------------------
+    def latent_shape(self, resolution):
+        f = self.pipe.vae_scale_factor
+        p = self.teacher.config.patch_size * self.packing
+        if resolution <= 0 or resolution % (f * p):
+            raise UserError(f"--resolution {resolution}: must be a positive multiple of {f * p} for this teacher "
+                            f"(VAE factor {f} x patch {p})")
+        c = self.teacher.config.in_channels // self.packing ** 2
+        return (c, resolution // f, resolution // f)
+
+    def set_prompts(self, prompts):
+        """Encode the prompt set once. If the cache fits PROMPT_CACHE_BYTES it is kept (on the CPU) and the text
+        encoders are freed; otherwise prompts are encoded per batch and the encoders stay."""
+        self.prompts = list(prompts)
+        with torch.no_grad():
+            self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
+            first = self.encode(self.prompts[:1])
+            per_prompt = sum(v.numel() * v.element_size() for v in first.values())
+            if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:
+                chunks = [self.encode(self.prompts[i:i + 16]) for i in range(0, len(self.prompts), 16)]
+                self.bank = {k: v.cpu() for k, v in _cat(chunks).items()}
+                for name in self.text_encoders():
+                    setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
+
+    def cond_for(self, idx):
+        """Conditioning for prompt indices idx (list of int), on the device."""
+        if self.bank is not None:
+            return {k: v[idx].to(self.device) for k, v in self.bank.items()}
+        with torch.no_grad():
+            return self.encode([self.prompts[i] for i in idx])
+
+    def sample_cond(self, n, generator):
+        idx = torch.randint(len(self.prompts), (n,), generator=generator, device=generator.device).tolist()
+        return self.cond_for(idx)
+
+    def velocity(self, net, x_t, t, cond, guidance):
+        if guidance == 1.0 or self.guidance_embedded:
+            return self.forward(net, x_t, t, cond, guidance)
+        B = x_t.shape[0]
+        uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
+        v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]),
+                                        guidance).chunk(2)  # (B, C, h, w) each
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    def trainable_copy(self, dtype=torch.float32):
+        return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
+
+    def noise(self, shape, generator):
+        """N(0, I) in the latent layout (B, C, h, w), drawn as the stock pipeline draws it."""
+        return torch.randn(shape, generator=generator, device=self.device)
+
+    def step_noise(self, x, generator):
+        """The re-noising draw between generator steps, as the stock scheduler draws it (same layout, same RNG)."""
+        return self.noise(x.shape, generator if self.step_noise_from_generator else None)
+
+    @torch.no_grad()
+    def decode(self, x):
+        """Latents (B, C, h, w) -> images (B, H, W, 3) float in [0, 1], as the stock pipeline decodes them."""
+        vae = self.pipe.vae
+        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image.float(), output_type="np")
+
+    def _dtype(self, net):
+        return next(net.parameters()).dtype
+
+
+class SanaBackbone(DiTBackbone):
+    """SANA: Gemma-2 text embeddings with an attention mask; the transformer takes t * 1000 * timestep_scale.
+    We encode without SANA's long complex_human_instruction and without resolution binning."""
+    pipeline_kwargs = {"complex_human_instruction": None, "use_resolution_binning": False}
+
+    def encode(self, prompts):
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device=self.device, clean_caption=False,
+            max_sequence_length=self.max_sequence_length or 300, complex_human_instruction=None)
+        return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
+
+    def forward(self, net, x_t, t, cond, guidance):
+        dt = self._dtype(net)
+        v = net(x_t.to(dt), encoder_hidden_states=cond["embeds"].to(dt), encoder_attention_mask=cond["mask"],
+                timestep=t * 1000 * net.config.timestep_scale, return_dict=False)[0]
+        return v[:, :x_t.shape[1]]  # a learned-sigma head outputs 2C channels: the first C are the velocity
+
+
+class SD3Backbone(DiTBackbone):
+    """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000.
+    The stock pipeline draws its per-step noise from torch's global RNG, not from `generator`."""
+    step_noise_from_generator = False
+
+    def encode(self, prompts):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length or 256)
+        return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
+
+    def forward(self, net, x_t, t, cond, guidance):
+        dt = self._dtype(net)
+        return net(hidden_states=x_t.to(dt), timestep=t * 1000, encoder_hidden_states=cond["embeds"].to(dt),
+                   pooled_projections=cond["pooled"].to(dt), return_dict=False)[0]
+
+
+class FluxBackbone(DiTBackbone):
+    """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids; latents are packed 2x2 into tokens; t in [0, 1].
+    FLUX.1-dev is guidance-distilled: the guidance scale is an input embedding, never a second branch. Every CFG
+    scale of the config is fed to that embedding; the generator gets cfg.student_guidance (pass the same value as
+    guidance_scale to the stock FluxPipeline). Per-step noise: torch's global RNG, drawn in the packed layout."""
+    guidance_embedded = True
+    packing = 2
+    step_noise_from_generator = False
+
+    def encode(self, prompts):
+        embeds, pooled, txt_ids = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=self.max_sequence_length or 512)
+        self.txt_ids = txt_ids  # (L, 3), the same for every prompt
+        return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
+
+    @staticmethod
+    def pack(x):
+        B, C, h, w = x.shape
+        x = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+        return x.reshape(B, (h // 2) * (w // 2), C * 4)  # (B, tokens, 4C)
+
+    @staticmethod
+    def unpack(x, h, w):
+        B, _, D = x.shape
+        x = x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+        return x.reshape(B, D // 4, h, w)  # (B, C, h, w)
+
+    def forward(self, net, x_t, t, cond, guidance):
+        dt, (_, h, w) = self._dtype(net), self.sample_shape
+        ids = torch.zeros(h // 2, w // 2, 3, device=x_t.device)
+        ids[..., 1] += torch.arange(h // 2, device=x_t.device)[:, None]  # row index
+        ids[..., 2] += torch.arange(w // 2, device=x_t.device)[None, :]  # column index
+        g = torch.full((x_t.shape[0],), float(guidance), device=x_t.device) if net.config.guidance_embeds else None
+        v = net(hidden_states=self.pack(x_t).to(dt), timestep=t, guidance=g, pooled_projections=cond["pooled"].to(dt),
+                encoder_hidden_states=cond["embeds"].to(dt), txt_ids=self.txt_ids, img_ids=ids.reshape(-1, 3),
+                return_dict=False)[0]
+        return self.unpack(v, h, w)
+
+    def step_noise(self, x, generator):
+        B, C, h, w = x.shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
+        n = torch.randn((B, (h // 2) * (w // 2), C * 4), generator=generator if self.step_noise_from_generator
+                        else None, device=self.device)
+        return self.unpack(n, h, w)
+
+
+FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -345,24 +573,27 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update
     teacher = backbone.teacher
     # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13)
     k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=rng, device=device).item())
-    z = torch.randn(B, *backbone.sample_shape, generator=rng, device=device)  # (B, *D) initial noise
+    z = backbone.noise((B, *backbone.sample_shape), rng)  # (B, *D) initial noise
     cond = backbone.sample_cond(B, rng)  # prompts (or None); the same batch for both updates
 
-    def G(x, t):  # the student, always without CFG (guidance 1)
-        return backbone.velocity(generator, x, t, cond, 1.0)
+    def draw(x):  # the re-noising draws between generator steps, from the loop's RNG
+        return backbone.step_noise(x, rng)
+
+    def G(x, t):  # the student: no two-branch CFG (cfg.student_guidance is 1, or FLUX's embedded guidance)
+        return backbone.velocity(generator, x, t, cond, cfg.student_guidance)
 
     # backward simulation: steps 1..k-1 without gradient; x_in is the input of the trained step k
     with autocast(cfg, device):
-        x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, rng)  # (B, *D), (B,)
+        x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, draw)  # (B, *D), (B,)
     out = {"k": k, "nonfinite": []}
 
     # --- fake update(s): plain flow matching on generator samples (D9) -------------------------------------------
     for i in range(cfg.fake_updates):
         with torch.no_grad(), autocast(cfg, device):
             # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
-            x_g = generator_step(G, x_in, t_in) if i == 0 else generate(G, torch.randn_like(z), K, cfg.noise, rng)
+            x_g = generator_step(G, x_in, t_in) if i == 0 else generate(G, backbone.noise(z.shape, rng), K, cfg.noise, draw)
         t = sample_t(B, cfg.t_dist, rng, device)  # (B,)
-        eps = torch.randn(x_g.shape, generator=rng, device=device)  # (B, *D)
+        eps = backbone.noise(x_g.shape, rng)  # (B, *D)
         with autocast(cfg, device):
             v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, cfg.cfg_train_fake)
             loss_fake = flow_matching_loss(v_fake.float(), x_g.float(), eps, t).mean()
@@ -379,7 +610,7 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update
 
     # --- generator update (D11) -------------------------------------------------------------------------------------
     t = sample_t(B, cfg.t_dist, rng, device)  # (B,)
-    eps = torch.randn(z.shape, generator=rng, device=device)  # (B, *D)
+    eps = backbone.noise(z.shape, rng)  # (B, *D)
     with autocast(cfg, device):
         x_g = generator_step(G, x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
         x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
@@ -411,7 +642,7 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update
 
 def autocast(cfg, device):
     """bf16 autocast on CUDA when cfg.precision == 'bf16-autocast'; a no-op elsewhere (CPU runs in float32)."""
-    if cfg.precision == "bf16-autocast" and device.type == "cuda":
+    if cfg.precision != "fp32" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -421,7 +652,10 @@ def autocast(cfg, device):
 # ------------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def ema_update(ema, net, decay):
+def ema_update(ema, net, decay, step):
+    """EMA with warm-up: the effective decay min(decay, (1 + step) / (10 + step)) lets the average follow the fast
+    early moves away from the teacher and average only once training settles."""
+    decay = min(decay, (1 + step) / (10 + step))
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
@@ -443,7 +677,11 @@ def distill(cfg, backbone, on_eval=None):
     Returns dict(generator=, ema=, fake=, step=, skipped=)."""
     device = next(backbone.teacher.parameters()).device
     torch.manual_seed(cfg.seed)
-    generator, fake = backbone.trainable_copy(), backbone.trainable_copy()  # both start as the teacher (D13)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # trainable weights (master copy)
+    generator, fake = backbone.trainable_copy(dtype), backbone.trainable_copy(dtype)  # both start as the teacher
+    if cfg.grad_checkpointing:  # recompute activations in backward: memory for time, in all three networks
+        for net in (generator, fake, backbone.teacher):
+            net.enable_gradient_checkpointing()
     ema = copy.deepcopy(generator).requires_grad_(False).eval()
     adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps)  # beta1 = 0 as the official code: no momentum
     opt_gen = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam)
@@ -497,7 +735,7 @@ def distill(cfg, backbone, on_eval=None):
                     f"{skipped} skipped in all); the last good checkpoint is kept")
         else:
             in_a_row = 0
-        ema_update(ema, generator, cfg.ema_decay)
+        ema_update(ema, generator, cfg.ema_decay, step)
         if step % cfg.log_every == 0 or step == cfg.iters:
             bar.set_postfix(fake=f"{m['loss_fake']:.3g}", gap=f"{m['score_gap']:.3g}", gen=f"{m['loss_gen']:.3g}")
             if log_path:
@@ -543,24 +781,49 @@ class Config:
     ema_decay: float = 0.999
     max_nonfinite: int = 3          # stop after this many iterations in a row with a non-finite loss
     seed: int = 0
-    # --- I/O and runtime ---
+    student_guidance: float = 1.0   # guidance the generator is called with: 1 (no CFG); FLUX: its embedded guidance
+    # --- data and I/O ---
+    resolution: int = 0             # image side in pixels; 0: the teacher's native size
+    prompts: str = ""               # a text file, one prompt per line; empty: the built-in DEFAULT_PROMPTS
     out: str = "out/sid"
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 0
     device: str = "auto"            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
-    precision: str = "fp32"         # 'fp32' or 'bf16-autocast' (CUDA: bf16 compute, fp32 trainable weights)
+    precision: str = "fp32"         # 'fp32'; 'bf16-autocast' (CUDA: bf16 teacher and compute, fp32 trainable weights);
+                                    # 'bf16' (pure bf16, also the trainable weights: use --adam-eps 1e-4)
+    grad_checkpointing: bool = False
     progress: bool = True
 
 
 CHOICES = dict(loss=("sid", "dmd"), weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"),
-               noise=("fresh", "fixed", "ddim"), train_step=("uniform", "last"), precision=("fp32", "bf16-autocast"))
+               noise=("fresh", "fixed", "ddim"), train_step=("uniform", "last"), precision=("fp32", "bf16-autocast", "bf16"))
 
 # Presets change only what differs from the Config defaults. The toy preset uses 'last'-step training and a larger
 # learning rate: see README "Toy results" and derivation.md (D13) for why the uniform mixture is not the toy default.
+# The DiT presets: official SiD-DiT settings where REFERENCE.md gives them (Adam(0, 0.999), lr 5e-6, SANA's CFG 4.5 for
+# all three scales, bf16 autocast); batch_size is per process (the paper's global batch is 256). SD3's CFG reuses
+# SANA's value and FLUX's guidance embedding its usual 3.5 -- starting points, not tuned by this project.
+_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, log_every=10)
+_CFG45 = dict(cfg_train_fake=4.5, cfg_eval_fake=4.5, cfg_eval_real=4.5)
+_FLUX = dict(cfg_train_fake=3.5, cfg_eval_fake=3.5, cfg_eval_real=3.5, student_guidance=3.5)
+HUB_IDS = {
+    "sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
+    "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+}
 PRESETS = {
     "toy": dict(teacher="toy", train_step="last", iters=600, batch_size=1024, lr_gen=3e-4, lr_fake=3e-4,
                 ema_decay=0.99, out="out/toy", log_every=20, save_every=0),
+    "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=8),
+    "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024),
+    "sd3-medium": dict(_DIT, **_CFG45, resolution=1024),
+    "sd3.5-medium": dict(_DIT, **_CFG45, resolution=1024),
+    "sd3.5-large": dict(_DIT, **_CFG45, resolution=1024),
+    "flux-dev": dict(_DIT, **_FLUX, resolution=1024),
 }
 
 
@@ -624,3 +887,192 @@ def resolve_device(name):
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device torch knows")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 9. Teachers from disk or hub, the exported student, previews, and the command line
+# ------------------------------------------------------------------------------------------------------------------
+
+def resolve_teacher(name):
+    """A preset name -> its hub id; an existing folder -> itself (it must hold model_index.json); 'owner/repo' -> a
+    hub id. Returns (source, pipeline class name), read from model_index.json -- never guessed from the name."""
+    src = HUB_IDS.get(name, name)
+    if os.path.exists(src):
+        index = os.path.join(src, "model_index.json")
+        if not os.path.isfile(index):
+            raise UserError(f"--teacher {name}: {src} is not a diffusers pipeline folder (no model_index.json)")
+    elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import hf_hub_download
+            index = hf_hub_download(src, "model_index.json")
+        except Exception as e:  # offline, gated, misspelled: say which, in one line
+            raise UserError(f"--teacher {name}: cannot read {src}/model_index.json from the hub "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    else:
+        raise UserError(f"--teacher {name}: not a preset ({', '.join(p for p in PRESETS if p != 'toy')}), "
+                        "an existing folder, or a hub id owner/repo")
+    with open(index) as f:
+        family = json.load(f).get("_class_name", "?")
+    if family not in FAMILIES:
+        raise UserError(f"--teacher {name}: pipeline class {family} is not supported "
+                        f"(supported: {', '.join(FAMILIES)})")
+    return src, family
+
+
+def teacher_dtype(cfg, device):
+    return torch.bfloat16 if cfg.precision != "fp32" and device.type == "cuda" else torch.float32
+
+
+def load_backbone(cfg, device, src=None, family=None):
+    """The teacher pipeline as a Backbone, at cfg.resolution (0: the transformer's native size)."""
+    from diffusers import DiffusionPipeline
+    if src is None:
+        src, family = resolve_teacher(cfg.teacher)
+    pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=teacher_dtype(cfg, device))
+    pipe.set_progress_bar_config(disable=True)
+    resolution = cfg.resolution or (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
+    backbone = FAMILIES[family](pipe, resolution, device, teacher_dtype(cfg, device))
+    backbone.source, backbone.family = src, family
+    return backbone
+
+
+STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
+
+
+def export_student(backbone, net, cfg, folder):
+    """Write a complete diffusers pipeline folder: the teacher's components, `net` as the transformer, and a
+    FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) without shift, which takes exactly the 'fresh'
+    re-noising step (D13) when called with sigmas = generator_times(K). Written beside, then renamed into place."""
+    import shutil
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
+    transformer = copy.deepcopy(net).to("cpu", backbone.teacher.dtype).eval()
+    pipe = DiffusionPipeline.from_pretrained(backbone.source, transformer=transformer, scheduler=scheduler,
+                                             torch_dtype=backbone.teacher.dtype)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    pipe.save_pretrained(tmp)
+    meta = dict(family=backbone.family, teacher=backbone.source, resolution=backbone.resolution, steps=cfg.steps,
+                sigmas=generator_times(cfg.steps), guidance_scale=cfg.student_guidance,
+                pipeline_kwargs=backbone.pipeline_kwargs, global_rng_step_noise=not backbone.step_noise_from_generator)
+    with open(os.path.join(tmp, STUDENT_META), "w") as f:
+        json.dump(meta, f, indent=1)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def student_images(backbone, net, prompts, seed, steps, guidance):
+    """The student's images for `prompts` with the stock pipeline's RNG use (one seed per call): initial latents
+    from torch.Generator(device).manual_seed(seed); per-step noise from that generator (SANA) or from torch's global
+    RNG seeded with `seed` (SD3, FLUX: their pipelines do not pass `generator` to the scheduler). (B, H, W, 3)."""
+    torch.manual_seed(seed)
+    g = torch.Generator(backbone.device).manual_seed(seed)
+    cond = _cat([backbone.encode([p]) for p in prompts]) if backbone.bank is None else backbone.cond_for(
+        [backbone.prompts.index(p) for p in prompts])
+    z = backbone.noise((len(prompts), *backbone.sample_shape), g)
+    x = generate(lambda x, t: backbone.velocity(net, x, t, cond, guidance), z, steps, "fresh",
+                 lambda x: backbone.step_noise(x, g))
+    return backbone.decode(x)
+
+
+def save_grid(images, path):
+    """(B, H, W, 3) floats in [0, 1] -> one PNG row."""
+    from PIL import Image
+    row = (torch.as_tensor(images).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, H, W, 3)
+    Image.fromarray(torch.cat(list(row), dim=1).numpy()).save(path)
+
+
+def cmd_distill(cfg):
+    device = resolve_device(cfg.device)
+    if cfg.teacher == "toy":
+        raise UserError("the 2-D toy teacher is trained by run_toy.py: run `python run_toy.py`")
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS  # bad input fails before any loading
+    src, family = resolve_teacher(cfg.teacher)
+    backbone = load_backbone(cfg, device, src, family)
+    backbone.set_prompts(prompts)
+    os.makedirs(cfg.out, exist_ok=True)
+    preview = backbone.prompts[:PREVIEW_PROMPTS]
+
+    def on_eval(step, generator, ema):
+        save_grid(student_images(backbone, ema, preview, PREVIEW_SEED, cfg.steps, cfg.student_guidance),
+                  os.path.join(cfg.out, f"preview_{step:07d}.png"))
+
+    res = distill(cfg, backbone, on_eval=on_eval)
+    folder = export_student(backbone, res["ema"] if cfg.ema_decay > 0 else res["generator"], cfg,
+                            os.path.join(cfg.out, "student"))
+    print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']})")
+
+
+def cmd_export(out, weights, device_name):
+    """Export OUT/student from OUT/checkpoint.pt (any checkpoint, not only a finished run)."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--out {out}: no checkpoint.pt there")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = Config(**{**ck["config"], "device": device_name})
+    backbone = load_backbone(cfg, resolve_device(cfg.device))
+    net = backbone.trainable_copy()
+    net.load_state_dict(ck[weights])
+    print(f"student pipeline ({weights}, iteration {ck['step']}):",
+          export_student(backbone, net, cfg, os.path.join(out, "student")))
+
+
+def cmd_sample(student, prompt, seed, resolution, out_png, device_name):
+    meta_path = os.path.join(student, STUDENT_META)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"--student {student}: not a sid_flow student folder (no {STUDENT_META})")
+    if not prompt.strip():
+        raise UserError("--prompt is empty")
+    if not out_png.lower().endswith(".png"):
+        raise UserError(f"--out {out_png}: give a .png file name")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    device = resolve_device(device_name)
+    cfg = Config(teacher=student, resolution=resolution or meta["resolution"], device=device_name)
+    backbone = load_backbone(cfg, device, student, meta["family"])
+    with torch.no_grad():
+        images = student_images(backbone, backbone.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"])
+    save_grid(images, out_png)
+    print(f"wrote {out_png}")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("sample", "export") else "distill"
+    p = Parser(prog=f"sid_flow.py {command}" if command != "distill" else "sid_flow.py",
+               description=__doc__.split("\n")[0])
+    if command == "sample":
+        p.add_argument("--student", required=True, help="an exported OUT/student folder")
+        p.add_argument("--prompt", required=True)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--resolution", type=int, default=0)
+        p.add_argument("--out", required=True, help="the .png to write")
+        p.add_argument("--device", default="auto")
+        a = p.parse_args(argv)
+        return cmd_sample(a.student, a.prompt, a.seed, a.resolution, a.out, a.device)
+    if command == "export":
+        p.add_argument("--out", required=True, help="the run folder holding checkpoint.pt")
+        p.add_argument("--weights", default="ema", choices=("ema", "generator"))
+        p.add_argument("--device", default="auto")
+        a = p.parse_args(argv)
+        return cmd_export(a.out, a.weights, a.device)
+    add_config_flags(p)
+    a = vars(p.parse_args(argv))
+    if a["teacher"] is None:
+        raise UserError(f"--teacher is required: a preset ({', '.join(PRESETS)}), a pipeline folder or a hub id")
+    preset = a["teacher"] if a["teacher"] in PRESETS else None
+    a["out"] = a["out"] or f"out/{_slug(a['teacher'])}"
+    return cmd_distill(make_config(preset, **a))
+
+
+def _slug(name):
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in os.path.basename(name.rstrip("/")) or name)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -222,7 +222,7 @@ def test_backward_simulation(k):
         return net(x, t)
 
     z = torch.randn(6, 2)
-    x_in, t_in = sf.generator_rollout(G, z, 4, k, "fresh", torch.Generator().manual_seed(0))
+    x_in, t_in = sf.generator_rollout(G, z, 4, k, "fresh", sf.gaussian(torch.Generator().manual_seed(0)))
     x_g = sf.generator_step(G, x_in, t_in)
     assert calls == [(False, 1.0 - j / 4) for j in range(k - 1)] + [(True, 1.0 - (k - 1) / 4)]
     assert not x_in.requires_grad and x_g.requires_grad
@@ -236,9 +236,9 @@ def test_renoise_modes():
     x0, eps, z = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
     t, t_next = torch.full((5,), 0.75), torch.full((5,), 0.5)
     x_t = sf.add_noise(x0, eps, t)
-    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "ddim", g), sf.add_noise(x0, eps, t_next), atol=1e-6)
-    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "fixed", g), sf.add_noise(x0, z, t_next))
-    fresh = sf.renoise(x0, x_t, t, t_next, z, "fresh", g)
+    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "ddim", sf.gaussian(g)), sf.add_noise(x0, eps, t_next), atol=1e-6)
+    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "fixed", sf.gaussian(g)), sf.add_noise(x0, z, t_next))
+    fresh = sf.renoise(x0, x_t, t, t_next, z, "fresh", sf.gaussian(g))
     assert not torch.allclose(fresh, sf.add_noise(x0, z, t_next)) and not torch.allclose(fresh, x_t)
 
 
