@@ -132,12 +132,13 @@ def train_teacher(dataset, seed, path, progress=True):
 # Variants compared by --compare: name -> Config overrides on top of the command line's
 # ------------------------------------------------------------------------------------------------------------------
 
-VARIANTS = {
+VARIANTS = {  # 'data_aided' is not a Config field: it hands the true distribution to the backbone (D16)
     "SiD": {},
     "DMD": dict(loss="dmd"),
     "SiD alpha=1.2": dict(alpha=1.2),
     "SiD 1 step": dict(steps=1),
     "SiD uniform k": dict(train_step="uniform"),
+    "SiD data-aided": dict(data_aided=True),
 }
 
 
@@ -145,14 +146,16 @@ def parse_args(argv):
     p = sf.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="checkerboard", choices=sorted(DATASETS))
     p.add_argument("--compare", action="store_true", help="also distil the VARIANTS and put them in one table")
-    p.add_argument("--n-eval", type=int, default=5000, help="samples per sampler for the energy distance")
+    p.add_argument("--data-aided", action="store_true",
+                   help="data-aided SiD (D16): the fake network also discriminates fresh true samples from fakes")
+    p.add_argument("--n-eval", type=int, default=30000, help="samples per sampler for the energy distance")
     sf.add_config_flags(p, skip=("teacher", "device", "precision"))
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "compare", "n_eval")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "compare", "n_eval", "data_aided")}
     cfg = sf.make_config("toy", **overrides)
     if args.n_eval < 100:
         raise sf.UserError(f"--n-eval must be at least 100, got {args.n_eval}")
@@ -160,7 +163,8 @@ def main(argv=None):
     os.makedirs(cfg.out, exist_ok=True)
     teacher, t_teacher = train_teacher(args.dataset, cfg.seed, os.path.join(cfg.out, f"teacher-{args.dataset}.pt"),
                                        cfg.progress)
-    backbone = sf.ToyBackbone(teacher)
+    # data-aided runs draw "real" samples from the true distribution with the loop's own RNG (resumable)
+    backbones = {False: sf.ToyBackbone(teacher), True: sf.ToyBackbone(teacher, real=DATASETS[args.dataset])}
     T = lambda x, t: teacher(x, t)  # noqa: E731  the teacher's velocity
 
     # fixed evaluation draws: fresh data (never the teacher's training stream) and one noise batch for every sampler
@@ -174,12 +178,15 @@ def main(argv=None):
     def student_samples(net, K):
         return sf.generate(lambda x, t: net(x, t), z, K, cfg.noise, sf.gaussian(torch.Generator().manual_seed(1)))
 
-    variants = VARIANTS if args.compare else {"SiD": {}}
+    variants = VARIANTS if args.compare else {"SiD": dict(data_aided=args.data_aided)}
     curves, t_distill = {}, {}
     for name, extra in variants.items():
+        extra = dict(extra)
+        aided = extra.pop("data_aided", False) or args.data_aided
+        name = name + (" data-aided" if aided and "data-aided" not in name else "")
         vcfg = sf.make_config("toy", **{**overrides, **extra})
         # one folder per distinct config: the same command resumes (or reuses) its run, a changed flag starts anew
-        vcfg.out = os.path.join(cfg.out, "runs", f"{sf._slug(name)}-{_config_hash(vcfg, args.dataset)}")
+        vcfg.out = os.path.join(cfg.out, "runs", f"{sf._slug(name)}-{_config_hash(vcfg, args.dataset, aided)}")
         curve_path, ckpt_path = os.path.join(vcfg.out, "curve.json"), os.path.join(vcfg.out, "checkpoint.pt")
         done = torch.load(ckpt_path, weights_only=False)["step"] if os.path.exists(ckpt_path) else 0
         curve = [p for p in json.load(open(curve_path)) if p["step"] <= done] if os.path.exists(curve_path) else []
@@ -193,7 +200,7 @@ def main(argv=None):
 
         vcfg.eval_every = vcfg.eval_every or max(1, vcfg.iters // 20)
         t0 = time.time()
-        res = sf.distill(vcfg, backbone, on_eval=on_eval)
+        res = sf.distill(vcfg, backbones[aided], on_eval=on_eval)
         t_distill[name] = time.time() - t0
         with open(curve_path, "w") as f:
             json.dump(curve, f)
@@ -215,7 +222,7 @@ def main(argv=None):
     np.save(os.path.join(cfg.out, "data.npy"), data.numpy())
     np.save(os.path.join(cfg.out, "teacher_4.npy"), samples["teacher 4 steps"].numpy())
     np.save(os.path.join(cfg.out, "teacher_128.npy"), samples["teacher 128 steps"].numpy())
-    main_student = next(k for k in samples if k.startswith("SiD (") and k.endswith("EMA)"))
+    main_student = next(k for k in samples if k.startswith("SiD") and k.endswith("EMA)"))
     np.save(os.path.join(cfg.out, "student.npy"), samples[main_student].numpy())
     metrics = dict(dataset=args.dataset, n_eval=args.n_eval, energy_distance=ed, curves=curves,
                    seconds=dict(teacher=t_teacher, distill=t_distill, total=t_total),
@@ -227,9 +234,10 @@ def main(argv=None):
     return metrics
 
 
-def _config_hash(cfg, dataset):
+def _config_hash(cfg, dataset, aided):
     fields = {k: v for k, v in sf.dataclasses.asdict(cfg).items() if k not in sf.RESUMABLE_FIELDS}
-    return hashlib.sha1(json.dumps(dict(fields, dataset=dataset, teacher=TEACHER), sort_keys=True).encode()).hexdigest()[:8]
+    key = json.dumps(dict(fields, dataset=dataset, teacher=TEACHER, data_aided=aided), sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
 def plot(samples, data, curves, ref4, ref128, student, path):

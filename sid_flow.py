@@ -1,6 +1,6 @@
 """sid_flow.py -- Score identity Distillation (SiD) of flow-matching models, in one file.
 
-Read it top to bottom, beside derivation.md (equation labels (D1)...(D15) are cited in the comments):
+Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are cited in the comments):
 
     CONVENTIONS -> 1 path algebra (Bayes' rule) -> 2 times and weights -> 3 losses -> 4 few-step generator
     -> 5 backbones (the toy MLP; diffusers DiTs) -> 6 one SiD iteration -> 7 the loop (EMA, checkpoints, logs)
@@ -198,6 +198,24 @@ def dmd_generator_loss(x_g, x0_teacher, x0_fake, weight):
     return 0.5 * _sum_pixels((x_g - (x_g - grad).detach()) ** 2)  # (B,)
 
 
+def discriminator_loss(logits_real, logits_fake):
+    """Data-aided SiD: the fake network's pooled features (B, C) are C logits per sample. BCE(real -> 1) +
+    BCE(fake -> 0), logits clamped to [-10, 10], mean over C: (B,). Joins the fake network's loss.          (D16)"""
+    real = F.binary_cross_entropy_with_logits(logits_real.clamp(-10, 10), torch.ones_like(logits_real),
+                                              reduction="none")
+    fake = F.binary_cross_entropy_with_logits(logits_fake.clamp(-10, 10), torch.zeros_like(logits_fake),
+                                              reduction="none")
+    return (real + fake).mean(1)  # (B,)
+
+
+def gan_generator_loss(logits_fake, weight):
+    """The generator's adversarial term: w(t) BCE(D(x_t of x_g) -> real), (B,). Its gradient reaches x_g through
+    the fake network's input, as SiD's does.                                                                (D16)"""
+    bce = F.binary_cross_entropy_with_logits(logits_fake.clamp(-10, 10), torch.ones_like(logits_fake),
+                                             reduction="none")
+    return weight * bce.mean(1)  # (B,)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 4. The few-step generator                                                                        (D13)
 # ------------------------------------------------------------------------------------------------------------------
@@ -272,7 +290,7 @@ def euler_sample(velocity_fn, z, steps):
 #
 # The loop sees a Backbone and three plain nn.Modules (teacher, fake, generator). It calls
 #     backbone.velocity(net, x_t, t, cond, guidance) -> v      (B, *D) -- CFG, timestep scale, packing inside
-#     backbone.sample_cond(n, generator) -> cond               a batch of conditioning (None for the toy)
+#     backbone.sample_batch(n, generator) -> (cond, x0_real)   conditioning (None for the toy); real data or None
 #     backbone.trainable_copy() -> nn.Module                   a float32 copy of the teacher (generator, fake)
 #     backbone.sample_shape                                    D, the shape of one sample
 # and never branches on the model family.
@@ -317,18 +335,42 @@ class ToyMLP(nn.Module):
         return self.head(self.features(x_t, t))  # (B, dim)
 
 
-class ToyBackbone:
-    """The 2-D teacher behind the Backbone interface: unconditional, no CFG, no latents."""
+@contextlib.contextmanager
+def capture_features(net):
+    """Record the input of the network's output projection (`head` of the toy MLP, `proj_out` of every diffusers
+    DiT: the last hidden states, after the final norm) during the calls inside the block -- without editing the
+    network's class. Yields a list that receives one tensor per forward call."""
+    seen = []
+    head = net.head if hasattr(net, "head") else net.proj_out
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
-    def __init__(self, teacher):
+
+def pooled_logits(hidden, B):
+    """Discriminator logits (B, C) from captured hidden states: the last B rows (the conditional branch when CFG
+    doubled the batch), mean-pooled over tokens when there are tokens ((B, N, C) -> (B, C))."""
+    h = hidden[-B:]
+    return (h.mean(1) if h.dim() == 3 else h).float()
+
+
+class ToyBackbone:
+    """The 2-D teacher behind the Backbone interface: unconditional, no CFG, no latents. `real(n, generator)`,
+    when given, draws true data for data-aided SiD."""
+
+    def __init__(self, teacher, real=None):
         self.teacher = teacher.requires_grad_(False).eval()  # frozen for the whole run
         self.sample_shape = (teacher.config["dim"],)
+        self.real = real
 
     def velocity(self, net, x_t, t, cond, guidance):
         return net(x_t, t)  # (B, 2)
 
-    def sample_cond(self, n, generator):
-        return None
+    def sample_batch(self, n, generator):
+        """(cond, x0_real): no conditioning; real samples only in data-aided runs."""
+        return None, (self.real(n, generator) if self.real else None)
 
     def trainable_copy(self, dtype=torch.float32):
         return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
@@ -393,7 +435,7 @@ class DiTBackbone:
         self.teacher = pipe.transformer.to(device, teacher_dtype).requires_grad_(False).eval()
         self.sample_shape = self.latent_shape(resolution)  # (C, h, w)
         pipe.vae.to(device)
-        self.prompts, self.bank, self.uncond = [], None, None
+        self.prompts, self.bank, self.uncond, self.data = [], None, None, None
 
     # --- what a family overrides ----------------------------------------------------------------------------------
     def encode(self, prompts):
@@ -438,9 +480,12 @@ class DiTBackbone:
         with torch.no_grad():
             return self.encode([self.prompts[i] for i in idx])
 
-    def sample_cond(self, n, generator):
+    def sample_batch(self, n, generator):
+        """(cond, x0_real) for n random prompts; with a data set (set_data), the prompts are its captions and
+        x0_real its cached latents, row for row."""
         idx = torch.randint(len(self.prompts), (n,), generator=generator, device=generator.device).tolist()
-        return self.cond_for(idx)
+        real = self.data[idx].to(self.device) if self.data is not None else None
+        return self.cond_for(idx), real
 
     def velocity(self, net, x_t, t, cond, guidance):
         if guidance == 1.0 or self.guidance_embedded:
@@ -554,6 +599,91 @@ class FluxBackbone(DiTBackbone):
         return self.unpack(n, h, w)
 
 
+# --- real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE --------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_image_captions(path):
+    """[(image path, caption)] and the number of entries without a usable caption. `path`: a folder of images with
+    same-name .txt captions, or a .jsonl of {"image": path relative to the file, "text": caption}."""
+    pairs, no_caption = [], 0
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTS:
+                continue
+            txt = os.path.join(path, stem + ".txt")
+            caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
+            if caption:
+                pairs.append((os.path.join(path, name), caption))
+            else:
+                no_caption += 1
+    elif os.path.isfile(path) and path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    image, caption = str(rec["image"]), str(rec["text"]).strip()
+                except (ValueError, KeyError, TypeError):
+                    caption = "" if line.strip() else None
+                if caption:
+                    pairs.append((os.path.join(os.path.dirname(path), image), caption))
+                elif caption is not None:
+                    no_caption += 1
+    else:
+        raise UserError(f"--data {path}: not a folder of images with .txt captions, nor a .jsonl file")
+    return pairs, no_caption
+
+
+def load_image(path, resolution):
+    """An RGB image resized (shorter side) and center-cropped to a square: (1, 3, R, R) in [-1, 1]."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = resolution / min(im.size)
+        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
+                       Image.BICUBIC)
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return (x.permute(2, 0, 1)[None].float() / 127.5 - 1.0)  # (1, 3, R, R)
+
+
+def encode_data(backbone, path, cache_path):
+    """Latents (N, C, h, w) on the CPU and captions of a data set, encoded once and cached at `cache_path`
+    (reused while path and resolution match). Unreadable images and missing captions are skipped and counted."""
+    key = dict(path=os.path.abspath(path), resolution=backbone.resolution, teacher=backbone.source)
+    if os.path.isfile(cache_path):
+        cache = torch.load(cache_path, weights_only=False)
+        if cache["key"] == key:
+            return cache["latents"], cache["captions"], cache["skipped"]
+    pairs, no_caption = read_image_captions(path)
+    latents, captions, unreadable = [], [], 0
+    vae = backbone.pipe.vae
+    for image_path, caption in pairs:
+        try:
+            x = load_image(image_path, backbone.resolution)
+        except Exception:  # corrupt, truncated, missing, not an image: skip it, count it, go on
+            unreadable += 1
+            continue
+        with torch.no_grad():
+            enc = vae.encode(x.to(backbone.device, vae.dtype))
+            # KL VAEs (SD3, FLUX) give a distribution: take its mode; SANA's DC-AE gives the latent directly
+            z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent
+            z = (z.float() - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        latents.append(z.cpu())
+        captions.append(caption)
+    skipped = dict(unreadable=unreadable, no_caption=no_caption)
+    if not latents:
+        raise UserError(f"--data {path}: no usable image-caption pairs ({unreadable} unreadable, "
+                        f"{no_caption} without caption)")
+    latents = torch.cat(latents)  # (N, C, h, w)
+    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+    atomic_save(dict(key=key, latents=latents, captions=captions, skipped=skipped), cache_path)
+    return latents, captions, skipped
+
+
 FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
 
 
@@ -565,16 +695,25 @@ def _finite(loss):
     return bool(torch.isfinite(loss).item())
 
 
-def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update_generator=True):
+def gan_schedule(cfg, images_seen):
+    """Data-aided schedule, in generator images seen (so it holds at any batch size): the generator is frozen for the
+    first cfg.gan_freeze_images; from cfg.gan_start_images its objective is (1 - gan_weight) SiD + gan_weight GAN.
+    Returns (update_generator, gan_weight now)."""
+    return images_seen >= cfg.gan_freeze_images, (cfg.gan_weight if images_seen >= cfg.gan_start_images else 0.0)
+
+
+def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0):
     """One iteration of Algorithm 1 (derivation.md). Returns a dict of diagnostics; a phase whose loss is not finite
-    skips its optimizer step and is named under 'nonfinite' (the loop decides when to stop)."""
+    skips its optimizer step and is named under 'nonfinite' (the loop decides when to stop). With real data from
+    the backbone (data-aided SiD, D16) the fake network is also the discriminator."""
     B, K = cfg.batch_size, cfg.steps
     device = next(generator.parameters()).device
     teacher = backbone.teacher
     # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13)
     k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=rng, device=device).item())
     z = backbone.noise((B, *backbone.sample_shape), rng)  # (B, *D) initial noise
-    cond = backbone.sample_cond(B, rng)  # prompts (or None); the same batch for both updates
+    cond, x0_real = backbone.sample_batch(B, rng)  # prompts (or None) and real samples (or None), both updates
+    update_generator, gan_weight = gan_schedule(cfg, images_seen) if x0_real is not None else (True, 0.0)
 
     def draw(x):  # the re-noising draws between generator steps, from the loop's RNG
         return backbone.step_noise(x, rng)
@@ -587,16 +726,21 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update
         x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, draw)  # (B, *D), (B,)
     out = {"k": k, "nonfinite": []}
 
-    # --- fake update(s): plain flow matching on generator samples (D9) -------------------------------------------
+    # --- fake update(s): plain flow matching on generator samples (D9); + discriminator loss if data-aided (D16) --
     for i in range(cfg.fake_updates):
         with torch.no_grad(), autocast(cfg, device):
             # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
             x_g = generator_step(G, x_in, t_in) if i == 0 else generate(G, backbone.noise(z.shape, rng), K, cfg.noise, draw)
         t = sample_t(B, cfg.t_dist, rng, device)  # (B,)
         eps = backbone.noise(x_g.shape, rng)  # (B, *D)
-        with autocast(cfg, device):
+        with autocast(cfg, device), capture_features(fake) as hidden:
             v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, cfg.cfg_train_fake)
             loss_fake = flow_matching_loss(v_fake.float(), x_g.float(), eps, t).mean()
+            if x0_real is not None:  # real samples noised with the same eps and t as the fakes
+                backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, 1.0)
+                loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
+                loss_fake = loss_fake + loss_d
+                out["loss_d"] = loss_d.item()
         opt_fake.zero_grad(set_to_none=True)
         if _finite(loss_fake):
             loss_fake.backward()
@@ -608,7 +752,7 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update
     if not update_generator:
         return out
 
-    # --- generator update (D11) -------------------------------------------------------------------------------------
+    # --- generator update (D11); + the adversarial term if data-aided (D16) ------------------------------------------
     t = sample_t(B, cfg.t_dist, rng, device)  # (B,)
     eps = backbone.noise(z.shape, rng)  # (B, *D)
     with autocast(cfg, device):
@@ -616,7 +760,7 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update
         x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
         # DMD uses the networks as fixed critics: no gradient through their inputs (D14)
         critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()
-        with critic:
+        with critic, capture_features(fake) as hidden:
             x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(teacher, x_t, t, cond, cfg.cfg_eval_real).float())
             x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, cfg.cfg_eval_fake).float())
     w = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
@@ -624,6 +768,10 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, update
         loss_gen = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, w).mean()
     else:
         loss_gen = dmd_generator_loss(x_g, x0_teacher, x0_fake, w).mean()
+    if gan_weight > 0:  # the fake network's features of the generator's x_t, from the call just made
+        loss_gan = gan_generator_loss(pooled_logits(hidden[-1], B), w).mean()
+        loss_gen = (1 - gan_weight) * loss_gen + gan_weight * loss_gan
+        out["loss_gan"] = loss_gan.item()
     params = [p for p in generator.parameters() if p.requires_grad]
     opt_gen.zero_grad(set_to_none=True)
     if _finite(loss_gen):
@@ -658,6 +806,11 @@ def ema_update(ema, net, decay, step):
     decay = min(decay, (1 + step) / (10 + step))
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
+
+
+def lr_scale(cfg, step):
+    """Learning-rate multiplier at `step`: 1 ('constant', official) or a cosine from 1 to 0 over cfg.iters."""
+    return 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
 
 
 def atomic_save(obj, path):
@@ -725,7 +878,11 @@ def distill(cfg, backbone, on_eval=None):
                dynamic_ncols=True)
     t0 = time.time()
     while step < cfg.iters:
-        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng)
+        scale = lr_scale(cfg, step)
+        for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=step * cfg.batch_size)
         step += 1
         if m["nonfinite"]:
             skipped, in_a_row = skipped + 1, in_a_row + 1
@@ -778,13 +935,19 @@ class Config:
     lr_gen: float = 5e-6
     lr_fake: float = 5e-6
     adam_eps: float = 1e-8
+    lr_schedule: str = "constant"   # 'constant' (official) or 'cosine' (to zero at cfg.iters)
     ema_decay: float = 0.999
     max_nonfinite: int = 3          # stop after this many iterations in a row with a non-finite loss
     seed: int = 0
     student_guidance: float = 1.0   # guidance the generator is called with: 1 (no CFG); FLUX: its embedded guidance
+    # --- data-aided SiD (D16): on when the backbone has real data (run_toy.py --data-aided, sid_flow.py --data) ---
+    gan_freeze_images: int = 20_000  # generator frozen (fake network / discriminator only) for these many images
+    gan_start_images: int = 40_000   # from here the generator objective is (1 - gan_weight) SiD + gan_weight GAN
+    gan_weight: float = 0.5
     # --- data and I/O ---
     resolution: int = 0             # image side in pixels; 0: the teacher's native size
     prompts: str = ""               # a text file, one prompt per line; empty: the built-in DEFAULT_PROMPTS
+    data: str = ""                  # real images for data-aided SiD: a folder (x.png + x.txt) or a .jsonl
     out: str = "out/sid"
     log_every: int = 10
     save_every: int = 500
@@ -796,7 +959,7 @@ class Config:
     progress: bool = True
 
 
-CHOICES = dict(loss=("sid", "dmd"), weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"),
+CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"),
                noise=("fresh", "fixed", "ddim"), train_step=("uniform", "last"), precision=("fp32", "bf16-autocast", "bf16"))
 
 # Presets change only what differs from the Config defaults. The toy preset uses 'last'-step training and a larger
@@ -816,8 +979,8 @@ HUB_IDS = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
 }
 PRESETS = {
-    "toy": dict(teacher="toy", train_step="last", iters=600, batch_size=1024, lr_gen=3e-4, lr_fake=3e-4,
-                ema_decay=0.99, out="out/toy", log_every=20, save_every=0),
+    "toy": dict(teacher="toy", train_step="last", iters=600, batch_size=2048, lr_gen=2e-4, lr_fake=6e-4,
+                fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0),
     "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=8),
     "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024),
     "sd3-medium": dict(_DIT, **_CFG45, resolution=1024),
@@ -928,7 +1091,7 @@ def load_backbone(cfg, device, src=None, family=None):
     from diffusers import DiffusionPipeline
     if src is None:
         src, family = resolve_teacher(cfg.teacher)
-    pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=teacher_dtype(cfg, device))
+    pipe = DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(cfg, device))
     pipe.set_progress_bar_config(disable=True)
     resolution = cfg.resolution or (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
     backbone = FAMILIES[family](pipe, resolution, device, teacher_dtype(cfg, device))
@@ -948,7 +1111,7 @@ def export_student(backbone, net, cfg, folder):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
     transformer = copy.deepcopy(net).to("cpu", backbone.teacher.dtype).eval()
     pipe = DiffusionPipeline.from_pretrained(backbone.source, transformer=transformer, scheduler=scheduler,
-                                             torch_dtype=backbone.teacher.dtype)
+                                             dtype=backbone.teacher.dtype)
     tmp = f"{folder}.tmp{os.getpid()}"
     pipe.save_pretrained(tmp)
     meta = dict(family=backbone.family, teacher=backbone.source, resolution=backbone.resolution, steps=cfg.steps,
@@ -987,9 +1150,18 @@ def cmd_distill(cfg):
     device = resolve_device(cfg.device)
     if cfg.teacher == "toy":
         raise UserError("the 2-D toy teacher is trained by run_toy.py: run `python run_toy.py`")
+    if cfg.data and cfg.prompts:
+        raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
+    if cfg.data and not os.path.exists(cfg.data):
+        raise UserError(f"--data {cfg.data}: no such file or folder")
     prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS  # bad input fails before any loading
     src, family = resolve_teacher(cfg.teacher)
     backbone = load_backbone(cfg, device, src, family)
+    if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
+        latents, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
+        print(f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
+              f"{skipped['no_caption']} without caption")
+        backbone.data = latents
     backbone.set_prompts(prompts)
     os.makedirs(cfg.out, exist_ok=True)
     preview = backbone.prompts[:PREVIEW_PROMPTS]

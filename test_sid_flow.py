@@ -418,3 +418,327 @@ def test_derivation_labels():
     tests = open(__file__).read()
     for name in set(re.findall(r"`(test_\w+)`", doc)):
         assert f"def {name}(" in tests, name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 7. Real teacher families with tiny random weights, saved and loaded by path like a hub id
+# ------------------------------------------------------------------------------------------------------------------
+
+TEST_PROMPTS = ["a red fox in the snow", "a bowl of ramen", "an astronaut riding a horse"]
+FAMILY_RES = {"sana": 32, "sd3": 32, "sd35": 32, "flux": 32}  # tiny VAEs: factor 2 (SANA) or 1 (SD3, FLUX)
+
+
+def _tokenizer(max_len):
+    """A word-level tokenizer built offline (no hub): lowercase words of the prompts, <s> ... </s> around them."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for p in sf.DEFAULT_PROMPTS + TEST_PROMPTS for w in re.findall(r"\w+", p.lower())})
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=max_len)
+
+
+def _clip(cls):
+    from transformers import CLIPTextConfig
+    return cls(CLIPTextConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32, intermediate_size=37,
+                              num_attention_heads=4, num_hidden_layers=2, vocab_size=1000, projection_dim=32))
+
+
+def _t5():
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=0, eos_token_id=2))
+
+
+def _kl_vae(channels):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
+                         latent_channels=channels, norm_num_groups=2, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def build_tiny_pipeline(family, folder):
+    """A random-weight pipeline of the family, written with save_pretrained (the path a hub id resolves to)."""
+    import diffusers as d
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model
+    torch.manual_seed(0)
+    sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    if family == "sana":
+        pipe = d.SanaPipeline(
+            tokenizer=_tokenizer(300),
+            text_encoder=Gemma2Model(Gemma2Config(head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                                  num_hidden_layers=1, num_key_value_heads=2, vocab_size=1000,
+                                                  attn_implementation="eager")),
+            vae=d.AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                                encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                                decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                                encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                                encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                                downsample_block_type="conv", upsample_block_type="interpolate",
+                                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
+            transformer=d.SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                                 num_attention_heads=2, attention_head_dim=8,
+                                                 num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                                 cross_attention_dim=16, caption_channels=16, sample_size=16),
+            scheduler=sched)
+    elif family in ("sd3", "sd35"):
+        extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if family == "sd35" else {}
+        pipe = d.StableDiffusion3Pipeline(
+            transformer=d.SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4,
+                                                num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                                caption_projection_dim=32, joint_attention_dim=32,
+                                                pooled_projection_dim=64, **extra),
+            scheduler=sched, vae=_kl_vae(4),
+            text_encoder=_clip(CLIPTextModelWithProjection), tokenizer=_tokenizer(77),
+            text_encoder_2=_clip(CLIPTextModelWithProjection), tokenizer_2=_tokenizer(77),
+            text_encoder_3=_t5(), tokenizer_3=_tokenizer(512))
+    elif family == "flux":
+        pipe = d.FluxPipeline(
+            scheduler=sched, vae=_kl_vae(4), text_encoder=_clip(CLIPTextModel), tokenizer=_tokenizer(77),
+            text_encoder_2=_t5(), tokenizer_2=_tokenizer(512),
+            transformer=d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                                 pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                                 guidance_embeds=True))
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {f: build_tiny_pipeline(f, root / f) for f in FAMILY_RES}
+
+
+def _backbone(path, family, **kw):
+    cfg = sf.make_config(None, teacher=path, resolution=FAMILY_RES[family], device="cpu", **kw)
+    return sf.load_backbone(cfg, torch.device("cpu"))
+
+
+def _euler_pipe(path, stochastic=False):
+    """The stock pipeline with a plain (or stochastic) unshifted flow-matching Euler scheduler."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic)
+    pipe = DiffusionPipeline.from_pretrained(path, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", list(FAMILY_RES))
+def test_adapter_velocity_matches_stock_pipeline(tiny, family):
+    """The adapter's velocity, with and without guidance, equals what the stock pipeline steps with: one Euler step
+    of the unmodified pipeline from sigma t to 0 gives x - t v, so v = (x - out) / t. (The pipeline is the oracle
+    for timestep scale, packing, ids, pooled projections, masks and the CFG convention.)"""
+    bb = _backbone(tiny[family], family)
+    bb.set_prompts(TEST_PROMPTS[:1])
+    assert bb.bank is not None and all(getattr(bb.pipe, n) is None for n in bb.text_encoders())  # freed
+    pipe = _euler_pipe(tiny[family])
+    res, t = FAMILY_RES[family], 0.6
+    x = torch.randn(1, *bb.sample_shape, generator=torch.Generator().manual_seed(0))
+    for w in (1.0, 3.0):
+        with torch.no_grad():
+            v = bb.velocity(bb.teacher, x, torch.full((1,), t), bb.cond_for([0]), w)
+        latents = sf.FluxBackbone.pack(x) if family == "flux" else x
+        out = pipe(TEST_PROMPTS[0], height=res, width=res, sigmas=[t], latents=latents.clone(), guidance_scale=w,
+                   output_type="latent", **bb.pipeline_kwargs).images
+        if family == "flux":
+            out = sf.FluxBackbone.unpack(out, *bb.sample_shape[1:])
+        assert torch.allclose(v, (x - out) / t, atol=2e-5), (w, (v - (x - out) / t).abs().max())
+
+
+def test_flux_packing_matches_pipeline():
+    from diffusers import FluxPipeline
+    x = torch.randn(2, 16, 8, 6)
+    packed = FluxPipeline._pack_latents(x, 2, 16, 8, 6)
+    assert torch.equal(sf.FluxBackbone.pack(x), packed)
+    assert torch.equal(sf.FluxBackbone.unpack(packed, 8, 6), x)
+
+
+def test_family_is_read_from_model_index(tiny, tmp_path):
+    """A SANA pipeline saved under a FLUX-looking name is still SANA: the name is never used."""
+    import shutil
+    fake_name = tmp_path / "FLUX.1-dev"
+    shutil.copytree(tiny["sana"], fake_name)
+    assert sf.resolve_teacher(str(fake_name)) == (str(fake_name), "SanaPipeline")
+
+
+@pytest.mark.parametrize("family", list(FAMILY_RES))
+def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_path):
+    """A few SiD iterations on each family: the generator moves, the teacher does not. The exported OUT/student
+    loads in the stock pipeline, whose 4-step images equal the `sample` path's within 1e-4 (same prompt, seed)."""
+    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device="cpu", iters=2,
+                         batch_size=2, lr_gen=1e-3, lr_fake=1e-3, cfg_eval_real=2.0, cfg_eval_fake=2.0,
+                         cfg_train_fake=2.0, out=str(tmp_path / "run"), progress=False, save_every=0, ema_decay=0.0, eval_every=2,
+                         student_guidance=3.5 if family == "flux" else 1.0)
+    sf.cmd_distill(cfg)
+    from diffusers import DiffusionPipeline
+    teacher_disk = DiffusionPipeline.from_pretrained(tiny[family]).transformer.state_dict()
+    student_dir = tmp_path / "run" / "student"
+    student = DiffusionPipeline.from_pretrained(str(student_dir))
+    student.set_progress_bar_config(disable=True)
+    changed = [not torch.equal(v, student.transformer.state_dict()[k]) for k, v in teacher_disk.items()]
+    assert any(changed)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and (tmp_path / "run" / "preview_0000002.png").exists()
+    meta = json.load(open(student_dir / sf.STUDENT_META))
+    assert meta["sigmas"] == [1.0, 0.75, 0.5, 0.25] and student.scheduler.config.stochastic_sampling
+    # stock diffusers, seeded as the README says: generator for the initial noise, torch.manual_seed for SD3/FLUX steps
+    seed, prompt, res = 7, TEST_PROMPTS[2], FAMILY_RES[family]
+    torch.manual_seed(seed)
+    stock = student(prompt, sigmas=meta["sigmas"], guidance_scale=meta["guidance_scale"], height=res, width=res,
+                    generator=torch.Generator().manual_seed(seed), output_type="np", **meta["pipeline_kwargs"]).images
+    bb = _backbone(str(student_dir), family)
+    ours = sf.student_images(bb, bb.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"])
+    assert stock.shape == ours.shape == (1, res, res, 3)
+    assert abs(stock - ours).max() < 1e-4
+    # on-demand export from the checkpoint: the raw generator's weights, loadable by the stock pipeline
+    sf.cmd_export(str(tmp_path / "run"), "generator", "cpu")
+    again = DiffusionPipeline.from_pretrained(str(student_dir)).transformer.state_dict()
+    assert all(torch.equal(v, ck["generator"][k]) for k, v in again.items())
+    png = tmp_path / "s.png"
+    sf.cmd_sample(str(student_dir), prompt, seed, 0, str(png), "cpu")
+    from PIL import Image
+    assert abs(np.asarray(Image.open(png)) / 255.0 - ours[0]).max() <= 0.5 / 255 + 1e-6
+
+
+def _bad_teacher_cases(tiny, tmp_path):
+    no_index = tmp_path / "no_index"
+    no_index.mkdir()
+    unsupported = tmp_path / "sd15"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    return {
+        "unknown preset": (["--teacher", "flux-pro"], "not a preset"),
+        "no model_index": (["--teacher", str(no_index)], "no model_index.json"),
+        "unsupported": (["--teacher", str(unsupported)], "StableDiffusionPipeline is not supported"),
+        "bad resolution": (["--teacher", tiny["sd3"], "--resolution", "33", "--device", "cpu"], "multiple of 2"),
+        "empty prompts": (["--teacher", tiny["sana"], "--prompts", str(empty)], "has no prompts"),
+        "missing prompts": (["--teacher", tiny["sana"], "--prompts", str(tmp_path / "nope.txt")], "no such file"),
+        "cuda": (["--teacher", tiny["sana"], "--device", "cuda"], "no CUDA device"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown preset", "no model_index", "unsupported", "bad resolution",
+                                  "empty prompts", "missing prompts", "cuda"])
+def test_bad_input_is_one_clear_error(tiny, tmp_path, case):
+    """Bad input stops before anything is written; an existing output folder is left byte-for-byte as it was."""
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args, message = _bad_teacher_cases(tiny, tmp_path)[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"precious")
+    with pytest.raises(sf.UserError, match=message):
+        sf.main([*args, "--out", str(out), "--no-progress"])
+    assert [p.name for p in out.iterdir()] == ["checkpoint.pt"] and (out / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "nope-model"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --teacher nope-model: not a preset")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 8. Data-aided SiD (D16): the fake network as the discriminator
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FAMILY_RES))
+def test_discriminator_per_family(tiny, family):
+    """Pooled features of the fake network are (B, C) logits -- also under two-branch CFG, where the conditional
+    half is used; their gradient reaches the fake network's weights and never the teacher's."""
+    bb = _backbone(tiny[family], family)
+    bb.set_prompts(TEST_PROMPTS)
+    fake = bb.trainable_copy()
+    B = 3
+    x = torch.randn(B, *bb.sample_shape)
+    t = torch.full((B,), 0.5)
+    for guidance in (1.0, 2.5):
+        with sf.capture_features(fake) as hidden:
+            bb.velocity(fake, x, t, bb.cond_for([0, 1, 2]), guidance)
+        logits = sf.pooled_logits(hidden[-1], B)
+        width = fake.proj_out.in_features
+        assert logits.shape == (B, width)
+        fake.zero_grad()
+        sf.discriminator_loss(logits, logits).sum().backward()
+        assert fake.proj_out.weight.grad is None  # the head is not part of D
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.parameters())
+    assert all(p.grad is None for p in bb.teacher.parameters())
+
+
+def _image_folder(folder, n=4, res=40):
+    """n random images with captions, plus one corrupt image and one image without a caption."""
+    from PIL import Image
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(g.integers(0, 255, (res, res + 8, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(TEST_PROMPTS[i % len(TEST_PROMPTS)] + "\n")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a broken image")
+    Image.fromarray(g.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(folder / "nocaption.png")
+    return folder
+
+
+@pytest.mark.parametrize("family", list(FAMILY_RES))
+def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys):
+    """One data-aided iteration per family on generated images with captions: the loader skips and counts the
+    corrupt image and the missing caption; both the discriminator and the generator's GAN term are active."""
+    data = _image_folder(tmp_path / "data")
+    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device="cpu", iters=1,
+                         batch_size=2, data=str(data), gan_freeze_images=0, gan_start_images=0,
+                         out=str(tmp_path / "run"), progress=False, save_every=0, log_every=1)
+    sf.cmd_distill(cfg)
+    assert "4 image-caption pairs; skipped 1 unreadable images and 1 without caption" in capsys.readouterr().out
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert math.isfinite(log[-1]["loss_d"]) and math.isfinite(log[-1]["loss_gan"])
+    cache = torch.load(tmp_path / "run" / "data_cache.pt", weights_only=False)
+    assert cache["latents"].shape[1:] == _backbone(tiny[family], family).sample_shape
+
+
+def test_data_loader_bad_inputs(tiny, tmp_path):
+    """An empty folder, a folder of only unusable entries and a .jsonl with bad lines: clear errors or counts."""
+    bb = _backbone(tiny["sana"], "sana")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sf.UserError, match="no usable image-caption pairs"):
+        sf.encode_data(bb, str(tmp_path / "empty"), str(tmp_path / "c1.pt"))
+    assert not (tmp_path / "c1.pt").exists()
+    folder = _image_folder(tmp_path / "imgs", n=1)
+    (tmp_path / "d.jsonl").write_text("\n".join([
+        json.dumps({"image": "imgs/img0.png", "text": "a red fox"}), "{not json", json.dumps({"image": "imgs/x.png"}),
+        json.dumps({"image": "imgs/missing.png", "text": "gone"}), ""]))
+    latents, captions, skipped = sf.encode_data(bb, str(tmp_path / "d.jsonl"), str(tmp_path / "c2.pt"))
+    assert captions == ["a red fox"] and skipped == dict(unreadable=1, no_caption=2)
+    assert latents.shape == (1, *bb.sample_shape)
+    assert folder.exists()
+    with pytest.raises(sf.UserError, match="not a folder"):
+        sf.read_image_captions(str(tmp_path / "c2.pt"))
+
+
+def test_data_aided_toy_schedule():
+    """The generator is frozen until gan_freeze_images images have been seen, then trained; the GAN term joins at
+    gan_start_images."""
+    torch.manual_seed(0)
+    bb = sf.ToyBackbone(sf.ToyMLP(width=32, depth=2), real=run_toy.checkerboard)
+    cfg = _cfg(batch_size=64, gan_freeze_images=256, gan_start_images=512)
+    gen, fake = bb.trainable_copy(), bb.trainable_copy()
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    rng = torch.Generator().manual_seed(0)
+    start = {k: v.clone() for k, v in gen.state_dict().items()}
+    for step in range(4):  # 0, 64, 128, 192 images seen: frozen
+        m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=step * 64)
+        assert "loss_gen" not in m and "loss_d" in m
+    assert all(torch.equal(v, gen.state_dict()[k]) for k, v in start.items())
+    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=256)
+    assert "loss_gen" in m and "loss_gan" not in m
+    assert any(not torch.equal(v, gen.state_dict()[k]) for k, v in start.items())
+    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=512)
+    assert "loss_gan" in m
