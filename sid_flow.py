@@ -7,8 +7,14 @@ Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are ci
     -> 8 config, presets, CLI -> main
 
 Commands, by hardware:
-    laptop (CPU, ~1 min):   python run_toy.py                      # 2-D checkerboard, figure + table in out/toy
-    tests (CPU, minutes):   python -m pytest -q test_sid_flow.py
+    laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/{toy.png, metrics.json}
+    one or more GPUs:      python sid_flow.py --teacher sana-0.6b-512        # presets: see PRESETS (section 8)
+                           python sid_flow.py --teacher flux-dev --prompts my_prompts.txt --iters 5000
+                           python sid_flow.py --teacher ./my_pipeline_folder --resolution 512
+    sample the student:    python sid_flow.py sample --student out/flux-dev/student --prompt "a fox" --seed 0 --out fox.png
+    export a checkpoint:   python sid_flow.py export --out out/flux-dev
+    data-aided (D16):      python sid_flow.py --teacher sana-0.6b-512 --data my_images/   # x.png + x.txt captions
+    tests (CPU, minutes):  python -m pytest -q test_sid_flow.py
 """
 
 import argparse
@@ -599,6 +605,129 @@ class FluxBackbone(DiTBackbone):
         return self.unpack(n, h, w)
 
 
+# --- LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base --------
+#
+# Two peft pitfalls, handled here once: (1) peft's set_adapter() makes ONLY the active adapter trainable, so after every
+# switch the requires_grad flags are put back (generator and fake train, ema does not), otherwise a backward pass after
+# a switch would silently skip the other adapter; (2) gradient checkpointing recomputes a block during backward, when
+# another adapter may be active, so the checkpoint function records the adapter of the forward pass and replays it.
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
+LORA_TRAINABLE = ("generator", "fake")
+
+
+def _adapter_state(base):
+    """The adapter a forward pass of `base` runs with now: its name, or None when adapters are disabled."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layer = next(m for m in base.modules() if isinstance(m, BaseTunerLayer))
+    return None if layer.disable_adapters else layer.active_adapters[0]
+
+
+def _set_adapter_state(base, name):
+    if name is None:
+        base.disable_adapters()
+    else:
+        base.enable_adapters()
+        base.set_adapter(name)
+    for n, p in base.named_parameters():  # pitfall (1): restore what trains, whatever set_adapter did
+        if "lora_" in n:
+            p.requires_grad_(any(f".{a}." in n for a in LORA_TRAINABLE))
+
+
+@contextlib.contextmanager
+def use_adapter(base, name):
+    previous = _adapter_state(base)
+    _set_adapter_state(base, name)
+    try:
+        yield
+    finally:
+        _set_adapter_state(base, previous)
+
+
+def adapter_checkpoint(base):
+    """A gradient-checkpointing function for diffusers that replays the forward pass's adapter (pitfall 2)."""
+    import torch.utils.checkpoint
+
+    def checkpoint(block, *args):
+        state = _adapter_state(base)
+
+        def run(*a):
+            with use_adapter(base, state):
+                return block(*a)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    return checkpoint
+
+
+class AdapterView(nn.Module):
+    """The shared base seen through one adapter (`adapter=None`: the teacher, adapters off). The base is not a
+    submodule: parameters() and state_dict() are the adapter's tensors only (the base's frozen ones for the teacher),
+    so optimizers, EMA and checkpoints handle a few MB, not the whole DiT."""
+
+    def __init__(self, base, adapter):
+        super().__init__()
+        object.__setattr__(self, "base", base)
+        self.adapter = adapter
+
+    config = property(lambda self: self.base.config)
+    proj_out = property(lambda self: self.base.proj_out)
+
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        for n, p in self.base.named_parameters():
+            if (self.adapter is None and "lora_" not in n) or (self.adapter and f".{self.adapter}." in n):
+                yield n, p
+
+    def parameters(self, recurse=True):
+        return (p for _, p in self.named_parameters())
+
+    def _key(self, name):  # adapter-agnostic names, so generator and ema states are interchangeable
+        return name.replace(f".{self.adapter}.", ".") if self.adapter else name
+
+    def state_dict(self, *args, **kwargs):
+        return {self._key(n): p.detach() for n, p in self.named_parameters()}
+
+    def load_state_dict(self, state, strict=True):
+        with torch.no_grad():
+            for n, p in self.named_parameters():
+                p.copy_(state[self._key(n)])
+
+    def enable_gradient_checkpointing(self):
+        self.base.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint(self.base))
+
+    def forward(self, *args, **kwargs):
+        with use_adapter(self.base, self.adapter):
+            return self.base(*args, **kwargs)
+
+    def merged(self):
+        """A plain transformer of the base's class with this adapter's LoRA fused into its weights."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        state = {n.replace(".base_layer", ""): p.detach() for n, p in self.base.state_dict().items() if "lora_" not in n}
+        for name, module in self.base.named_modules():
+            if isinstance(module, BaseTunerLayer) and self.adapter in module.lora_A:
+                w = module.get_base_layer().weight
+                state[f"{name}.weight"] = w.detach() + module.get_delta_weight(self.adapter).detach().to(w.dtype)
+        plain = type(self.base).from_config(self.base.config)
+        plain.load_state_dict(state)
+        return plain
+
+
+def lora_students(backbone, rank):
+    """Adapters on the teacher itself: returns (generator, fake, ema) views and makes backbone.teacher the base
+    with adapters off. LoRA B starts at zero, so all three start as the teacher; ema starts equal to generator."""
+    from peft import LoraConfig
+    base = backbone.teacher
+    for name in ("generator", "fake", "ema"):
+        base.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True),
+                         adapter_name=name)
+    views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
+    for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
+        for p in view.parameters():
+            p.data = p.data.float()
+    views[2].load_state_dict(views[0].state_dict())
+    _set_adapter_state(base, None)
+    backbone.teacher = AdapterView(base, None)
+    return views
+
+
 # --- real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE --------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -727,10 +856,10 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images
     out = {"k": k, "nonfinite": []}
 
     # --- fake update(s): plain flow matching on generator samples (D9); + discriminator loss if data-aided (D16) --
-    for i in range(cfg.fake_updates):
-        with torch.no_grad(), autocast(cfg, device):
-            # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
-            x_g = generator_step(G, x_in, t_in) if i == 0 else generate(G, backbone.noise(z.shape, rng), K, cfg.noise, draw)
+    with torch.no_grad(), autocast(cfg, device):
+        # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
+        x_g = generator_step(G, x_in, t_in).float()  # (B, *D); extra fake updates reuse it with fresh t and eps
+    for _ in range(cfg.fake_updates):
         t = sample_t(B, cfg.t_dist, rng, device)  # (B,)
         eps = backbone.noise(x_g.shape, rng)  # (B, *D)
         with autocast(cfg, device), capture_features(fake) as hidden:
@@ -824,18 +953,29 @@ def atomic_save(obj, path):
 RESUMABLE_FIELDS = ("iters", "out", "log_every", "save_every", "eval_every", "device", "progress")
 
 
+def make_students(cfg, backbone):
+    """(generator, fake, ema), all starting as the teacher (D13): three full copies ('full' mode; trainable weights
+    in float32, or bf16 with --precision bf16), or three LoRA adapters on the teacher itself ('lora' mode)."""
+    if cfg.mode == "lora":
+        if not isinstance(backbone, DiTBackbone):
+            raise UserError("--mode lora needs a diffusers teacher (the toy MLP trains in full mode)")
+        generator, fake, ema = lora_students(backbone, cfg.lora_rank)
+        return generator, fake, ema
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    generator, fake = backbone.trainable_copy(dtype), backbone.trainable_copy(dtype)
+    return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
+
+
 def distill(cfg, backbone, on_eval=None):
     """Distil `backbone.teacher` into a K-step generator. Resumes from cfg.out/checkpoint.pt when it exists.
     `on_eval(step, generator, ema)` is called every cfg.eval_every iterations and at the end.
     Returns dict(generator=, ema=, fake=, step=, skipped=)."""
-    device = next(backbone.teacher.parameters()).device
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # trainable weights (master copy)
-    generator, fake = backbone.trainable_copy(dtype), backbone.trainable_copy(dtype)  # both start as the teacher
+    generator, fake, ema = make_students(cfg, backbone)
     if cfg.grad_checkpointing:  # recompute activations in backward: memory for time, in all three networks
         for net in (generator, fake, backbone.teacher):
             net.enable_gradient_checkpointing()
-    ema = copy.deepcopy(generator).requires_grad_(False).eval()
+    device = next(generator.parameters()).device
     adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps)  # beta1 = 0 as the official code: no momentum
     opt_gen = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam)
     opt_fake = torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam)
@@ -956,10 +1096,12 @@ class Config:
     precision: str = "fp32"         # 'fp32'; 'bf16-autocast' (CUDA: bf16 teacher and compute, fp32 trainable weights);
                                     # 'bf16' (pure bf16, also the trainable weights: use --adam-eps 1e-4)
     grad_checkpointing: bool = False
+    mode: str = "full"              # 'full': three copies of the DiT; 'lora': one frozen DiT, LoRA adapters (peft)
+    lora_rank: int = 64
     progress: bool = True
 
 
-CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"),
+CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("full", "lora"), weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"),
                noise=("fresh", "fixed", "ddim"), train_step=("uniform", "last"), precision=("fp32", "bf16-autocast", "bf16"))
 
 # Presets change only what differs from the Config defaults. The toy preset uses 'last'-step training and a larger
@@ -979,7 +1121,7 @@ HUB_IDS = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
 }
 PRESETS = {
-    "toy": dict(teacher="toy", train_step="last", iters=600, batch_size=2048, lr_gen=2e-4, lr_fake=6e-4,
+    "toy": dict(teacher="toy", train_step="last", iters=800, batch_size=2048, lr_gen=2e-4, lr_fake=6e-4,
                 fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0),
     "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=8),
     "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024),
@@ -995,7 +1137,7 @@ def check_config(cfg):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of: {', '.join(allowed)}")
-    for name in ("steps", "iters", "batch_size", "fake_updates", "max_nonfinite"):
+    for name in ("steps", "iters", "batch_size", "fake_updates", "max_nonfinite", "lora_rank"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("lr_gen", "lr_fake", "adam_eps"):
@@ -1109,11 +1251,15 @@ def export_student(backbone, net, cfg, folder):
     import shutil
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
-    transformer = copy.deepcopy(net).to("cpu", backbone.teacher.dtype).eval()
+    base_dtype = next(backbone.teacher.parameters()).dtype
+    plain = net.merged() if isinstance(net, AdapterView) else copy.deepcopy(net)  # LoRA: fused into the weights
+    transformer = plain.to("cpu", base_dtype).eval()
     pipe = DiffusionPipeline.from_pretrained(backbone.source, transformer=transformer, scheduler=scheduler,
-                                             dtype=backbone.teacher.dtype)
+                                             dtype=base_dtype)
     tmp = f"{folder}.tmp{os.getpid()}"
     pipe.save_pretrained(tmp)
+    if isinstance(net, AdapterView):  # the adapter alone too, loadable with load_lora_adapter()
+        net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
     meta = dict(family=backbone.family, teacher=backbone.source, resolution=backbone.resolution, steps=cfg.steps,
                 sigmas=generator_times(cfg.steps), guidance_scale=cfg.student_guidance,
                 pipeline_kwargs=backbone.pipeline_kwargs, global_rng_step_noise=not backbone.step_noise_from_generator)
@@ -1184,7 +1330,8 @@ def cmd_export(out, weights, device_name):
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = Config(**{**ck["config"], "device": device_name})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
-    net = backbone.trainable_copy()
+    generator, _, ema = make_students(cfg, backbone)
+    net = ema if weights == "ema" else generator
     net.load_state_dict(ck[weights])
     print(f"student pipeline ({weights}, iteration {ck['step']}):",
           export_student(backbone, net, cfg, os.path.join(out, "student")))

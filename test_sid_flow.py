@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import run_toy
 import sid_flow as sf
@@ -742,3 +743,89 @@ def test_data_aided_toy_schedule():
     assert any(not torch.equal(v, gen.state_dict()[k]) for k, v in start.items())
     m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=512)
     assert "loss_gan" in m
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 9. Scale: LoRA mode
+# ------------------------------------------------------------------------------------------------------------------
+
+def _lora_setup(tiny, family, checkpointing=False, seed=0):
+    bb = _backbone(tiny[family], family)
+    bb.set_prompts(TEST_PROMPTS)
+    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device="cpu", mode="lora",
+                         lora_rank=4, batch_size=2, cfg_eval_real=2.0, grad_checkpointing=checkpointing)
+    torch.manual_seed(seed)
+    gen, fake, ema = sf.make_students(cfg, bb)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # distinct, non-trivial adapters, so that running the wrong one would show
+        for p in list(gen.parameters()) + list(fake.parameters()):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    if checkpointing:
+        for net in (gen, fake, bb.teacher):
+            net.enable_gradient_checkpointing()
+    return bb, cfg, gen, fake, ema
+
+
+@pytest.mark.parametrize("family", ["sana", "flux"])
+def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatch):
+    """One base, three adapters: the teacher is the base with adapters off; an iteration moves the generator and
+    fake adapters, never the base; the generator phase adds no gradient to the fake adapter; the EMA adapter does
+    not train. With gradient checkpointing the result is the same (the adapter of each forward is replayed)."""
+    from diffusers import DiffusionPipeline
+    bb, cfg, gen, fake, ema = _lora_setup(tiny, family)
+    plain = DiffusionPipeline.from_pretrained(tiny[family]).transformer
+    x, t = torch.randn(2, *bb.sample_shape), torch.full((2,), 0.4)
+    with torch.no_grad():
+        for p in fake.parameters():  # make the fake adapter non-trivial: the teacher must not see it
+            p.add_(0.05 * torch.randn_like(p))
+        v_teacher = bb.velocity(bb.teacher, x, t, bb.cond_for([0, 1]), 1.0)
+        v_plain = bb.forward(plain, x, t, bb.cond_for([0, 1]), 1.0)
+        v_fake = bb.velocity(fake, x, t, bb.cond_for([0, 1]), 1.0)
+    assert torch.allclose(v_teacher, v_plain, atol=1e-6) and not torch.allclose(v_teacher, v_fake, atol=1e-4)
+    base0 = {n: p.clone() for n, p in bb.teacher.named_parameters()}
+    gen0 = {n: p.clone() for n, p in gen.named_parameters()}
+    results = []
+    plain_checkpoint = lambda base: lambda block, *a: torch.utils.checkpoint.checkpoint(block, *a, use_reentrant=False)
+    for checkpointing, replay in ((False, True), (True, True), (True, False)):
+        if not replay:
+            monkeypatch.setattr(sf, "adapter_checkpoint", plain_checkpoint)
+        bb, cfg, gen, fake, ema = _lora_setup(tiny, family, checkpointing)
+        ema0 = ema.state_dict()
+        opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        seen = {}
+        opt_f.register_step_post_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()}))
+        if not replay:  # negative control: checkpointing WITHOUT replaying the adapter recomputes another network
+            with pytest.raises(torch.utils.checkpoint.CheckpointError):
+                sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+            continue
+        sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+        assert all(torch.equal(seen[n], p.grad) for n, p in fake.named_parameters())
+        assert all(torch.equal(p, base0[n]) for n, p in bb.teacher.named_parameters())
+        assert all(torch.equal(v, ema.state_dict()[k]) for k, v in ema0.items())
+        assert any(not torch.equal(p, gen0[n]) for n, p in gen.named_parameters())
+        results.append({n: p.detach().clone() for n, p in gen.named_parameters()})
+    assert all(torch.allclose(a, results[1][n], atol=1e-6) for n, a in results[0].items())
+
+
+def test_lora_export_fuses_the_adapter(tiny, tmp_path):
+    """A LoRA run exports a plain transformer with the EMA adapter fused (same outputs as the adapter view), and the
+    adapter alone beside it."""
+    cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device="cpu", mode="lora",
+                         lora_rank=4, iters=2, batch_size=2, lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.5,
+                         out=str(tmp_path / "run"), progress=False, save_every=0)
+    sf.cmd_distill(cfg)
+    from diffusers import DiffusionPipeline
+    student = DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "student")).transformer
+    assert not any("lora" in n for n in student.state_dict())
+    assert (tmp_path / "run" / "student" / "lora").is_dir()
+    bb = _backbone(tiny["sana"], "sana")
+    bb.set_prompts(TEST_PROMPTS)
+    _, _, ema = sf.make_students(cfg, bb)
+    ema.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["ema"])
+    x, t = torch.randn(2, *bb.sample_shape), torch.full((2,), 0.7)
+    with torch.no_grad():
+        assert torch.allclose(bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
+                              bb.velocity(ema, x, t, bb.cond_for([0, 1]), 1.0), atol=1e-5)
+        assert not torch.allclose(bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
+                                  bb.velocity(bb.teacher, x, t, bb.cond_for([0, 1]), 1.0), atol=1e-5)
