@@ -820,8 +820,81 @@ FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbon
 # 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample        (D9)-(D14)
 # ------------------------------------------------------------------------------------------------------------------
 
-def _finite(loss):
-    return bool(torch.isfinite(loss).item())
+class Runtime:
+    """Where the ranks live, so the math never sees them. One process: rank 0 of 1. Under torchrun: full mode shards
+    every network with FSDP2 (gradients are reduce-scattered inside backward); LoRA mode keeps a replica of the
+    adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does it, done by hand
+    because DDP's wrapper expects every forward to be followed by a backward into its own weights, and SiD's
+    generator phase runs the fake network forward without training it."""
+
+    def __init__(self, rank=0, world=1, device=None, average_grads=False):
+        self.rank, self.world, self.device, self.average_grads = rank, world, device, average_grads
+
+    def all_finite(self, loss):
+        """Skip decisions must agree on every rank (a backward is a collective under FSDP)."""
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def update(self, loss, net, opt):
+        """One optimizer step of `net` on `loss`, differentiating with respect to net's trainable weights only.
+        Returns False (and steps nothing) when the loss is not finite on some rank."""
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt.zero_grad(set_to_none=True)
+        if not self.all_finite(loss):
+            return False
+        loss.backward(inputs=params)
+        if self.average_grads and self.world > 1:
+            import torch.distributed as dist
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+        opt.step()
+        return True
+
+    def same_on_all_ranks(self, nets, what):
+        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the local tensors)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        local = torch.stack([sum((p.detach().float().to_local() if hasattr(p, "to_local") else p.detach().float())
+                                 .double().pow(k).sum() for n in nets for p in n.parameters()) for k in (1, 2)])
+        local = local.to(self.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        sharded = any(hasattr(p, "to_local") for n in nets for p in n.parameters())
+        if not sharded and not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
+            raise RuntimeError(f"{what}: the ranks hold different weights")
+
+
+def setup_runtime(cfg):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then join the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Runtime(device=resolve_device(cfg.device))
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world, device, average_grads=cfg.mode == "lora")
+
+
+def shard(net):
+    """FSDP2: each transformer block its own unit, then the root (teacher, generator, fake and EMA alike)."""
+    from torch.distributed.fsdp import fully_shard
+    for child in net.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block)
+    fully_shard(net)
+    return net
 
 
 def gan_schedule(cfg, images_seen):
@@ -831,15 +904,18 @@ def gan_schedule(cfg, images_seen):
     return images_seen >= cfg.gan_freeze_images, (cfg.gan_weight if images_seen >= cfg.gan_start_images else 0.0)
 
 
-def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0):
+def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
     """One iteration of Algorithm 1 (derivation.md). Returns a dict of diagnostics; a phase whose loss is not finite
     skips its optimizer step and is named under 'nonfinite' (the loop decides when to stop). With real data from
     the backbone (data-aided SiD, D16) the fake network is also the discriminator."""
     B, K = cfg.batch_size, cfg.steps
     device = next(generator.parameters()).device
     teacher = backbone.teacher
-    # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13)
-    k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=rng, device=device).item())
+    runtime = runtime or Runtime()
+    # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13). Drawn from
+    # (seed, images seen), not from the per-rank rng: every rank must run the same number of (collective) forwards
+    k_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + images_seen)
+    k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=k_rng).item())
     z = backbone.noise((B, *backbone.sample_shape), rng)  # (B, *D) initial noise
     cond, x0_real = backbone.sample_batch(B, rng)  # prompts (or None) and real samples (or None), both updates
     update_generator, gan_weight = gan_schedule(cfg, images_seen) if x0_real is not None else (True, 0.0)
@@ -870,11 +946,7 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images
                 loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
                 loss_fake = loss_fake + loss_d
                 out["loss_d"] = loss_d.item()
-        opt_fake.zero_grad(set_to_none=True)
-        if _finite(loss_fake):
-            loss_fake.backward()
-            opt_fake.step()
-        else:
+        if not runtime.update(loss_fake, fake, opt_fake):
             out["nonfinite"].append("fake")
         out["loss_fake"] = loss_fake.item()
 
@@ -901,14 +973,9 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images
         loss_gan = gan_generator_loss(pooled_logits(hidden[-1], B), w).mean()
         loss_gen = (1 - gan_weight) * loss_gen + gan_weight * loss_gan
         out["loss_gan"] = loss_gan.item()
-    params = [p for p in generator.parameters() if p.requires_grad]
-    opt_gen.zero_grad(set_to_none=True)
-    if _finite(loss_gen):
-        # gradient reaches the generator's weights ONLY: it flows back through both networks' inputs, but
-        # `inputs=` keeps it out of the fake network's (and the frozen teacher's) weights
-        loss_gen.backward(inputs=params)
-        opt_gen.step()
-    else:
+    # gradient reaches the generator's weights ONLY: it flows back through both networks' inputs, but the update
+    # differentiates with respect to the generator's weights alone (backward(inputs=...)), never the fake's
+    if not runtime.update(loss_gen, generator, opt_gen):
         out["nonfinite"].append("generator")
     with torch.no_grad():
         # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
@@ -966,12 +1033,46 @@ def make_students(cfg, backbone):
     return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
 
 
-def distill(cfg, backbone, on_eval=None):
-    """Distil `backbone.teacher` into a K-step generator. Resumes from cfg.out/checkpoint.pt when it exists.
-    `on_eval(step, generator, ema)` is called every cfg.eval_every iterations and at the end.
+def _state(net, opt, sharded):
+    """Model and optimizer state to save: plain state dicts, or DCP's sharded ones under FSDP2."""
+    if not sharded:
+        return net.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return get_model_state_dict(net), (get_optimizer_state_dict(net, opt) if opt is not None else None)
+
+
+def _load_state(net, opt, model_state, opt_state, sharded):
+    if not sharded:
+        net.load_state_dict(model_state)
+        if opt is not None:
+            opt.load_state_dict(opt_state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    set_model_state_dict(net, model_state)
+    if opt is not None:
+        set_optimizer_state_dict(net, opt, opt_state)
+
+
+def full_weights(net, runtime):
+    """A plain (unsharded, CPU) copy of `net`'s weights on rank 0 -- a collective under FSDP2."""
+    if runtime.world > 1 and any(hasattr(p, "to_local") for p in net.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def distill(cfg, backbone, on_eval=None, runtime=None):
+    """Distil `backbone.teacher` into a K-step generator. Resumes from cfg.out's checkpoint when there is one.
+    `on_eval(step, generator, ema)` is called (on every rank) every cfg.eval_every iterations and at the end.
     Returns dict(generator=, ema=, fake=, step=, skipped=)."""
-    torch.manual_seed(cfg.seed)
+    runtime = runtime or Runtime()
+    torch.manual_seed(cfg.seed)  # every rank the same: identical initial weights (FSDP2 broadcasts nothing)
     generator, fake, ema = make_students(cfg, backbone)
+    runtime.same_on_all_ranks([generator, fake, ema], "initial weights")
+    sharded = runtime.world > 1 and cfg.mode == "full"
+    if sharded:
+        for net in (backbone.teacher, generator, fake, ema):
+            shard(net)
     if cfg.grad_checkpointing:  # recompute activations in backward: memory for time, in all three networks
         for net in (generator, fake, backbone.teacher):
             net.enable_gradient_checkpointing()
@@ -979,50 +1080,97 @@ def distill(cfg, backbone, on_eval=None):
     adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps)  # beta1 = 0 as the official code: no momentum
     opt_gen = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam)
     opt_fake = torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam)
-    rng = torch.Generator(device).manual_seed(cfg.seed)  # every random draw of the loop comes from here
+    rng = torch.Generator(device).manual_seed(cfg.seed + runtime.rank)  # all random draws of the loop; per rank
     step, skipped, in_a_row = 0, 0, 0
+    writer = runtime.rank == 0  # rank 0 alone writes files and logs
 
+    # one checkpoint: a file (replicated state) or, under FSDP2, a torch.distributed.checkpoint folder
     ckpt_path = log_path = None
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
-        ckpt_path, log_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "log.jsonl")
+        ckpt_path = os.path.join(cfg.out, "checkpoint" if sharded else "checkpoint.pt")
+        log_path = os.path.join(cfg.out, "log.jsonl")
     if ckpt_path and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            ck = torch.load(os.path.join(ckpt_path, "meta.pt"), weights_only=False)
+        else:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         diff = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
                 if k not in RESUMABLE_FIELDS and getattr(cfg, k, v) != v}
         if diff:
-            raise UserError(f"{ckpt_path} was written with a different config ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
+            raise UserError(f"{ckpt_path} was written with a different config "
+                            f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
                             "use another --out or the same settings")
         if ck["step"] > cfg.iters:
             raise UserError(f"{ckpt_path} is at iteration {ck['step']}, beyond --iters {cfg.iters}; use another --out")
-        generator.load_state_dict(ck["generator"]); fake.load_state_dict(ck["fake"]); ema.load_state_dict(ck["ema"])
-        opt_gen.load_state_dict(ck["opt_gen"]); opt_fake.load_state_dict(ck["opt_fake"])
-        rng.set_state(ck["rng"])
+        if sharded:  # fill the sharded state in place from the checkpoint folder
+            state = {name: _state(net, opt, True) for name, net, opt in
+                     (("generator", generator, opt_gen), ("fake", fake, opt_fake), ("ema", ema, None))}
+            state = {k: {"model": m, "optim": o} if k != "ema" else {"model": m} for k, (m, o) in state.items()}
+            # partial: Adam keeps no state for a parameter that never had a gradient (an unused embedder, say)
+            dcp.load(state, checkpoint_id=ckpt_path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+            for name, net, opt in (("generator", generator, opt_gen), ("fake", fake, opt_fake), ("ema", ema, None)):
+                _load_state(net, opt, state[name]["model"], state[name].get("optim"), True)
+        else:
+            _load_state(generator, opt_gen, ck["generator"], ck["opt_gen"], False)
+            _load_state(fake, opt_fake, ck["fake"], ck["opt_fake"], False)
+            _load_state(ema, None, ck["ema"], None, False)
+        rng.set_state(ck["rng"][runtime.rank])
         torch.set_rng_state(ck["torch_rng"])
         step, skipped = ck["step"], ck["skipped"]
-        if os.path.exists(log_path):  # drop log lines written after the checkpoint: they will be redone
+        if writer and os.path.exists(log_path):  # drop log lines written after the checkpoint: they are redone
             with open(log_path) as f:
                 kept = [line for line in f if json.loads(line).get("step", 0) <= step]
             with open(log_path, "w") as f:
                 f.writelines(kept)
 
     def save():
-        if ckpt_path:
-            atomic_save(dict(generator=generator.state_dict(), fake=fake.state_dict(), ema=ema.state_dict(),
-                             opt_gen=opt_gen.state_dict(), opt_fake=opt_fake.state_dict(), rng=rng.get_state(),
-                             torch_rng=torch.get_rng_state(), step=step, skipped=skipped,
-                             config=dataclasses.asdict(cfg)), ckpt_path)
+        if not ckpt_path:
+            return
+        rngs = [rng.get_state()]
+        if runtime.world > 1:
+            import torch.distributed as dist
+            rngs = [None] * runtime.world
+            dist.all_gather_object(rngs, rng.get_state())
+        meta = dict(rng=rngs, torch_rng=torch.get_rng_state(), step=step, skipped=skipped,
+                    config=dataclasses.asdict(cfg))
+        if not sharded:
+            if writer:
+                atomic_save(dict(meta, generator=generator.state_dict(), fake=fake.state_dict(), ema=ema.state_dict(),
+                                 opt_gen=opt_gen.state_dict(), opt_fake=opt_fake.state_dict()), ckpt_path)
+            return
+        import shutil
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        tmp = f"{ckpt_path}.tmp"
+        if writer and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        dist.barrier()
+        state = {"generator": dict(zip(("model", "optim"), _state(generator, opt_gen, True))),
+                 "fake": dict(zip(("model", "optim"), _state(fake, opt_fake, True))),
+                 "ema": {"model": _state(ema, None, True)[0]}}
+        dcp.save(state, checkpoint_id=tmp)  # every rank writes its shards
+        if writer:
+            torch.save(meta, os.path.join(tmp, "meta.pt"))
+            old = f"{ckpt_path}.old"
+            if os.path.exists(ckpt_path):
+                os.replace(ckpt_path, old)
+            os.replace(tmp, ckpt_path)  # the new checkpoint is complete before it takes the name
+            shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.iters, initial=step, disable=not cfg.progress, desc="SiD" if cfg.loss == "sid" else "DMD",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.iters, initial=step, disable=not (cfg.progress and writer),
+               desc="SiD" if cfg.loss == "sid" else "DMD", dynamic_ncols=True)
     t0 = time.time()
     while step < cfg.iters:
         scale = lr_scale(cfg, step)
         for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
             for group in opt.param_groups:
                 group["lr"] = lr * scale
-        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=step * cfg.batch_size)
+        images_seen = step * cfg.batch_size * runtime.world
+        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen, runtime)
         step += 1
         if m["nonfinite"]:
             skipped, in_a_row = skipped + 1, in_a_row + 1
@@ -1033,8 +1181,8 @@ def distill(cfg, backbone, on_eval=None):
         else:
             in_a_row = 0
         ema_update(ema, generator, cfg.ema_decay, step)
-        if step % cfg.log_every == 0 or step == cfg.iters:
-            bar.set_postfix(fake=f"{m['loss_fake']:.3g}", gap=f"{m['score_gap']:.3g}", gen=f"{m['loss_gen']:.3g}")
+        if writer and (step % cfg.log_every == 0 or step == cfg.iters):
+            bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss_fake", "score_gap", "loss_gen", "loss_d") if k in m})
             if log_path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(dict(step=step, time=round(time.time() - t0, 3), skipped=skipped,
@@ -1046,6 +1194,8 @@ def distill(cfg, backbone, on_eval=None):
         bar.update(1)
     bar.close()
     save()
+    if not sharded:
+        runtime.same_on_all_ranks([generator, fake, ema], "final weights")
     return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped)
 
 
@@ -1241,6 +1391,77 @@ def load_backbone(cfg, device, src=None, family=None):
     return backbone
 
 
+# --- the memory plan (--dry-run): from the configs alone, before any weights load --------------------------------
+
+def _read_json(src, name):
+    if os.path.isdir(src):
+        with open(os.path.join(src, name)) as f:
+            return json.load(f)
+    from huggingface_hub import hf_hub_download
+    with open(hf_hub_download(src, name)) as f:
+        return json.load(f)
+
+
+def meta_transformer(src):
+    """The teacher's transformer built on the meta device from its config.json: shapes, no memory, no weights."""
+    import diffusers
+    index = _read_json(src, "model_index.json")
+    config = _read_json(src, "transformer/config.json")
+    with torch.device("meta"):
+        return getattr(diffusers, index["transformer"][1]).from_config(config)
+
+
+def memory_plan(cfg, net, world_size=1):
+    """Bytes per GPU of weights, gradients, optimizer state and an activation estimate for cfg (mode, precision,
+    batch, resolution) on `world_size` GPUs. `net`: the transformer (meta device is enough).
+
+    full: a frozen teacher + trainable generator and fake (master weights fp32, or bf16 with --precision bf16) + EMA,
+          sharded over the GPUs by FSDP2 (divide by world_size).
+    lora: one frozen base per GPU (DDP replicates it) + three adapters (generator, fake, ema), two of them trained.
+    Adam keeps two moments per trainable parameter. Activations: a rough 16 bytes x tokens x width per layer and per
+    sample for each network whose graph is alive in the generator phase (G, teacher, fake), times ~1/layers when
+    gradient checkpointing keeps only block inputs."""
+    P = sum(p.numel() for p in net.parameters())
+    base_bytes = 4 if cfg.precision == "fp32" else 2
+    train_bytes = 2 if cfg.precision == "bf16" else 4
+    if cfg.mode == "lora":
+        lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for name, m in net.named_modules()
+                   if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS))
+        trainable, shard = 2 * lora, 1
+        weights = P * base_bytes + 3 * lora * 4
+    else:
+        trainable, shard = 2 * P, world_size
+        weights = P * base_bytes + 3 * P * train_bytes  # teacher + generator + fake + ema
+    c = net.config
+    width = c.get("num_attention_heads", 1) * c.get("attention_head_dim", 1)
+    layers = c.get("num_layers", 1) + c.get("num_single_layers", 0)
+    kind = type(net).__name__
+    f = 32 if kind.startswith("Sana") else 8  # DC-AE (SANA) or KL VAE (SD3, FLUX): the spatial factor
+    patch = c.get("patch_size", 1) * (2 if kind.startswith("Flux") else 1)  # FLUX packs 2x2 latents into a token
+    tokens = (cfg.resolution // f // patch) ** 2 + 300  # image tokens + a typical text length
+    per_layer = 16 * tokens * width * cfg.batch_size
+    activations = 3 * per_layer * (2 if cfg.grad_checkpointing else layers)
+    plan = dict(parameters=P, trainable=trainable, weights=weights / shard,
+                gradients=trainable * (train_bytes if cfg.mode == "full" else 4) / shard,
+                optimizer=2 * trainable * (train_bytes if cfg.mode == "full" else 4) / shard, activations=activations)
+    plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + activations
+    return plan
+
+
+def cmd_dry_run(cfg, world_size):
+    src, _ = resolve_teacher(cfg.teacher)
+    net = meta_transformer(src)
+    plan = memory_plan(cfg, net, world_size)
+    gib = 1 << 30
+    print(f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
+          f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), batch {cfg.batch_size}/GPU at "
+          f"{cfg.resolution} px{', gradient checkpointing' if cfg.grad_checkpointing else ''}")
+    print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
+    for key in ("weights", "gradients", "optimizer", "activations", "total"):
+        print(f"  {key:<20}  {plan[key] / gib:12.1f} GiB" + ("   (rough estimate)" if key == "activations" else ""))
+    return plan
+
+
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
 
 
@@ -1293,7 +1514,6 @@ def save_grid(images, path):
 
 
 def cmd_distill(cfg):
-    device = resolve_device(cfg.device)
     if cfg.teacher == "toy":
         raise UserError("the 2-D toy teacher is trained by run_toy.py: run `python run_toy.py`")
     if cfg.data and cfg.prompts:
@@ -1302,32 +1522,56 @@ def cmd_distill(cfg):
         raise UserError(f"--data {cfg.data}: no such file or folder")
     prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS  # bad input fails before any loading
     src, family = resolve_teacher(cfg.teacher)
-    backbone = load_backbone(cfg, device, src, family)
+    runtime = setup_runtime(cfg)
+    backbone = load_backbone(cfg, runtime.device, src, family)
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
         latents, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
-        print(f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
-              f"{skipped['no_caption']} without caption")
+        if runtime.rank == 0:
+            print(f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
+                  f"{skipped['no_caption']} without caption")
         backbone.data = latents
     backbone.set_prompts(prompts)
     os.makedirs(cfg.out, exist_ok=True)
     preview = backbone.prompts[:PREVIEW_PROMPTS]
 
-    def on_eval(step, generator, ema):
-        save_grid(student_images(backbone, ema, preview, PREVIEW_SEED, cfg.steps, cfg.student_guidance),
-                  os.path.join(cfg.out, f"preview_{step:07d}.png"))
+    def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
+        images = student_images(backbone, ema, preview, PREVIEW_SEED, cfg.steps, cfg.student_guidance)
+        if runtime.rank == 0:
+            save_grid(images, os.path.join(cfg.out, f"preview_{step:07d}.png"))
 
-    res = distill(cfg, backbone, on_eval=on_eval)
-    folder = export_student(backbone, res["ema"] if cfg.ema_decay > 0 else res["generator"], cfg,
-                            os.path.join(cfg.out, "student"))
-    print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']})")
+    res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
+    net = res["ema"] if cfg.ema_decay > 0 else res["generator"]
+    if runtime.world > 1 and cfg.mode == "full":  # gather the shards into a plain transformer on rank 0
+        weights = full_weights(net, runtime)
+        if runtime.rank == 0:
+            from diffusers import DiffusionPipeline
+            net = DiffusionPipeline.from_pretrained(src).transformer
+            net.load_state_dict(weights)
+    if runtime.rank == 0:
+        folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
+        print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']}; "
+              f"{runtime.world} process(es))")
+    if runtime.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_export(out, weights, device_name):
     """Export OUT/student from OUT/checkpoint.pt (any checkpoint, not only a finished run)."""
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"--out {out}: no checkpoint.pt there")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    path, sharded = os.path.join(out, "checkpoint.pt"), os.path.join(out, "checkpoint")
+    if os.path.isdir(sharded):  # an FSDP2 run's torch.distributed.checkpoint folder: gathered into one process
+        import tempfile
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(sharded, os.path.join(tmp, "full.pt"))
+            full = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
+        ck = dict(torch.load(os.path.join(sharded, "meta.pt"), weights_only=False),
+                  generator=full["generator"]["model"], ema=full["ema"]["model"])
+    elif os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        raise UserError(f"--out {out}: no checkpoint there")
     cfg = Config(**{**ck["config"], "device": device_name})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     generator, _, ema = make_students(cfg, backbone)
@@ -1377,12 +1621,21 @@ def main(argv=None):
         a = p.parse_args(argv)
         return cmd_export(a.out, a.weights, a.device)
     add_config_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan from the configs and exit")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="GPUs for the --dry-run plan (default: $WORLD_SIZE or 1)")
     a = vars(p.parse_args(argv))
+    dry_run, world_size = a.pop("dry_run"), a.pop("world_size")
     if a["teacher"] is None:
         raise UserError(f"--teacher is required: a preset ({', '.join(PRESETS)}), a pipeline folder or a hub id")
     preset = a["teacher"] if a["teacher"] in PRESETS else None
     a["out"] = a["out"] or f"out/{_slug(a['teacher'])}"
-    return cmd_distill(make_config(preset, **a))
+    cfg = make_config(preset, **a)
+    if dry_run:
+        if not cfg.resolution:
+            raise UserError("--dry-run needs --resolution for a teacher without a preset")
+        return cmd_dry_run(cfg, world_size)
+    return cmd_distill(cfg)
 
 
 def _slug(name):
