@@ -714,10 +714,13 @@ def lora_students(backbone, rank):
     """Adapters on the teacher itself: returns (generator, fake, ema) views and makes backbone.teacher the base
     with adapters off. LoRA B starts at zero, so all three start as the teacher; ema starts equal to generator."""
     from peft import LoraConfig
+    import warnings
     base = backbone.teacher
     for name in ("generator", "fake", "ema"):
-        base.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True),
-                         adapter_name=name)
+        with warnings.catch_warnings():  # peft warns that a model gets several adapters: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            base.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS,
+                                        init_lora_weights=True), adapter_name=name)
     views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
         for p in view.parameters():
@@ -1272,7 +1275,8 @@ HUB_IDS = {
 }
 PRESETS = {
     "toy": dict(teacher="toy", train_step="last", iters=800, batch_size=2048, lr_gen=2e-4, lr_fake=6e-4,
-                fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0),
+                fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0,
+                gan_weight=0.01),  # the SiD term sums 2 dims here, not 10^4+: the GAN term must weigh far less
     "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=8),
     "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024),
     "sd3-medium": dict(_DIT, **_CFG45, resolution=1024),
