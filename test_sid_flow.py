@@ -902,3 +902,33 @@ def test_torchrun_two_processes(tiny, tmp_path, mode):
     from diffusers import DiffusionPipeline
     student = DiffusionPipeline.from_pretrained(str(out / "student"))
     assert not any("lora" in n for n in student.transformer.state_dict())
+
+
+def test_sigkill_mid_run_then_same_command_resumes(tmp_path):
+    """A run killed with SIGKILL at an arbitrary moment (checkpointing every iteration) leaves a loadable checkpoint,
+    and running the same command again continues from it to the end."""
+    import signal
+    import time
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {HERE!r})
+import sid_flow as sf
+torch.set_num_threads(1)
+torch.manual_seed(0)
+bb = sf.ToyBackbone(sf.ToyMLP(width=64, depth=3))
+cfg = sf.make_config("toy", out={str(tmp_path / 'run')!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1,
+                     progress=False)
+print(sf.distill(cfg, bb)["step"])
+""")
+    p = subprocess.Popen([sys.executable, str(script), "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step = torch.load(ckpt, weights_only=False)["step"]  # loadable: never half-written
+    assert step >= 3
+    r = subprocess.run([sys.executable, str(script), str(step + 5)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(step + 5), r.stderr[-2000:]
