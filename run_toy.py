@@ -175,7 +175,8 @@ def main(argv=None):
     samples = {"fresh data (noise floor)": DATASETS[args.dataset](args.n_eval, g_eval)}
     samples.update({f"teacher {n} steps": sf.euler_sample(T, z, n) for n in (1, 2, 4, 8, 32, 128)})
     # the teacher's own weights used as a K-step SiD sampler: where distillation starts
-    samples["teacher as 4-step generator"] = sf.generate(T, z, 4, cfg.noise, sf.gaussian(torch.Generator().manual_seed(1)))
+    samples["teacher as 4-step generator"] = sf.generate(T, z, 4, cfg.noise,
+                                                         sf.gaussian(torch.Generator().manual_seed(1)))
 
     def student_samples(net, K):
         return sf.generate(lambda x, t: net(x, t), z, K, cfg.noise, sf.gaussian(torch.Generator().manual_seed(1)))

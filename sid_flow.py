@@ -24,10 +24,9 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -700,7 +699,8 @@ class AdapterView(nn.Module):
     def merged(self):
         """A plain transformer of the base's class with this adapter's LoRA fused into its weights."""
         from peft.tuners.tuners_utils import BaseTunerLayer
-        state = {n.replace(".base_layer", ""): p.detach() for n, p in self.base.state_dict().items() if "lora_" not in n}
+        state = {n.replace(".base_layer", ""): p.detach()
+                 for n, p in self.base.state_dict().items() if "lora_" not in n}
         for name, module in self.base.named_modules():
             if isinstance(module, BaseTunerLayer) and self.adapter in module.lora_A:
                 w = module.get_base_layer().weight
@@ -823,83 +823,6 @@ FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbon
 # 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample        (D9)-(D14)
 # ------------------------------------------------------------------------------------------------------------------
 
-class Runtime:
-    """Where the ranks live, so the math never sees them. One process: rank 0 of 1. Under torchrun: full mode shards
-    every network with FSDP2 (gradients are reduce-scattered inside backward); LoRA mode keeps a replica of the
-    adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does it, done by hand
-    because DDP's wrapper expects every forward to be followed by a backward into its own weights, and SiD's
-    generator phase runs the fake network forward without training it."""
-
-    def __init__(self, rank=0, world=1, device=None, average_grads=False):
-        self.rank, self.world, self.device, self.average_grads = rank, world, device, average_grads
-
-    def all_finite(self, loss):
-        """Skip decisions must agree on every rank (a backward is a collective under FSDP)."""
-        ok = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
-
-    def update(self, loss, net, opt):
-        """One optimizer step of `net` on `loss`, differentiating with respect to net's trainable weights only.
-        Returns False (and steps nothing) when the loss is not finite on some rank."""
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt.zero_grad(set_to_none=True)
-        if not self.all_finite(loss):
-            return False
-        loss.backward(inputs=params)
-        if self.average_grads and self.world > 1:
-            import torch.distributed as dist
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.world)
-        opt.step()
-        return True
-
-    def same_on_all_ranks(self, nets, what):
-        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the local tensors)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-        local = torch.stack([sum((p.detach().float().to_local() if hasattr(p, "to_local") else p.detach().float())
-                                 .double().pow(k).sum() for n in nets for p in n.parameters()) for k in (1, 2)])
-        local = local.to(self.device)
-        gathered = [torch.zeros_like(local) for _ in range(self.world)]
-        dist.all_gather(gathered, local)
-        sharded = any(hasattr(p, "to_local") for n in nets for p in n.parameters())
-        if not sharded and not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
-            raise RuntimeError(f"{what}: the ranks hold different weights")
-
-
-def setup_runtime(cfg):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then join the process group (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return Runtime(device=resolve_device(cfg.device))
-    import torch.distributed as dist
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world, device, average_grads=cfg.mode == "lora")
-
-
-def shard(net):
-    """FSDP2: each transformer block its own unit, then the root (teacher, generator, fake and EMA alike)."""
-    from torch.distributed.fsdp import fully_shard
-    for child in net.children():
-        if isinstance(child, nn.ModuleList):
-            for block in child:
-                fully_shard(block)
-    fully_shard(net)
-    return net
-
-
 def gan_schedule(cfg, images_seen):
     """Data-aided schedule, in generator images seen (so it holds at any batch size): the generator is frozen for the
     first cfg.gan_freeze_images; from cfg.gan_start_images its objective is (1 - gan_weight) SiD + gan_weight GAN.
@@ -985,13 +908,6 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images
         out["score_gap"] = _sum_pixels((x0_teacher - x0_fake).float() ** 2).mean().item()
     out["loss_gen"] = loss_gen.item()
     return out
-
-
-def autocast(cfg, device):
-    """bf16 autocast on CUDA when cfg.precision == 'bf16-autocast'; a no-op elsewhere (CPU runs in float32)."""
-    if cfg.precision != "fp32" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1203,6 +1119,94 @@ def distill(cfg, backbone, on_eval=None, runtime=None):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 7b. Runtime: device, precision, ranks and sharding -- the losses and samplers never see any of it
+# ------------------------------------------------------------------------------------------------------------------
+
+def autocast(cfg, device):
+    """bf16 autocast on CUDA when cfg.precision == 'bf16-autocast'; a no-op elsewhere (CPU runs in float32)."""
+    if cfg.precision != "fp32" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Runtime:
+    """Where the ranks live, so the math never sees them. One process: rank 0 of 1. Under torchrun: full mode shards
+    every network with FSDP2 (gradients are reduce-scattered inside backward); LoRA mode keeps a replica of the
+    adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does it, done by hand
+    because DDP's wrapper expects every forward to be followed by a backward into its own weights, and SiD's
+    generator phase runs the fake network forward without training it."""
+
+    def __init__(self, rank=0, world=1, device=None, average_grads=False):
+        self.rank, self.world, self.device, self.average_grads = rank, world, device, average_grads
+
+    def all_finite(self, loss):
+        """Skip decisions must agree on every rank (a backward is a collective under FSDP)."""
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def update(self, loss, net, opt):
+        """One optimizer step of `net` on `loss`, differentiating with respect to net's trainable weights only.
+        Returns False (and steps nothing) when the loss is not finite on some rank."""
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt.zero_grad(set_to_none=True)
+        if not self.all_finite(loss):
+            return False
+        loss.backward(inputs=params)
+        if self.average_grads and self.world > 1:
+            import torch.distributed as dist
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+        opt.step()
+        return True
+
+    def same_on_all_ranks(self, nets, what):
+        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the local tensors)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        local = torch.stack([sum((p.detach().float().to_local() if hasattr(p, "to_local") else p.detach().float())
+                                 .double().pow(k).sum() for n in nets for p in n.parameters()) for k in (1, 2)])
+        local = local.to(self.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        sharded = any(hasattr(p, "to_local") for n in nets for p in n.parameters())
+        if not sharded and not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
+            raise RuntimeError(f"{what}: the ranks hold different weights")
+
+
+def setup_runtime(cfg):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then join the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Runtime(device=resolve_device(cfg.device))
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world, device, average_grads=cfg.mode == "lora")
+
+
+def shard(net):
+    """FSDP2: each transformer block its own unit, then the root (teacher, generator, fake and EMA alike)."""
+    from torch.distributed.fsdp import fully_shard
+    for child in net.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block)
+    fully_shard(net)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # 8. Config: one typed place for every default; presets by name override a few fields; the CLI is generated
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -1254,8 +1258,9 @@ class Config:
     progress: bool = True
 
 
-CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("full", "lora"), weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"),
-               noise=("fresh", "fixed", "ddim"), train_step=("uniform", "last"), precision=("fp32", "bf16-autocast", "bf16"))
+CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("full", "lora"),
+               weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"), noise=("fresh", "fixed", "ddim"),
+               train_step=("uniform", "last"), precision=("fp32", "bf16-autocast", "bf16"))
 
 # Presets change only what differs from the Config defaults. The toy preset uses 'last'-step training and a larger
 # learning rate: see README "Toy results" and derivation.md (D13) for why the uniform mixture is not the toy default.
