@@ -3,8 +3,9 @@
 Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are cited in the comments):
 
     CONVENTIONS -> 1 path algebra (Bayes' rule) -> 2 times and weights -> 3 losses -> 4 few-step generator
-    -> 5 backbones (the toy MLP; diffusers DiTs) -> 6 one SiD iteration -> 7 the loop (EMA, checkpoints, logs)
-    -> 8 config, presets, CLI -> main
+    -> 5 backbones (the toy MLP; SANA, SD3, FLUX; LoRA views; image data) -> 6 one SiD iteration
+    -> 7 the loop (EMA, checkpoints, logs) -> 7b runtime (device, ranks, FSDP2) -> 8 config, presets
+    -> 9 loading, export, memory plan, command line
 
 Commands, by hardware:
     laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/{toy.png, metrics.json}
@@ -297,8 +298,9 @@ def euler_sample(velocity_fn, z, steps):
 #     backbone.velocity(net, x_t, t, cond, guidance) -> v      (B, *D) -- CFG, timestep scale, packing inside
 #     backbone.sample_batch(n, generator) -> (cond, x0_real)   conditioning (None for the toy); real data or None
 #     backbone.trainable_copy() -> nn.Module                   a float32 copy of the teacher (generator, fake)
+#     backbone.noise(shape, g), backbone.step_noise(x, g)      N(0, I) draws, laid out as the stock pipeline draws them
 #     backbone.sample_shape                                    D, the shape of one sample
-# and never branches on the model family.
+# and never branches on the model family. (In LoRA mode the three modules are views of one base: see below.)
 # ------------------------------------------------------------------------------------------------------------------
 
 class UserError(Exception):
