@@ -142,9 +142,267 @@ VARIANTS = {  # 'data_aided' is not a Config field: it hands the true distributi
 }
 
 
+# ==================================================================================================================
+# --dataset digits: a DiT teacher on real images (scikit-learn's 1,797 handwritten 8x8 digits), distilled with the
+# same loop and the same SANA adapter as the big teachers, measured like the paper measures (FID -> a Frechet
+# distance in a digit classifier's feature space; CLIP score -> that classifier's accuracy on the requested class)
+# ==================================================================================================================
+
+DIGITS = dict(layers=3, heads=4, head_dim=16, patch=2, teacher_iters=2500, batch=128, lr=1e-3, p_uncond=0.1,
+              guidance=2.0, n_per_class=200, classifier_iters=1500, cost_iters=10)  # teacher, metric, timing
+NULL_CLASS = 10  # the "empty prompt": the CFG unconditional branch
+
+
+class DigitsBackbone(sf.SanaBackbone):
+    """Pixels as latents (1, 8, 8) in [-1, 1]; the class as a one-token caption (one-hot over 10 digits + the null
+    class). Everything else -- the velocity call, CFG, the prompt bank -- is SANA's adapter, unchanged."""
+
+    def __init__(self, teacher, device):
+        self.pipe, self.device, self.resolution, self.max_sequence_length = None, device, 8, None
+        self.teacher = teacher.to(device).requires_grad_(False).eval()
+        self.sample_shape = (1, 8, 8)
+        self.prompts, self.bank, self.uncond, self.data = [], None, None, None
+
+    def encode(self, prompts):
+        idx = torch.tensor([int(p) if p else NULL_CLASS for p in prompts], device=self.device)
+        embeds = torch.nn.functional.one_hot(idx, 16).float()[:, None]  # (B, 1, 16)
+        return {"embeds": embeds, "mask": torch.ones(len(prompts), 1, device=self.device)}
+
+    def decode(self, x):
+        return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, 8, 8, 1)
+
+
+def digits_split(seed=0):
+    """(x_teacher, y_teacher, x_held, y_held): images (N, 1, 8, 8) in [-1, 1]. The classifier's split is never
+    shown to the teacher."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # pixel values 0..16 -> [-1, 1]
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    return x[:1200], y[:1200], x[1200:], y[1200:]
+
+
+def digits_teacher(x, y, path, progress):
+    """The class-conditional flow-matching teacher (D8), with 10% null-class dropout for CFG; cached at `path`."""
+    from diffusers import SanaTransformer2DModel
+    recipe = {k: DIGITS[k] for k in ("layers", "heads", "head_dim", "patch", "teacher_iters", "batch", "lr", "p_uncond")}
+    recipe["n"] = len(x)
+    make = lambda: SanaTransformer2DModel(  # noqa: E731
+        patch_size=DIGITS["patch"], in_channels=1, out_channels=1, num_layers=DIGITS["layers"],
+        num_attention_heads=DIGITS["heads"], attention_head_dim=DIGITS["head_dim"],
+        num_cross_attention_heads=DIGITS["heads"], cross_attention_head_dim=DIGITS["head_dim"],
+        cross_attention_dim=DIGITS["heads"] * DIGITS["head_dim"], caption_channels=16, sample_size=8)
+    if os.path.exists(path):
+        ck = torch.load(path, weights_only=False)
+        if ck["recipe"] == recipe:
+            net = make()
+            net.load_state_dict(ck["state"])
+            return net, 0.0
+    t0 = time.time()
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = make()
+    bb = DigitsBackbone(net, torch.device("cpu"))  # for its forward() and encode(); the net is trained below
+    net.requires_grad_(True).train()
+    opt = torch.optim.Adam(net.parameters(), lr=DIGITS["lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, DIGITS["lr"], total_steps=DIGITS["teacher_iters"], pct_start=0.05)
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(DIGITS["teacher_iters"]), desc="digit teacher", disable=not progress, dynamic_ncols=True):
+        idx = torch.randint(len(x), (DIGITS["batch"],), generator=g)
+        labels = torch.where(torch.rand(len(idx), generator=g) < DIGITS["p_uncond"], NULL_CLASS, y[idx])
+        cond = bb.encode([str(int(c)) if c < 10 else "" for c in labels])
+        x0, t = x[idx], torch.rand(len(idx), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        loss = sf.flow_matching_loss(bb.forward(net, sf.add_noise(x0, eps, t), t, cond, 1.0), x0, eps, t).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    sf.atomic_save(dict(recipe=recipe, state=net.state_dict()), path)
+    return net.eval(), time.time() - t0
+
+
+class DigitClassifier(torch.nn.Module):
+    """The metric's network: an MLP on 64 pixels; `features` (128-d) are what the Frechet distance compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.SiLU(),
+                                        torch.nn.Linear(256, 128), torch.nn.SiLU())
+        self.head = torch.nn.Linear(128, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(x, y):
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    clf = DigitClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(DIGITS["classifier_iters"]):
+        idx = torch.randint(len(x), (128,), generator=g)
+        xb = x[idx] + 0.1 * torch.randn(x[idx].shape, generator=g)  # light noise: robust to generated pixels
+        loss = torch.nn.functional.cross_entropy(clf(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return clf.eval()
+
+
+def frechet_distance(f1, f2):
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) between Gaussians fitted to two feature sets."""
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    c1, c2 = torch.cov(f1.T), torch.cov(f2.T)
+    w, v = torch.linalg.eigh(c1)
+    s1 = v @ torch.diag(w.clamp_min(0).sqrt()) @ v.T  # C1^1/2
+    cross = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2) ** 2).sum().item() + (c1.trace() + c2.trace() - 2 * cross).item()
+
+
+def step_cost(cfg, bb, iters=10):
+    """Wall time of one SiD iteration against the sum of the network passes it makes, each timed alone:
+    K forwards without gradient (roll-out + the fake phase's sample), the fake update (forward + backward, CFG
+    batch), the generator step (forward + backward), teacher and fake forwards with their input-backward (CFG)."""
+    gen, fake, _ = sf.make_students(cfg, bb)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, betas=(0.0, 0.999))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=(0.0, 0.999))
+    rng = torch.Generator().manual_seed(0)
+    B = cfg.batch_size
+    cond = bb.encode([str(i % 10) for i in range(B)])
+    x, t = torch.randn(B, 1, 8, 8), torch.rand(B)
+
+    def timed(fn, n=iters):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    def fwd():
+        with torch.no_grad():
+            bb.velocity(gen, x, t, cond, 1.0)
+
+    def fwd_bwd(net, guidance):
+        return lambda: bb.velocity(net, x, t, cond, guidance).sum().backward()
+
+    def input_bwd(net, guidance):
+        def run():
+            xi = x.clone().requires_grad_(True)
+            bb.velocity(net, xi, t, cond, guidance).sum().backward(inputs=[xi])
+        return run
+
+    passes = (cfg.steps * timed(fwd) + cfg.fake_updates * timed(fwd_bwd(fake, cfg.cfg_train_fake))
+              + timed(fwd_bwd(gen, 1.0)) + timed(input_bwd(bb.teacher, cfg.cfg_eval_real))
+              + timed(input_bwd(fake, cfg.cfg_eval_fake)))
+    iteration = timed(lambda: sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng))
+    return dict(iteration=iteration, passes=passes, ratio=iteration / passes)
+
+
+def main_digits(args, overrides):
+    t_start = time.time()
+    cfg = sf.make_config("digits", **overrides)
+    os.makedirs(cfg.out, exist_ok=True)
+    x_t, y_t, x_h, y_h = digits_split()
+    teacher, t_teacher = digits_teacher(x_t, y_t, os.path.join(cfg.out, "teacher-digits.pt"), cfg.progress)
+    bb = DigitsBackbone(teacher, torch.device("cpu"))
+    if args.data_aided:  # the teacher's own training images as the real data, their labels as the prompts
+        bb.set_prompts([str(int(c)) for c in y_t])
+        bb.data = x_t
+    else:
+        bb.set_prompts([str(c) for c in range(10)])
+    t0 = time.time()
+    clf = train_classifier(x_h, y_h)
+    with torch.no_grad():
+        ref = clf.features(x_t)  # the reference set: real digits
+        clf_acc = (clf(x_t).argmax(1) == y_t).float().mean().item()
+    t_clf = time.time() - t0
+
+    labels = torch.arange(10).repeat_interleave(DIGITS["n_per_class"])  # (N,) the requested classes
+    cond = bb.encode([str(int(c)) for c in labels])
+    z = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(10_000))
+
+    def measure(x):
+        with torch.no_grad():
+            return dict(fd=frechet_distance(clf.features(x), ref), acc=(clf(x).argmax(1) == labels).float().mean().item())
+
+    rows, samples = [], {}
+    t0 = time.time()
+    for w in (1.0, DIGITS["guidance"]):
+        for n in (1, 2, 4, 8, 16, 32):
+            x = sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, w), z, n)
+            rows.append(dict(sampler="teacher (Euler)", guidance=w, steps=n, **measure(x)))
+            samples[f"teacher, {n} steps, w={w:g}"] = x
+    t_teacher_eval = time.time() - t0
+    students = {"SiD, w=2": dict(), "SiD, w=2, 1 step": dict(steps=1),
+                "SiD, w=1": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.0)}
+    t_distill = {}
+    for name, extra in students.items():
+        scfg = sf.make_config("digits", **{**overrides, **extra})
+        # one folder per distinct config, as for the 2-D runs: the same command reuses its run, a changed flag retrains
+        scfg.out = os.path.join(cfg.out, "runs", f"{sf._slug(name)}-{_config_hash(scfg, 'digits', args.data_aided)}")
+        t0 = time.time()
+        res = sf.distill(scfg, bb)
+        t_distill[name] = time.time() - t0
+        for kind in ("ema", "generator"):
+            net = res[kind]
+            x = sf.generate(lambda xx, tt: bb.velocity(net, xx, tt, cond, 1.0), z, scfg.steps, "fresh",
+                            sf.gaussian(torch.Generator().manual_seed(1)))
+            rows.append(dict(sampler=f"{name} ({kind})", guidance=scfg.cfg_eval_real, steps=scfg.steps, **measure(x)))
+            samples[f"{name} ({kind})"] = x
+    cost = step_cost(sf.make_config("digits", **overrides), bb, DIGITS["cost_iters"])
+    seconds = dict(teacher=t_teacher, classifier=t_clf, teacher_eval=t_teacher_eval, distill=t_distill,
+                   total=time.time() - t_start)
+
+    print(f"\ndigits: Frechet distance in the classifier's features to the {len(ref)} real teacher-split digits, "
+          f"and class accuracy (classifier accuracy on real digits: {clf_acc:.3f})")
+    print(f"{'sampler':<32} {'guidance':>8} {'steps':>5} {'FD':>9} {'accuracy':>9}")
+    for r in rows:
+        print(f"{r['sampler']:<32} {r['guidance']:8.1f} {r['steps']:5d} {r['fd']:9.3f} {r['acc']:9.3f}")
+    print(f"step cost: one SiD iteration {cost['iteration'] * 1e3:.0f} ms, its network passes alone "
+          f"{cost['passes'] * 1e3:.0f} ms, ratio {cost['ratio']:.3f}")
+    print("time: " + ", ".join(f"{k} {v:.1f} s" if not isinstance(v, dict) else
+                               ", ".join(f"{kk} {vv:.1f} s" for kk, vv in v.items()) for k, v in seconds.items()))
+    metrics = dict(rows=rows, step_cost=cost, seconds=seconds, classifier_accuracy=clf_acc,
+                   command="python run_toy.py " + " ".join(sys.argv[1:]))
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    plot_digits(samples, x_t, labels, os.path.join(cfg.out, "digits.png"))
+    print(f"wrote {cfg.out}/digits.png, metrics.json")
+    return metrics
+
+
+def plot_digits(samples, real, labels, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("real", real[:80])] + [(k, v) for k, v in samples.items()
+                                        if k.startswith(("teacher, 4 steps, w=2", "teacher, 32 steps, w=2"))
+                                        or k.endswith("(ema)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
+    for ax, (title, x) in zip(axes, panels):
+        if title != "real":  # 8 samples of each class, one class per column
+            x = torch.cat([x[labels == c][:8] for c in range(10)])
+            x = x.view(10, 8, 8, 8).permute(1, 0, 2, 3).reshape(80, 8, 8)[:, None]
+        grid = ((x[:80, 0] + 1) / 2).clamp(0, 1).reshape(8, 10, 8, 8).permute(0, 2, 1, 3).reshape(64, 80)
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def parse_args(argv):
     p = sf.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="checkerboard", choices=sorted(DATASETS))
+    p.add_argument("--dataset", default="checkerboard", choices=sorted(DATASETS) + ["digits"],
+                   help="a 2-D distribution, or 'digits': the DiT benchmark on real 8x8 images")
     p.add_argument("--compare", action="store_true", help="also distil the VARIANTS and put them in one table")
     p.add_argument("--data-aided", action="store_true",
                    help="data-aided SiD (D16): the fake network also discriminates fresh true samples from fakes")
@@ -156,6 +414,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "compare", "n_eval", "data_aided")}
+    if args.dataset == "digits":
+        return main_digits(args, overrides)
     cfg = sf.make_config("toy", **overrides)
     if args.n_eval < 100:
         raise sf.UserError(f"--n-eval must be at least 100, got {args.n_eval}")

@@ -932,3 +932,23 @@ print(sf.distill(cfg, bb)["step"])
     assert step >= 3
     r = subprocess.run([sys.executable, str(script), str(step + 5)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == str(step + 5), r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 11. The digits benchmark runs (a few iterations; the benchmark itself is `python run_toy.py --dataset digits`)
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_digits_mode_runs(tmp_path, monkeypatch):
+    """The DiT-on-digits mode end to end at toy size: teacher, classifier, teacher rows at every step count with and
+    without guidance, three SiD students through the same loop and SANA adapter, the step-cost ratio, the figure."""
+    for k, v in dict(teacher_iters=30, n_per_class=10, classifier_iters=50, cost_iters=1).items():
+        monkeypatch.setitem(run_toy.DIGITS, k, v)
+    m = run_toy.main(["--dataset", "digits", "--out", str(tmp_path), "--iters", "2", "--no-progress"])
+    steps = {(r["guidance"], r["steps"]) for r in m["rows"] if r["sampler"].startswith("teacher")}
+    assert steps == {(w, n) for w in (1.0, 2.0) for n in (1, 2, 4, 8, 16, 32)}
+    students = [r for r in m["rows"] if r["sampler"].startswith("SiD")]
+    assert len(students) == 6 and all(math.isfinite(r["fd"]) and 0 <= r["acc"] <= 1 for r in students)
+    assert m["step_cost"]["ratio"] > 0 and (tmp_path / "digits.png").stat().st_size > 5000
+    # the Frechet distance is a distance: zero for identical features, positive for shifted ones
+    f = torch.randn(500, 8, dtype=torch.float64)
+    assert abs(run_toy.frechet_distance(f, f)) < 1e-6 and run_toy.frechet_distance(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)
