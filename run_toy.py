@@ -100,33 +100,52 @@ def energy_distance(x, y, directions=128):
 TEACHER = dict(width=128, depth=4, iters=2500, batch=2048, lr=3e-3)  # the teacher's recipe, in one place
 
 
-def train_teacher(dataset, seed, path, progress=True):
-    """Load the cached teacher at `path` when its recipe matches, else train and save it."""
-    recipe = dict(TEACHER, dataset=dataset, seed=seed)
+def cached(path, recipe, make, train):
+    """make() with the weights saved at `path` when they were trained by the same recipe (0 s), else train() -> net,
+    saved there with its recipe. Returns (net, seconds spent training)."""
     if os.path.exists(path):
         ck = torch.load(path, weights_only=False)
         if ck["recipe"] == recipe:
-            net = sf.ToyMLP(**ck["config"])
+            net = make()
             net.load_state_dict(ck["state"])
             return net, 0.0
     t0 = time.time()
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = sf.ToyMLP(width=TEACHER["width"], depth=TEACHER["depth"])
-    opt = torch.optim.Adam(net.parameters(), lr=TEACHER["lr"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, TEACHER["lr"], total_steps=TEACHER["iters"], pct_start=0.05)
+    net = train()
+    sf.atomic_save(dict(recipe=recipe, state=net.state_dict()), path)
+    return net, time.time() - t0
+
+
+def fit(net, batch_loss, iters, lr, desc, progress):
+    """Adam with a one-cycle learning rate on batch_loss() for `iters` steps: how both teachers are trained."""
     from tqdm.auto import tqdm
-    for _ in tqdm(range(TEACHER["iters"]), desc="teacher", disable=not progress, dynamic_ncols=True):
-        x0 = DATASETS[dataset](TEACHER["batch"], g)  # (B, 2) the teacher's training data
-        eps = torch.randn(x0.shape, generator=g)  # (B, 2)
-        t = torch.rand(x0.shape[0], generator=g)  # (B,) uniform times for the teacher
-        loss = sf.flow_matching_loss(net(sf.add_noise(x0, eps, t), t), x0, eps, t).mean()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters, pct_start=0.05)
+    for _ in tqdm(range(iters), desc=desc, disable=not progress, dynamic_ncols=True):
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    sf.atomic_save(dict(recipe=recipe, config=net.config, state=net.state_dict()), path)
-    return net, time.time() - t0
+    return net
+
+
+def train_teacher(dataset, seed, path, progress=True):
+    """The 2-D teacher: an MLP fitted by flow matching (D8) on fresh draws of the data; cached at `path`."""
+    make = lambda: sf.ToyMLP(width=TEACHER["width"], depth=TEACHER["depth"])  # noqa: E731
+
+    def train():
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        net = make()
+
+        def batch_loss():
+            x0 = DATASETS[dataset](TEACHER["batch"], g)  # (B, 2) the teacher's training data
+            eps = torch.randn(x0.shape, generator=g)  # (B, 2)
+            t = torch.rand(x0.shape[0], generator=g)  # (B,) uniform times for the teacher
+            return sf.flow_matching_loss(net(sf.add_noise(x0, eps, t), t), x0, eps, t).mean()
+        return fit(net, batch_loss, TEACHER["iters"], TEACHER["lr"], "teacher", progress)
+
+    return cached(path, dict(TEACHER, dataset=dataset, seed=seed), make, train)
 
 # ------------------------------------------------------------------------------------------------------------------
 # Variants compared by --compare: name -> Config overrides on top of the command line's
@@ -194,34 +213,24 @@ def digits_teacher(x, y, path, progress):
         num_attention_heads=DIGITS["heads"], attention_head_dim=DIGITS["head_dim"],
         num_cross_attention_heads=DIGITS["heads"], cross_attention_head_dim=DIGITS["head_dim"],
         cross_attention_dim=DIGITS["heads"] * DIGITS["head_dim"], caption_channels=16, sample_size=8)
-    if os.path.exists(path):
-        ck = torch.load(path, weights_only=False)
-        if ck["recipe"] == recipe:
-            net = make()
-            net.load_state_dict(ck["state"])
-            return net, 0.0
-    t0 = time.time()
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    net = make()
-    bb = DigitsBackbone(net, torch.device("cpu"))  # for its forward() and encode(); the net is trained below
-    net.requires_grad_(True).train()
-    opt = torch.optim.Adam(net.parameters(), lr=DIGITS["lr"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, DIGITS["lr"], total_steps=DIGITS["teacher_iters"], pct_start=0.05)
-    from tqdm.auto import tqdm
-    for _ in tqdm(range(DIGITS["teacher_iters"]), desc="digit teacher", disable=not progress, dynamic_ncols=True):
-        idx = torch.randint(len(x), (DIGITS["batch"],), generator=g)
-        labels = torch.where(torch.rand(len(idx), generator=g) < DIGITS["p_uncond"], NULL_CLASS, y[idx])
-        cond = bb.encode([str(int(c)) if c < 10 else "" for c in labels])
-        x0, t = x[idx], torch.rand(len(idx), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        loss = sf.flow_matching_loss(bb.forward(net, sf.add_noise(x0, eps, t), t, cond, 1.0), x0, eps, t).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    sf.atomic_save(dict(recipe=recipe, state=net.state_dict()), path)
-    return net.eval(), time.time() - t0
+
+    def train():
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        net = make()
+        bb = DigitsBackbone(net, torch.device("cpu"))  # for its forward() and encode(); the net is trained below
+        net.requires_grad_(True).train()
+
+        def batch_loss():
+            idx = torch.randint(len(x), (DIGITS["batch"],), generator=g)
+            labels = torch.where(torch.rand(len(idx), generator=g) < DIGITS["p_uncond"], NULL_CLASS, y[idx])
+            cond = bb.encode([str(int(c)) if c < 10 else "" for c in labels])
+            x0, t = x[idx], torch.rand(len(idx), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            return sf.flow_matching_loss(bb.forward(net, sf.add_noise(x0, eps, t), t, cond, 1.0), x0, eps, t).mean()
+        return fit(net, batch_loss, DIGITS["teacher_iters"], DIGITS["lr"], "digit teacher", progress).eval()
+
+    return cached(path, recipe, make, train)
 
 
 class DigitClassifier(torch.nn.Module):

@@ -363,12 +363,30 @@ def pooled_logits(hidden, B):
     return (h.mean(1) if h.dim() == 3 else h).float()
 
 
-class ToyBackbone:
+class Backbone:
+    """What every teacher shares behind the interface: the trainable copies and the noise draws. A subclass sets
+    teacher, device and sample_shape, and supplies velocity() and sample_batch()."""
+    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`?
+
+    def trainable_copy(self, dtype=torch.float32):
+        return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
+
+    def noise(self, shape, generator):
+        """N(0, I) in the sample layout (B, *D), drawn as the stock pipeline draws it."""
+        return torch.randn(shape, generator=generator, device=self.device)
+
+    def step_noise(self, x, generator):
+        """The re-noising draw between generator steps, as the stock scheduler draws it (same layout, same RNG)."""
+        return self.noise(x.shape, generator if self.step_noise_from_generator else None)
+
+
+class ToyBackbone(Backbone):
     """The 2-D teacher behind the Backbone interface: unconditional, no CFG, no latents. `real(n, generator)`,
     when given, draws true data for data-aided SiD."""
 
     def __init__(self, teacher, real=None):
         self.teacher = teacher.requires_grad_(False).eval()  # frozen for the whole run
+        self.device = teacher.head.weight.device
         self.sample_shape = (teacher.config["dim"],)
         self.real = real
 
@@ -378,16 +396,6 @@ class ToyBackbone:
     def sample_batch(self, n, generator):
         """(cond, x0_real): no conditioning; real samples only in data-aided runs."""
         return None, (self.real(n, generator) if self.real else None)
-
-    def trainable_copy(self, dtype=torch.float32):
-        return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
-
-    def noise(self, shape, generator):
-        return torch.randn(shape, generator=generator, device=self.teacher.head.weight.device)
-
-    def step_noise(self, x, generator):
-        return self.noise(x.shape, generator)
-
 
 
 # The three diffusers families. Everything they do differently is in the five small methods a subclass overrides;
@@ -423,7 +431,7 @@ def _cat(conds):
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
-class DiTBackbone:
+class DiTBackbone(Backbone):
     """A diffusers text-to-image pipeline behind the Backbone interface (teacher = pipe.transformer).
 
     Conditioning `cond` is a dict of batch-first tensors (prompt embeddings and the like). Classifier-free guidance
@@ -434,7 +442,6 @@ class DiTBackbone:
     guidance_embedded = False
     packing = 1                       # FLUX packs 2x2 latent patches into tokens before the transformer
     pipeline_kwargs = {}              # what the stock pipeline must be told to condition as we do
-    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`?
 
     def __init__(self, pipe, resolution, device, teacher_dtype, max_sequence_length=None):
         self.pipe, self.device, self.resolution = pipe, device, resolution
@@ -502,17 +509,6 @@ class DiTBackbone:
         v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]),
                                         guidance).chunk(2)  # (B, C, h, w) each
         return v_uncond + guidance * (v_cond - v_uncond)
-
-    def trainable_copy(self, dtype=torch.float32):
-        return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
-
-    def noise(self, shape, generator):
-        """N(0, I) in the latent layout (B, C, h, w), drawn as the stock pipeline draws it."""
-        return torch.randn(shape, generator=generator, device=self.device)
-
-    def step_noise(self, x, generator):
-        """The re-noising draw between generator steps, as the stock scheduler draws it (same layout, same RNG)."""
-        return self.noise(x.shape, generator if self.step_noise_from_generator else None)
 
     @torch.no_grad()
     def decode(self, x):
