@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 # ------------------------------------------------------------------------------------------------------------------
 # CONVENTIONS (stated once; test_sid_flow.py::test_conventions checks them)
 #
@@ -366,23 +368,23 @@ def pooled_logits(hidden, B):
 class Backbone:
     """What every teacher shares behind the interface: the trainable copies and the noise draws. A subclass sets
     teacher, device and sample_shape, and supplies velocity() and sample_batch()."""
-    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`?
+    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
 
     def trainable_copy(self, dtype=torch.float32):
         return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
 
-    def noise(self, shape, generator):
-        """N(0, I) in the sample layout (B, *D), drawn as the stock pipeline draws it."""
-        return torch.randn(shape, generator=generator, device=self.device)
+    def noise(self, shape, rng):
+        """N(0, I) in the sample layout (B, *D), drawn from `rng` as the stock pipeline draws its initial noise."""
+        return torch.randn(shape, generator=rng, device=self.device)
 
-    def step_noise(self, x, generator):
-        """The re-noising draw between generator steps, as the stock scheduler draws it (same layout, same RNG)."""
-        return self.noise(x.shape, generator if self.step_noise_from_generator else None)
+    def step_noise(self, shape, rng):
+        """The re-noising draw between generator steps, in the layout the stock scheduler draws it (B, *D)."""
+        return self.noise(shape, rng)
 
 
 class ToyBackbone(Backbone):
-    """The 2-D teacher behind the Backbone interface: unconditional, no CFG, no latents. `real(n, generator)`,
-    when given, draws true data for data-aided SiD."""
+    """The 2-D teacher behind the Backbone interface: unconditional, no CFG, no latents. `real(n, rng)`, when given,
+    draws true data for data-aided SiD."""
 
     def __init__(self, teacher, real=None):
         self.teacher = teacher.requires_grad_(False).eval()  # frozen for the whole run
@@ -393,9 +395,9 @@ class ToyBackbone(Backbone):
     def velocity(self, net, x_t, t, cond, guidance):
         return net(x_t, t)  # (B, 2)
 
-    def sample_batch(self, n, generator):
-        """(cond, x0_real): no conditioning; real samples only in data-aided runs."""
-        return None, (self.real(n, generator) if self.real else None)
+    def sample_batch(self, n, rng, rows=slice(None)):
+        """(cond, x0_real) for `rows` of a batch of n: no conditioning; real samples only in data-aided runs."""
+        return None, (self.real(n, rng)[rows] if self.real else None)
 
 
 # The three diffusers families. Everything they do differently is in the five small methods a subclass overrides;
@@ -446,9 +448,14 @@ class DiTBackbone(Backbone):
     def __init__(self, pipe, resolution, device, teacher_dtype, max_sequence_length=None):
         self.pipe, self.device, self.resolution = pipe, device, resolution
         self.max_sequence_length = max_sequence_length
+        # one placement policy for every component the run uses: all of them on the run's device, in the teacher's
+        # dtype. The text encoders too -- diffusers' encode_prompt sends token ids to `device`, and a T5-XXL left
+        # on the CPU of a GPU machine would take hours; set_prompts() frees them once the prompt bank is cached.
         self.teacher = pipe.transformer.to(device, teacher_dtype).requires_grad_(False).eval()
+        for name in ("vae", *self.text_encoders()):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(device, teacher_dtype).requires_grad_(False).eval()
         self.sample_shape = self.latent_shape(resolution)  # (C, h, w)
-        pipe.vae.to(device)
         self.prompts, self.bank, self.uncond, self.data = [], None, None, None
 
     # --- what a family overrides ----------------------------------------------------------------------------------
@@ -461,7 +468,9 @@ class DiTBackbone(Backbone):
         raise NotImplementedError
 
     def text_encoders(self):
-        return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(self.pipe, name)]
+        """The names of the pipeline's text encoders still loaded (freed ones are None)."""
+        return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(self.pipe, name, None) is not None]
 
     # --- shared ---------------------------------------------------------------------------------------------------
     def latent_shape(self, resolution):
@@ -474,18 +483,22 @@ class DiTBackbone(Backbone):
         return (c, resolution // f, resolution // f)
 
     def set_prompts(self, prompts):
-        """Encode the prompt set once. If the cache fits PROMPT_CACHE_BYTES it is kept (on the CPU) and the text
-        encoders are freed; otherwise prompts are encoded per batch and the encoders stay."""
+        """Encode the prompt set once, on the device. If the cache fits PROMPT_CACHE_BYTES it is kept on the CPU,
+        chunk by chunk, and the text encoders are freed; otherwise prompts are encoded per batch on the device and
+        the encoders stay there."""
         self.prompts = list(prompts)
         with torch.no_grad():
             self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
             first = self.encode(self.prompts[:1])
             per_prompt = sum(v.numel() * v.element_size() for v in first.values())
             if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:
-                chunks = [self.encode(self.prompts[i:i + 16]) for i in range(0, len(self.prompts), 16)]
-                self.bank = {k: v.cpu() for k, v in _cat(chunks).items()}
+                chunks = [{k: v.cpu() for k, v in self.encode(self.prompts[i:i + 16]).items()}  # to the CPU first
+                          for i in range(0, len(self.prompts), 16)]
+                self.bank = _cat(chunks)
                 for name in self.text_encoders():
                     setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def cond_for(self, idx):
         """Conditioning for prompt indices idx (list of int), on the device."""
@@ -494,10 +507,10 @@ class DiTBackbone(Backbone):
         with torch.no_grad():
             return self.encode([self.prompts[i] for i in idx])
 
-    def sample_batch(self, n, generator):
-        """(cond, x0_real) for n random prompts; with a data set (set_data), the prompts are its captions and
-        x0_real its cached latents, row for row."""
-        idx = torch.randint(len(self.prompts), (n,), generator=generator, device=generator.device).tolist()
+    def sample_batch(self, n, rng, rows=slice(None)):
+        """(cond, x0_real) for `rows` of a batch of n random prompts (only those rows are encoded or moved); with a
+        data set (backbone.data), the prompts are its captions and x0_real its cached latents, row for row."""
+        idx = torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device)[rows].tolist()
         real = self.data[idx].to(self.device) if self.data is not None else None
         return self.cond_for(idx), real
 
@@ -519,7 +532,8 @@ class DiTBackbone(Backbone):
         return self.pipe.image_processor.postprocess(image.float(), output_type="np")
 
     def _dtype(self, net):
-        return next(net.parameters()).dtype
+        """The dtype to feed `net`: its weights' (a LoRA view: its base's, not the float32 adapters')."""
+        return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
 
 
 class SanaBackbone(DiTBackbone):
@@ -595,10 +609,9 @@ class FluxBackbone(DiTBackbone):
                 return_dict=False)[0]
         return self.unpack(v, h, w)
 
-    def step_noise(self, x, generator):
-        B, C, h, w = x.shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
-        n = torch.randn((B, (h // 2) * (w // 2), C * 4), generator=generator if self.step_noise_from_generator
-                        else None, device=self.device)
+    def step_noise(self, shape, rng):
+        B, C, h, w = shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
+        n = torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device)  # (B, tokens, 4C)
         return self.unpack(n, h, w)
 
 
@@ -608,48 +621,64 @@ class FluxBackbone(DiTBackbone):
 # switch the requires_grad flags are put back (generator and fake train, ema does not), otherwise a backward pass after
 # a switch would silently skip the other adapter; (2) gradient checkpointing recomputes a block during backward, when
 # another adapter may be active, so the checkpoint function records the adapter of the forward pass and replays it.
+# another adapter may be active, so the checkpoint function records the adapter of the forward pass and replays it --
+# on that block's own LoRA layers only (a switch of the whole base would visit every module of it once per block).
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
 LORA_TRAINABLE = ("generator", "fake")
 
 
-def _adapter_state(base):
-    """The adapter a forward pass of `base` runs with now: its name, or None when adapters are disabled."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    layer = next(m for m in base.modules() if isinstance(m, BaseTunerLayer))
+def _tuner_layers(module):
+    """[(peft LoRA layer, [(lora parameter, trains?)])] inside `module`, found once and cached on it."""
+    cached = module.__dict__.get("_sid_tuner_layers")
+    if cached is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        cached = [(m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")])
+                  for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        module.__dict__["_sid_tuner_layers"] = cached
+    return cached
+
+
+def _adapter_state(module):
+    """The adapter a forward pass of `module` runs with now: its name, or None when adapters are disabled."""
+    layers = _tuner_layers(module)
+    if not layers:
+        return None
+    layer = layers[0][0]
     return None if layer.disable_adapters else layer.active_adapters[0]
 
 
-def _set_adapter_state(base, name):
-    if name is None:
-        base.disable_adapters()
-    else:
-        base.enable_adapters()
-        base.set_adapter(name)
-    for n, p in base.named_parameters():  # pitfall (1): restore what trains, whatever set_adapter did
-        if "lora_" in n:
-            p.requires_grad_(any(f".{a}." in n for a in LORA_TRAINABLE))
+def _set_adapter_state(module, name, force=False):
+    if _adapter_state(module) == name and not force:
+        return
+    for layer, lora_params in _tuner_layers(module):
+        layer.enable_adapters(name is not None)
+        if name is not None:
+            layer.set_adapter(name)
+        for p, trains in lora_params:  # pitfall (1): restore what trains, whatever set_adapter did
+            p.requires_grad_(trains)
 
 
 @contextlib.contextmanager
-def use_adapter(base, name):
-    previous = _adapter_state(base)
-    _set_adapter_state(base, name)
+def use_adapter(module, name):
+    previous = _adapter_state(module)
+    _set_adapter_state(module, name)
     try:
         yield
     finally:
-        _set_adapter_state(base, previous)
+        _set_adapter_state(module, previous)
 
 
 def adapter_checkpoint(base):
-    """A gradient-checkpointing function for diffusers that replays the forward pass's adapter (pitfall 2)."""
+    """A gradient-checkpointing function for diffusers that replays the forward pass's adapter in the block it
+    recomputes (pitfall 2). `base` is the model it serves (diffusers' hook signature; the block is what matters)."""
     import torch.utils.checkpoint
 
     def checkpoint(block, *args):
-        state = _adapter_state(base)
+        state = _adapter_state(block)
 
         def run(*a):
-            with use_adapter(base, state):
+            with use_adapter(block, state):
                 return block(*a)
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
     return checkpoint
@@ -694,18 +723,18 @@ class AdapterView(nn.Module):
         with use_adapter(self.base, self.adapter):
             return self.base(*args, **kwargs)
 
-    def merged(self):
-        """A plain transformer of the base's class with this adapter's LoRA fused into its weights."""
+    def merged_state_dict(self):
+        """The base's state dict with this adapter's LoRA fused into its weights: W + delta, added in float32 (a
+        bf16 sum would drop every bit of delta below 2^-9 |W|), then stored in W's dtype."""
         from peft.tuners.tuners_utils import BaseTunerLayer
         state = {n.replace(".base_layer", ""): p.detach()
                  for n, p in self.base.state_dict().items() if "lora_" not in n}
         for name, module in self.base.named_modules():
             if isinstance(module, BaseTunerLayer) and self.adapter in module.lora_A:
-                w = module.get_base_layer().weight
-                state[f"{name}.weight"] = w.detach() + module.get_delta_weight(self.adapter).detach().to(w.dtype)
-        plain = type(self.base).from_config(self.base.config)
-        plain.load_state_dict(state)
-        return plain
+                w = module.get_base_layer().weight.detach()
+                delta = module.get_delta_weight(self.adapter).detach()
+                state[f"{name}.weight"] = (w.float() + delta.float()).to(w.dtype)
+        return state
 
 
 def lora_students(backbone, rank):
@@ -724,7 +753,7 @@ def lora_students(backbone, rank):
         for p in view.parameters():
             p.data = p.data.float()
     views[2].load_state_dict(views[0].state_dict())
-    _set_adapter_state(base, None)
+    _set_adapter_state(base, None, force=True)
     backbone.teacher = AdapterView(base, None)
     return views
 
@@ -829,83 +858,105 @@ def gan_schedule(cfg, images_seen):
 
 
 def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
-    """One iteration of Algorithm 1 (derivation.md). Returns a dict of diagnostics; a phase whose loss is not finite
-    skips its optimizer step and is named under 'nonfinite' (the loop decides when to stop). With real data from
-    the backbone (data-aided SiD, D16) the fake network is also the discriminator."""
+    """One iteration of Algorithm 1 (derivation.md): cfg.fake_updates fake updates, then one generator update, on
+    the same generator sample. Returns a dict of diagnostics; a phase whose loss is not finite skips its optimizer
+    step and is named under 'nonfinite' (the loop decides when to stop)."""
+    runtime = runtime or Runtime()
     B, K = cfg.batch_size, cfg.steps
     device = next(generator.parameters()).device
-    teacher = backbone.teacher
-    runtime = runtime or Runtime()
+    # every random draw is made for the WHOLE global batch from the same rng on every rank, and each rank keeps its
+    # own rows: ranks see different samples, and one process with the same global batch sees the same numbers
+    n, rows = B * runtime.world, slice(runtime.rank * B, (runtime.rank + 1) * B)
+    shape = (n, *backbone.sample_shape)
     # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13). Drawn from
-    # (seed, images seen), not from the per-rank rng: every rank must run the same number of (collective) forwards
+    # (seed, images seen): every rank must run the same number of (collective) forwards
     k_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + images_seen)
     k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=k_rng).item())
-    z = backbone.noise((B, *backbone.sample_shape), rng)  # (B, *D) initial noise
-    cond, x0_real = backbone.sample_batch(B, rng)  # prompts (or None) and real samples (or None), both updates
+    z = backbone.noise(shape, rng)[rows]  # (B, *D) initial noise
+    cond, x0_real = backbone.sample_batch(n, rng, rows)  # prompts (or None) and real samples (or None)
     update_generator, gan_weight = gan_schedule(cfg, images_seen) if x0_real is not None else (True, 0.0)
-
-    def draw(x):  # the re-noising draws between generator steps, from the loop's RNG
-        return backbone.step_noise(x, rng)
 
     def G(x, t):  # the student: no two-branch CFG (cfg.student_guidance is 1, or FLUX's embedded guidance)
         return backbone.velocity(generator, x, t, cond, cfg.student_guidance)
 
     # backward simulation: steps 1..k-1 without gradient; x_in is the input of the trained step k
     with autocast(cfg, device):
-        x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, draw)  # (B, *D), (B,)
-    out = {"k": k, "nonfinite": []}
-
-    # --- fake update(s): plain flow matching on generator samples (D9); + discriminator loss if data-aided (D16) --
+        x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, lambda x: backbone.step_noise(shape, rng)[rows])
     with torch.no_grad(), autocast(cfg, device):
         # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
         x_g = generator_step(G, x_in, t_in).float()  # (B, *D); extra fake updates reuse it with fresh t and eps
+    out = {"k": k, "nonfinite": []}
     for _ in range(cfg.fake_updates):
-        t = sample_t(B, cfg.t_dist, rng, device)  # (B,)
-        eps = backbone.noise(x_g.shape, rng)  # (B, *D)
-        with autocast(cfg, device), capture_features(fake) as hidden:
-            v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, cfg.cfg_train_fake)
-            loss_fake = flow_matching_loss(v_fake.float(), x_g.float(), eps, t).mean()
-            if x0_real is not None:  # real samples noised with the same eps and t as the fakes
-                backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, 1.0)
-                loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
-                loss_fake = loss_fake + loss_d
-                out["loss_d"] = loss_d.item()
-        if not runtime.update(loss_fake, fake, opt_fake):
-            out["nonfinite"].append("fake")
-        out["loss_fake"] = loss_fake.item()
+        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        ok, diagnostics = fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime)
+        out.update(diagnostics)
+        out["nonfinite"] += [] if ok else ["fake"]
+    if update_generator:
+        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        ok, diagnostics = generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond,
+                                           gan_weight, runtime)
+        out.update(diagnostics)
+        out["nonfinite"] += [] if ok else ["generator"]
+    return out
 
-    if not update_generator:
-        return out
 
-    # --- generator update (D11); + the adversarial term if data-aided (D16) ------------------------------------------
-    t = sample_t(B, cfg.t_dist, rng, device)  # (B,)
-    eps = backbone.noise(z.shape, rng)  # (B, *D)
-    with autocast(cfg, device):
-        x_g = generator_step(G, x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
+def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime):
+    """Plain flow matching of the fake network on the generator's (detached) samples x_g (D9). With real samples
+    (data-aided SiD, D16) the fake network is also the discriminator: the real samples are noised with the same
+    eps and t as the fakes. Returns (stepped?, diagnostics)."""
+    B, out = x_g.shape[0], {}
+    with autocast(cfg, x_g.device), capture_features(fake) as hidden:
+        v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, cfg.cfg_train_fake)  # (B, *D)
+        loss = flow_matching_loss(v_fake.float(), x_g, eps, t).mean()
+        if x0_real is not None:
+            backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, 1.0)  # its features: hidden[-1]
+            loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
+            loss = loss + loss_d
+            out["loss_d"] = loss_d.item()
+    # a plain backward: the fake network's weights are the only trainable tensors in this graph (x_g came from
+    # torch.no_grad, the teacher is frozen)
+    ok = runtime.update(loss, fake, opt_fake)
+    out["loss_fake"] = loss.item()
+    return ok, out
+
+
+def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime):
+    """The generator update (D11) through its step k (input x_in at time t_in); + the adversarial term if
+    data-aided (D16). DMD (D14) uses the same calls with the networks as fixed critics. Returns (stepped?, diagnostics)."""
+    B, out = x_in.shape[0], {}
+    with autocast(cfg, x_in.device):
+        x_g = generator_step(lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance),
+                             x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
         x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
-        # DMD uses the networks as fixed critics: no gradient through their inputs (D14)
-        critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()
+        critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
         with critic, capture_features(fake) as hidden:
-            x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(teacher, x_t, t, cond, cfg.cfg_eval_real).float())
+            x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(backbone.teacher, x_t, t, cond,
+                                                                  cfg.cfg_eval_real).float())  # (B, *D)
             x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, cfg.cfg_eval_fake).float())
     w = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
     if cfg.loss == "sid":
-        loss_gen = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, w).mean()
+        loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, w).mean()
     else:
-        loss_gen = dmd_generator_loss(x_g, x0_teacher, x0_fake, w).mean()
+        loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, w).mean()
     if gan_weight > 0:  # the fake network's features of the generator's x_t, from the call just made
         loss_gan = gan_generator_loss(pooled_logits(hidden[-1], B), w).mean()
-        loss_gen = (1 - gan_weight) * loss_gen + gan_weight * loss_gan
+        loss = (1 - gan_weight) * loss + gan_weight * loss_gan
         out["loss_gan"] = loss_gan.item()
-    # gradient reaches the generator's weights ONLY: it flows back through both networks' inputs, but the update
-    # differentiates with respect to the generator's weights alone (backward(inputs=...)), never the fake's
-    if not runtime.update(loss_gen, generator, opt_gen):
-        out["nonfinite"].append("generator")
+
+    def backward():
+        # Gradient routing, in two stages. (1) d loss / d x_g: through x_g itself and through x_t into BOTH networks'
+        # inputs; autograd.grad accumulates into no weight, so neither the fake network nor the teacher receives a
+        # gradient from this loss. (2) that gradient pushed back through the generator alone. Both are plain
+        # backward passes of the graph as built, which is what FSDP2 needs: its graph holds the unsharded weight
+        # copies, whose hooks reduce-scatter into the shards (backward(inputs=<sharded weights>) would reach none).
+        (grad_x_g,) = torch.autograd.grad(loss, x_g)  # (B, *D)
+        x_g.backward(grad_x_g)
+    ok = runtime.update(loss, generator, opt_gen, backward)
     with torch.no_grad():
         # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
         out["score_gap"] = _sum_pixels((x0_teacher - x0_fake).float() ** 2).mean().item()
-    out["loss_gen"] = loss_gen.item()
-    return out
+    out["loss_gen"] = loss.item()
+    return ok, out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -937,45 +988,31 @@ def atomic_save(obj, path):
 RESUMABLE_FIELDS = ("iters", "out", "log_every", "save_every", "eval_every", "device", "progress")
 
 
-def make_students(cfg, backbone):
+def make_students(cfg, backbone, runtime=None):
     """(generator, fake, ema), all starting as the teacher (D13): three full copies ('full' mode; trainable weights
-    in float32, or bf16 with --precision bf16), or three LoRA adapters on the teacher itself ('lora' mode)."""
+    in float32, or bf16 with --precision bf16), or three LoRA adapters on the teacher itself ('lora' mode). Under
+    torchrun, full mode shards the teacher and builds each copy already sharded (sharded_copy): no GPU ever holds an
+    unsharded trainable copy."""
+    runtime = runtime or Runtime()
     if cfg.mode == "lora":
         if not isinstance(backbone, DiTBackbone):
             raise UserError("--mode lora needs a diffusers teacher (the toy MLP trains in full mode)")
-        generator, fake, ema = lora_students(backbone, cfg.lora_rank)
-        return generator, fake, ema
+        return lora_students(backbone, cfg.lora_rank)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    if runtime.world > 1:
+        shard(backbone.teacher)
+        mp = student_precision(cfg)
+        return (sharded_copy(backbone.teacher, dtype, mp, True), sharded_copy(backbone.teacher, dtype, mp, True),
+                sharded_copy(backbone.teacher, dtype, mp, False))
     generator, fake = backbone.trainable_copy(dtype), backbone.trainable_copy(dtype)
     return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
 
 
-def _state(net, opt, sharded):
-    """Model and optimizer state to save: plain state dicts, or DCP's sharded ones under FSDP2."""
-    if not sharded:
-        return net.state_dict(), opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return get_model_state_dict(net), (get_optimizer_state_dict(net, opt) if opt is not None else None)
-
-
-def _load_state(net, opt, model_state, opt_state, sharded):
-    if not sharded:
-        net.load_state_dict(model_state)
-        if opt is not None:
-            opt.load_state_dict(opt_state)
-        return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    set_model_state_dict(net, model_state)
-    if opt is not None:
-        set_optimizer_state_dict(net, opt, opt_state)
-
-
-def full_weights(net, runtime):
-    """A plain (unsharded, CPU) copy of `net`'s weights on rank 0 -- a collective under FSDP2."""
-    if runtime.world > 1 and any(hasattr(p, "to_local") for p in net.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+def make_optimizers(cfg, generator, fake):
+    """Adam(beta1 = 0, beta2 = 0.999) for the generator and the fake network (official: no momentum)."""
+    adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps)
+    return (torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
+            torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam))
 
 
 def distill(cfg, backbone, on_eval=None, runtime=None):
@@ -984,136 +1021,193 @@ def distill(cfg, backbone, on_eval=None, runtime=None):
     Returns dict(generator=, ema=, fake=, step=, skipped=)."""
     runtime = runtime or Runtime()
     torch.manual_seed(cfg.seed)  # every rank the same: identical initial weights (FSDP2 broadcasts nothing)
-    generator, fake, ema = make_students(cfg, backbone)
+    generator, fake, ema = make_students(cfg, backbone, runtime)
     runtime.same_on_all_ranks([generator, fake, ema], "initial weights")
-    sharded = runtime.world > 1 and cfg.mode == "full"
-    if sharded:
-        for net in (backbone.teacher, generator, fake, ema):
-            shard(net)
     if cfg.grad_checkpointing:  # recompute activations in backward: memory for time, in all three networks
         for net in (generator, fake, backbone.teacher):
             net.enable_gradient_checkpointing()
-    device = next(generator.parameters()).device
-    adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps)  # beta1 = 0 as the official code: no momentum
-    opt_gen = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam)
-    opt_fake = torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam)
-    rng = torch.Generator(device).manual_seed(cfg.seed + runtime.rank)  # all random draws of the loop; per rank
-    step, skipped, in_a_row = 0, 0, 0
-    writer = runtime.rank == 0  # rank 0 alone writes files and logs
-
-    # one checkpoint: a file (replicated state) or, under FSDP2, a torch.distributed.checkpoint folder
-    ckpt_path = log_path = None
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        ckpt_path = os.path.join(cfg.out, "checkpoint" if sharded else "checkpoint.pt")
-        log_path = os.path.join(cfg.out, "log.jsonl")
-    if ckpt_path and os.path.exists(ckpt_path):
-        if sharded:
-            import torch.distributed.checkpoint as dcp
-            ck = torch.load(os.path.join(ckpt_path, "meta.pt"), weights_only=False)
-        else:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        diff = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
-                if k not in RESUMABLE_FIELDS and getattr(cfg, k, v) != v}
-        if diff:
-            raise UserError(f"{ckpt_path} was written with a different config "
-                            f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
-                            "use another --out or the same settings")
-        if ck["step"] > cfg.iters:
-            raise UserError(f"{ckpt_path} is at iteration {ck['step']}, beyond --iters {cfg.iters}; use another --out")
-        if sharded:  # fill the sharded state in place from the checkpoint folder
-            state = {name: _state(net, opt, True) for name, net, opt in
-                     (("generator", generator, opt_gen), ("fake", fake, opt_fake), ("ema", ema, None))}
-            state = {k: {"model": m, "optim": o} if k != "ema" else {"model": m} for k, (m, o) in state.items()}
-            # partial: Adam keeps no state for a parameter that never had a gradient (an unused embedder, say)
-            dcp.load(state, checkpoint_id=ckpt_path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-            for name, net, opt in (("generator", generator, opt_gen), ("fake", fake, opt_fake), ("ema", ema, None)):
-                _load_state(net, opt, state[name]["model"], state[name].get("optim"), True)
-        else:
-            _load_state(generator, opt_gen, ck["generator"], ck["opt_gen"], False)
-            _load_state(fake, opt_fake, ck["fake"], ck["opt_fake"], False)
-            _load_state(ema, None, ck["ema"], None, False)
-        rng.set_state(ck["rng"][runtime.rank])
-        torch.set_rng_state(ck["torch_rng"])
-        step, skipped = ck["step"], ck["skipped"]
-        if writer and os.path.exists(log_path):  # drop log lines written after the checkpoint: they are redone
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
-
-    def save():
-        if not ckpt_path:
-            return
-        rngs = [rng.get_state()]
-        if runtime.world > 1:
-            import torch.distributed as dist
-            rngs = [None] * runtime.world
-            dist.all_gather_object(rngs, rng.get_state())
-        meta = dict(rng=rngs, torch_rng=torch.get_rng_state(), step=step, skipped=skipped,
-                    config=dataclasses.asdict(cfg))
-        if not sharded:
-            if writer:
-                atomic_save(dict(meta, generator=generator.state_dict(), fake=fake.state_dict(), ema=ema.state_dict(),
-                                 opt_gen=opt_gen.state_dict(), opt_fake=opt_fake.state_dict()), ckpt_path)
-            return
-        import shutil
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-        tmp = f"{ckpt_path}.tmp"
-        if writer and os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        dist.barrier()
-        state = {"generator": dict(zip(("model", "optim"), _state(generator, opt_gen, True))),
-                 "fake": dict(zip(("model", "optim"), _state(fake, opt_fake, True))),
-                 "ema": {"model": _state(ema, None, True)[0]}}
-        dcp.save(state, checkpoint_id=tmp)  # every rank writes its shards
-        if writer:
-            torch.save(meta, os.path.join(tmp, "meta.pt"))
-            old = f"{ckpt_path}.old"
-            if os.path.exists(ckpt_path):
-                os.replace(ckpt_path, old)
-            os.replace(tmp, ckpt_path)  # the new checkpoint is complete before it takes the name
-            shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
+    opt_gen, opt_fake = make_optimizers(cfg, generator, fake)
+    # the loop's only source of randomness, the same on every rank (each keeps its rows of the global batch);
+    # the global RNGs are never drawn from, so this state is all a checkpoint needs to resume exactly
+    rng = torch.Generator(runtime.device or next(generator.parameters()).device).manual_seed(cfg.seed)
+    run = Checkpoint(cfg, runtime, dict(generator=(generator, opt_gen), fake=(fake, opt_fake), ema=(ema, None)))
+    step, skipped = run.load(rng)
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.iters, initial=step, disable=not (cfg.progress and writer),
-               desc="SiD" if cfg.loss == "sid" else "DMD", dynamic_ncols=True)
-    t0 = time.time()
+    bar = tqdm(total=cfg.iters, initial=step, disable=not (cfg.progress and run.writer), dynamic_ncols=True,
+               desc=cfg.loss.upper() if cfg.loss == "dmd" else "SiD")
+    in_a_row, t0 = 0, time.time()
     while step < cfg.iters:
-        scale = lr_scale(cfg, step)
         for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
             for group in opt.param_groups:
-                group["lr"] = lr * scale
-        images_seen = step * cfg.batch_size * runtime.world
-        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen, runtime)
+                group["lr"] = lr * lr_scale(cfg, step)
+        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, step * cfg.batch_size * runtime.world,
+                          runtime)
         step += 1
-        if m["nonfinite"]:
-            skipped, in_a_row = skipped + 1, in_a_row + 1
-            if in_a_row >= cfg.max_nonfinite:
-                raise FloatingPointError(
-                    f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} ({in_a_row} in a row, "
-                    f"{skipped} skipped in all); the last good checkpoint is kept")
-        else:
-            in_a_row = 0
+        skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
+        if in_a_row >= cfg.max_nonfinite:
+            raise FloatingPointError(
+                f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} ({in_a_row} in a row, "
+                f"{skipped} skipped in all); the last good checkpoint is kept")
         ema_update(ema, generator, cfg.ema_decay, step)
-        if writer and (step % cfg.log_every == 0 or step == cfg.iters):
-            bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss_fake", "score_gap", "loss_gen", "loss_d") if k in m})
-            if log_path:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(dict(step=step, time=round(time.time() - t0, 3), skipped=skipped,
-                                            **{k: v for k, v in m.items() if k != "nonfinite"})) + "\n")
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            run.log(bar, m, step, skipped, time.time() - t0)
         if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             on_eval(step, generator, ema)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
-            save()
+            run.save(rng, step, skipped)
         bar.update(1)
     bar.close()
-    save()
-    if not sharded:
+    run.save(rng, step, skipped)
+    if not run.sharded:
         runtime.same_on_all_ranks([generator, fake, ema], "final weights")
-    return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped)
+    return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped, optimizers=(opt_gen, opt_fake))
+
+
+class Checkpoint:
+    """The run folder cfg.out: checkpoint, resume and log. One checkpoint is a file (checkpoint.pt, replicated state,
+    written by rank 0) or, under FSDP2, a torch.distributed.checkpoint folder (checkpoint/, every rank writes its
+    shards; meta.pt holds the rest). Either is written beside and renamed into place: a crash never leaves a torn
+    checkpoint. `nets`: {name: (network, optimizer or None)}."""
+
+    def __init__(self, cfg, runtime, nets):
+        self.cfg, self.runtime, self.nets = cfg, runtime, nets
+        self.sharded = runtime.world > 1 and cfg.mode == "full"
+        self.writer = runtime.rank == 0  # rank 0 alone writes files and logs
+        self.path = self.log_path = None
+        if cfg.out:
+            os.makedirs(cfg.out, exist_ok=True)
+            self.path = checkpoint_path(cfg.out, self.sharded)
+            self.log_path = os.path.join(cfg.out, "log.jsonl")
+
+    def load(self, rng):
+        """Restore the networks, optimizers and rng from cfg.out if a checkpoint is there: (step, skipped)."""
+        if not (self.path and os.path.exists(self.path)):
+            return 0, 0
+        meta = read_checkpoint_meta(self.path)
+        diff = {k: (v, getattr(self.cfg, k)) for k, v in meta["config"].items()
+                if k not in RESUMABLE_FIELDS and getattr(self.cfg, k, v) != v}
+        if diff:
+            raise UserError(f"{self.path} was written with a different config "
+                            f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
+                            "use another --out or the same settings")
+        if meta["step"] > self.cfg.iters:
+            raise UserError(f"{self.path} is at iteration {meta['step']}, beyond --iters {self.cfg.iters}; "
+                            "use another --out")
+        if self.sharded:  # fill the sharded state in place from the checkpoint folder
+            import torch.distributed.checkpoint as dcp
+            state = self._state()
+            # partial: Adam keeps no state for a parameter that never had a gradient (an unused embedder, say)
+            dcp.load(state, checkpoint_id=self.path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+            self._set_state(state)
+        else:
+            ck = torch.load(self.path, map_location="cpu", weights_only=False)
+            self._set_state({name: {"model": ck[name], "optim": ck.get(f"opt_{name}")} for name in self.nets})
+        rng.set_state(meta["rng"])
+        if self.writer and os.path.exists(self.log_path):  # drop log lines written after the checkpoint: redone
+            with open(self.log_path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= meta["step"]]
+            with open(self.log_path, "w") as f:
+                f.writelines(kept)
+        return meta["step"], meta["skipped"]
+
+    def save(self, rng, step, skipped):
+        if not self.path:
+            return
+        meta = dict(rng=rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(self.cfg))
+        if not self.sharded:
+            if self.writer:
+                state = {name: net.state_dict() for name, (net, _) in self.nets.items()}
+                state.update({f"opt_{name}": opt.state_dict() for name, (_, opt) in self.nets.items() if opt})
+                atomic_save(dict(meta, **state), self.path)
+            return
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        tmp = f"{self.path}.tmp"
+        if self.writer:
+            remove_path(tmp)
+        dist.barrier()
+        dcp.save(self._state(), checkpoint_id=tmp)  # every rank writes its shards
+        if self.writer:
+            torch.save(meta, os.path.join(tmp, "meta.pt"))
+            replace_path(tmp, self.path)
+        dist.barrier()
+
+    def log(self, bar, m, step, skipped, seconds):
+        if not self.writer:
+            return
+        bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss_fake", "score_gap", "loss_gen", "loss_d") if k in m})
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(dict(step=step, time=round(seconds, 3), skipped=skipped,
+                                        **{k: v for k, v in m.items() if k != "nonfinite"})) + "\n")
+
+    def _state(self):
+        """DCP's sharded state dicts of every network (and optimizer), to save or to load into in place."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return {name: dict(model=get_model_state_dict(net), **({"optim": get_optimizer_state_dict(net, opt)}
+                                                                if opt else {}))
+                for name, (net, opt) in self.nets.items()}
+
+    def _set_state(self, state):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        for name, (net, opt) in self.nets.items():
+            if self.sharded:
+                set_model_state_dict(net, state[name]["model"])
+                if opt:
+                    set_optimizer_state_dict(net, opt, state[name]["optim"])
+            else:
+                net.load_state_dict(state[name]["model"])
+                if opt:
+                    opt.load_state_dict(state[name]["optim"])
+
+
+def checkpoint_path(out, sharded):
+    return os.path.join(out, "checkpoint" if sharded else "checkpoint.pt")
+
+
+def read_checkpoint_meta(path):
+    """Step, config and rng of a checkpoint (file or folder), without reading its weights."""
+    if os.path.isdir(path):
+        return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # a memory map: no weight is read
+    return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
+
+
+def load_checkpoint_weights(out, which, net):
+    """Load network `which` ('ema' or 'generator') of the run in `out` into `net` in place (net's dtype and device).
+    Only that network's tensors are read: from a sharded folder through DCP with a state dict of that one network,
+    from a file through a memory map. Returns the checkpoint's meta (step, config)."""
+    folder, path = checkpoint_path(out, True), checkpoint_path(out, False)
+    if os.path.isdir(folder):
+        import torch.distributed.checkpoint as dcp
+        state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
+        dcp.load(state, checkpoint_id=folder, no_dist=True)  # this process alone, even inside a process group
+        net.load_state_dict(state[which]["model"])
+        return read_checkpoint_meta(folder)
+    if not os.path.isfile(path):
+        raise UserError(f"--out {out}: no checkpoint there")
+    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    net.load_state_dict(ck[which])
+    return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
+
+
+def remove_path(path):
+    import shutil
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def replace_path(tmp, path):
+    """Move a finished file or folder `tmp` onto `path`: the old one is renamed away first and removed last, so
+    `path` always names a complete version."""
+    old = f"{path}.old"
+    remove_path(old)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    remove_path(old)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1121,18 +1215,19 @@ def distill(cfg, backbone, on_eval=None, runtime=None):
 # ------------------------------------------------------------------------------------------------------------------
 
 def autocast(cfg, device):
-    """bf16 autocast on CUDA when cfg.precision == 'bf16-autocast'; a no-op elsewhere (CPU runs in float32)."""
-    if cfg.precision != "fp32" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast for --precision bf16-autocast and bf16, on the CPU exactly as on CUDA (so the CPU tests run the
+    GPU's code path); a no-op in fp32."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class Runtime:
     """Where the ranks live, so the math never sees them. One process: rank 0 of 1. Under torchrun: full mode shards
-    every network with FSDP2 (gradients are reduce-scattered inside backward); LoRA mode keeps a replica of the
-    adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does it, done by hand
-    because DDP's wrapper expects every forward to be followed by a backward into its own weights, and SiD's
-    generator phase runs the fake network forward without training it."""
+    every network with FSDP2 (gradients are reduce-scattered inside backward, averaged over ranks); LoRA mode keeps a
+    replica of the adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does
+    it, done by hand because DDP's wrapper expects every forward to be followed by a backward into its own weights,
+    and SiD's generator phase runs the fake network forward without training it."""
 
     def __init__(self, rank=0, world=1, device=None, average_grads=False):
         self.rank, self.world, self.device, self.average_grads = rank, world, device, average_grads
@@ -1145,20 +1240,19 @@ class Runtime:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
-    def update(self, loss, net, opt):
-        """One optimizer step of `net` on `loss`, differentiating with respect to net's trainable weights only.
-        Returns False (and steps nothing) when the loss is not finite on some rank."""
-        params = [p for p in net.parameters() if p.requires_grad]
+    def update(self, loss, net, opt, backward=None):
+        """One optimizer step of `net` on `loss`: `backward()` (default loss.backward()) must put gradient into
+        net's trainable weights only. Returns False (and steps nothing) when the loss is not finite on some rank."""
         opt.zero_grad(set_to_none=True)
         if not self.all_finite(loss):
             return False
-        loss.backward(inputs=params)
+        (backward or loss.backward)()
         if self.average_grads and self.world > 1:
             import torch.distributed as dist
-            for p in params:
+            for p in net.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
-                    p.grad.div_(self.world)
+                    p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
         opt.step()
         return True
 
@@ -1193,14 +1287,41 @@ def setup_runtime(cfg):
     return Runtime(rank, world, device, average_grads=cfg.mode == "lora")
 
 
-def shard(net):
-    """FSDP2: each transformer block its own unit, then the root (teacher, generator, fake and EMA alike)."""
+def student_precision(cfg):
+    """FSDP2's mixed-precision policy for the trainable copies: with bf16 autocast over float32 masters, all-gather
+    the weights in bf16 (half the traffic and unsharded memory) and reduce-scatter gradients in float32."""
+    if cfg.precision != "bf16-autocast":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard(net, mp_policy=None):
+    """FSDP2: each transformer block its own unit, then the root."""
     from torch.distributed.fsdp import fully_shard
+    kw = dict(mp_policy=mp_policy) if mp_policy else {}
     for child in net.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
-                fully_shard(block)
-    fully_shard(net)
+                fully_shard(block, **kw)
+    fully_shard(net, **kw)
+    return net
+
+
+def sharded_copy(teacher, dtype, mp_policy, trainable):
+    """A copy of the sharded teacher, built shard by shard: the module is made on the meta device (no memory),
+    sharded like the teacher, allocated, and each rank fills its own shards from the teacher's, cast to `dtype`."""
+    with torch.device("meta"):
+        net = type(teacher).from_config(teacher.config).to(dtype)
+    net.requires_grad_(trainable).train(trainable)
+    shard(net, mp_policy)
+    net.to_empty(device=next(teacher.parameters()).device)
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
+            assert n == m, (n, m)
+            p.to_local().copy_(q.to_local())  # the same FSDP2 layout: local shard to local shard
+        for b, c in zip(net.buffers(), teacher.buffers(), strict=True):
+            b.copy_(c)  # buffers are not sharded
     return net
 
 
@@ -1361,10 +1482,18 @@ def resolve_device(name):
 # 9. Teachers from disk or hub, the exported student, previews, and the command line
 # ------------------------------------------------------------------------------------------------------------------
 
-def resolve_teacher(name):
-    """A preset name -> its hub id; an existing folder -> itself (it must hold model_index.json); 'owner/repo' -> a
-    hub id. Returns (source, pipeline class name), read from model_index.json -- never guessed from the name."""
-    src = HUB_IDS.get(name, name)
+def preset_configs(name):
+    """The project's own copy of a preset's configs (model_index.json, transformer/config.json): what --dry-run and
+    --bench need, offline and without a hub token (FLUX.1-dev, SD3 and SD3.5 are gated)."""
+    return os.path.join(HERE, "assets", "hf", "hub", f"models--{HUB_IDS[name].replace('/', '--')}", "snapshots",
+                        "0" * 40)
+
+
+def resolve_teacher(name, configs_only=False):
+    """A preset name -> its hub id (its configs in assets/ when `configs_only`); an existing folder -> itself (it
+    must hold model_index.json); 'owner/repo' -> a hub id. Returns (source, pipeline class name), read from
+    model_index.json -- never guessed from the name."""
+    src = preset_configs(name) if configs_only and name in HUB_IDS else HUB_IDS.get(name, name)
     if os.path.exists(src):
         index = os.path.join(src, "model_index.json")
         if not os.path.isfile(index):
@@ -1387,8 +1516,9 @@ def resolve_teacher(name):
     return src, family
 
 
-def teacher_dtype(cfg, device):
-    return torch.bfloat16 if cfg.precision != "fp32" and device.type == "cuda" else torch.float32
+def teacher_dtype(cfg):
+    """The frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32, on any device."""
+    return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
 
 def load_backbone(cfg, device, src=None, family=None):
@@ -1396,10 +1526,10 @@ def load_backbone(cfg, device, src=None, family=None):
     from diffusers import DiffusionPipeline
     if src is None:
         src, family = resolve_teacher(cfg.teacher)
-    pipe = DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(cfg, device))
+    pipe = DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(cfg))
     pipe.set_progress_bar_config(disable=True)
     resolution = cfg.resolution or (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
-    backbone = FAMILIES[family](pipe, resolution, device, teacher_dtype(cfg, device))
+    backbone = FAMILIES[family](pipe, resolution, device, teacher_dtype(cfg))
     backbone.source, backbone.family = src, family
     return backbone
 
@@ -1424,99 +1554,319 @@ def meta_transformer(src):
         return getattr(diffusers, index["transformer"][1]).from_config(config)
 
 
-def memory_plan(cfg, net, world_size=1):
-    """Bytes per GPU of weights, gradients, optimizer state and an activation estimate for cfg (mode, precision,
-    batch, resolution) on `world_size` GPUs. `net`: the transformer (meta device is enough).
+# What the memory plan and the benchmark need to know of each family beyond its transformer config: the text tokens
+# its encoders produce (SANA: Gemma-2 at 300; SD3: 77 CLIP + 256 T5; FLUX: 512 T5), the VAE's spatial factor (DC-AE
+# 32, KL 8), and the text encoders' size (Gemma-2-2B; CLIP-L + CLIP-G + T5-XXL; CLIP-L + T5-XXL), which are alive
+# on the GPU while the prompt bank is encoded, before the students are built.
+TEXT_TOKENS = {"SanaPipeline": 300, "StableDiffusion3Pipeline": 77 + 256, "FluxPipeline": 512}
+VAE_FACTOR = {"SanaPipeline": 32, "StableDiffusion3Pipeline": 8, "FluxPipeline": 8}
+TEXT_ENCODER_PARAMS = {"SanaPipeline": 2.61e9, "StableDiffusion3Pipeline": 0.12e9 + 0.69e9 + 4.76e9,
+                       "FluxPipeline": 0.12e9 + 4.76e9}
+# Activations a transformer block saves for backward, in elements per token and per channel of its width (flash
+# attention: no tokens^2 term), for a network whose weights train and for one whose weights are frozen (autograd
+# then keeps only what the input gradient needs: the teacher, and the LoRA base). With gradient checkpointing a
+# block keeps CHECKPOINTED_INPUTS instead (its inputs). Measured with saved-tensor hooks (SavedActivations) on small
+# configurations of each family; test_memory_plan_matches_measured_bytes holds the plan to the measurement.
+SAVED_PER_BLOCK = {"SanaPipeline": (41.0, 35.0), "StableDiffusion3Pipeline": (18.0, 10.0), "FluxPipeline": (24.0, 12.0)}
+CHECKPOINTED_INPUTS = 2.0
+# What a text token costs inside a block, relative to an image token: SD3 and FLUX run text tokens through the whole
+# (joint) block; SANA's enter only its cross-attention, as keys and values.
+TEXT_IN_BLOCKS = {"SanaPipeline": 0.1, "StableDiffusion3Pipeline": 1.0, "FluxPipeline": 1.0}
+
+
+def vae_factor(src, family):
+    """The VAE's spatial factor, from the pipeline's vae/config.json when there is one (2^(number of blocks - 1), as
+    diffusers computes it), else the family's."""
+    try:
+        c = _read_json(src, "vae/config.json") if os.path.isdir(src) else {}
+    except FileNotFoundError:
+        c = {}
+    blocks = c.get("encoder_block_out_channels") or c.get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else VAE_FACTOR[family]
+
+
+def family_of(net):
+    return {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
+        next(k for k in ("Sana", "SD3", "Flux") if type(net).__name__.startswith(k))]
+
+
+def memory_plan(cfg, net, world_size=1, factor=None):
+    """Bytes per GPU of weights, gradients, optimizer state and activations for cfg (mode, precision, batch,
+    resolution, gradient checkpointing) on `world_size` GPUs. `net`: the transformer (meta device is enough);
+    `factor`: the VAE's spatial factor (default: the family's).
 
     full: a frozen teacher + trainable generator and fake (master weights fp32, or bf16 with --precision bf16) + EMA,
           sharded over the GPUs by FSDP2 (divide by world_size).
-    lora: one frozen base per GPU (DDP replicates it) + three adapters (generator, fake, ema), two of them trained.
-    Adam keeps two moments per trainable parameter. Activations: a rough 16 bytes x tokens x width per layer and per
-    sample for each network whose graph is alive in the generator phase (G, teacher, fake), times ~1/layers when
-    gradient checkpointing keeps only block inputs."""
+    lora: one frozen base per GPU (replicated) + three float32 adapters (generator, fake, ema), two of them trained.
+    Adam keeps two moments per trainable parameter. Activations peak in the generator update, where three graphs are
+    alive: the generator's (batch B) and the teacher's and fake network's (2B with two-branch CFG), each keeping
+    SAVED_PER_BLOCK per block -- or, with gradient checkpointing, the blocks' inputs plus one block recomputed at a
+    time. bf16 autocast over float32 masters (one process) also keeps the bf16 copies of the two trainable networks'
+    weights for backward; FSDP2 all-gathers bf16 weights instead. Start-up holds the teacher and the text encoders
+    ('startup'): the memory a run needs is the larger of 'total' and 'startup'."""
+    family, c = family_of(net), net.config
     P = sum(p.numel() for p in net.parameters())
     base_bytes = 4 if cfg.precision == "fp32" else 2
     train_bytes = 2 if cfg.precision == "bf16" else 4
     if cfg.mode == "lora":
         lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for name, m in net.named_modules()
                    if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS))
-        trainable, shard = 2 * lora, 1
-        weights = P * base_bytes + 3 * lora * 4
+        trainable, shard, weights, grad_bytes, copies = 2 * lora, 1, P * base_bytes + 3 * lora * 4, 4, 0
     else:
-        trainable, shard = 2 * P, world_size
+        trainable, shard, grad_bytes = 2 * P, world_size, train_bytes
         weights = P * base_bytes + 3 * P * train_bytes  # teacher + generator + fake + ema
-    c = net.config
+        copies = 2 * P * 2 if cfg.precision == "bf16-autocast" and world_size == 1 else 0
     width = c.get("num_attention_heads", 1) * c.get("attention_head_dim", 1)
     layers = c.get("num_layers", 1) + c.get("num_single_layers", 0)
-    kind = type(net).__name__
-    f = 32 if kind.startswith("Sana") else 8  # DC-AE (SANA) or KL VAE (SD3, FLUX): the spatial factor
-    patch = c.get("patch_size", 1) * (2 if kind.startswith("Flux") else 1)  # FLUX packs 2x2 latents into a token
-    tokens = (cfg.resolution // f // patch) ** 2 + 300  # image tokens + a typical text length
-    per_layer = 16 * tokens * width * cfg.batch_size
-    activations = 3 * per_layer * (2 if cfg.grad_checkpointing else layers)
-    plan = dict(parameters=P, trainable=trainable, weights=weights / shard,
-                gradients=trainable * (train_bytes if cfg.mode == "full" else 4) / shard,
-                optimizer=2 * trainable * (train_bytes if cfg.mode == "full" else 4) / shard, activations=activations)
-    plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + activations
+    patch = c.get("patch_size", 1) * (2 if family == "FluxPipeline" else 1)  # FLUX packs 2x2 latents into a token
+    tokens = (cfg.resolution // (factor or VAE_FACTOR[family]) // patch) ** 2 + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
+    cfg_batch = 2 if family != "FluxPipeline" and (cfg.cfg_eval_real != 1 or cfg.cfg_eval_fake != 1) else 1
+    trains, frozen = SAVED_PER_BLOCK[family]
+    full = cfg.mode == "full"
+    graphs = [(cfg.batch_size, trains if full else frozen), (cfg.batch_size * cfg_batch, frozen),
+              (cfg.batch_size * cfg_batch, trains if full else frozen)]  # generator, teacher, fake: (batch, C)
+    unit = tokens * width * base_bytes  # one element per token-channel, in bytes
+    recompute = max(b * k * unit for b, k in graphs) if cfg.grad_checkpointing else 0  # one block, in backward
+    stored = sum(b * layers * (CHECKPOINTED_INPUTS if cfg.grad_checkpointing else k) * unit for b, k in graphs)
+    plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=trainable * grad_bytes / shard,
+                optimizer=2 * trainable * grad_bytes / shard, activations=stored + recompute + copies,
+                recompute=recompute)
+    plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + plan["activations"]
+    plan["startup"] = P * base_bytes + TEXT_ENCODER_PARAMS[family] * base_bytes
     return plan
 
 
 def cmd_dry_run(cfg, world_size):
-    src, _ = resolve_teacher(cfg.teacher)
+    src, family = resolve_teacher(cfg.teacher, configs_only=True)
     net = meta_transformer(src)
-    plan = memory_plan(cfg, net, world_size)
+    plan = memory_plan(cfg, net, world_size, vae_factor(src, family))
     gib = 1 << 30
     print(f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
           f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), batch {cfg.batch_size}/GPU at "
           f"{cfg.resolution} px{', gradient checkpointing' if cfg.grad_checkpointing else ''}")
     print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
-    for key in ("weights", "gradients", "optimizer", "activations", "total"):
-        print(f"  {key:<20}  {plan[key] / gib:12.1f} GiB" + ("   (rough estimate)" if key == "activations" else ""))
+    for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
+        print(f"  {key:<20}  {plan[key] / gib:12.1f} GiB" + ("   (teacher + text encoders, before training)"
+                                                             if key == "startup" else ""))
     return plan
+
+
+# --- the benchmark (--bench N): the real loop on a full-size random-weight teacher, timed and measured ------------
+
+def random_transformer(src, dtype, device):
+    """The teacher's transformer at full size with random weights, made directly on `device` (no download, no CPU
+    copy): built on the meta device, allocated, then filled -- matrices N(0, 1/fan_in), vectors 1 (norm scales) or
+    0 (biases), buffers N(0, 0.02^2)."""
+    net = meta_transformer(src).to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            else:
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        for b in net.buffers():
+            b.normal_(0.0, 0.02)
+    return net.requires_grad_(False).eval()
+
+
+def bench_backbone(cfg, src, family, device):
+    """A family Backbone over a random-weight teacher whose prompts encode to random tensors of the shapes (and
+    dtype) the family's text encoders produce. No text encoder, no VAE: the loop only needs conditioning tensors."""
+    teacher = random_transformer(src, teacher_dtype(cfg), device)
+    c, n_text = teacher.config, TEXT_TOKENS[family]
+
+    class RandomText(FAMILIES[family]):
+        def encode(self, prompts):
+            g = torch.Generator(device).manual_seed(len(prompts))
+            randn = lambda *shape: torch.randn(shape, generator=g, device=device).to(teacher.dtype)  # noqa: E731
+            B = len(prompts)
+            if family == "SanaPipeline":
+                return {"embeds": randn(B, n_text, c.caption_channels), "mask": torch.ones(B, n_text, device=device)}
+            if family == "FluxPipeline":
+                self.txt_ids = torch.zeros(n_text, 3, device=device)
+            return {"embeds": randn(B, n_text, c.joint_attention_dim), "pooled": randn(B, c.pooled_projection_dim)}
+
+    factor = vae_factor(src, family)
+    pipe = type("Components", (), dict(transformer=teacher, vae=None, vae_scale_factor=factor))()
+    resolution = cfg.resolution or (getattr(c, "sample_size", None) or 128) * factor
+    backbone = RandomText(pipe, resolution, device, teacher_dtype(cfg))
+    backbone.source, backbone.family = src, family
+    return backbone
+
+
+class SavedActivations:
+    """Peak bytes of the tensors autograd saves for backward, seen through saved-tensor hooks: each storage counted
+    once while any saved reference to it lives; the networks' own weights excluded (they are counted as weights)."""
+
+    def __init__(self, nets):
+        self.weights = {p.untyped_storage().data_ptr() for net in nets for p in net.parameters()}
+        self.refs, self.sizes, self.live, self.peak = {}, {}, 0, 0
+
+    def pack(self, tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key in self.weights or tensor.device.type == "meta":
+            return (tensor, None)
+        self.refs[key] = self.refs.get(key, 0) + 1
+        if self.refs[key] == 1:
+            self.sizes[key] = tensor.untyped_storage().nbytes()
+            self.live += self.sizes[key]
+            self.peak = max(self.peak, self.live)
+        return (tensor, _Release(self, key))
+
+    def release(self, key):
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= self.sizes.pop(key)
+            del self.refs[key]
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda packed: packed[0])
+
+
+class _Release:
+    """Tells the meter when autograd drops a saved tensor (the packed tuple holding this object is freed)."""
+
+    def __init__(self, meter, key):
+        self.meter, self.key = meter, key
+
+    def __del__(self):
+        self.meter.release(self.key)
+
+
+def tensor_bytes(tensors):
+    """Bytes of distinct storages (local shards under FSDP2; a LoRA base shared by three views counted once)."""
+    seen = {}
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, by datasheet (SXM parts)
+
+
+def cmd_bench(cfg, iters, warmup=2):
+    """--bench N: warm-up + N real SiD iterations through distill() on a full-size random-weight teacher; writes
+    OUT/bench.json and prints a table: step time, images/s, measured and planned memory, FLOPs and MFU."""
+    src, family = resolve_teacher(cfg.teacher, configs_only=True)
+    runtime = setup_runtime(cfg)
+    run = dataclasses.replace(cfg, iters=warmup + iters, out="", eval_every=1, save_every=0, progress=False)
+    backbone = bench_backbone(run, src, family, runtime.device)
+    run = dataclasses.replace(run, resolution=backbone.resolution)
+    backbone.set_prompts(DEFAULT_PROMPTS)
+    cuda = runtime.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(runtime.device)) if cuda else (lambda: None)
+    stamps = []
+
+    def on_eval(step, generator, ema):
+        sync()
+        stamps.append(time.perf_counter())
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    res = distill(run, backbone, on_eval=on_eval, runtime=runtime)
+    step_s = sorted(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))[iters // 2]  # the median
+    nets = [backbone.teacher, res["generator"], res["fake"], res["ema"]]
+    measured = dict(weights=tensor_bytes(p for n in nets for p in n.parameters()),
+                    gradients=tensor_bytes(p.grad for n in nets for p in n.parameters() if p.grad is not None),
+                    optimizer=tensor_bytes(v for opt in res["optimizers"] for st in opt.state.values()
+                                           for k, v in st.items() if k != "step"))
+    meter = SavedActivations(nets)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flops, meter.hooks():  # one more iteration, untimed: FLOPs, activations
+        sid_iteration(run, backbone, res["fake"], res["generator"], *res["optimizers"][::-1],
+                      torch.Generator(runtime.device).manual_seed(1), 0, runtime)
+    static = measured["weights"] + measured["gradients"] + measured["optimizer"]
+    if cuda:
+        measured["total"] = torch.cuda.max_memory_allocated(runtime.device)
+        measured["activations"] = measured["total"] - static
+    else:
+        measured["activations"], measured["total"] = meter.peak, static + meter.peak
+    plan = memory_plan(run, meta_transformer(src), runtime.world, vae_factor(src, family))
+    name = torch.cuda.get_device_name(runtime.device) if cuda else "cpu"
+    peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
+    out = dict(teacher=cfg.teacher, mode=run.mode, precision=run.precision, grad_checkpointing=run.grad_checkpointing,
+               device=name, world_size=runtime.world, batch_size=run.batch_size, resolution=run.resolution,
+               step_s=step_s, images_per_s=run.batch_size * runtime.world / step_s, measured=measured,
+               planned={k: plan[k] for k in measured}, flops_per_step=flops.get_total_flops())
+    if peak:
+        out["mfu"] = out["flops_per_step"] / step_s / peak
+    if runtime.rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "bench.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        print_bench(out)
+    return out
+
+
+def print_bench(r):
+    gib = 1 << 30
+    print(f"bench: {r['teacher']} {r['mode']} {r['precision']}{' ckpt' if r['grad_checkpointing'] else ''} on "
+          f"{r['world_size']} x {r['device']}, batch {r['batch_size']} at {r['resolution']} px: "
+          f"{r['step_s']:.3f} s/step, {r['images_per_s']:.2f} images/s, {r['flops_per_step'] / 1e12:.1f} TFLOP/step"
+          + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""))
+    print(f"  {'GiB':<12}" + "".join(f"{k:>13}" for k in r["measured"]))
+    for row in ("measured", "planned"):
+        print(f"  {row:<12}" + "".join(f"{r[row][k] / gib:13.3f}" for k in r["measured"]))
 
 
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
 
 
+def plain_copy(net, state, dtype, device="cpu"):
+    """A new module of net's class and config holding `state` (a state dict), in `dtype` on `device`. Built on the
+    meta device first: no random initialisation, no memory beyond the copy returned."""
+    with torch.device("meta"):
+        plain = type(net).from_config(net.config)
+    plain = plain.to_empty(device=device).to(dtype)
+    plain.load_state_dict(state)  # copies, casting to dtype
+    return plain.eval()
+
+
 def export_student(backbone, net, cfg, folder):
-    """Write a complete diffusers pipeline folder: the teacher's components, `net` as the transformer, and a
-    FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) without shift, which takes exactly the 'fresh'
-    re-noising step (D13) when called with sigmas = generator_times(K). Written beside, then renamed into place."""
-    import shutil
+    """Write a complete diffusers pipeline folder: the teacher's components, `net` as the transformer (in the
+    teacher's dtype; LoRA fused into the weights), and a FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    without shift, which takes exactly the 'fresh' re-noising step (D13) when called with sigmas =
+    generator_times(K). Written beside, then renamed into place."""
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
-    base_dtype = next(backbone.teacher.parameters()).dtype
-    plain = net.merged() if isinstance(net, AdapterView) else copy.deepcopy(net)  # LoRA: fused into the weights
-    transformer = plain.to("cpu", base_dtype).eval()
+    base_dtype = teacher_dtype(cfg)
+    if isinstance(net, AdapterView):
+        transformer = plain_copy(net.base, net.merged_state_dict(), base_dtype)
+    elif next(net.parameters()).device.type == "cpu" and next(net.parameters()).dtype == base_dtype:
+        transformer = net  # already a plain CPU copy in the right dtype
+    else:
+        transformer = plain_copy(net, net.state_dict(), base_dtype)
     pipe = DiffusionPipeline.from_pretrained(backbone.source, transformer=transformer, scheduler=scheduler,
                                              dtype=base_dtype)
     tmp = f"{folder}.tmp{os.getpid()}"
+    remove_path(tmp)
     pipe.save_pretrained(tmp)
     if isinstance(net, AdapterView):  # the adapter alone too, loadable with load_lora_adapter()
         net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
     meta = dict(family=backbone.family, teacher=backbone.source, resolution=backbone.resolution, steps=cfg.steps,
-                sigmas=generator_times(cfg.steps), guidance_scale=cfg.student_guidance,
+                sigmas=generator_times(cfg.steps), guidance_scale=cfg.student_guidance, precision=cfg.precision,
                 pipeline_kwargs=backbone.pipeline_kwargs, global_rng_step_noise=not backbone.step_noise_from_generator)
     with open(os.path.join(tmp, STUDENT_META), "w") as f:
         json.dump(meta, f, indent=1)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    replace_path(tmp, folder)
     return folder
 
 
-def student_images(backbone, net, prompts, seed, steps, guidance):
-    """The student's images for `prompts` with the stock pipeline's RNG use (one seed per call): initial latents
-    from torch.Generator(device).manual_seed(seed); per-step noise from that generator (SANA) or from torch's global
-    RNG seeded with `seed` (SD3, FLUX: their pipelines do not pass `generator` to the scheduler). (B, H, W, 3)."""
-    torch.manual_seed(seed)
+def student_images(backbone, net, prompts, seed, steps, guidance, cfg):
+    """The student's images for `prompts`, drawn as the stock pipeline draws them for one seed: initial latents from
+    torch.Generator(device).manual_seed(seed); per-step noise from that generator (SANA), or (SD3, FLUX: their
+    pipelines draw it from torch's global RNG after the user's torch.manual_seed(seed)) from a second generator
+    seeded the same way -- the same numbers, and the global RNG is left alone. Under the run's autocast. (B, H, W, 3)."""
     g = torch.Generator(backbone.device).manual_seed(seed)
+    g_steps = g if backbone.step_noise_from_generator else torch.Generator(backbone.device).manual_seed(seed)
     cond = _cat([backbone.encode([p]) for p in prompts]) if backbone.bank is None else backbone.cond_for(
         [backbone.prompts.index(p) for p in prompts])
     z = backbone.noise((len(prompts), *backbone.sample_shape), g)
-    x = generate(lambda x, t: backbone.velocity(net, x, t, cond, guidance), z, steps, "fresh",
-                 lambda x: backbone.step_noise(x, g))
-    return backbone.decode(x)
+    with autocast(cfg, backbone.device):
+        x = generate(lambda x, t: backbone.velocity(net, x, t, cond, guidance), z, steps, "fresh",
+                     lambda x: backbone.step_noise(x.shape, g_steps))
+    return backbone.decode(x.float())
 
 
 def save_grid(images, path):
@@ -1548,19 +1898,17 @@ def cmd_distill(cfg):
     preview = backbone.prompts[:PREVIEW_PROMPTS]
 
     def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
-        images = student_images(backbone, ema, preview, PREVIEW_SEED, cfg.steps, cfg.student_guidance)
+        images = student_images(backbone, ema, preview, PREVIEW_SEED, cfg.steps, cfg.student_guidance, cfg)
         if runtime.rank == 0:
             save_grid(images, os.path.join(cfg.out, f"preview_{step:07d}.png"))
 
     res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
-    net = res["ema"] if cfg.ema_decay > 0 else res["generator"]
-    if runtime.world > 1 and cfg.mode == "full":  # gather the shards into a plain transformer on rank 0
-        weights = full_weights(net, runtime)
-        if runtime.rank == 0:
-            from diffusers import DiffusionPipeline
-            net = DiffusionPipeline.from_pretrained(src).transformer
-            net.load_state_dict(weights)
+    which = "ema" if cfg.ema_decay > 0 else "generator"
     if runtime.rank == 0:
+        net = res[which]
+        if runtime.world > 1 and cfg.mode == "full":  # rank 0 reads the exported network alone from the checkpoint
+            net = meta_transformer(src).to_empty(device="cpu").to(teacher_dtype(cfg))
+            load_checkpoint_weights(cfg.out, which, net)
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
         print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']}; "
               f"{runtime.world} process(es))")
@@ -1571,26 +1919,21 @@ def cmd_distill(cfg):
 
 
 def cmd_export(out, weights, device_name):
-    """Export OUT/student from OUT/checkpoint.pt (any checkpoint, not only a finished run)."""
-    path, sharded = os.path.join(out, "checkpoint.pt"), os.path.join(out, "checkpoint")
-    if os.path.isdir(sharded):  # an FSDP2 run's torch.distributed.checkpoint folder: gathered into one process
-        import tempfile
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(sharded, os.path.join(tmp, "full.pt"))
-            full = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
-        ck = dict(torch.load(os.path.join(sharded, "meta.pt"), weights_only=False),
-                  generator=full["generator"]["model"], ema=full["ema"]["model"])
-    elif os.path.isfile(path):
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    else:
+    """Export OUT/student from the run's checkpoint (any checkpoint, not only a finished run's), reading only the
+    exported network's weights. Full mode loads them into the teacher's own transformer: one copy in memory."""
+    path = checkpoint_path(out, True) if os.path.isdir(checkpoint_path(out, True)) else checkpoint_path(out, False)
+    if not os.path.exists(path):
         raise UserError(f"--out {out}: no checkpoint there")
-    cfg = Config(**{**ck["config"], "device": device_name})
+    meta = read_checkpoint_meta(path)
+    cfg = Config(**{**meta["config"], "device": device_name})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
-    generator, _, ema = make_students(cfg, backbone)
-    net = ema if weights == "ema" else generator
-    net.load_state_dict(ck[weights])
-    print(f"student pipeline ({weights}, iteration {ck['step']}):",
+    if cfg.mode == "lora":
+        generator, _, ema = lora_students(backbone, cfg.lora_rank)
+        net = ema if weights == "ema" else generator
+    else:
+        net = backbone.teacher  # export needs no teacher: its module takes the student's weights
+    load_checkpoint_weights(out, weights, net)
+    print(f"student pipeline ({weights}, iteration {meta['step']}):",
           export_student(backbone, net, cfg, os.path.join(out, "student")))
 
 
@@ -1605,10 +1948,12 @@ def cmd_sample(student, prompt, seed, resolution, out_png, device_name):
     with open(meta_path) as f:
         meta = json.load(f)
     device = resolve_device(device_name)
-    cfg = Config(teacher=student, resolution=resolution or meta["resolution"], device=device_name)
+    cfg = Config(teacher=student, resolution=resolution or meta["resolution"], device=device_name,
+                 precision=meta.get("precision", "fp32"))  # the dtype the student was trained and saved in
     backbone = load_backbone(cfg, device, student, meta["family"])
     with torch.no_grad():
-        images = student_images(backbone, backbone.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"])
+        images = student_images(backbone, backbone.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"],
+                                cfg)
     save_grid(images, out_png)
     print(f"wrote {out_png}")
 
@@ -1637,8 +1982,10 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the memory plan from the configs and exit")
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="GPUs for the --dry-run plan (default: $WORLD_SIZE or 1)")
+    p.add_argument("--bench", type=int, default=0, metavar="N",
+                   help="time N SiD iterations on a random-weight teacher of full size (no download); OUT/bench.json")
     a = vars(p.parse_args(argv))
-    dry_run, world_size = a.pop("dry_run"), a.pop("world_size")
+    dry_run, world_size, bench = a.pop("dry_run"), a.pop("world_size"), a.pop("bench")
     if a["teacher"] is None:
         raise UserError(f"--teacher is required: a preset ({', '.join(PRESETS)}), a pipeline folder or a hub id")
     preset = a["teacher"] if a["teacher"] in PRESETS else None
@@ -1648,6 +1995,8 @@ def main(argv=None):
         if not cfg.resolution:
             raise UserError("--dry-run needs --resolution for a teacher without a preset")
         return cmd_dry_run(cfg, world_size)
+    if bench:
+        return cmd_bench(cfg, bench)
     return cmd_distill(cfg)
 
 

@@ -21,6 +21,12 @@ import sid_flow as sf
 
 torch.set_num_threads(1)  # 2-core CI: thread oversubscription makes tiny ops ~100x slower
 HERE = os.path.dirname(os.path.abspath(__file__))
+# SID_FLOW_TEST_DEVICE=cuda runs the pipeline tests (sections 7-9 and the bf16 and placement tests) on a GPU; the
+# math tests stay on the CPU in float64/float32, and the two-process tests use gloo on the CPU (one GPU has no NCCL
+# peer). TF32 is turned off so that the stock-pipeline comparisons keep their float32 tolerances.
+DEVICE = os.environ.get("SID_FLOW_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda"):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 PATHS = [sf.FLOW, sf.VP]
 
 
@@ -287,6 +293,20 @@ def test_iteration_touches_only_what_it_should(loss):
     assert m["nonfinite"] == [] and math.isfinite(m["score_gap"]) and m["k"] == 4  # toy preset: last step
 
 
+def test_ema_update_closed_form():
+    """EMA with warm-up: ema <- ema + (1 - d) (net - ema) with d = min(decay, (1 + step) / (10 + step)), checked
+    against that closed form early (warm-up active), late (the configured decay), and with decay 0 (a copy)."""
+    torch.manual_seed(0)
+    ema, net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for decay, step in ((0.99, 5), (0.9, 10 ** 6), (0.0, 7)):
+        before = [p.detach().clone() for p in ema.parameters()]
+        d = min(decay, (1 + step) / (10 + step))
+        sf.ema_update(ema, net, decay, step)
+        for b, p_ema, p in zip(before, ema.parameters(), net.parameters()):
+            assert torch.allclose(p_ema, b + (1 - d) * (p - b), atol=1e-7), (decay, step)
+        assert decay == 0.0 or not torch.allclose(ema.weight, net.weight)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """A run stopped after 3 iterations and resumed to 6 ends with the same weights, EMA and optimizer state as an
     uninterrupted 6-iteration run with the same seed (uniform k, fresh noise: every RNG stream is restored)."""
@@ -302,7 +322,7 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert torch.equal(a, b), (key, n)
     ck_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     ck_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
-    for a, b in zip(ck_a["opt_gen"]["state"].values(), ck_b["opt_gen"]["state"].values()):
+    for a, b in zip(ck_a["opt_generator"]["state"].values(), ck_b["opt_generator"]["state"].values()):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert steps == sorted(set(steps))  # the resumed log has no duplicated iterations
@@ -515,9 +535,9 @@ def tiny(tmp_path_factory):
     return {f: build_tiny_pipeline(f, root / f) for f in FAMILY_RES}
 
 
-def _backbone(path, family, **kw):
-    cfg = sf.make_config(None, teacher=path, resolution=FAMILY_RES[family], device="cpu", **kw)
-    return sf.load_backbone(cfg, torch.device("cpu"))
+def _backbone(path, family, device=DEVICE, **kw):
+    cfg = sf.make_config(None, teacher=path, resolution=FAMILY_RES[family], device=device, **kw)
+    return sf.load_backbone(cfg, torch.device(device))
 
 
 def _euler_pipe(path, stochastic=False):
@@ -525,7 +545,7 @@ def _euler_pipe(path, stochastic=False):
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
     sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic)
     pipe = DiffusionPipeline.from_pretrained(path, scheduler=sched)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.to(DEVICE).set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -539,10 +559,10 @@ def test_adapter_velocity_matches_stock_pipeline(tiny, family):
     assert bb.bank is not None and all(getattr(bb.pipe, n) is None for n in bb.text_encoders())  # freed
     pipe = _euler_pipe(tiny[family])
     res, t = FAMILY_RES[family], 0.6
-    x = torch.randn(1, *bb.sample_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, *bb.sample_shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     for w in (1.0, 3.0):
         with torch.no_grad():
-            v = bb.velocity(bb.teacher, x, torch.full((1,), t), bb.cond_for([0]), w)
+            v = bb.velocity(bb.teacher, x, torch.full((1,), t, device=DEVICE), bb.cond_for([0]), w)
         latents = sf.FluxBackbone.pack(x) if family == "flux" else x
         out = pipe(TEST_PROMPTS[0], height=res, width=res, sigmas=[t], latents=latents.clone(), guidance_scale=w,
                    output_type="latent", **bb.pipeline_kwargs).images
@@ -571,7 +591,7 @@ def test_family_is_read_from_model_index(tiny, tmp_path):
 def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_path):
     """A few SiD iterations on each family: the generator moves, the teacher does not. The exported OUT/student
     loads in the stock pipeline, whose 4-step images equal the `sample` path's within 1e-4 (same prompt, seed)."""
-    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device="cpu", iters=2,
+    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, iters=2,
                          batch_size=2, lr_gen=1e-3, lr_fake=1e-3, cfg_eval_real=2.0, cfg_eval_fake=2.0,
                          cfg_train_fake=2.0, out=str(tmp_path / "run"), progress=False, save_every=0, ema_decay=0.0, eval_every=2,
                          student_guidance=3.5 if family == "flux" else 1.0)
@@ -591,17 +611,17 @@ def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_
     seed, prompt, res = 7, TEST_PROMPTS[2], FAMILY_RES[family]
     torch.manual_seed(seed)
     stock = student(prompt, sigmas=meta["sigmas"], guidance_scale=meta["guidance_scale"], height=res, width=res,
-                    generator=torch.Generator().manual_seed(seed), output_type="np", **meta["pipeline_kwargs"]).images
+                    generator=torch.Generator(DEVICE).manual_seed(seed), output_type="np", **meta["pipeline_kwargs"]).images
     bb = _backbone(str(student_dir), family)
-    ours = sf.student_images(bb, bb.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"])
+    ours = sf.student_images(bb, bb.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"], sf.Config())
     assert stock.shape == ours.shape == (1, res, res, 3)
     assert abs(stock - ours).max() < 1e-4
     # on-demand export from the checkpoint: the raw generator's weights, loadable by the stock pipeline
-    sf.cmd_export(str(tmp_path / "run"), "generator", "cpu")
+    sf.cmd_export(str(tmp_path / "run"), "generator", DEVICE)
     again = DiffusionPipeline.from_pretrained(str(student_dir)).transformer.state_dict()
     assert all(torch.equal(v, ck["generator"][k]) for k, v in again.items())
     png = tmp_path / "s.png"
-    sf.cmd_sample(str(student_dir), prompt, seed, 0, str(png), "cpu")
+    sf.cmd_sample(str(student_dir), prompt, seed, 0, str(png), DEVICE)
     from PIL import Image
     assert abs(np.asarray(Image.open(png)) / 255.0 - ours[0]).max() <= 0.5 / 255 + 1e-6
 
@@ -659,8 +679,8 @@ def test_discriminator_per_family(tiny, family):
     bb.set_prompts(TEST_PROMPTS)
     fake = bb.trainable_copy()
     B = 3
-    x = torch.randn(B, *bb.sample_shape)
-    t = torch.full((B,), 0.5)
+    x = torch.randn(B, *bb.sample_shape, device=DEVICE)
+    t = torch.full((B,), 0.5, device=DEVICE)
     for guidance in (1.0, 2.5):
         with sf.capture_features(fake) as hidden:
             bb.velocity(fake, x, t, bb.cond_for([0, 1, 2]), guidance)
@@ -693,7 +713,7 @@ def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys):
     """One data-aided iteration per family on generated images with captions: the loader skips and counts the
     corrupt image and the missing caption; both the discriminator and the generator's GAN term are active."""
     data = _image_folder(tmp_path / "data")
-    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device="cpu", iters=1,
+    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, iters=1,
                          batch_size=2, data=str(data), gan_freeze_images=0, gan_start_images=0,
                          out=str(tmp_path / "run"), progress=False, save_every=0, log_every=1)
     sf.cmd_distill(cfg)
@@ -752,14 +772,14 @@ def test_data_aided_toy_schedule():
 def _lora_setup(tiny, family, checkpointing=False, seed=0):
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS)
-    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device="cpu", mode="lora",
+    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, mode="lora",
                          lora_rank=4, batch_size=2, cfg_eval_real=2.0, grad_checkpointing=checkpointing)
     torch.manual_seed(seed)
     gen, fake, ema = sf.make_students(cfg, bb)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     with torch.no_grad():  # distinct, non-trivial adapters, so that running the wrong one would show
         for p in list(gen.parameters()) + list(fake.parameters()):
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+            p.add_(0.1 * torch.randn(p.shape, generator=g, device=p.device))
     if checkpointing:
         for net in (gen, fake, bb.teacher):
             net.enable_gradient_checkpointing()
@@ -774,7 +794,7 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
     from diffusers import DiffusionPipeline
     bb, cfg, gen, fake, ema = _lora_setup(tiny, family)
     plain = DiffusionPipeline.from_pretrained(tiny[family]).transformer
-    x, t = torch.randn(2, *bb.sample_shape), torch.full((2,), 0.4)
+    x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.4, device=DEVICE)
     with torch.no_grad():
         for p in fake.parameters():  # make the fake adapter non-trivial: the teacher must not see it
             p.add_(0.05 * torch.randn_like(p))
@@ -797,9 +817,9 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
         opt_f.register_step_post_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()}))
         if not replay:  # negative control: checkpointing WITHOUT replaying the adapter recomputes another network
             with pytest.raises(torch.utils.checkpoint.CheckpointError):
-                sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+                sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator(DEVICE).manual_seed(0))
             continue
-        sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+        sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator(DEVICE).manual_seed(0))
         assert all(torch.equal(seen[n], p.grad) for n, p in fake.named_parameters())
         assert all(torch.equal(p, base0[n]) for n, p in bb.teacher.named_parameters())
         assert all(torch.equal(v, ema.state_dict()[k]) for k, v in ema0.items())
@@ -811,7 +831,7 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
 def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     """A LoRA run exports a plain transformer with the EMA adapter fused (same outputs as the adapter view), and the
     adapter alone beside it."""
-    cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device="cpu", mode="lora",
+    cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, mode="lora",
                          lora_rank=4, iters=2, batch_size=2, lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.5,
                          out=str(tmp_path / "run"), progress=False, save_every=0)
     sf.cmd_distill(cfg)
@@ -823,7 +843,7 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     bb.set_prompts(TEST_PROMPTS)
     _, _, ema = sf.make_students(cfg, bb)
     ema.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["ema"])
-    x, t = torch.randn(2, *bb.sample_shape), torch.full((2,), 0.7)
+    x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.7, device=DEVICE)
     with torch.no_grad():
         assert torch.allclose(bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
                               bb.velocity(ema, x, t, bb.cond_for([0, 1]), 1.0), atol=1e-5)
@@ -844,7 +864,7 @@ def test_dry_run_plan_matches_measured_tensors(tiny, mode):
     """The --dry-run plan, computed from the configs on the meta device, against the real thing on a tiny SD3:
     parameter count, and the bytes of weights, gradients and Adam state after one iteration."""
     src = tiny["sd3"]
-    cfg = sf.make_config(None, teacher=src, resolution=32, device="cpu", mode=mode, lora_rank=4, batch_size=2)
+    cfg = sf.make_config(None, teacher=src, resolution=32, device=DEVICE, mode=mode, lora_rank=4, batch_size=2)
     plan = sf.memory_plan(cfg, sf.meta_transformer(src))
     bb = _backbone(src, "sd3", mode=mode, lora_rank=4)
     assert plan["parameters"] == sum(p.numel() for p in bb.teacher.parameters())
@@ -852,7 +872,7 @@ def test_dry_run_plan_matches_measured_tensors(tiny, mode):
     gen, fake, ema = sf.make_students(cfg, bb)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+    sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator(DEVICE).manual_seed(0))
     weights, grads, optim = _measured([bb.teacher, gen, fake, ema], [opt_g, opt_f])
     assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (weights, grads, optim)
     assert plan["trainable"] == sum(p.numel() for n in (gen, fake) for p in n.parameters())
@@ -873,35 +893,245 @@ def test_dry_run_cli_prints_a_plan_without_weights(tiny, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 9b. The GPU's code paths, run here: bf16 autocast, device placement, random-number streams
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
+def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path):
+    """--precision bf16-autocast is the same path on every device: the pipeline in bf16, compute under bf16 autocast,
+    float32 trainable weights. Per family and mode, with and without gradient checkpointing: two iterations with a
+    preview after each, then the export. The trainable weights move and stay float32 and finite; the previews are
+    images; the exported bf16 student loads in the stock pipeline and differs from the teacher."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+    teacher = {k: v.to(torch.bfloat16) for k, v in
+               DiffusionPipeline.from_pretrained(tiny[family]).transformer.state_dict().items()}
+    for checkpointing in (False, True):
+        out = tmp_path / f"checkpointing{int(checkpointing)}"
+        cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, mode=mode,
+                             lora_rank=4, precision="bf16-autocast", grad_checkpointing=checkpointing, iters=2,
+                             batch_size=2, lr_gen=1e-2, lr_fake=1e-2, cfg_eval_real=2.0, ema_decay=0.5,
+                             student_guidance=3.5 if family == "flux" else 1.0, out=str(out), progress=False,
+                             save_every=0, eval_every=1)
+        sf.cmd_distill(cfg)
+        generator = torch.load(out / "checkpoint.pt", weights_only=False)["generator"]
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in generator.values())
+        if mode == "full":
+            assert any(not torch.equal(v.to(torch.bfloat16), teacher[k]) for k, v in generator.items())
+        else:
+            assert all(v.abs().sum() > 0 for k, v in generator.items() if "lora_B" in k)
+        for step in (1, 2):
+            assert np.asarray(Image.open(out / f"preview_{step:07d}.png")).std() > 0
+        student = DiffusionPipeline.from_pretrained(str(out / "student"), dtype=torch.bfloat16).transformer
+        state = student.state_dict()
+        assert all(v.dtype == torch.bfloat16 for v in state.values())
+        assert any(not torch.equal(v, teacher[k]) for k, v in state.items()), checkpointing
+
+
+@pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
+def test_every_component_runs_on_the_runs_device(tiny, family, monkeypatch):
+    """Device placement, checked on the CPU with the 'meta' device as the run's device: a component left on the CPU
+    fails here as a CPU text encoder fails on a GPU run (cpu and meta tensors do not mix). With the prompt bank off
+    (the encoders stay), prompt encoding, the CFG velocity call and every module of the pipeline are on the device."""
+    monkeypatch.setattr(sf, "PROMPT_CACHE_BYTES", 0)
+    bb = _backbone(tiny[family], family, device="cpu")  # loaded as usual ...
+    bb = sf.FAMILIES[bb.family](bb.pipe, FAMILY_RES[family], torch.device("meta"), torch.float32)  # ... placed on meta
+    bb.set_prompts(TEST_PROMPTS)
+    assert bb.bank is None and bb.text_encoders()
+    cond = bb.cond_for([0, 1])
+    assert all(v.device.type == "meta" for v in cond.values())
+    x, t = torch.zeros(2, *bb.sample_shape, device="meta"), torch.full((2,), 0.5, device="meta")
+    v = bb.velocity(bb.teacher, x, t, cond, 2.0)
+    assert v.device.type == "meta" and v.shape == x.shape
+    for name, module in bb.pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            assert all(p.device.type == "meta" for p in [*module.parameters(), *module.buffers()]), name
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_iterations_and_previews_leave_the_global_rng_alone(tiny, family, tmp_path):
+    """SD3 and FLUX pipelines draw their per-step noise from torch's global RNG; the loop must not (on CUDA that is
+    the CUDA generator, which a checkpoint would not restore). Iterations (uniform k: re-noising draws) and previews
+    leave the global RNG untouched, and a run stopped at 2 and resumed to 4 -- with the global RNG scrambled in
+    between -- equals an uninterrupted one exactly."""
+    bb = _backbone(tiny[family], family)
+    bb.set_prompts(TEST_PROMPTS)
+    kw = dict(teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, train_step="uniform", batch_size=2,
+              lr_gen=1e-3, lr_fake=1e-3, ema_decay=0.5, progress=False, save_every=0, eval_every=1)
+
+    def preview(step, generator, ema):
+        before = torch.get_rng_state()
+        sf.student_images(bb, ema, TEST_PROMPTS[:1], 0, 4, 1.0, sf.Config())
+        assert torch.equal(before, torch.get_rng_state())
+
+    gen, fake, _ = sf.make_students(sf.make_config(None, **kw), bb)
+    opt_gen, opt_fake = sf.make_optimizers(sf.make_config(None, **kw), gen, fake)
+    before = torch.get_rng_state()
+    rng = torch.Generator(DEVICE).manual_seed(0)
+    ks = {sf.sid_iteration(sf.make_config(None, **kw), bb, fake, gen, opt_fake, opt_gen, rng, 2 * i)["k"]
+          for i in range(6)}
+    assert torch.equal(before, torch.get_rng_state()) and max(ks) > 1  # some k > 1: re-noising happened
+    full = sf.distill(sf.make_config(None, **kw, iters=4, out=str(tmp_path / "a")), bb, on_eval=preview)
+    sf.distill(sf.make_config(None, **kw, iters=2, out=str(tmp_path / "b")), bb, on_eval=preview)
+    torch.manual_seed(12345)
+    resumed = sf.distill(sf.make_config(None, **kw, iters=4, out=str(tmp_path / "b")), bb, on_eval=preview)
+    for key in ("generator", "fake", "ema"):
+        assert all(torch.equal(a, b) for a, b in zip(full[key].state_dict().values(),
+                                                      resumed[key].state_dict().values())), key
+
+
+def test_export_reads_the_weights_it_names(tiny, tmp_path):
+    """`export --weights ema` writes the checkpoint's EMA, `--weights generator` its generator, and the two differ."""
+    from diffusers import DiffusionPipeline
+    out = tmp_path / "run"
+    sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], resolution=32, device=DEVICE, iters=3, batch_size=2,
+                                  lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.9, out=str(out), progress=False))
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    for which in ("ema", "generator"):
+        sf.cmd_export(str(out), which, DEVICE)
+        student = DiffusionPipeline.from_pretrained(str(out / "student")).transformer.state_dict()
+        assert all(torch.equal(v, ck[which][k].cpu()) for k, v in student.items()), which
+    assert any(not torch.equal(ck["ema"][k], ck["generator"][k]) for k in ck["ema"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # 10. Scale: two processes under torchrun (gloo on the CPU), resume, export from a sharded checkpoint
 # ------------------------------------------------------------------------------------------------------------------
 
-def _torchrun(args, timeout=300):
+def _torchrun_script(args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(HERE, "sid_flow.py"), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+                           *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _torchrun(args, timeout=300):
+    return _torchrun_script([os.path.join(HERE, "sid_flow.py"), *args], timeout)
+
+
+TOY_TWO_PROCESSES = r"""
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+import sid_flow as sf
+torch.set_num_threads(1)
+
+
+def run(world, rank, layout, precision):
+    # a toy teacher; generator and fake start as copies; batch 8 in all, split over the ranks
+    torch.manual_seed(0)
+    bb = sf.ToyBackbone(sf.ToyMLP(width=32, depth=2))
+    cfg = sf.make_config("toy", batch_size=8 // world, lr_gen=10.0, lr_fake=10.0, adam_eps=100.0, steps=2,
+                         train_step="uniform", fake_updates=1, precision=precision)
+    gen, fake = bb.trainable_copy(), bb.trainable_copy()
+    start = {n: p.detach().clone() for n, p in bb.teacher.named_parameters()}
+    if world > 1 and layout == "sharded":  # FSDP2, as full mode; else replicas averaged by hand, as LoRA mode
+        for net, mp in ((bb.teacher, None), (gen, sf.student_precision(cfg)), (fake, sf.student_precision(cfg))):
+            for layer in net.body[::2]:  # each Linear a unit of its own, as each block of a DiT, then the root
+                fully_shard(layer, **({"mp_policy": mp} if mp else {}))
+            sf.shard(net, mp)
+    runtime = sf.Runtime(rank, world, torch.device("cpu"), average_grads=layout == "replicated")
+    opt_gen, opt_fake = sf.make_optimizers(cfg, gen, fake)  # eps >> |grad|: Adam's step is ~ lr / eps * grad
+    rng = torch.Generator().manual_seed(0)
+    for i in range(2):
+        sf.sid_iteration(cfg, bb, fake, gen, opt_fake, opt_gen, rng, i * 8, runtime)
+    full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float()
+    return {f"{name}.{n}": full(p) for name, net in (("generator", gen), ("fake", fake))
+            for n, p in net.named_parameters()}, start
+
+
+dist.init_process_group("gloo")
+results = {}
+for layout in ("sharded", "replicated"):
+    for precision in ("fp32", "bf16-autocast"):
+        two, start = run(2, dist.get_rank(), layout, precision)
+        one, _ = run(1, 0, layout, precision)
+        moved = max((one[k] - start[k.split(".", 1)[1]]).abs().max().item() for k in one)
+        results[f"{layout} {precision}"] = dict(  # the largest difference, relative to the largest update
+            diff=max((two[k] - one[k]).abs().max().item() for k in one) / moved,
+            unmoved=[k for k in two if torch.equal(two[k], start[k.split(".", 1)[1]])])
+if dist.get_rank() == 0:
+    print(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    """Data parallel is the one-process update on the global batch: two gloo processes with 4 samples each against
+    one process with 8 (every draw is made for the global batch from one seed, each rank keeping its rows). FSDP2
+    sharding (full mode; the generator's gradient routed through d loss / d x_g) and replicas with all-reduced
+    gradients (LoRA mode) alike, in fp32 and bf16 autocast (FSDP2 all-gathering bf16). Adam runs with eps >> |grad|,
+    so its step is proportional to the gradient: a sum over ranks instead of a mean would show as a factor 2."""
+    script = tmp_path / "two.py"
+    script.write_text(TOY_TWO_PROCESSES)
+    r = _torchrun_script([str(script), HERE], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, res in results.items():
+        assert res["unmoved"] == [], name  # every weight of both networks trained
+        assert res["diff"] < (1e-5 if "fp32" in name else 5e-2), (name, res["diff"])
+
+
+def _sana_blocks_changed(state, teacher):
+    """Indices of SANA transformer blocks with at least one weight different from the teacher's."""
+    return {int(k.split(".")[1]) for k, v in state.items()
+            if k.startswith("transformer_blocks.") and not torch.equal(v.float(), teacher[k].float())}
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_torchrun_two_processes(tiny, tmp_path, mode):
-    """Full mode shards all networks with FSDP2, LoRA mode all-reduces adapter gradients; every rank starts from (and,
-    for replicated LoRA, ends with) identical weights -- the run checks and fails otherwise. The checkpoint is
-    sharded (FSDP2) or one file (LoRA), a second run resumes it, and it exports to a stock-loadable student."""
+    """torchrun, two gloo processes with batch 1 each, against one process with batch 2 (the same global batch):
+    2 iterations, then a resumed third. Full mode shards every network with FSDP2 (sharded checkpoint folder); LoRA
+    mode all-reduces the adapters' gradients (one file). The weights equal the one-process run's within float
+    tolerance, every transformer block trained, and the exported student (written by rank 0 from the checkpoint,
+    and again by `export`) is the checkpoint's EMA in a stock-loadable pipeline."""
+    from diffusers import DiffusionPipeline
+    common = dict(resolution=32, device="cpu", mode=mode, lora_rank=4, train_step="uniform", lr_gen=1e-2,
+                  lr_fake=1e-2, adam_eps=1e-2, ema_decay=0.5, cfg_eval_real=2.0, save_every=2, log_every=10)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     out = tmp_path / "run"
-    args = ["--teacher", tiny["sana"], "--resolution", "32", "--device", "cpu", "--batch-size", "2", "--mode", mode,
-            "--lora-rank", "4", "--out", str(out), "--no-progress", "--save-every", "2", "--train-step", "uniform"]
-    r = _torchrun([*args, "--iters", "3"])
+    args = ["--teacher", tiny["sana"], *flags, "--batch-size", "1", "--out", str(out), "--no-progress"]
+    r = _torchrun([*args, "--iters", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / ("checkpoint" if mode == "full" else "checkpoint.pt")).exists()
-    r = _torchrun([*args, "--iters", "4"])
+    r = _torchrun([*args, "--iters", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
-    assert steps == [3, 4]  # the second run resumed at 3 (logging every 10, and at the end of each run)
-    sf.cmd_export(str(out), "ema", "cpu")
-    from diffusers import DiffusionPipeline
-    student = DiffusionPipeline.from_pretrained(str(out / "student"))
-    assert not any("lora" in n for n in student.transformer.state_dict())
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 3]  # resumed at 2
+    one = tmp_path / "one"
+    sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], **common, batch_size=2, iters=3, out=str(one),
+                                  progress=False))
+    ck_one = torch.load(one / "checkpoint.pt", weights_only=False)
+    teacher = DiffusionPipeline.from_pretrained(tiny["sana"]).transformer
+    for which in ("generator", "ema"):
+        if mode == "full":  # read back from the sharded checkpoint, one network only
+            net = sf.meta_transformer(tiny["sana"]).to_empty(device="cpu")
+            assert sf.load_checkpoint_weights(str(out), which, net)["step"] == 3
+            two = net.state_dict()
+        else:
+            two = torch.load(out / "checkpoint.pt", weights_only=False)[which]
+        for k, v in ck_one[which].items():
+            assert torch.allclose(two[k], v, atol=1e-5, rtol=1e-4), (which, k, (two[k] - v).abs().max())
+    if mode == "full":
+        changed = _sana_blocks_changed(two, teacher.state_dict())
+    else:
+        changed = {int(k.split(".")[1]) for k, v in two.items() if "lora_B" in k and v.abs().sum() > 0}
+    assert changed == set(range(teacher.config.num_layers))
+    for source in ("run", "export"):
+        if source == "export":
+            sf.cmd_export(str(out), "ema", "cpu")
+        student = DiffusionPipeline.from_pretrained(str(out / "student")).transformer.state_dict()
+        assert not any("lora" in n for n in student)
+        ema = (sf.AdapterView(_lora_base(tiny, ck_one["ema"]), "ema").merged_state_dict() if mode == "lora"
+               else ck_one["ema"])
+        assert all(torch.allclose(student[k], ema[k], atol=1e-5, rtol=1e-4) for k in student), source
+
+
+def _lora_base(tiny, adapter_state):
+    """The tiny SANA transformer with LoRA adapters as a run makes them, the 'ema' adapter loaded from a state."""
+    bb = _backbone(tiny["sana"], "sana", device="cpu")
+    _, _, ema = sf.lora_students(bb, 4)
+    ema.load_state_dict(adapter_state)
+    return ema.base
 
 
 def test_sigkill_mid_run_then_same_command_resumes(tmp_path):
