@@ -34,6 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# cuDNN's fused attention, torch's first choice for scaled_dot_product_attention on Hopper GPUs, returned NaN in the
+# backward pass through FLUX's joint attention on an H200 (torch 2.11) where the flash, memory-efficient and math
+# kernels agreed and stayed finite: it is switched off, and flash attention serves instead.
+torch.backends.cuda.enable_cudnn_sdp(False)
 
 # ------------------------------------------------------------------------------------------------------------------
 # CONVENTIONS (stated once; test_sid_flow.py::test_conventions checks them)
@@ -1010,7 +1014,9 @@ def make_students(cfg, backbone, runtime=None):
 
 def make_optimizers(cfg, generator, fake):
     """Adam(beta1 = 0, beta2 = 0.999) for the generator and the fake network (official: no momentum)."""
-    adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps)
+    # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
+    # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
+    adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps, foreach=False)
     return (torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
             torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam))
 
@@ -1297,9 +1303,13 @@ def student_precision(cfg):
 
 
 def shard(net, mp_policy=None):
-    """FSDP2: each transformer block its own unit, then the root."""
+    """FSDP2: each transformer block its own unit, then the root, on a mesh of the network's device type (FSDP2's
+    default mesh is the accelerator's, which a CPU run on a GPU machine must not use)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    kw = dict(mp_policy=mp_policy) if mp_policy else {}
+    mesh = init_device_mesh(next(net.parameters()).device.type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
     for child in net.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
@@ -1389,6 +1399,9 @@ CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("f
 _DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, log_every=10)
 _CFG45 = dict(cfg_train_fake=4.5, cfg_eval_fake=4.5, cfg_eval_real=4.5)
 _FLUX = dict(cfg_train_fake=3.5, cfg_eval_fake=3.5, cfg_eval_real=3.5, student_guidance=3.5)
+# Each preset's defaults fit one 80 GB GPU by the memory plan (README, "Memory"): the larger teachers train LoRA
+# adapters with gradient checkpointing there; on several GPUs pass --mode full (FSDP2) as the paper trains.
+_ONE_GPU = dict(mode="lora", grad_checkpointing=True)
 HUB_IDS = {
     "sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
     "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
@@ -1408,11 +1421,11 @@ PRESETS = {
                    weighting="inv-l1", ema_decay=0.99, cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=2.0,
                    out="out/digits", log_every=20, save_every=0, gan_weight=0.01),
     "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=8),
-    "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024),
-    "sd3-medium": dict(_DIT, **_CFG45, resolution=1024),
-    "sd3.5-medium": dict(_DIT, **_CFG45, resolution=1024),
-    "sd3.5-large": dict(_DIT, **_CFG45, resolution=1024),
-    "flux-dev": dict(_DIT, **_FLUX, resolution=1024),
+    "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024, grad_checkpointing=True),
+    "sd3-medium": dict(_DIT, **_CFG45, **_ONE_GPU, resolution=1024),
+    "sd3.5-medium": dict(_DIT, **_CFG45, **_ONE_GPU, resolution=1024),
+    "sd3.5-large": dict(_DIT, **_CFG45, **_ONE_GPU, resolution=1024),
+    "flux-dev": dict(_DIT, **_FLUX, **_ONE_GPU, resolution=1024),
 }
 
 
@@ -1568,7 +1581,7 @@ TEXT_ENCODER_PARAMS = {"SanaPipeline": 2.61e9, "StableDiffusion3Pipeline": 0.12e
 # block keeps CHECKPOINTED_INPUTS instead (its inputs). Measured with saved-tensor hooks (SavedActivations) on small
 # configurations of each family; test_memory_plan_matches_measured_bytes holds the plan to the measurement.
 SAVED_PER_BLOCK = {"SanaPipeline": (41.0, 35.0), "StableDiffusion3Pipeline": (18.0, 10.0), "FluxPipeline": (24.0, 12.0)}
-CHECKPOINTED_INPUTS = 2.0
+CHECKPOINTED_INPUTS = {"SanaPipeline": (2.8, 1.1), "StableDiffusion3Pipeline": (2.0, 1.35), "FluxPipeline": (2.15, 1.6)}
 # What a text token costs inside a block, relative to an image token: SD3 and FLUX run text tokens through the whole
 # (joint) block; SANA's enter only its cross-attention, as keys and values.
 TEXT_IN_BLOCKS = {"SanaPipeline": 0.1, "StableDiffusion3Pipeline": 1.0, "FluxPipeline": 1.0}
@@ -1619,15 +1632,20 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     width = c.get("num_attention_heads", 1) * c.get("attention_head_dim", 1)
     layers = c.get("num_layers", 1) + c.get("num_single_layers", 0)
     patch = c.get("patch_size", 1) * (2 if family == "FluxPipeline" else 1)  # FLUX packs 2x2 latents into a token
-    tokens = (cfg.resolution // (factor or VAE_FACTOR[family]) // patch) ** 2 + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
+    image_tokens = (cfg.resolution // (factor or VAE_FACTOR[family]) // patch) ** 2
+    tokens = image_tokens + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
     cfg_batch = 2 if family != "FluxPipeline" and (cfg.cfg_eval_real != 1 or cfg.cfg_eval_fake != 1) else 1
-    trains, frozen = SAVED_PER_BLOCK[family]
     full = cfg.mode == "full"
-    graphs = [(cfg.batch_size, trains if full else frozen), (cfg.batch_size * cfg_batch, frozen),
-              (cfg.batch_size * cfg_batch, trains if full else frozen)]  # generator, teacher, fake: (batch, C)
+    batches = (cfg.batch_size, cfg.batch_size * cfg_batch, cfg.batch_size * cfg_batch)  # generator, teacher, fake
+    trains = (full, False, full)  # whose weights take gradients in the generator update
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
-    recompute = max(b * k * unit for b, k in graphs) if cfg.grad_checkpointing else 0  # one block, in backward
-    stored = sum(b * layers * (CHECKPOINTED_INPUTS if cfg.grad_checkpointing else k) * unit for b, k in graphs)
+    per_block = [b * SAVED_PER_BLOCK[family][0 if t else 1] * unit for b, t in zip(batches, trains)]
+    if cfg.grad_checkpointing:  # the blocks' inputs (text tokens in full: they are inputs), one block recomputed
+        unit_in = (image_tokens + TEXT_TOKENS[family]) * width * base_bytes
+        stored = sum(b * layers * CHECKPOINTED_INPUTS[family][0 if t else 1] * unit_in for b, t in zip(batches, trains))
+        recompute = max(per_block)
+    else:
+        stored, recompute = layers * sum(per_block), 0
     plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=trainable * grad_bytes / shard,
                 optimizer=2 * trainable * grad_bytes / shard, activations=stored + recompute + copies,
                 recompute=recompute)
@@ -1657,7 +1675,7 @@ def random_transformer(src, dtype, device):
     """The teacher's transformer at full size with random weights, made directly on `device` (no download, no CPU
     copy): built on the meta device, allocated, then filled -- matrices N(0, 1/fan_in), vectors 1 (norm scales) or
     0 (biases), buffers N(0, 0.02^2)."""
-    net = meta_transformer(src).to_empty(device=device).to(dtype)
+    net = meta_transformer(src).to(dtype).to_empty(device=device)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if p.dim() >= 2:
@@ -1745,12 +1763,15 @@ def tensor_bytes(tensors):
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, by datasheet (SXM parts)
 
 
-def cmd_bench(cfg, iters, warmup=2):
+def cmd_bench(cfg, iters, warmup=1):
     """--bench N: warm-up + N real SiD iterations through distill() on a full-size random-weight teacher; writes
     OUT/bench.json and prints a table: step time, images/s, measured and planned memory, FLOPs and MFU."""
     src, family = resolve_teacher(cfg.teacher, configs_only=True)
     runtime = setup_runtime(cfg)
-    run = dataclasses.replace(cfg, iters=warmup + iters, out="", eval_every=1, save_every=0, progress=False)
+    # every iteration trains the last step (k = K, the most expensive: K - 1 roll-out forwards), so that the timed
+    # iterations and the one whose FLOPs are counted do the same work
+    run = dataclasses.replace(cfg, iters=warmup + iters, out="", eval_every=1, save_every=0, progress=False,
+                              train_step="last")
     backbone = bench_backbone(run, src, family, runtime.device)
     run = dataclasses.replace(run, resolution=backbone.resolution)
     backbone.set_prompts(DEFAULT_PROMPTS)
@@ -1785,7 +1806,8 @@ def cmd_bench(cfg, iters, warmup=2):
     plan = memory_plan(run, meta_transformer(src), runtime.world, vae_factor(src, family))
     name = torch.cuda.get_device_name(runtime.device) if cuda else "cpu"
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
-    out = dict(teacher=cfg.teacher, mode=run.mode, precision=run.precision, grad_checkpointing=run.grad_checkpointing,
+    out = dict(teacher=cfg.teacher, family=family, mode=run.mode, precision=run.precision,
+               grad_checkpointing=run.grad_checkpointing,
                device=name, world_size=runtime.world, batch_size=run.batch_size, resolution=run.resolution,
                step_s=step_s, images_per_s=run.batch_size * runtime.world / step_s, measured=measured,
                planned={k: plan[k] for k in measured}, flops_per_step=flops.get_total_flops())
@@ -1818,7 +1840,7 @@ def plain_copy(net, state, dtype, device="cpu"):
     meta device first: no random initialisation, no memory beyond the copy returned."""
     with torch.device("meta"):
         plain = type(net).from_config(net.config)
-    plain = plain.to_empty(device=device).to(dtype)
+    plain = plain.to(dtype).to_empty(device=device)
     plain.load_state_dict(state)  # copies, casting to dtype
     return plain.eval()
 
@@ -1886,6 +1908,7 @@ def cmd_distill(cfg):
     prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS  # bad input fails before any loading
     src, family = resolve_teacher(cfg.teacher)
     runtime = setup_runtime(cfg)
+    check_fits(cfg, src, family, runtime)  # before any weights load
     backbone = load_backbone(cfg, runtime.device, src, family)
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
         latents, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
@@ -1907,7 +1930,7 @@ def cmd_distill(cfg):
     if runtime.rank == 0:
         net = res[which]
         if runtime.world > 1 and cfg.mode == "full":  # rank 0 reads the exported network alone from the checkpoint
-            net = meta_transformer(src).to_empty(device="cpu").to(teacher_dtype(cfg))
+            net = meta_transformer(src).to(teacher_dtype(cfg)).to_empty(device="cpu")
             load_checkpoint_weights(cfg.out, which, net)
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
         print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']}; "
@@ -1916,6 +1939,28 @@ def cmd_distill(cfg):
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
+
+
+def check_fits(cfg, src, family, runtime):
+    """On CUDA, before any weights load: stop in one line if the memory plan exceeds the device's free memory, and
+    name the first lighter setting that fits."""
+    if runtime.device.type != "cuda":
+        return
+    net, factor = meta_transformer(src), vae_factor(src, family)
+    if not cfg.resolution:  # the teacher's native size, as load_backbone will choose it
+        cfg = dataclasses.replace(cfg, resolution=(net.config.get("sample_size") or 128) * factor)
+    need = lambda c: max(*(memory_plan(c, net, runtime.world, factor)[k] for k in ("total", "startup")))  # noqa
+    free = torch.cuda.mem_get_info(runtime.device)[0]
+    if need(cfg) <= free:
+        return
+    lighter = [dict(grad_checkpointing=True), dict(mode="lora"), dict(mode="lora", grad_checkpointing=True),
+               dict(mode="lora", grad_checkpointing=True, batch_size=1)]
+    fits = next((d for d in lighter if need(dataclasses.replace(cfg, **d)) <= free), None)
+    hint = (" ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in fits.items())
+            if fits else "more GPUs (torchrun) in full mode")
+    raise UserError(f"the memory plan needs {need(cfg) / 2**30:.1f} GiB per GPU ({cfg.mode} mode, batch "
+                    f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
+                    "(--dry-run prints the plan)")
 
 
 def cmd_export(out, weights, device_name):
