@@ -1302,13 +1302,13 @@ def student_precision(cfg):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def shard(net, mp_policy=None):
+def shard(net, mp_policy=None, device_type=None):
     """FSDP2: each transformer block its own unit, then the root, on a mesh of the network's device type (FSDP2's
     default mesh is the accelerator's, which a CPU run on a GPU machine must not use)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(next(net.parameters()).device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
     kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
     for child in net.children():
         if isinstance(child, nn.ModuleList):
@@ -1323,9 +1323,10 @@ def sharded_copy(teacher, dtype, mp_policy, trainable):
     sharded like the teacher, allocated, and each rank fills its own shards from the teacher's, cast to `dtype`."""
     with torch.device("meta"):
         net = type(teacher).from_config(teacher.config).to(dtype)
+    device = next(teacher.parameters()).device
     net.requires_grad_(trainable).train(trainable)
-    shard(net, mp_policy)
-    net.to_empty(device=next(teacher.parameters()).device)
+    shard(net, mp_policy, device.type)  # the module is still on the meta device: the mesh is the teacher's
+    net.to_empty(device=device)
     with torch.no_grad():
         for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
             assert n == m, (n, m)
@@ -1792,16 +1793,15 @@ def cmd_bench(cfg, iters, warmup=1):
                     gradients=tensor_bytes(p.grad for n in nets for p in n.parameters() if p.grad is not None),
                     optimizer=tensor_bytes(v for opt in res["optimizers"] for st in opt.state.values()
                                            for k, v in st.items() if k != "step"))
-    meter = SavedActivations(nets)
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as flops, meter.hooks():  # one more iteration, untimed: FLOPs, activations
-        sid_iteration(run, backbone, res["fake"], res["generator"], *res["optimizers"][::-1],
-                      torch.Generator(runtime.device).manual_seed(1), 0, runtime)
     static = measured["weights"] + measured["gradients"] + measured["optimizer"]
-    if cuda:
+    if cuda:  # the allocator's peak over the timed run (before anything below adds its own)
         measured["total"] = torch.cuda.max_memory_allocated(runtime.device)
         measured["activations"] = measured["total"] - static
-    else:
+    else:  # one more iteration, untimed, with the saved tensors counted
+        meter = SavedActivations(nets)
+        with meter.hooks():
+            sid_iteration(run, backbone, res["fake"], res["generator"], *res["optimizers"][::-1],
+                          torch.Generator(runtime.device).manual_seed(1), 0, runtime)
         measured["activations"], measured["total"] = meter.peak, static + meter.peak
     plan = memory_plan(run, meta_transformer(src), runtime.world, vae_factor(src, family))
     name = torch.cuda.get_device_name(runtime.device) if cuda else "cpu"
@@ -1810,7 +1810,7 @@ def cmd_bench(cfg, iters, warmup=1):
                grad_checkpointing=run.grad_checkpointing,
                device=name, world_size=runtime.world, batch_size=run.batch_size, resolution=run.resolution,
                step_s=step_s, images_per_s=run.batch_size * runtime.world / step_s, measured=measured,
-               planned={k: plan[k] for k in measured}, flops_per_step=flops.get_total_flops())
+               planned={k: plan[k] for k in measured}, flops_per_step=iteration_flops(run, backbone, res["generator"]))
     if peak:
         out["mfu"] = out["flops_per_step"] / step_s / peak
     if runtime.rank == 0:
@@ -1819,6 +1819,23 @@ def cmd_bench(cfg, iters, warmup=1):
             json.dump(out, f, indent=1)
         print_bench(out)
     return out
+
+
+def iteration_flops(cfg, backbone, net):
+    """Model FLOPs of one SiD iteration with k = K, from one counted forward of `net` on one sample: K forwards
+    without gradient (K - 1 roll-out steps, then the sample for the fake update); per fake update a forward and a
+    backward (2 forwards' worth: weights and input); the generator step's forward and backward; the teacher's and the
+    fake network's forwards with a backward to their input only (1 forward's worth) -- each doubled where two-branch
+    CFG doubles the batch. Recomputation under gradient checkpointing is not counted: MFU counts the model's work."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros(1, *backbone.sample_shape, device=backbone.device)
+    t = torch.full((1,), 0.5, device=backbone.device)
+    with torch.no_grad(), autocast(cfg, backbone.device), FlopCounterMode(display=False) as counter:
+        backbone.forward(net, x, t, backbone.cond_for([0]), cfg.student_guidance)
+    branches = lambda w: 2 if w != 1.0 and not getattr(backbone, "guidance_embedded", False) else 1  # noqa: E731
+    passes = (cfg.steps + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake) + 3
+              + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake))
+    return counter.get_total_flops() * passes * cfg.batch_size
 
 
 def print_bench(r):
