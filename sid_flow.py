@@ -8,7 +8,7 @@ Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are ci
     -> 9 loading, export, memory plan, command line
 
 Commands, by hardware:
-    laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/{toy.png, metrics.json}
+    laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/checkerboard/
     one or more GPUs:      python sid_flow.py --teacher sana-0.6b-512        # presets: see PRESETS (section 8)
                            python sid_flow.py --teacher flux-dev --prompts my_prompts.txt --iters 5000
                            python sid_flow.py --teacher ./my_pipeline_folder --resolution 512
@@ -1279,7 +1279,7 @@ HUB_IDS = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
 }
 PRESETS = {
-    "toy": dict(teacher="toy", train_step="last", iters=800, batch_size=2048, lr_gen=2e-4, lr_fake=6e-4,
+    "toy": dict(teacher="toy", train_step="last", iters=400, batch_size=2048, lr_gen=8e-4, lr_fake=2.4e-3,
                 fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0,
                 gan_weight=0.01),  # the SiD term sums 2 dims here, not 10^4+: the GAN term must weigh far less
     # run_toy.py --dataset digits: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption. The teacher is
