@@ -1,12 +1,15 @@
 """run_toy.py -- the laptop demo: distil a 2-D flow-matching teacher into a four-step generator with SiD.
 
-    python run_toy.py                       # checkerboard, ~1 min on 2 CPU cores: out/toy/{toy.png, metrics.json}
-    python run_toy.py --compare             # + DMD, alpha 1.2, one step, uniform-mixture training, side by side
-    python run_toy.py --dataset spiral      # also: 8gaussians, moons
+    python run_toy.py                       # checkerboard, about 2 min on 2 CPU cores: out/toy/checkerboard/
+    python run_toy.py --dataset moons       # also: 8gaussians, spiral; each in its own out/toy/<dataset>/
+    python run_toy.py --compare             # + DMD, alpha 1.2, 1 step, uniform k, data-aided, side by side
+    python run_toy.py --dataset digits      # a SANA-architecture DiT on 8x8 digits: out/digits/
 
 1. train (or load the cached) teacher: an MLP velocity field fitted by flow matching (D8) on the 2-D data;
 2. distil it with sid_flow.distill -- the same loss and loop as the DiT teachers, through sid_flow.ToyBackbone;
-3. measure the energy distance (D15) of every sampler to fresh data; write the table, figure and samples.
+3. measure the energy distance (D15) of every sampler to the data, with its standard error; write the table, the
+   figure (toy.png) and the samples. A command's results go to OUT/<dataset and the flags that change them>/; the
+   teacher and the runs are cached in OUT and reused by the same command.
 """
 
 import argparse
@@ -19,50 +22,78 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import sid_flow as sf
 
 # ------------------------------------------------------------------------------------------------------------------
-# 2-D data: each sampler returns (n, 2) float32 from a torch.Generator
+# 2-D data: each dataset maps uniforms u (n, dims) in [0, 1) to samples (n, 2) float32, so that the same map draws
+# i.i.d. training batches (u from a torch.Generator) and low-discrepancy evaluation sets (u from a scrambled Sobol
+# sequence, see the metric below)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def checkerboard(n, g):
-    x = torch.rand(n, generator=g) * 4 - 2  # columns in [-2, 2)
-    y = torch.rand(n, generator=g) - 2 * torch.randint(0, 2, (n,), generator=g).float()  # [-2, 1)
+def normal(u):
+    """Standard normal draws from uniforms by the inverse CDF: (n, k) -> (n, k)."""
+    return math.sqrt(2) * torch.erfinv(2 * u.clamp(1e-7, 1 - 1e-7) - 1)
+
+
+def checkerboard(u):  # u: (n, 3)
+    x = u[:, 0] * 4 - 2  # columns in [-2, 2)
+    y = u[:, 1] - 2 * (u[:, 2] < 0.5).float()  # one of the column's two rows of squares: [-2, -1) or [0, 1)
     y = y + torch.floor(x) % 2  # shift every other column by one square
     return torch.stack([x, y], 1)  # (n, 2)
 
 
-def eight_gaussians(n, g):
-    angle = torch.randint(0, 8, (n,), generator=g).float() * (math.pi / 4)
+def eight_gaussians(u):  # u: (n, 3)
+    angle = torch.floor(u[:, 0] * 8) * (math.pi / 4)
     centers = 2 * torch.stack([angle.cos(), angle.sin()], 1)  # (n, 2) on a circle of radius 2
-    return centers + 0.15 * torch.randn(n, 2, generator=g)
+    return centers + 0.15 * normal(u[:, 1:3])
 
 
-def moons(n, g):
-    which = torch.randint(0, 2, (n,), generator=g).float()  # upper or lower moon
-    theta = torch.rand(n, generator=g) * math.pi
-    x = torch.where(which == 0, theta.cos(), 1 - theta.cos())
-    y = torch.where(which == 0, theta.sin(), 0.5 - theta.sin())
+def moons(u):  # u: (n, 4)
+    upper = u[:, 0] < 0.5  # upper or lower moon
+    theta = u[:, 1] * math.pi
+    x = torch.where(upper, theta.cos(), 1 - theta.cos())
+    y = torch.where(upper, theta.sin(), 0.5 - theta.sin())
     pts = torch.stack([x - 0.5, y - 0.25], 1) * 1.6  # centred, std ~ 1
-    return pts + 0.08 * torch.randn(n, 2, generator=g)
+    return pts + 0.08 * normal(u[:, 2:4])
 
 
-def spiral(n, g):
-    r = torch.sqrt(torch.rand(n, generator=g)) * 3 * math.pi  # denser near the centre, like the classic 2-D spiral
+def spiral(u):  # u: (n, 3)
+    r = torch.sqrt(u[:, 0]) * 3 * math.pi  # denser near the centre, like the classic 2-D spiral
     pts = torch.stack([r * r.cos(), r * r.sin()], 1) / 4.5
-    return pts + 0.08 * torch.randn(n, 2, generator=g)
+    return pts + 0.08 * normal(u[:, 1:3])
 
 
-DATASETS = {"checkerboard": checkerboard, "8gaussians": eight_gaussians, "moons": moons, "spiral": spiral}
+DATASETS = {"checkerboard": (checkerboard, 3), "8gaussians": (eight_gaussians, 3), "moons": (moons, 4),
+            "spiral": (spiral, 3)}  # name -> (map from uniforms, number of uniforms per sample)
+
+
+def draw(dataset, n, generator):
+    """n i.i.d. samples (n, 2) of a dataset, from a torch.Generator: the teacher's training data."""
+    f, dims = DATASETS[dataset]
+    return f(torch.rand(n, dims, generator=generator))
+
+
+def sobol(n, dims, seed):
+    """n points (n, dims) of a Sobol sequence with a random (Owen) scramble: each point is uniform on [0, 1)^dims,
+    and together they cover it far more evenly than independent draws."""
+    return torch.quasirandom.SobolEngine(dims, scramble=True, seed=seed).draw(n)
 
 # ------------------------------------------------------------------------------------------------------------------
 # The metric: energy distance (D15) -- zero iff the two distributions are equal
 #
 #   ED(P, Q) = 2 E|X - Y| - E|X - X'| - E|Y - Y'|.   In 2-D, |v| = (pi/2) E_theta |<theta, v>| over directions theta,
 #   so ED is (pi/2) times the mean over directions of the 1-D energy distance of the projections, and each 1-D one is
-#   exact in O(N log N) from sorted samples. The estimate is the unbiased U-statistic (it can dip below zero).
+#   exact in O(N log N) from sorted samples.
+#
+#   With independent samples the estimate's noise is ~1e-4 at 24k samples, as large as the distances it should
+#   resolve. So the demo evaluates randomised quasi-Monte Carlo: every sampler's input noise and the reference data
+#   come from scrambled Sobol points (a sampler is a fixed function of its input noise), R independent scrambles
+#   give R independent estimates, and their mean +- standard error is reported: ~100x less noise at equal cost.
+#   Points of one Sobol set are not independent, so the within-set means use all n^2 pairs (the V-statistic, >= 0;
+#   its bias is the "data" row's distance, ~5e-6 at 4096 points); the U-statistic is for independent samples.
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -83,21 +114,71 @@ def _sum_abs_between(x, y):
     return (below + above).sum(1)  # (M,)
 
 
-def energy_distance(x, y, directions=128):
-    """Energy distance between samples x (n, 2) and y (m, 2), float64, via `directions` projections in [0, pi)."""
+def energy_distance(x, y, directions=128, independent=True):
+    """Energy distance between samples x (n, 2) and y (m, 2), float64, via `directions` projections in [0, pi).
+    independent: the unbiased U-statistic for i.i.d. samples (it can dip below zero); False: the V-statistic, for
+    quasi-Monte Carlo sets."""
     theta = torch.arange(directions, dtype=torch.float64) * (math.pi / directions)  # (M,)
     u = torch.stack([theta.cos(), theta.sin()], 1)  # (M, 2) unit directions
     px, py = u @ x.double().T, u @ y.double().T  # (M, n), (M, m) projections
     n, m = px.shape[1], py.shape[1]
-    ed_1d = (2 * _sum_abs_between(px, py) / (n * m) - 2 * _sum_abs_within(px) / (n * (n - 1))
-             - 2 * _sum_abs_within(py) / (m * (m - 1)))  # (M,) the 1-D energy distances, U-statistic
+    pairs = (lambda k: k * (k - 1)) if independent else (lambda k: k * k)  # ordered pairs i != j, or all of them
+    ed_1d = (2 * _sum_abs_between(px, py) / (n * m) - 2 * _sum_abs_within(px) / pairs(n)
+             - 2 * _sum_abs_within(py) / pairs(m))  # (M,) the 1-D energy distances
     return (math.pi / 2) * ed_1d.mean().item()
+
+
+DIRECTIONS = 32  # for the demo's table: quadrature error ~4e-4 of the distance, below its standard error
+
+
+class Evaluation:
+    """R independent randomised-QMC replicates: replicate r holds a reference set of `ref_factor` x n data points
+    and n input-noise points (n, 2K) for the samplers, from independently scrambled Sobol sequences."""
+
+    def __init__(self, dataset, n, replicates=4, seed=0, max_steps=4, ref_factor=4):
+        f, dims = DATASETS[dataset]
+        base = 10_000 + 100 * seed  # never the training stream
+        self.data = [f(sobol(ref_factor * n, dims, base + r)) for r in range(replicates)]  # R x (4n, 2)
+        self.twin = [f(sobol(n, dims, base + 50 + r)) for r in range(replicates)]  # another draw of the data
+        self.noise = [normal(sobol(n, 2 * max_steps, base + 80 + r)) for r in range(replicates)]  # R x (n, 2K)
+
+    def inputs(self, r, K):
+        """(z, draw) of replicate r for a K-step sampler: z (n, 2), and draw(x) returns the next re-noising (n, 2)."""
+        noise = self.noise[r]  # (n, 2K): z, then one re-noising draw per later step
+        later = iter(noise[:, 2 * k:2 * k + 2].contiguous() for k in range(1, K))
+        return noise[:, :2].contiguous(), lambda x: next(later)
+
+    def samples(self, sampler, K):
+        """sampler(z, draw) -> (n, 2), once per replicate: a list of R sample sets."""
+        return [sampler(*self.inputs(r, K)) for r in range(len(self.noise))]
+
+    def distance(self, xs):
+        """(mean, standard error) over the replicates of the energy distance of xs (R sets) to the data."""
+        eds = torch.tensor([energy_distance(x, y, DIRECTIONS, independent=False) for x, y in zip(xs, self.data)])
+        return eds.mean().item(), (eds.std() / math.sqrt(len(eds))).item()
 
 # ------------------------------------------------------------------------------------------------------------------
 # The teacher: an MLP trained by flow matching (D8), cached in --out
 # ------------------------------------------------------------------------------------------------------------------
 
-TEACHER = dict(width=128, depth=4, iters=2500, batch=2048, lr=3e-3)  # the teacher's recipe, in one place
+# the teacher's recipe, in one place: random Fourier features of x_t (frequencies ~ N(0, fourier_scale^2)) let the
+# MLP draw the squares' sharp edges in the time a plain MLP draws round blobs (README, "Toy results")
+TEACHER = dict(width=128, depth=4, fourier=32, fourier_scale=2.0, iters=2500, batch=2048, lr=3e-3)
+
+
+class FourierMLP(sf.ToyMLP):
+    """sf.ToyMLP with sin and cos of x_t B added to its input, B (2, fourier) fixed at construction (a buffer, saved
+    with the weights). Same interface: `features` is the last hidden layer, `head` the velocity."""
+
+    def __init__(self, width, depth, fourier, fourier_scale):
+        super().__init__(width=width, depth=depth)
+        self.body[0] = nn.Linear(2 + 2 * fourier + self.config["tdim"], width)  # x_t, its features, the time's
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("B", fourier_scale * torch.randn(2, fourier, generator=g))  # (2, F)
+
+    def features(self, x_t, t):
+        proj = x_t @ self.B  # (B, F)
+        return self.body(torch.cat([x_t, proj.sin(), proj.cos(), self.embed_t(t)], dim=1))  # (B, width)
 
 
 def cached(path, recipe, make, train):
@@ -131,7 +212,7 @@ def fit(net, batch_loss, iters, lr, desc, progress):
 
 def train_teacher(dataset, seed, path, progress=True):
     """The 2-D teacher: an MLP fitted by flow matching (D8) on fresh draws of the data; cached at `path`."""
-    make = lambda: sf.ToyMLP(width=TEACHER["width"], depth=TEACHER["depth"])  # noqa: E731
+    make = lambda: FourierMLP(*(TEACHER[k] for k in ("width", "depth", "fourier", "fourier_scale")))  # noqa: E731
 
     def train():
         g = torch.Generator().manual_seed(seed)
@@ -139,7 +220,7 @@ def train_teacher(dataset, seed, path, progress=True):
         net = make()
 
         def batch_loss():
-            x0 = DATASETS[dataset](TEACHER["batch"], g)  # (B, 2) the teacher's training data
+            x0 = draw(dataset, TEACHER["batch"], g)  # (B, 2) the teacher's training data
             eps = torch.randn(x0.shape, generator=g)  # (B, 2)
             t = torch.rand(x0.shape[0], generator=g)  # (B,) uniform times for the teacher
             return sf.flow_matching_loss(net(sf.add_noise(x0, eps, t), t), x0, eps, t).mean()
@@ -408,16 +489,44 @@ def plot_digits(samples, real, labels, path):
     plt.close(fig)
 
 
+# flags of sid_flow.py that mean nothing for these small teachers: run_toy.py does not offer them
+NOT_HERE = ("teacher", "device", "precision", "prompts", "resolution", "data", "mode", "lora_rank",
+            "grad_checkpointing", "student_guidance", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
+NOT_RUN_FLAGS = ("out", "progress", "log_every", "save_every", "eval_every")  # flags that leave the results alone
+
+
 def parse_args(argv):
-    p = sf.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sf.Parser(prog="run_toy.py", description=__doc__, epilog=(
+        "sid_flow.py's flags for image teachers (--teacher, --prompts, --resolution, --mode, --lora-rank, --cfg-*, "
+        "...) are not offered here."))
     p.add_argument("--dataset", default="checkerboard", choices=sorted(DATASETS) + ["digits"],
-                   help="a 2-D distribution, or 'digits': the DiT benchmark on real 8x8 images")
-    p.add_argument("--compare", action="store_true", help="also distil the VARIANTS and put them in one table")
+                   help="a 2-D distribution, or 'digits': the DiT benchmark on real 8x8 images [default: checkerboard]")
+    p.add_argument("--compare", action="store_true",
+                   help="also distil the variants (DMD, alpha 1.2, one step, uniform k, data-aided) into one table")
     p.add_argument("--data-aided", action="store_true",
-                   help="data-aided SiD (D16): the fake network also discriminates fresh true samples from fakes")
-    p.add_argument("--n-eval", type=int, default=24000, help="samples per sampler for the energy distance")
-    sf.add_config_flags(p, skip=("teacher", "device", "precision"))
-    return p.parse_args(argv)
+                   help="data-aided SiD (D16): the fake network also discriminates true samples from fakes")
+    p.add_argument("--n-eval", type=int, default=16384,
+                   help="samples per sampler for the energy distance, in 4 replicates [default: 16384]")
+    sf.add_config_flags(p, skip=NOT_HERE, presets={"2-D": "toy", "--dataset digits": "digits"}, shown=dict(
+        out="out/toy (--dataset digits: out/digits); the results go to OUT/<dataset and flags>/, the cached "
+            "teacher and runs stay in OUT"))
+    args, rest = p.parse_known_args(argv)
+    if rest:  # say why a flag of sid_flow.py is not here rather than only that it is unknown
+        flag = rest[0].split("=")[0]
+        if flag.startswith("--") and flag[2:].replace("-", "_") in NOT_HERE:
+            p.error(f"{flag} is a sid_flow.py flag for image teachers; it means nothing for run_toy.py's teachers")
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def run_name(args, overrides):
+    """The folder of one command's results: the dataset, then every flag given that changes them, e.g.
+    'moons', 'checkerboard-compare', 'checkerboard-alpha-1.2' -- so no run overwrites another's figure."""
+    parts = [args.dataset] + ["compare"] * args.compare + ["data-aided"] * args.data_aided
+    parts += [f"{k.replace('_', '-')}-{v}" for k, v in sorted(overrides.items())
+              if v is not None and k not in NOT_RUN_FLAGS]
+    parts += [f"n-eval-{args.n_eval}"] if args.n_eval != 16384 else []
+    return sf._slug("-".join(parts).replace("/", "_"))  # a '/' in a value ('1/t') would make a subfolder
 
 
 def main(argv=None):
@@ -426,29 +535,29 @@ def main(argv=None):
     if args.dataset == "digits":
         return main_digits(args, overrides)
     cfg = sf.make_config("toy", **overrides)
-    if args.n_eval < 100:
-        raise sf.UserError(f"--n-eval must be at least 100, got {args.n_eval}")
+    R = 4  # independent replicates of the evaluation
+    if args.n_eval < 64 * R:
+        raise sf.UserError(f"--n-eval must be at least {64 * R}, got {args.n_eval}")
     t_start = time.time()
-    os.makedirs(cfg.out, exist_ok=True)
-    teacher, t_teacher = train_teacher(args.dataset, cfg.seed, os.path.join(cfg.out, f"teacher-{args.dataset}.pt"),
-                                       cfg.progress)
-    # data-aided runs draw "real" samples from the true distribution with the loop's own RNG (resumable)
-    backbones = {False: sf.ToyBackbone(teacher), True: sf.ToyBackbone(teacher, real=DATASETS[args.dataset])}
+    folder = os.path.join(cfg.out, run_name(args, overrides))
+    os.makedirs(folder, exist_ok=True)
+    teacher_path = os.path.join(cfg.out, f"teacher-{args.dataset}.pt")
+    teacher, t_teacher = train_teacher(args.dataset, cfg.seed, teacher_path, cfg.progress)
+    if not t_teacher:
+        print(f"teacher: loaded from {teacher_path} (trained by an earlier run with the same recipe)")
+    real = lambda n, g: draw(args.dataset, n, g)  # noqa: E731  data-aided runs: true samples, the loop's RNG
+    backbones = {False: sf.ToyBackbone(teacher), True: sf.ToyBackbone(teacher, real=real)}
     T = lambda x, t: teacher(x, t)  # noqa: E731  the teacher's velocity
 
-    # fixed evaluation draws: fresh data (never the teacher's training stream) and one noise batch for every sampler
-    g_eval = torch.Generator().manual_seed(10_000 + cfg.seed)
-    data = DATASETS[args.dataset](args.n_eval, g_eval)  # (N, 2)
-    z = torch.randn(args.n_eval, 2, generator=g_eval)  # (N, 2)
-    # a second fresh data draw: its distance to `data` is the estimator's noise floor at this N
-    samples = {"fresh data (noise floor)": DATASETS[args.dataset](args.n_eval, g_eval)}
-    samples.update({f"teacher {n} steps": sf.euler_sample(T, z, n) for n in (1, 2, 4, 8, 32, 128)})
-    # the teacher's own weights used as a K-step SiD sampler: where distillation starts
-    samples["teacher as 4-step generator"] = sf.generate(T, z, 4, cfg.noise,
-                                                         sf.gaussian(torch.Generator().manual_seed(1)))
-
-    def student_samples(net, K):
-        return sf.generate(lambda x, t: net(x, t), z, K, cfg.noise, sf.gaussian(torch.Generator().manual_seed(1)))
+    # the evaluation sets: R replicates of scrambled-Sobol data and input noise (see "The metric")
+    ev = Evaluation(args.dataset, args.n_eval // R, R, cfg.seed)
+    t0 = time.time()
+    samples = {"data (another draw)": ev.twin}  # its distance is the estimator's floor at this n
+    for n in (1, 2, 4, 8, 32, 128):
+        samples[f"teacher {n} steps"] = ev.samples(lambda z, d, n=n: sf.euler_sample(T, z, n), 1)
+    # the teacher's own weights used as a K-step SiD generator: where distillation starts
+    samples["teacher as 4-step generator"] = ev.samples(lambda z, d: sf.generate(T, z, 4, cfg.noise, d), 4)
+    t_eval = time.time() - t0
 
     variants = VARIANTS if args.compare else {"SiD": dict(data_aided=args.data_aided)}
     curves, t_distill = {}, {}
@@ -462,47 +571,63 @@ def main(argv=None):
         curve_path, ckpt_path = os.path.join(vcfg.out, "curve.json"), os.path.join(vcfg.out, "checkpoint.pt")
         done = torch.load(ckpt_path, weights_only=False)["step"] if os.path.exists(ckpt_path) else 0
         curve = [p for p in json.load(open(curve_path)) if p["step"] <= done] if os.path.exists(curve_path) else []
-        curves[name] = curve
-        n_curve = min(5000, args.n_eval)
 
-        def on_eval(step, gen, ema, vcfg=vcfg, curve=curve):
-            curve.append(dict(step=step,
-                              raw=energy_distance(student_samples(gen, vcfg.steps)[:n_curve], data[:n_curve]),
-                              ema=energy_distance(student_samples(ema, vcfg.steps)[:n_curve], data[:n_curve])))
+        def first_replicate(net, K=vcfg.steps, noise=vcfg.noise):  # the curve: replicate 0 only, error ~1e-6
+            z, d = ev.inputs(0, K)
+            x = sf.generate(lambda x, t: net(x, t), z, K, noise, d)
+            return energy_distance(x, ev.data[0], DIRECTIONS, independent=False)
 
-        vcfg.eval_every = vcfg.eval_every or max(1, vcfg.iters // 20)
+        start = first_replicate(teacher)  # iteration 0: the generator is the teacher
+        curves[name] = curve = curve or [dict(step=0, raw=start, ema=start)]
+
+        def on_eval(step, gen, ema, curve=curve, first_replicate=first_replicate):
+            curve.append(dict(step=step, raw=first_replicate(gen), ema=first_replicate(ema)))
+
+        vcfg.eval_every = vcfg.eval_every or max(1, vcfg.iters // 10)
+        if done >= vcfg.iters:  # nothing to train: say so instead of showing a full progress bar
+            print(f"{name}: reusing the finished run in {vcfg.out} ({done} iterations; delete it to retrain)")
+            vcfg.progress = False
         t0 = time.time()
         res = sf.distill(vcfg, backbones[aided], on_eval=on_eval)
-        t_distill[name] = time.time() - t0
+        t_distill[name] = None if done >= vcfg.iters else time.time() - t0
         with open(curve_path, "w") as f:
             json.dump(curve, f)
-        samples[f"{name} ({vcfg.steps} step{'s' * (vcfg.steps > 1)}, EMA)"] = student_samples(res["ema"], vcfg.steps)
-        samples[f"{name} ({vcfg.steps} step{'s' * (vcfg.steps > 1)}, raw)"] = student_samples(res["generator"],
-                                                                                           vcfg.steps)
-    ed = {name: energy_distance(x, data) for name, x in samples.items()}
+        K = f"{vcfg.steps} step{'s' * (vcfg.steps > 1)}"
+        for kind, net in (("EMA", res["ema"]), ("raw", res["generator"])):
+            samples[f"{name} ({K}, {kind})"] = ev.samples(
+                lambda z, d, net=net: sf.generate(lambda x, t: net(x, t), z, vcfg.steps, vcfg.noise, d), vcfg.steps)
+    t0 = time.time()
+    ed = {name: ev.distance(xs) for name, xs in samples.items()}
+    t_eval += time.time() - t0
     t_total = time.time() - t_start
 
     # ---- report -------------------------------------------------------------------------------------------------
-    ref4, ref128 = ed["teacher 4 steps"], ed["teacher 128 steps"]
-    print(f"\nenergy distance to {args.n_eval} fresh {args.dataset} samples (lower is better)")
-    print(f"{'sampler':<36} {'distance':>9} {'/ teacher-128':>14} {'/ teacher-4':>12}")
-    for name, d in ed.items():
-        print(f"{name:<36} {d:9.5f} {d / ref128:14.2f} {d / ref4:12.3f}")
-    print(f"time: teacher {'cached' if t_teacher == 0 else f'{t_teacher:.1f} s'}, "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in t_distill.items()) + f", total {t_total:.1f} s")
+    ref4, ref128 = ed["teacher 4 steps"][0], ed["teacher 128 steps"][0]
+    print(f"\nenergy distance to {args.dataset} (lower is better): mean +- standard error over {R} replicates of "
+          f"{args.n_eval // R} scrambled-Sobol samples each")
+    print(f"{'sampler':<36} {'distance':>10} {'+-':>8} {'/ teacher-128':>14} {'/ teacher-4':>12}")
+    for name, (d, se) in ed.items():
+        print(f"{name:<36} {d:10.6f} {se:8.6f} {d / ref128:14.3f} {d / ref4:12.4f}")
+    trained = ", ".join(f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in t_distill.items())
+    print(f"time: teacher {'cached' if t_teacher == 0 else f'{t_teacher:.1f} s'}, {trained}, "
+          f"evaluation {t_eval:.1f} s, total {t_total:.1f} s before the figure")
 
-    np.save(os.path.join(cfg.out, "data.npy"), data.numpy())
-    np.save(os.path.join(cfg.out, "teacher_4.npy"), samples["teacher 4 steps"].numpy())
-    np.save(os.path.join(cfg.out, "teacher_128.npy"), samples["teacher 128 steps"].numpy())
     main_student = next(k for k in samples if k.startswith("SiD") and k.endswith("EMA)"))
-    np.save(os.path.join(cfg.out, "student.npy"), samples[main_student].numpy())
-    metrics = dict(dataset=args.dataset, n_eval=args.n_eval, energy_distance=ed, curves=curves,
-                   seconds=dict(teacher=t_teacher, distill=t_distill, total=t_total),
-                   config=sf.dataclasses.asdict(cfg), command="python run_toy.py " + " ".join(sys.argv[1:]))
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+    for file, key in (("data", None), ("teacher_4", "teacher 4 steps"), ("teacher_128", "teacher 128 steps"),
+                      ("student", main_student)):
+        np.save(os.path.join(folder, f"{file}.npy"), (ev.data[0][:ev.noise[0].shape[0]] if key is None
+                                                      else samples[key][0]).numpy())
+    metrics = dict(dataset=args.dataset, n_eval=args.n_eval, replicates=R,
+                   energy_distance={k: v[0] for k, v in ed.items()},
+                   standard_error={k: v[1] for k, v in ed.items()}, curves=curves,
+                   seconds=dict(teacher=t_teacher, distill=t_distill, evaluation=t_eval, total=t_total),
+                   config=sf.dataclasses.asdict(cfg), folder=folder,
+                   command="python run_toy.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot(samples, data, curves, ref4, ref128, main_student, os.path.join(cfg.out, "toy.png"))
-    print(f"wrote {cfg.out}/toy.png, metrics.json, data.npy, teacher_4.npy, teacher_128.npy, student.npy")
+    plot({k: v[0] for k, v in samples.items()}, ev.data[0], curves, ed, main_student,
+         os.path.join(folder, "toy.png"))
+    print(f"wrote {folder}/: toy.png, metrics.json, data.npy, teacher_4.npy, teacher_128.npy, student.npy")
     return metrics
 
 
@@ -512,28 +637,37 @@ def _config_hash(cfg, dataset, aided):
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
-def plot(samples, data, curves, ref4, ref128, student, path):
+def plot(samples, data, curves, ed, student, path):
+    """Data, the teacher at 4 and 128 Euler steps, the teacher as a 4-step generator (iteration 0), the student,
+    and the distance during distillation (replicate 0) against the teacher's, with +- one standard error."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("data", data), ("teacher, 4 steps", samples["teacher 4 steps"]),
-              ("teacher, 128 steps", samples["teacher 128 steps"]), (f"student: {student}", samples[student])]
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.4))
-    for ax, (title, x) in zip(axes, panels):
-        x = x[:5000].numpy()
-        ax.scatter(x[:, 0], x[:, 1], s=0.6, alpha=0.5, color="k", rasterized=True)
+    panels = [("data", None, data), ("teacher, 4 Euler steps", "teacher 4 steps", samples["teacher 4 steps"]),
+              ("teacher, 128 Euler steps", "teacher 128 steps", samples["teacher 128 steps"]),
+              ("teacher as 4-step generator (iteration 0)", "teacher as 4-step generator",
+               samples["teacher as 4-step generator"]),
+              (f"student: {student}", student, samples[student])]
+    fig, axes = plt.subplots(1, 6, figsize=(25, 4.6))
+    for ax, (title, name, x) in zip(axes, panels):
+        x = x[:4096].numpy()
+        ax.scatter(x[:, 0], x[:, 1], s=0.8, alpha=0.6, color="k", rasterized=True)
+        if name:
+            title += f"\ndistance {ed[name][0]:.2e} ± {ed[name][1]:.0e}"
         ax.set_title(title, fontsize=10)
         ax.set_xlim(-3, 3); ax.set_ylim(-3, 3); ax.set_aspect("equal"); ax.set_xticks([]); ax.set_yticks([])
-    ax = axes[4]
+    ax = axes[5]
     for name, c in curves.items():
         steps = [p["step"] for p in c]
-        line, = ax.plot(steps, [p["ema"] for p in c], label=f"{name} (EMA)")
+        line, = ax.plot(steps, [p["ema"] for p in c], marker=".", label=f"{name} (EMA)")
         ax.plot(steps, [p["raw"] for p in c], ls=":", color=line.get_color(), label=f"{name} (raw)")
-    ax.axhline(ref4, color="tab:red", ls="--", lw=1, label="teacher 4 steps")
-    ax.axhline(ref128, color="tab:green", ls="--", lw=1, label="teacher 128 steps")
-    ax.set_yscale("symlog", linthresh=1e-4)  # the unbiased estimate can dip below zero at the noise floor
+    for key, color in (("teacher 4 steps", "tab:red"), ("teacher 128 steps", "tab:green")):
+        d, se = ed[key]
+        ax.axhline(d, color=color, ls="--", lw=1, label=f"{key}")
+        ax.axhspan(d - se, d + se, color=color, alpha=0.2)
+    ax.set_yscale("log")  # the V-statistic is never negative
     ax.set_xlabel("iteration"); ax.set_ylabel("energy distance to data")
-    ax.set_title("distance vs iteration (5k-sample estimate, noise ~3e-4)", fontsize=10)
+    ax.set_title("distance during distillation (4096 samples, error ~1e-6)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -8,7 +8,7 @@ Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are ci
     -> 9 loading, export, memory plan, command line
 
 Commands, by hardware:
-    laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/{toy.png, metrics.json}
+    laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/checkerboard/
     one or more GPUs:      python sid_flow.py --teacher sana-0.6b-512        # presets: see PRESETS (section 8)
                            python sid_flow.py --teacher flux-dev --prompts my_prompts.txt --iters 5000
                            python sid_flow.py --teacher ./my_pipeline_folder --resolution 512
@@ -302,9 +302,9 @@ def euler_sample(velocity_fn, z, steps):
 #
 # The loop sees a Backbone and three plain nn.Modules (teacher, fake, generator). It calls
 #     backbone.velocity(net, x_t, t, cond, guidance) -> v      (B, *D) -- CFG, timestep scale, packing inside
-#     backbone.sample_batch(n, generator) -> (cond, x0_real)   conditioning (None for the toy); real data or None
+#     backbone.sample_batch(n, rng, rows) -> (cond, x0_real)   conditioning (None for the toy); real data or None
 #     backbone.trainable_copy() -> nn.Module                   a float32 copy of the teacher (generator, fake)
-#     backbone.noise(shape, g), backbone.step_noise(x, g)      N(0, I) draws, laid out as the stock pipeline draws them
+#     backbone.noise(shape, rng), backbone.step_noise(shape, rng)   N(0, I) draws, laid out as the stock pipeline's
 #     backbone.sample_shape                                    D, the shape of one sample
 # and never branches on the model family. (In LoRA mode the three modules are views of one base: see below.)
 # ------------------------------------------------------------------------------------------------------------------
@@ -1109,6 +1109,8 @@ class Checkpoint:
             ck = torch.load(self.path, map_location="cpu", weights_only=False)
             self._set_state({name: {"model": ck[name], "optim": ck.get(f"opt_{name}")} for name in self.nets})
         rng.set_state(meta["rng"])
+        if self.writer:
+            print(f"resumed from {self.path} at iteration {meta['step']}")
         if self.writer and os.path.exists(self.log_path):  # drop log lines written after the checkpoint: redone
             with open(self.log_path) as f:
                 kept = [line for line in f if json.loads(line).get("step", 0) <= meta["step"]]
@@ -1346,7 +1348,7 @@ class Config:
     teacher: str = "toy"            # a preset name (see PRESETS), a local diffusers folder or a hub id
     # --- SiD (derivation.md) ---
     loss: str = "sid"               # 'sid' (D11) or 'dmd' (D14)
-    alpha: float = 1.0              # (D11); official DiT code 1.0, original SiD 1.2; try 0.5-1.0 on new domains
+    alpha: float = 1.0              # weight of the fake-score term in the generator loss (D11); original SiD: 1.2
     weighting: str = "1-t"          # w(t), one of WEIGHTINGS (D12)
     t_dist: str = "logit-normal"    # times for both updates: 'logit-normal' (official) or 'uniform'
     steps: int = 4                  # K, the generator's number of steps; t_k = 1 - k/K (D13)
@@ -1354,38 +1356,38 @@ class Config:
     train_step: str = "uniform"     # which step is trained: 'uniform' k in {1..K} (the paper) or 'last' (k = K)
     fake_updates: int = 1           # fake-network updates per generator update
     cfg_train_fake: float = 1.0     # CFG scale of the fake network in its own update (SiD-LSG)
-    cfg_eval_fake: float = 1.0      # ... of the fake network inside the generator loss
-    cfg_eval_real: float = 1.0      # ... of the teacher inside the generator loss
+    cfg_eval_fake: float = 1.0      # CFG scale of the fake network inside the generator loss
+    cfg_eval_real: float = 1.0      # CFG scale of the teacher inside the generator loss
     # --- optimisation ---
-    iters: int = 1000
-    batch_size: int = 256
-    lr_gen: float = 5e-6
-    lr_fake: float = 5e-6
-    adam_eps: float = 1e-8
-    lr_schedule: str = "constant"   # 'constant' (official) or 'cosine' (to zero at cfg.iters)
-    ema_decay: float = 0.999
+    iters: int = 1000               # generator updates in the run
+    batch_size: int = 256           # generated samples per update, per process
+    lr_gen: float = 5e-6            # Adam learning rate of the generator
+    lr_fake: float = 5e-6           # Adam learning rate of the fake network
+    adam_eps: float = 1e-8          # Adam epsilon (betas are (0, 0.999), as the official code)
+    lr_schedule: str = "constant"   # 'constant' (official) or 'cosine' (to zero at the last iteration)
+    ema_decay: float = 0.999        # decay of the generator's EMA, the exported student
     max_nonfinite: int = 3          # stop after this many iterations in a row with a non-finite loss
-    seed: int = 0
+    seed: int = 0                   # seed of every random draw of the run
     student_guidance: float = 1.0   # guidance the generator is called with: 1 (no CFG); FLUX: its embedded guidance
     # --- data-aided SiD (D16): on when the backbone has real data (run_toy.py --data-aided, sid_flow.py --data) ---
     gan_freeze_images: int = 20_000  # generator frozen (fake network / discriminator only) for these many images
     gan_start_images: int = 40_000   # from here the generator objective is (1 - gan_weight) SiD + gan_weight GAN
-    gan_weight: float = 0.5
+    gan_weight: float = 0.5         # share of the GAN term in the generator objective, data-aided runs
     # --- data and I/O ---
     resolution: int = 0             # image side in pixels; 0: the teacher's native size
     prompts: str = ""               # a text file, one prompt per line; empty: the built-in DEFAULT_PROMPTS
     data: str = ""                  # real images for data-aided SiD: a folder (x.png + x.txt) or a .jsonl
-    out: str = "out/sid"
-    log_every: int = 10
-    save_every: int = 500
-    eval_every: int = 0
+    out: str = "out/sid"            # run folder: checkpoint, log, previews, the exported student
+    log_every: int = 10             # iterations between lines of OUT/log.jsonl
+    save_every: int = 500           # iterations between checkpoints; 0: only at the end
+    eval_every: int = 0             # iterations between previews (the toy: distance curve); 0: never
     device: str = "auto"            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
     precision: str = "fp32"         # 'fp32'; 'bf16-autocast' (CUDA: bf16 teacher and compute, fp32 trainable weights);
                                     # 'bf16' (pure bf16, also the trainable weights: use --adam-eps 1e-4)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     mode: str = "full"              # 'full': three copies of the DiT; 'lora': one frozen DiT, LoRA adapters (peft)
-    lora_rank: int = 64
-    progress: bool = True
+    lora_rank: int = 64             # rank of the LoRA adapters (--mode lora)
+    progress: bool = True           # show a progress bar
 
 
 CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("full", "lora"),
@@ -1394,7 +1396,7 @@ CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("f
 
 # Presets change only what differs from the Config defaults. The toy preset uses 'last'-step training and a larger
 # learning rate: see README "Toy results" and derivation.md (D13) for why the uniform mixture is not the toy default.
-# The DiT presets: official SiD-DiT settings where REFERENCE.md gives them (Adam(0, 0.999), lr 5e-6, SANA's CFG 4.5 for
+# The DiT presets: the official SiD-DiT release's settings (Adam(0, 0.999), lr 5e-6, SANA's CFG 4.5 for
 # all three scales, bf16 autocast); batch_size is per process (the paper's global batch is 256). SD3's CFG reuses
 # SANA's value and FLUX's guidance embedding its usual 3.5 -- starting points, not tuned by this project.
 _DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, log_every=10)
@@ -1412,7 +1414,7 @@ HUB_IDS = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
 }
 PRESETS = {
-    "toy": dict(teacher="toy", train_step="last", iters=800, batch_size=2048, lr_gen=2e-4, lr_fake=6e-4,
+    "toy": dict(teacher="toy", train_step="last", iters=400, batch_size=2048, lr_gen=8e-4, lr_fake=2.4e-3,
                 fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0,
                 gan_weight=0.01),  # the SiD term sums 2 dims here, not 10^4+: the GAN term must weigh far less
     # run_toy.py --dataset digits: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption. The teacher is
@@ -1459,22 +1461,53 @@ def make_config(preset=None, **overrides):
     return check_config(Config(**values))
 
 
-def add_config_flags(parser, skip=()):
-    """One --flag per Config field (dashes for underscores), default None so presets can fill the gaps."""
+def _field_comments():
+    """{field: the comment beside it in Config, continuation lines joined}: the meaning every flag's help shows."""
+    import inspect
+    import re
+    comments, last = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        field = re.match(r"\s{4}(\w+): \w+ = [^#]*#\s*(.*)", line)
+        more = re.match(r"\s{5,}#\s*(.*)", line)  # a comment line indented past the fields: the one above goes on
+        if field:
+            last = field.group(1)
+            comments[last] = field.group(2)
+        elif more and last:
+            comments[last] += " " + more.group(1)
+        else:
+            last = None
+    return comments
+
+
+def add_config_flags(parser, skip=(), presets=None, shown=None):
+    """One --flag per Config field (dashes for underscores), default None so that the preset fills the gaps. Its help
+    is the comment beside the field and the default each preset gives it: `presets` {label: preset name or None (the
+    Config defaults)}; `shown` {field: text} replaces the default shown for a field that is filled elsewhere."""
+    presets = presets or {"": None}
+    comments = _field_comments()
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
+        values = {label: PRESETS.get(name, {}).get(f.name, f.default) for label, name in presets.items()}
+        common = max(values.values(), key=list(values.values()).count)  # the value most presets share
+        rest = "; ".join(f"{label}: {v}" for label, v in values.items() if v != common)
+        default = (shown or {}).get(f.name, f"{'none' if common == '' else common}" + (f" ({rest})" if rest else ""))
+        help = f"{comments[f.name]} [default: {default}]".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=None, choices=CHOICES.get(f.name),
-                                help=f"(default: from the preset, else {f.default!r})")
+            parser.add_argument(flag, type=typ, default=None, choices=CHOICES.get(f.name), help=help)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and exit status 2."""
+    """argparse with a one-line error (no usage dump) and exit status 2; the description and epilog are printed as
+    written (they hold commands)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"error: {message}", file=sys.stderr)
@@ -1513,14 +1546,9 @@ def resolve_teacher(name, configs_only=False):
         if not os.path.isfile(index):
             raise UserError(f"--teacher {name}: {src} is not a diffusers pipeline folder (no model_index.json)")
     elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import hf_hub_download
-            index = hf_hub_download(src, "model_index.json")
-        except Exception as e:  # offline, gated, misspelled: say which, in one line
-            raise UserError(f"--teacher {name}: cannot read {src}/model_index.json from the hub "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        index = _hub_file(name, src, "model_index.json")
     else:
-        raise UserError(f"--teacher {name}: not a preset ({', '.join(p for p in PRESETS if p != 'toy')}), "
+        raise UserError(f"--teacher {name}: not a preset ({', '.join(HUB_IDS)}), "
                         "an existing folder, or a hub id owner/repo")
     with open(index) as f:
         family = json.load(f).get("_class_name", "?")
@@ -1530,6 +1558,39 @@ def resolve_teacher(name, configs_only=False):
     return src, family
 
 
+def _hub_file(name, repo, filename):
+    """hf_hub_download of one file, from the cache when it is there; otherwise it fails at once, in one line that says
+    why (offline, unreachable, gated, missing), instead of the hub client's minute of retries."""
+    import socket
+    import urllib.parse
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    try:
+        return hf_hub_download(repo, filename, local_files_only=True)
+    except Exception:  # not cached: ask the hub below
+        pass
+    where = f"--teacher {name}: cannot read {repo}/{filename}"
+    local = "or give --teacher a local pipeline folder"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{where}: HF_HUB_OFFLINE is set and the file is not in the hub cache "
+                        f"({constants.HF_HUB_CACHE}); download the model where the hub is reachable, {local}")
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 "
+                        f"with the model in the hub cache, {local}")
+    try:
+        return hf_hub_download(repo, filename)
+    except GatedRepoError:
+        raise UserError(f"{where}: the model is gated: accept its licence at https://huggingface.co/{repo}, then log "
+                        "in with `hf auth login` (older clients: `huggingface-cli login`) or set HF_TOKEN")
+    except RepositoryNotFoundError:
+        raise UserError(f"{where}: no such model on the hub (or a private one: log in with `hf auth login`)")
+    except Exception as e:
+        raise UserError(f"{where} ({type(e).__name__}: {' '.join(str(e).split())})")
+
+
 def teacher_dtype(cfg):
     """The frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32, on any device."""
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
@@ -1537,10 +1598,21 @@ def teacher_dtype(cfg):
 
 def load_backbone(cfg, device, src=None, family=None):
     """The teacher pipeline as a Backbone, at cfg.resolution (0: the transformer's native size)."""
-    from diffusers import DiffusionPipeline
+    import diffusers
+    import huggingface_hub
+    import transformers
+    for lib in (diffusers, transformers, huggingface_hub):  # their notes and bars are noise here; failures raise
+        lib.utils.logging.set_verbosity(lib.utils.logging.CRITICAL)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
     if src is None:
         src, family = resolve_teacher(cfg.teacher)
-    pipe = DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(cfg))
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(cfg))
+    except (OSError, ValueError) as e:  # missing weights (a configs-only cache or folder), a broken pipeline
+        raise UserError(f"cannot load the pipeline {src}: {' '.join(str(e).split())} (a cache or folder holding only "
+                        "configs, such as assets/hf, serves --dry-run alone)")
     pipe.set_progress_bar_config(disable=True)
     resolution = cfg.resolution or (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
     backbone = FAMILIES[family](pipe, resolution, device, teacher_dtype(cfg))
@@ -1985,8 +2057,12 @@ def cmd_export(out, weights, device_name):
     exported network's weights. Full mode loads them into the teacher's own transformer: one copy in memory."""
     path = checkpoint_path(out, True) if os.path.isdir(checkpoint_path(out, True)) else checkpoint_path(out, False)
     if not os.path.exists(path):
-        raise UserError(f"--out {out}: no checkpoint there")
+        raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
     meta = read_checkpoint_meta(path)
+    if meta["config"]["teacher"] in ("toy", "digits"):
+        raise UserError(f"--out {out}: a run_toy.py run (teacher {meta['config']['teacher']}); export writes "
+                        "diffusers pipelines of image teachers, and this student's weights are already in its "
+                        "checkpoint.pt")
     cfg = Config(**{**meta["config"], "device": device_name})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     if cfg.mode == "lora":
@@ -2020,42 +2096,68 @@ def cmd_sample(student, prompt, seed, resolution, out_png, device_name):
     print(f"wrote {out_png}")
 
 
+EPILOG = f"""presets (--teacher NAME): {', '.join(HUB_IDS)}.
+A local diffusers pipeline folder or a hub id owner/repo works too (defaults shown as "a folder or hub id").
+The 2-D toy and the digits benchmark: python run_toy.py --help
+
+other commands:
+  python sid_flow.py sample --student OUT/student --prompt "a fox" --seed 0 --out fox.png   # draw from a student
+  python sid_flow.py export --out OUT [--weights ema|generator]                          # OUT/checkpoint -> OUT/student
+"""
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("sample", "export") else "distill"
     p = Parser(prog=f"sid_flow.py {command}" if command != "distill" else "sid_flow.py",
                description=__doc__.split("\n")[0])
     if command == "sample":
+        p.description = "Draw one image from an exported student with sid_flow's own sampler."
         p.add_argument("--student", required=True, help="an exported OUT/student folder")
-        p.add_argument("--prompt", required=True)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--resolution", type=int, default=0)
+        p.add_argument("--prompt", required=True, help="the text prompt")
+        p.add_argument("--seed", type=int, default=0, help="seed of the initial and re-noising draws [default: 0]")
+        p.add_argument("--resolution", type=int, default=0,
+                       help="image side in pixels [default: 0, the resolution the student was trained at]")
         p.add_argument("--out", required=True, help="the .png to write")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' "
+                                                         "[default: auto]")
         a = p.parse_args(argv)
         return cmd_sample(a.student, a.prompt, a.seed, a.resolution, a.out, a.device)
     if command == "export":
-        p.add_argument("--out", required=True, help="the run folder holding checkpoint.pt")
-        p.add_argument("--weights", default="ema", choices=("ema", "generator"))
-        p.add_argument("--device", default="auto")
+        p.description = "Write OUT/student, a stock diffusers pipeline, from a run's OUT/checkpoint (finished or not)."
+        p.add_argument("--out", required=True, help="the run folder of sid_flow.py holding its checkpoint")
+        p.add_argument("--weights", default="ema", choices=("ema", "generator"),
+                       help="which weights become the student [default: ema]")
+        p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' "
+                                                         "[default: auto]")
         a = p.parse_args(argv)
         return cmd_export(a.out, a.weights, a.device)
-    add_config_flags(p)
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan from the configs and exit")
+    p.usage = "python sid_flow.py --teacher NAME [options]   |   sid_flow.py sample ...   |   sid_flow.py export ..."
+    p.epilog = EPILOG
+    labels = {name: name for name in HUB_IDS} | {"a folder or hub id": None}  # the presets sid_flow.py distils
+    add_config_flags(p, skip=(), presets=labels, shown=dict(
+        teacher="required", out="out/NAME, NAME the teacher's"))
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan per GPU from the teacher's configs "
+                                                          "(no weights are downloaded) and exit")
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
-                   help="GPUs for the --dry-run plan (default: $WORLD_SIZE or 1)")
+                   help="GPUs for the --dry-run plan [default: $WORLD_SIZE, else 1]")
     p.add_argument("--bench", type=int, default=0, metavar="N",
-                   help="time N SiD iterations on a random-weight teacher of full size (no download); OUT/bench.json")
+                   help="time N SiD iterations on a random-weight teacher of full size (no download), writes OUT/bench.json")
     a = vars(p.parse_args(argv))
     dry_run, world_size, bench = a.pop("dry_run"), a.pop("world_size"), a.pop("bench")
     if a["teacher"] is None:
-        raise UserError(f"--teacher is required: a preset ({', '.join(PRESETS)}), a pipeline folder or a hub id")
+        raise UserError(f"--teacher is required: a preset ({', '.join(HUB_IDS)}), a pipeline folder or a hub id")
+    if a["teacher"] in PRESETS and a["teacher"] not in HUB_IDS:
+        hint = " --dataset digits" if a["teacher"] == "digits" else ""
+        raise UserError(f"--teacher {a['teacher']}: that teacher is trained by run_toy.py: "
+                        f"run `python run_toy.py{hint}`")
     preset = a["teacher"] if a["teacher"] in PRESETS else None
     a["out"] = a["out"] or f"out/{_slug(a['teacher'])}"
     cfg = make_config(preset, **a)
     if dry_run:
         if not cfg.resolution:
-            raise UserError("--dry-run needs --resolution for a teacher without a preset")
+            resolve_teacher(cfg.teacher)  # a misspelt name or an unreachable hub id says so first
+            raise UserError(f"--dry-run needs --resolution for {cfg.teacher}, which is not a preset")
         return cmd_dry_run(cfg, world_size)
     if bench:
         return cmd_bench(cfg, bench)
@@ -2063,7 +2165,10 @@ def main(argv=None):
 
 
 def _slug(name):
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in os.path.basename(name.rstrip("/")) or name)
+    """A folder name from a teacher name, path or hub id (its last part; '.', '..' and './x/' resolved first), or from
+    a run's description: letters, digits, '.', '-' and '_' only, never '' or a dot name."""
+    base = os.path.basename(os.path.abspath(name)) if os.path.exists(name) else name.rstrip("/").split("/")[-1]
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in base).strip(".") or "run"
 
 
 if __name__ == "__main__":

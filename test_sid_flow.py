@@ -307,7 +307,7 @@ def test_ema_update_closed_form():
         assert decay == 0.0 or not torch.allclose(ema.weight, net.weight)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, capsys):
     """A run stopped after 3 iterations and resumed to 6 ends with the same weights, EMA and optimizer state as an
     uninterrupted 6-iteration run with the same seed (uniform k, fresh noise: every RNG stream is restored)."""
     bb = _tiny_backbone()
@@ -315,8 +315,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = sf.distill(_cfg(tmp_path / "a", iters=6, **kw), bb)
     sf.distill(_cfg(tmp_path / "b", iters=3, **kw), bb)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False, map_location="cpu")["step"] == 3
+    capsys.readouterr()
     resumed = sf.distill(_cfg(tmp_path / "b", iters=6, **kw), bb)
     assert resumed["step"] == 6
+    assert capsys.readouterr().out.splitlines() == [f"resumed from {tmp_path / 'b' / 'checkpoint.pt'} at iteration 3"]
     for key in ("generator", "ema", "fake"):
         for (n, a), b in zip(full[key].state_dict().items(), resumed[key].state_dict().values()):
             assert torch.equal(a, b), (key, n)
@@ -361,17 +363,33 @@ def test_nonfinite_loss_stops_with_step_and_phase(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_energy_distance():
-    """(D15): the projection formula equals the brute-force pairwise U-statistic; it is ~0 for equal laws."""
+    """(D15): the projection formula equals the brute-force pairwise U- and V-statistics; ~0 for equal laws."""
     g = torch.Generator().manual_seed(0)
-    x, y = run_toy.checkerboard(700, g), run_toy.eight_gaussians(500, g)
+    x, y = run_toy.draw("checkerboard", 700, g), run_toy.draw("8gaussians", 500, g)
 
-    def mean_dist(a, b, same):
-        d = torch.cdist(a.double(), b.double())
-        return d.sum().item() / (len(a) * (len(b) - 1) if same else len(a) * len(b))
+    def mean_dist(a, b, pairs):
+        return torch.cdist(a.double(), b.double()).sum().item() / pairs
 
-    brute = 2 * mean_dist(x, y, False) - mean_dist(x, x, True) - mean_dist(y, y, True)
-    assert abs(run_toy.energy_distance(x, y) - brute) < 5e-5 * brute  # 128-direction quadrature
-    assert abs(run_toy.energy_distance(run_toy.checkerboard(4000, g), run_toy.checkerboard(4000, g))) < 3e-3
+    brute_u = 2 * mean_dist(x, y, 700 * 500) - mean_dist(x, x, 700 * 699) - mean_dist(y, y, 500 * 499)
+    brute_v = 2 * mean_dist(x, y, 700 * 500) - mean_dist(x, x, 700 ** 2) - mean_dist(y, y, 500 ** 2)
+    assert abs(run_toy.energy_distance(x, y) - brute_u) < 5e-5 * brute_u  # 128-direction quadrature
+    assert abs(run_toy.energy_distance(x, y, independent=False) - brute_v) < 5e-5 * brute_v
+    same = run_toy.draw("checkerboard", 4000, g), run_toy.draw("checkerboard", 4000, g)
+    assert abs(run_toy.energy_distance(*same)) < 3e-3
+
+
+def test_qmc_estimate_is_far_less_noisy_than_iid():
+    """The demo's randomised QMC estimate: independently scrambled Sobol replicates spread >= 30x less than the
+    estimate from independent draws of the same size, and its bias (the V-statistic's) is below 2e-5 at 4096 points."""
+    g = torch.Generator().manual_seed(0)
+    iid = torch.tensor([run_toy.energy_distance(run_toy.draw("checkerboard", 4096, g),
+                                                run_toy.draw("checkerboard", 4 * 4096, g)) for _ in range(6)])
+    ev = run_toy.Evaluation("checkerboard", 4096, replicates=6)
+    mean, se = ev.distance(ev.twin)  # another Sobol draw of the data against the reference: the floor
+    assert 0 <= mean < 2e-5 and se * math.sqrt(6) * 30 < iid.std().item()
+    z, draw = ev.inputs(0, 4)  # a 4-step sampler's inputs: z, then three re-noising draws, all different columns
+    cols = [z] + [draw(None) for _ in range(3)]
+    assert all(c.shape == (4096, 2) for c in cols) and len({round(c.sum().item(), 4) for c in cols}) == 4
 
 
 def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
@@ -380,19 +398,35 @@ def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
     monkeypatch.setitem(run_toy.TEACHER, "width", 64)
     monkeypatch.setitem(run_toy.TEACHER, "iters", 800)
     monkeypatch.setitem(run_toy.TEACHER, "batch", 512)
-    m = run_toy.main(["--out", str(tmp_path), "--iters", "150", "--batch-size", "512", "--n-eval", "5000",
+    m = run_toy.main(["--out", str(tmp_path), "--iters", "150", "--batch-size", "512", "--n-eval", "4096",
                       "--no-progress"])
-    ed = m["energy_distance"]
+    ed, se = m["energy_distance"], m["standard_error"]
     assert ed["SiD (4 steps, raw)"] < 0.3 * ed["teacher 4 steps"]
     assert ed["SiD (4 steps, EMA)"] < 0.5 * ed["teacher 4 steps"]  # the EMA lags in so short a run
+    assert se["teacher 128 steps"] < 0.1 * ed["teacher 128 steps"]  # the uncertainty resolves the teacher's distance
+    run = tmp_path / "checkerboard-batch-size-512-iters-150-n-eval-4096"
+    assert m["folder"] == str(run)
     for name in ("data", "teacher_4", "teacher_128", "student"):
-        arr = np.load(tmp_path / f"{name}.npy")
-        assert arr.shape == (5000, 2) and arr.dtype == np.float32 and np.isfinite(arr).all()
-    assert (tmp_path / "toy.png").stat().st_size > 10_000 and (tmp_path / "metrics.json").exists()
-    # the second run reuses the cached teacher
-    m2 = run_toy.main(["--out", str(tmp_path), "--iters", "2", "--batch-size", "64", "--n-eval", "500",
+        arr = np.load(run / f"{name}.npy")
+        assert arr.shape == (1024, 2) and arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert (run / "toy.png").stat().st_size > 10_000 and (run / "metrics.json").exists()
+    png = (run / "toy.png").read_bytes()
+    # the second run reuses the cached teacher and writes its own folder: the first run's figure stays
+    m2 = run_toy.main(["--out", str(tmp_path), "--iters", "2", "--batch-size", "64", "--n-eval", "512",
                        "--no-progress"])
-    assert m2["seconds"]["teacher"] == 0.0
+    assert m2["seconds"]["teacher"] == 0.0 and m2["folder"] != m["folder"] and (run / "toy.png").read_bytes() == png
+
+
+def test_toy_output_folders_do_not_collide():
+    """Every dataset, comparison and result-changing flag has its own results folder; I/O flags do not change it."""
+    def name(*argv):
+        a = run_toy.parse_args(list(argv))
+        return run_toy.run_name(a, {k: v for k, v in vars(a).items()
+                                    if k not in ("dataset", "compare", "n_eval", "data_aided")})
+    names = [name(), name("--dataset", "moons"), name("--compare"), name("--data-aided"), name("--alpha", "1.2"),
+             name("--weighting", "1/t"), name("--weighting", "1/t^2"), name("--n-eval", "4096")]
+    assert len(set(names)) == len(names) and all("/" not in n and n not in (".", "..") for n in names)
+    assert name() == "checkerboard" and name("--out", "x", "--no-progress", "--log-every", "5") == "checkerboard"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -401,14 +435,66 @@ def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
     (["--iters", "0"], "--iters must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--loss", "kl"], "invalid choice"),
+    (["--mode", "lora"], "--mode is a sid_flow.py flag for image teachers"),
+    (["--prompts", "p.txt"], "--prompts is a sid_flow.py flag for image teachers"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_toy_cli_bad_values(tmp_path, args, message):
-    """Bad flags: one line on stderr, exit status 2, nothing written."""
+    """Bad flags: one line on stderr, exit status 2, nothing written (no teacher was trained)."""
     out = tmp_path / "o"
     r = subprocess.run([sys.executable, os.path.join(HERE, "run_toy.py"), "--out", str(out), *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def _help_blocks(text):
+    """{'--flag': its help text, joined onto one line} from argparse's --help output."""
+    blocks, flag = {}, None
+    for line in text.split("\n\n", 2)[2].splitlines():
+        m = re.match(r"  (--[\w-]+)", line)
+        if m:
+            flag = m.group(1)
+            blocks[flag] = line
+        elif flag and line.startswith("    "):
+            blocks[flag] += " " + line.strip()
+        else:
+            flag = None
+    return {k: " ".join(v.split()) for k, v in blocks.items()}
+
+
+def test_cli_help_gives_every_flag_its_meaning_and_real_default():
+    """--help of both scripts: each Config flag with the comment beside its field and the default each preset really
+    gives it (sid_flow.py: every image preset and the plain Config for a folder or hub id; run_toy.py: the toy
+    preset); run_toy.py offers none of sid_flow.py's image-teacher flags. sid_flow.py's lists the presets and the
+    sample and export commands."""
+    comments = sf._field_comments()
+    assert set(comments) == {f.name for f in sf.dataclasses.fields(sf.Config)} and all(comments.values())
+    wide = dict(os.environ, COLUMNS="400")  # argparse wraps help at hyphens otherwise ("SiD- LSG")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, env=wide)
+    blocks = _help_blocks(r.stdout)
+    assert r.returncode == 0 and all(p in r.stdout for p in sf.HUB_IDS) and "sid_flow.py sample" in r.stdout
+    assert "sid_flow.py export" in r.stdout
+    for f in sf.dataclasses.fields(sf.Config):
+        help = blocks["--" + f.name.replace("_", "-")]
+        assert " ".join(comments[f.name].split()) in help and "[default: " in help, help
+        if f.name not in ("teacher", "out"):  # "[default: COMMON (label: value; ...)]" -> each preset's value
+            common, _, rest = re.search(r"\[default: (.*)\]$", help).group(1).partition(" (")
+            shown = dict(pair.split(": ", 1) for pair in rest.rstrip(")").split("; ") if pair)
+            for preset in list(sf.HUB_IDS) + [None]:
+                value = str(sf.PRESETS.get(preset, {}).get(f.name, f.default)) or "none"
+                assert shown.get(preset or "a folder or hub id", common) == value, (f.name, preset, help)
+    toy = sf.PRESETS["toy"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "run_toy.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, env=wide)
+    blocks = _help_blocks(r.stdout)
+    assert r.returncode == 0 and "(default: None)" not in r.stdout
+    for f in sf.dataclasses.fields(sf.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert (flag in blocks) == (f.name not in run_toy.NOT_HERE), flag
+        if flag in blocks and f.name != "out":
+            assert f"[default: {toy.get(f.name, f.default)}" in blocks[flag], blocks[flag]
 
 
 def test_config_presets():
@@ -668,6 +754,42 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_misleading_inputs_get_one_clear_line(tmp_path, monkeypatch):
+    """Each of these once said something wrong or long; now each is one line that names the way out, and fast."""
+    import time
+    from huggingface_hub import constants as hub_constants
+    cases = {  # argv -> what the line must say
+        (): "--teacher is required: a preset (sana-0.6b-512",
+        ("--teacher", "toy"): "run `python run_toy.py`",
+        ("--teacher", "digits"): "run `python run_toy.py --dataset digits`",
+        ("--teacher", "flux-devv", "--dry-run"): "--teacher flux-devv: not a preset (sana-0.6b-512",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(sf.UserError) as e:
+            sf.main(list(argv))
+        assert message in str(e.value) and "\n" not in str(e.value) and "digits," not in str(e.value), str(e.value)
+    # a hub id that is not in the cache, offline: at once, naming HF_HUB_OFFLINE (no minute of retries)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.time()
+    with pytest.raises(sf.UserError, match="HF_HUB_OFFLINE is set") as e:
+        sf.main(["--teacher", "nobody/no-model", "--dry-run", "--resolution", "64"])
+    assert time.time() - t0 < 10 and "\n" not in str(e.value)
+    # export of a run_toy.py run: says what that run is, not "--teacher toy: not a preset"
+    sf.distill(_cfg(tmp_path / "toy", iters=1), _tiny_backbone())
+    with pytest.raises(sf.UserError, match="a run_toy.py run"):
+        sf.main(["export", "--out", str(tmp_path / "toy")])
+
+
+def test_configs_only_cache_fails_in_one_line(tmp_path):
+    """A training run on the configs-only hub cache (assets/hf: --dry-run's) stops with one line, not a traceback."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=os.path.join(HERE, "assets", "hf"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "sana-0.6b-512", "--iters",
+                        "1", "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot load the pipeline"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 8. Data-aided SiD (D16): the fake network as the discriminator
 # ------------------------------------------------------------------------------------------------------------------
@@ -748,7 +870,7 @@ def test_data_aided_toy_schedule():
     """The generator is frozen until gan_freeze_images images have been seen, then trained; the GAN term joins at
     gan_start_images."""
     torch.manual_seed(0)
-    bb = sf.ToyBackbone(sf.ToyMLP(width=32, depth=2), real=run_toy.checkerboard)
+    bb = sf.ToyBackbone(sf.ToyMLP(width=32, depth=2), real=lambda n, g: run_toy.draw("checkerboard", n, g))
     cfg = _cfg(batch_size=64, gan_freeze_images=256, gan_start_images=512)
     gen, fake = bb.trainable_copy(), bb.trainable_copy()
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
