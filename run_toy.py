@@ -361,8 +361,7 @@ def step_cost(cfg, bb, iters=10):
     K forwards without gradient (roll-out + the fake phase's sample), the fake update (forward + backward, CFG
     batch), the generator step (forward + backward), teacher and fake forwards with their input-backward (CFG)."""
     gen, fake, _ = sf.make_students(cfg, bb)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, betas=(0.0, 0.999))
-    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=(0.0, 0.999))
+    opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
     rng = torch.Generator().manual_seed(0)
     B = cfg.batch_size
     cond = bb.encode([str(i % 10) for i in range(B)])
@@ -436,7 +435,7 @@ def main_digits(args, overrides):
     for name, extra in students.items():
         scfg = sf.make_config("digits", **{**overrides, **extra})
         # one folder per distinct config, as for the 2-D runs: the same command reuses its run, a changed flag retrains
-        scfg.out = os.path.join(cfg.out, "runs", f"{sf._slug(name)}-{_config_hash(scfg, 'digits', args.data_aided)}")
+        scfg.out = os.path.join(cfg.out, "runs", f"{sf.slug(name)}-{_config_hash(scfg, 'digits', args.data_aided)}")
         t0 = time.time()
         res = sf.distill(scfg, bb)
         t_distill[name] = time.time() - t0
@@ -526,7 +525,7 @@ def run_name(args, overrides):
     parts += [f"{k.replace('_', '-')}-{v}" for k, v in sorted(overrides.items())
               if v is not None and k not in NOT_RUN_FLAGS]
     parts += [f"n-eval-{args.n_eval}"] if args.n_eval != 16384 else []
-    return sf._slug("-".join(parts).replace("/", "_"))  # a '/' in a value ('1/t') would make a subfolder
+    return sf.slug("-".join(parts).replace("/", "_"))  # a '/' in a value ('1/t') would make a subfolder
 
 
 def main(argv=None):
@@ -567,7 +566,7 @@ def main(argv=None):
         name = name + (" data-aided" if aided and "data-aided" not in name else "")
         vcfg = sf.make_config("toy", **{**overrides, **extra})
         # one folder per distinct config: the same command resumes (or reuses) its run, a changed flag starts anew
-        vcfg.out = os.path.join(cfg.out, "runs", f"{sf._slug(name)}-{_config_hash(vcfg, args.dataset, aided)}")
+        vcfg.out = os.path.join(cfg.out, "runs", f"{sf.slug(name)}-{_config_hash(vcfg, args.dataset, aided)}")
         curve_path, ckpt_path = os.path.join(vcfg.out, "curve.json"), os.path.join(vcfg.out, "checkpoint.pt")
         done = torch.load(ckpt_path, weights_only=False)["step"] if os.path.exists(ckpt_path) else 0
         curve = [p for p in json.load(open(curve_path)) if p["step"] <= done] if os.path.exists(curve_path) else []

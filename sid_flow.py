@@ -1,17 +1,23 @@
 """sid_flow.py -- Score identity Distillation (SiD) of flow-matching models, in one file.
 
-Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are cited in the comments):
+Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are cited in the comments). It has two parts.
 
-    CONVENTIONS -> 1 path algebra (Bayes' rule) -> 2 times and weights -> 3 losses -> 4 few-step generator
-    -> 5 backbones (the toy MLP; SANA, SD3, FLUX; LoRA views; image data) -> 6 one SiD iteration
-    -> 7 the loop (EMA, checkpoints, logs) -> 7b runtime (device, ranks, FSDP2) -> 8 config, presets
-    -> 9 loading, export, memory plan, command line
+  PART I, THE METHOD -- everything the 2-D toy needs; a reader who stops at its end has the whole algorithm:
+    CONVENTIONS -> 1 path algebra (Bayes' rule) -> 2 times and weights -> 3 losses -> 4 the few-step generator
+    -> 5 the teacher interface (the toy MLP its first instance) -> 6 one SiD iteration (fake_update,
+    generator_update) -> 7 the loop (distill)
+  PART II, THE MACHINERY THAT SCALES IT -- a first reading may skip it; Part I reaches it only through the interface:
+    8 diffusers teachers (SANA, SD3, FLUX) -> 9 LoRA views -> 10 real images (data-aided) -> 11 runtime (device,
+    precision, ranks, FSDP2) and checkpoints -> 12 config and presets -> 13 loading, export, memory plan, benchmark,
+    command line
 
 Commands, by hardware:
     laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/checkerboard/
-    one or more GPUs:      python sid_flow.py --teacher sana-0.6b-512        # presets: see PRESETS (section 8)
+    one GPU:               python sid_flow.py --teacher sana-0.6b-512        # presets: see PRESETS (section 12)
                            python sid_flow.py --teacher flux-dev --prompts my_prompts.txt --iters 5000
                            python sid_flow.py --teacher ./my_pipeline_folder --resolution 512
+    a node of GPUs:        torchrun --nproc_per_node 8 sid_flow.py --teacher sd3.5-large --mode full --grad-checkpointing
+    before downloading:    python sid_flow.py --teacher flux-dev --dry-run   # the memory plan; --bench 3 times the loop
     sample the student:    python sid_flow.py sample --student out/flux-dev/student --prompt "a fox" --seed 0 --out fox.png
     export a checkpoint:   python sid_flow.py export --out out/flux-dev
     data-aided (D16):      python sid_flow.py --teacher sana-0.6b-512 --data my_images/   # x.png + x.txt captions
@@ -34,10 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# cuDNN's fused attention, torch's first choice for scaled_dot_product_attention on Hopper GPUs, returned NaN in the
-# backward pass through FLUX's joint attention on an H200 (torch 2.11) where the flash, memory-efficient and math
-# kernels agreed and stayed finite: it is switched off, and flash attention serves instead.
-torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+#                                        PART I -- THE METHOD
+# ------------------------------------------------------------------------------------------------------------------
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # CONVENTIONS (stated once; test_sid_flow.py::test_conventions checks them)
@@ -136,14 +144,14 @@ def flow_to_vp(x_t, t):
 # 2. Times and weights used during distillation                                                    (D12)
 # ------------------------------------------------------------------------------------------------------------------
 
-def sample_t(n, dist, generator, device, t_min=1e-3, t_max=1 - 1e-3):
+def sample_t(n, dist, rng, device, t_min=1e-3, t_max=1 - 1e-3):
     """Times for both updates. 'logit-normal' (official): t = sigmoid(N(ln 2, 1.6^2)), median 2/3 -- skewed to high
     noise; 'uniform': U(t_min, t_max). Clamped away from 0 and 1, where the conversions divide by t or 1 - t."""
     if dist == "logit-normal":
-        u = torch.randn(n, generator=generator, device=device) * 1.6 + math.log(2.0)
+        u = torch.randn(n, generator=rng, device=device) * 1.6 + math.log(2.0)
         t = torch.sigmoid(u)
     elif dist == "uniform":
-        t = torch.rand(n, generator=generator, device=device)
+        t = torch.rand(n, generator=rng, device=device)
     else:
         raise ValueError(f"unknown t distribution {dist!r}")
     return t.clamp(t_min, t_max)  # (B,)
@@ -237,9 +245,9 @@ def generator_times(K):
     return [1.0 - k / K for k in range(K)]
 
 
-def gaussian(generator=None):
-    """draw(x) -> fresh N(0, I) noise shaped like x, from `generator` (None: torch's global RNG)."""
-    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def gaussian(rng=None):
+    """draw(x) -> fresh N(0, I) noise shaped like x, from `rng` (a torch.Generator; None: torch's global RNG)."""
+    return lambda x: torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
 
 
 def renoise(x0, x_t, t, t_next, z, mode, draw):
@@ -298,15 +306,16 @@ def euler_sample(velocity_fn, z, steps):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 5. Backbones: every family quirk lives behind one interface                                      (D8)
+# 5. The teacher interface: every family quirk lives behind it                                   (D8)
 #
 # The loop sees a Backbone and three plain nn.Modules (teacher, fake, generator). It calls
 #     backbone.velocity(net, x_t, t, cond, guidance) -> v      (B, *D) -- CFG, timestep scale, packing inside
 #     backbone.sample_batch(n, rng, rows) -> (cond, x0_real)   conditioning (None for the toy); real data or None
-#     backbone.trainable_copy() -> nn.Module                   a float32 copy of the teacher (generator, fake)
+#     backbone.students(cfg, runtime) -> (generator, fake, ema)   all three starting as the teacher (D13)
 #     backbone.noise(shape, rng), backbone.step_noise(shape, rng)   N(0, I) draws, laid out as the stock pipeline's
 #     backbone.sample_shape                                    D, the shape of one sample
-# and never branches on the model family. (In LoRA mode the three modules are views of one base: see below.)
+# and never branches on the model family. The toy MLP is the first instance; the diffusers families (SANA, SD3,
+# FLUX), their LoRA mode and FSDP2 sharding are Part II.
 # ------------------------------------------------------------------------------------------------------------------
 
 class UserError(Exception):
@@ -377,6 +386,15 @@ class Backbone:
     def trainable_copy(self, dtype=torch.float32):
         return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
 
+    def students(self, cfg, runtime):
+        """(generator, fake, ema): three full copies of the teacher on one process, trainable weights in float32
+        (bf16 with --precision bf16). The diffusers families add LoRA mode and FSDP2 sharding (Part II)."""
+        if cfg.mode != "full" or runtime.world > 1:
+            raise UserError("the toy MLP trains in full mode on one process (LoRA and FSDP2 need a diffusers teacher)")
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        generator, fake = self.trainable_copy(dtype), self.trainable_copy(dtype)
+        return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
+
     def noise(self, shape, rng):
         """N(0, I) in the sample layout (B, *D), drawn from `rng` as the stock pipeline draws its initial noise."""
         return torch.randn(shape, generator=rng, device=self.device)
@@ -403,6 +421,208 @@ class ToyBackbone(Backbone):
         """(cond, x0_real) for `rows` of a batch of n: no conditioning; real samples only in data-aided runs."""
         return None, (self.real(n, rng)[rows] if self.real else None)
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample        (D9)-(D14)
+# ------------------------------------------------------------------------------------------------------------------
+
+def gan_schedule(cfg, images_seen):
+    """Data-aided schedule, in generator images seen (so it holds at any batch size): the generator is frozen for the
+    first cfg.gan_freeze_images; from cfg.gan_start_images its objective is (1 - gan_weight) SiD + gan_weight GAN.
+    Returns (update_generator, gan_weight now)."""
+    return images_seen >= cfg.gan_freeze_images, (cfg.gan_weight if images_seen >= cfg.gan_start_images else 0.0)
+
+
+def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
+    """One iteration of Algorithm 1 (derivation.md): cfg.fake_updates fake updates, then one generator update, on
+    the same generator sample. Returns a dict of diagnostics; a phase whose loss is not finite skips its optimizer
+    step and is named under 'nonfinite' (the loop decides when to stop)."""
+    runtime = runtime or Runtime()
+    B, K = cfg.batch_size, cfg.steps
+    device = next(generator.parameters()).device
+    # every random draw is made for the WHOLE global batch from the same rng on every rank, and each rank keeps its
+    # own rows: ranks see different samples, and one process with the same global batch sees the same numbers
+    n, rows = B * runtime.world, slice(runtime.rank * B, (runtime.rank + 1) * B)
+    shape = (n, *backbone.sample_shape)
+    # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13). Drawn from
+    # (seed, images seen): every rank must run the same number of (collective) forwards
+    k_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + images_seen)
+    k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=k_rng).item())
+    z = backbone.noise(shape, rng)[rows]  # (B, *D) initial noise
+    cond, x0_real = backbone.sample_batch(n, rng, rows)  # prompts (or None) and real samples (or None)
+    update_generator, gan_weight = gan_schedule(cfg, images_seen) if x0_real is not None else (True, 0.0)
+
+    def G(x, t):  # the student: no two-branch CFG (cfg.student_guidance is 1, or FLUX's embedded guidance)
+        return backbone.velocity(generator, x, t, cond, cfg.student_guidance)
+
+    # backward simulation: steps 1..k-1 without gradient; x_in is the input of the trained step k
+    with autocast(cfg, device):
+        x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, lambda x: backbone.step_noise(shape, rng)[rows])
+    with torch.no_grad(), autocast(cfg, device):
+        # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
+        x_g = generator_step(G, x_in, t_in).float()  # (B, *D); extra fake updates reuse it with fresh t and eps
+    out = {"k": k, "nonfinite": []}
+    for _ in range(cfg.fake_updates):
+        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        ok, diagnostics = fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime)
+        out.update(diagnostics)
+        out["nonfinite"] += [] if ok else ["fake"]
+    if update_generator:
+        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        ok, diagnostics = generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond,
+                                           gan_weight, runtime)
+        out.update(diagnostics)
+        out["nonfinite"] += [] if ok else ["generator"]
+    return out
+
+
+def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime):
+    """Plain flow matching of the fake network on the generator's (detached) samples x_g (D9). With real samples
+    (data-aided SiD, D16) the fake network is also the discriminator: the real samples are noised with the same
+    eps and t as the fakes. Returns (stepped?, diagnostics)."""
+    B, out = x_g.shape[0], {}
+    with autocast(cfg, x_g.device), capture_features(fake) as hidden:
+        v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, cfg.cfg_train_fake)  # (B, *D)
+        loss = flow_matching_loss(v_fake.float(), x_g, eps, t).mean()
+        if x0_real is not None:
+            backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, 1.0)  # its features: hidden[-1]
+            loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
+            loss = loss + loss_d
+            out["loss_d"] = loss_d.item()
+    # a plain backward: the fake network's weights are the only trainable tensors in this graph (x_g came from
+    # torch.no_grad, the teacher is frozen)
+    ok = runtime.update(loss, fake, opt_fake)
+    out["loss_fake"] = loss.item()
+    return ok, out
+
+
+def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime):
+    """The generator update (D11) through its step k (input x_in at time t_in); + the adversarial term if
+    data-aided (D16). DMD (D14) uses the same calls with the networks as fixed critics. Returns (stepped?, diagnostics)."""
+    B, out = x_in.shape[0], {}
+    with autocast(cfg, x_in.device):
+        x_g = generator_step(lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance),
+                             x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
+        x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
+        critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
+        with critic, capture_features(fake) as hidden:
+            x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(backbone.teacher, x_t, t, cond,
+                                                                  cfg.cfg_eval_real).float())  # (B, *D)
+            x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, cfg.cfg_eval_fake).float())
+    w = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
+    if cfg.loss == "sid":
+        loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, w).mean()
+    else:
+        loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, w).mean()
+    if gan_weight > 0:  # the fake network's features of the generator's x_t, from the call just made
+        loss_gan = gan_generator_loss(pooled_logits(hidden[-1], B), w).mean()
+        loss = (1 - gan_weight) * loss + gan_weight * loss_gan
+        out["loss_gan"] = loss_gan.item()
+
+    def backward():
+        # Gradient routing, in two stages. (1) d loss / d x_g: through x_g itself and through x_t into BOTH networks'
+        # inputs; autograd.grad accumulates into no weight, so neither the fake network nor the teacher receives a
+        # gradient from this loss. (2) that gradient pushed back through the generator alone. Both are plain
+        # backward passes of the graph as built, which is what FSDP2 needs: its graph holds the unsharded weight
+        # copies, whose hooks reduce-scatter into the shards (backward(inputs=<sharded weights>) would reach none).
+        (grad_x_g,) = torch.autograd.grad(loss, x_g)  # (B, *D)
+        x_g.backward(grad_x_g)
+    ok = runtime.update(loss, generator, opt_gen, backward)
+    with torch.no_grad():
+        # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
+        out["score_gap"] = _sum_pixels((x0_teacher - x0_fake).float() ** 2).mean().item()
+    out["loss_gen"] = loss.item()
+    return ok, out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 7. The loop: EMA, learning rate, students and optimizers, distill()
+# ------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ema_update(ema, net, decay, step):
+    """EMA with warm-up: the effective decay min(decay, (1 + step) / (10 + step)) lets the average follow the fast
+    early moves away from the teacher and average only once training settles."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
+
+
+def lr_scale(cfg, step):
+    """Learning-rate multiplier at `step`: 1 ('constant', official) or a cosine from 1 to 0 over cfg.iters."""
+    return 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
+
+
+def make_students(cfg, backbone, runtime=None):
+    """(generator, fake, ema), all starting as the teacher (D13), as the backbone makes them."""
+    return backbone.students(cfg, runtime or Runtime())
+
+
+def make_optimizers(cfg, generator, fake):
+    """Adam(beta1 = 0, beta2 = 0.999) for the generator and the fake network (official: no momentum)."""
+    # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
+    # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
+    adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps, foreach=False)
+    return (torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
+            torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam))
+
+
+def distill(cfg, backbone, on_eval=None, runtime=None):
+    """Distil `backbone.teacher` into a K-step generator. Resumes from cfg.out's checkpoint when there is one.
+    `on_eval(step, generator, ema)` is called (on every rank) every cfg.eval_every iterations and at the end.
+    Returns dict(generator=, ema=, fake=, step=, skipped=)."""
+    runtime = runtime or Runtime()
+    torch.manual_seed(cfg.seed)  # every rank the same: identical initial weights (FSDP2 broadcasts nothing)
+    generator, fake, ema = make_students(cfg, backbone, runtime)
+    runtime.same_on_all_ranks([generator, fake, ema], "initial weights")
+    if cfg.grad_checkpointing:  # recompute activations in backward: memory for time, in all three networks
+        for net in (generator, fake, backbone.teacher):
+            net.enable_gradient_checkpointing()
+    opt_gen, opt_fake = make_optimizers(cfg, generator, fake)
+    # the loop's only source of randomness, the same on every rank (each keeps its rows of the global batch);
+    # the global RNGs are never drawn from, so this state is all a checkpoint needs to resume exactly
+    rng = torch.Generator(runtime.device or next(generator.parameters()).device).manual_seed(cfg.seed)
+    run = Checkpoint(cfg, runtime, dict(generator=(generator, opt_gen), fake=(fake, opt_fake), ema=(ema, None)))
+    step, skipped = run.load(rng)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.iters, initial=step, disable=not (cfg.progress and run.writer), dynamic_ncols=True,
+               desc=cfg.loss.upper() if cfg.loss == "dmd" else "SiD")
+    in_a_row, t0 = 0, time.time()
+    while step < cfg.iters:
+        for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_scale(cfg, step)
+        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, step * cfg.batch_size * runtime.world,
+                          runtime)
+        step += 1
+        skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
+        if in_a_row >= cfg.max_nonfinite:
+            raise FloatingPointError(
+                f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} ({in_a_row} in a row, "
+                f"{skipped} skipped in all); the last good checkpoint is kept")
+        ema_update(ema, generator, cfg.ema_decay, step)
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            run.log(bar, m, step, skipped, time.time() - t0)
+        if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
+            on_eval(step, generator, ema)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
+            run.save(rng, step, skipped)
+        bar.update(1)
+    bar.close()
+    run.save(rng, step, skipped)
+    if not run.sharded:
+        runtime.same_on_all_ranks([generator, fake, ema], "final weights")
+    return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped, optimizers=(opt_gen, opt_fake))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+#                        PART II -- THE MACHINERY THAT SCALES IT (a first reading may stop here)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 8. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface
+# ------------------------------------------------------------------------------------------------------------------
 
 # The three diffusers families. Everything they do differently is in the five small methods a subclass overrides;
 # DiTBackbone holds what they share: the prompt cache, classifier-free guidance, latent shapes, decoding, export.
@@ -479,10 +699,7 @@ class DiTBackbone(Backbone):
     # --- shared ---------------------------------------------------------------------------------------------------
     def latent_shape(self, resolution):
         f = self.pipe.vae_scale_factor
-        p = self.teacher.config.patch_size * self.packing
-        if resolution <= 0 or resolution % (f * p):
-            raise UserError(f"--resolution {resolution}: must be a positive multiple of {f * p} for this teacher "
-                            f"(VAE factor {f} x patch {p})")
+        check_resolution(resolution, f, self.teacher.config.patch_size * self.packing)
         c = self.teacher.config.in_channels // self.packing ** 2
         return (c, resolution // f, resolution // f)
 
@@ -538,6 +755,18 @@ class DiTBackbone(Backbone):
     def _dtype(self, net):
         """The dtype to feed `net`: its weights' (a LoRA view: its base's, not the float32 adapters')."""
         return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
+
+    def students(self, cfg, runtime):
+        """Three LoRA adapters on the teacher itself ('lora' mode); or three full copies, which under torchrun are
+        built already sharded after the teacher (sharded_copy): no GPU ever holds an unsharded trainable copy."""
+        if cfg.mode == "lora":
+            return lora_students(self, cfg.lora_rank)
+        if runtime.world == 1:
+            return super().students(cfg, runtime)
+        shard(self.teacher)
+        dtype, mp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32, student_precision(cfg)
+        return (sharded_copy(self.teacher, dtype, mp, True), sharded_copy(self.teacher, dtype, mp, True),
+                sharded_copy(self.teacher, dtype, mp, False))
 
 
 class SanaBackbone(DiTBackbone):
@@ -619,12 +848,16 @@ class FluxBackbone(DiTBackbone):
         return self.unpack(n, h, w)
 
 
-# --- LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base --------
+FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 9. LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base
+# ------------------------------------------------------------------------------------------------------------------
 #
 # Two peft pitfalls, handled here once: (1) peft's set_adapter() makes ONLY the active adapter trainable, so after every
 # switch the requires_grad flags are put back (generator and fake train, ema does not), otherwise a backward pass after
 # a switch would silently skip the other adapter; (2) gradient checkpointing recomputes a block during backward, when
-# another adapter may be active, so the checkpoint function records the adapter of the forward pass and replays it.
 # another adapter may be active, so the checkpoint function records the adapter of the forward pass and replays it --
 # on that block's own LoRA layers only (a switch of the whole base would visit every module of it once per block).
 
@@ -762,7 +995,9 @@ def lora_students(backbone, rank):
     return views
 
 
-# --- real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE --------
+# ------------------------------------------------------------------------------------------------------------------
+# 10. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE
+# ------------------------------------------------------------------------------------------------------------------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -847,138 +1082,130 @@ def encode_data(backbone, path, cache_path):
     return latents, captions, skipped
 
 
-FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample        (D9)-(D14)
+# 11. Runtime: device, precision, ranks, FSDP2 -- and checkpoints. The losses and samplers never see any of it
 # ------------------------------------------------------------------------------------------------------------------
 
-def gan_schedule(cfg, images_seen):
-    """Data-aided schedule, in generator images seen (so it holds at any batch size): the generator is frozen for the
-    first cfg.gan_freeze_images; from cfg.gan_start_images its objective is (1 - gan_weight) SiD + gan_weight GAN.
-    Returns (update_generator, gan_weight now)."""
-    return images_seen >= cfg.gan_freeze_images, (cfg.gan_weight if images_seen >= cfg.gan_start_images else 0.0)
+# cuDNN's fused attention, torch's first choice for scaled_dot_product_attention on Hopper GPUs, returned NaN in the
+# backward pass through FLUX's joint attention on an H200 (torch 2.11) where the flash, memory-efficient and math
+# kernels agreed and stayed finite: it is switched off, and flash attention serves instead.
+torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
-    """One iteration of Algorithm 1 (derivation.md): cfg.fake_updates fake updates, then one generator update, on
-    the same generator sample. Returns a dict of diagnostics; a phase whose loss is not finite skips its optimizer
-    step and is named under 'nonfinite' (the loop decides when to stop)."""
-    runtime = runtime or Runtime()
-    B, K = cfg.batch_size, cfg.steps
-    device = next(generator.parameters()).device
-    # every random draw is made for the WHOLE global batch from the same rng on every rank, and each rank keeps its
-    # own rows: ranks see different samples, and one process with the same global batch sees the same numbers
-    n, rows = B * runtime.world, slice(runtime.rank * B, (runtime.rank + 1) * B)
-    shape = (n, *backbone.sample_shape)
-    # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13). Drawn from
-    # (seed, images seen): every rank must run the same number of (collective) forwards
-    k_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + images_seen)
-    k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=k_rng).item())
-    z = backbone.noise(shape, rng)[rows]  # (B, *D) initial noise
-    cond, x0_real = backbone.sample_batch(n, rng, rows)  # prompts (or None) and real samples (or None)
-    update_generator, gan_weight = gan_schedule(cfg, images_seen) if x0_real is not None else (True, 0.0)
-
-    def G(x, t):  # the student: no two-branch CFG (cfg.student_guidance is 1, or FLUX's embedded guidance)
-        return backbone.velocity(generator, x, t, cond, cfg.student_guidance)
-
-    # backward simulation: steps 1..k-1 without gradient; x_in is the input of the trained step k
-    with autocast(cfg, device):
-        x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, lambda x: backbone.step_noise(shape, rng)[rows])
-    with torch.no_grad(), autocast(cfg, device):
-        # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
-        x_g = generator_step(G, x_in, t_in).float()  # (B, *D); extra fake updates reuse it with fresh t and eps
-    out = {"k": k, "nonfinite": []}
-    for _ in range(cfg.fake_updates):
-        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
-        ok, diagnostics = fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime)
-        out.update(diagnostics)
-        out["nonfinite"] += [] if ok else ["fake"]
-    if update_generator:
-        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
-        ok, diagnostics = generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond,
-                                           gan_weight, runtime)
-        out.update(diagnostics)
-        out["nonfinite"] += [] if ok else ["generator"]
-    return out
+def autocast(cfg, device):
+    """bf16 autocast for --precision bf16-autocast and bf16, on the CPU exactly as on CUDA (so the CPU tests run the
+    GPU's code path); a no-op in fp32."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime):
-    """Plain flow matching of the fake network on the generator's (detached) samples x_g (D9). With real samples
-    (data-aided SiD, D16) the fake network is also the discriminator: the real samples are noised with the same
-    eps and t as the fakes. Returns (stepped?, diagnostics)."""
-    B, out = x_g.shape[0], {}
-    with autocast(cfg, x_g.device), capture_features(fake) as hidden:
-        v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, cfg.cfg_train_fake)  # (B, *D)
-        loss = flow_matching_loss(v_fake.float(), x_g, eps, t).mean()
-        if x0_real is not None:
-            backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, 1.0)  # its features: hidden[-1]
-            loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
-            loss = loss + loss_d
-            out["loss_d"] = loss_d.item()
-    # a plain backward: the fake network's weights are the only trainable tensors in this graph (x_g came from
-    # torch.no_grad, the teacher is frozen)
-    ok = runtime.update(loss, fake, opt_fake)
-    out["loss_fake"] = loss.item()
-    return ok, out
+class Runtime:
+    """Where the ranks live, so the math never sees them. One process: rank 0 of 1. Under torchrun: full mode shards
+    every network with FSDP2 (gradients are reduce-scattered inside backward, averaged over ranks); LoRA mode keeps a
+    replica of the adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does
+    it, done by hand because DDP's wrapper expects every forward to be followed by a backward into its own weights,
+    and SiD's generator phase runs the fake network forward without training it."""
+
+    def __init__(self, rank=0, world=1, device=None, average_grads=False):
+        self.rank, self.world, self.device, self.average_grads = rank, world, device, average_grads
+
+    def all_finite(self, loss):
+        """Skip decisions must agree on every rank (a backward is a collective under FSDP)."""
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def update(self, loss, net, opt, backward=None):
+        """One optimizer step of `net` on `loss`: `backward()` (default loss.backward()) must put gradient into
+        net's trainable weights only. Returns False (and steps nothing) when the loss is not finite on some rank."""
+        opt.zero_grad(set_to_none=True)
+        if not self.all_finite(loss):
+            return False
+        (backward or loss.backward)()
+        if self.average_grads and self.world > 1:
+            import torch.distributed as dist
+            for p in net.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
+        opt.step()
+        return True
+
+    def same_on_all_ranks(self, nets, what):
+        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the local tensors)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        local = torch.stack([sum((p.detach().float().to_local() if hasattr(p, "to_local") else p.detach().float())
+                                 .double().pow(k).sum() for n in nets for p in n.parameters()) for k in (1, 2)])
+        local = local.to(self.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        sharded = any(hasattr(p, "to_local") for n in nets for p in n.parameters())
+        if not sharded and not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
+            raise RuntimeError(f"{what}: the ranks hold different weights")
 
 
-def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime):
-    """The generator update (D11) through its step k (input x_in at time t_in); + the adversarial term if
-    data-aided (D16). DMD (D14) uses the same calls with the networks as fixed critics. Returns (stepped?, diagnostics)."""
-    B, out = x_in.shape[0], {}
-    with autocast(cfg, x_in.device):
-        x_g = generator_step(lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance),
-                             x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
-        x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
-        critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
-        with critic, capture_features(fake) as hidden:
-            x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(backbone.teacher, x_t, t, cond,
-                                                                  cfg.cfg_eval_real).float())  # (B, *D)
-            x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, cfg.cfg_eval_fake).float())
-    w = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
-    if cfg.loss == "sid":
-        loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, w).mean()
-    else:
-        loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, w).mean()
-    if gan_weight > 0:  # the fake network's features of the generator's x_t, from the call just made
-        loss_gan = gan_generator_loss(pooled_logits(hidden[-1], B), w).mean()
-        loss = (1 - gan_weight) * loss + gan_weight * loss_gan
-        out["loss_gan"] = loss_gan.item()
+def setup_runtime(cfg):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then join the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Runtime(device=resolve_device(cfg.device))
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world, device, average_grads=cfg.mode == "lora")
 
-    def backward():
-        # Gradient routing, in two stages. (1) d loss / d x_g: through x_g itself and through x_t into BOTH networks'
-        # inputs; autograd.grad accumulates into no weight, so neither the fake network nor the teacher receives a
-        # gradient from this loss. (2) that gradient pushed back through the generator alone. Both are plain
-        # backward passes of the graph as built, which is what FSDP2 needs: its graph holds the unsharded weight
-        # copies, whose hooks reduce-scatter into the shards (backward(inputs=<sharded weights>) would reach none).
-        (grad_x_g,) = torch.autograd.grad(loss, x_g)  # (B, *D)
-        x_g.backward(grad_x_g)
-    ok = runtime.update(loss, generator, opt_gen, backward)
+
+def student_precision(cfg):
+    """FSDP2's mixed-precision policy for the trainable copies: with bf16 autocast over float32 masters, all-gather
+    the weights in bf16 (half the traffic and unsharded memory) and reduce-scatter gradients in float32."""
+    if cfg.precision != "bf16-autocast":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard(net, mp_policy=None, device_type=None):
+    """FSDP2: each transformer block its own unit, then the root, on a mesh of the network's device type (FSDP2's
+    default mesh is the accelerator's, which a CPU run on a GPU machine must not use)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
+    for child in net.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block, **kw)
+    fully_shard(net, **kw)
+    return net
+
+
+def sharded_copy(teacher, dtype, mp_policy, trainable):
+    """A copy of the sharded teacher, built shard by shard: the module is made on the meta device (no memory),
+    sharded like the teacher, allocated, and each rank fills its own shards from the teacher's, cast to `dtype`."""
+    with torch.device("meta"):
+        net = type(teacher).from_config(teacher.config).to(dtype)
+    device = next(teacher.parameters()).device
+    net.requires_grad_(trainable).train(trainable)
+    shard(net, mp_policy, device.type)  # the module is still on the meta device: the mesh is the teacher's
+    net.to_empty(device=device)
     with torch.no_grad():
-        # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
-        out["score_gap"] = _sum_pixels((x0_teacher - x0_fake).float() ** 2).mean().item()
-    out["loss_gen"] = loss.item()
-    return ok, out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# 7. The loop: EMA, checkpoints (atomic, resumable), JSONL log, progress bar, non-finite policy
-# ------------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def ema_update(ema, net, decay, step):
-    """EMA with warm-up: the effective decay min(decay, (1 + step) / (10 + step)) lets the average follow the fast
-    early moves away from the teacher and average only once training settles."""
-    decay = min(decay, (1 + step) / (10 + step))
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
-
-
-def lr_scale(cfg, step):
-    """Learning-rate multiplier at `step`: 1 ('constant', official) or a cosine from 1 to 0 over cfg.iters."""
-    return 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
+        for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
+            assert n == m, (n, m)
+            p.to_local().copy_(q.to_local())  # the same FSDP2 layout: local shard to local shard
+        for b, c in zip(net.buffers(), teacher.buffers(), strict=True):
+            b.copy_(c)  # buffers are not sharded
+    return net
 
 
 def atomic_save(obj, path):
@@ -990,83 +1217,6 @@ def atomic_save(obj, path):
 
 # config fields that may change when a run is resumed (everything else must match the checkpoint)
 RESUMABLE_FIELDS = ("iters", "out", "log_every", "save_every", "eval_every", "device", "progress")
-
-
-def make_students(cfg, backbone, runtime=None):
-    """(generator, fake, ema), all starting as the teacher (D13): three full copies ('full' mode; trainable weights
-    in float32, or bf16 with --precision bf16), or three LoRA adapters on the teacher itself ('lora' mode). Under
-    torchrun, full mode shards the teacher and builds each copy already sharded (sharded_copy): no GPU ever holds an
-    unsharded trainable copy."""
-    runtime = runtime or Runtime()
-    if cfg.mode == "lora":
-        if not isinstance(backbone, DiTBackbone):
-            raise UserError("--mode lora needs a diffusers teacher (the toy MLP trains in full mode)")
-        return lora_students(backbone, cfg.lora_rank)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    if runtime.world > 1:
-        shard(backbone.teacher)
-        mp = student_precision(cfg)
-        return (sharded_copy(backbone.teacher, dtype, mp, True), sharded_copy(backbone.teacher, dtype, mp, True),
-                sharded_copy(backbone.teacher, dtype, mp, False))
-    generator, fake = backbone.trainable_copy(dtype), backbone.trainable_copy(dtype)
-    return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
-
-
-def make_optimizers(cfg, generator, fake):
-    """Adam(beta1 = 0, beta2 = 0.999) for the generator and the fake network (official: no momentum)."""
-    # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
-    # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
-    adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps, foreach=False)
-    return (torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
-            torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam))
-
-
-def distill(cfg, backbone, on_eval=None, runtime=None):
-    """Distil `backbone.teacher` into a K-step generator. Resumes from cfg.out's checkpoint when there is one.
-    `on_eval(step, generator, ema)` is called (on every rank) every cfg.eval_every iterations and at the end.
-    Returns dict(generator=, ema=, fake=, step=, skipped=)."""
-    runtime = runtime or Runtime()
-    torch.manual_seed(cfg.seed)  # every rank the same: identical initial weights (FSDP2 broadcasts nothing)
-    generator, fake, ema = make_students(cfg, backbone, runtime)
-    runtime.same_on_all_ranks([generator, fake, ema], "initial weights")
-    if cfg.grad_checkpointing:  # recompute activations in backward: memory for time, in all three networks
-        for net in (generator, fake, backbone.teacher):
-            net.enable_gradient_checkpointing()
-    opt_gen, opt_fake = make_optimizers(cfg, generator, fake)
-    # the loop's only source of randomness, the same on every rank (each keeps its rows of the global batch);
-    # the global RNGs are never drawn from, so this state is all a checkpoint needs to resume exactly
-    rng = torch.Generator(runtime.device or next(generator.parameters()).device).manual_seed(cfg.seed)
-    run = Checkpoint(cfg, runtime, dict(generator=(generator, opt_gen), fake=(fake, opt_fake), ema=(ema, None)))
-    step, skipped = run.load(rng)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.iters, initial=step, disable=not (cfg.progress and run.writer), dynamic_ncols=True,
-               desc=cfg.loss.upper() if cfg.loss == "dmd" else "SiD")
-    in_a_row, t0 = 0, time.time()
-    while step < cfg.iters:
-        for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
-            for group in opt.param_groups:
-                group["lr"] = lr * lr_scale(cfg, step)
-        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, step * cfg.batch_size * runtime.world,
-                          runtime)
-        step += 1
-        skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
-        if in_a_row >= cfg.max_nonfinite:
-            raise FloatingPointError(
-                f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} ({in_a_row} in a row, "
-                f"{skipped} skipped in all); the last good checkpoint is kept")
-        ema_update(ema, generator, cfg.ema_decay, step)
-        if step % cfg.log_every == 0 or step == cfg.iters:
-            run.log(bar, m, step, skipped, time.time() - t0)
-        if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
-            on_eval(step, generator, ema)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
-            run.save(rng, step, skipped)
-        bar.update(1)
-    bar.close()
-    run.save(rng, step, skipped)
-    if not run.sharded:
-        runtime.same_on_all_ranks([generator, fake, ema], "final weights")
-    return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped, optimizers=(opt_gen, opt_fake))
 
 
 class Checkpoint:
@@ -1219,127 +1369,7 @@ def replace_path(tmp, path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 7b. Runtime: device, precision, ranks and sharding -- the losses and samplers never see any of it
-# ------------------------------------------------------------------------------------------------------------------
-
-def autocast(cfg, device):
-    """bf16 autocast for --precision bf16-autocast and bf16, on the CPU exactly as on CUDA (so the CPU tests run the
-    GPU's code path); a no-op in fp32."""
-    if cfg.precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-class Runtime:
-    """Where the ranks live, so the math never sees them. One process: rank 0 of 1. Under torchrun: full mode shards
-    every network with FSDP2 (gradients are reduce-scattered inside backward, averaged over ranks); LoRA mode keeps a
-    replica of the adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does
-    it, done by hand because DDP's wrapper expects every forward to be followed by a backward into its own weights,
-    and SiD's generator phase runs the fake network forward without training it."""
-
-    def __init__(self, rank=0, world=1, device=None, average_grads=False):
-        self.rank, self.world, self.device, self.average_grads = rank, world, device, average_grads
-
-    def all_finite(self, loss):
-        """Skip decisions must agree on every rank (a backward is a collective under FSDP)."""
-        ok = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
-
-    def update(self, loss, net, opt, backward=None):
-        """One optimizer step of `net` on `loss`: `backward()` (default loss.backward()) must put gradient into
-        net's trainable weights only. Returns False (and steps nothing) when the loss is not finite on some rank."""
-        opt.zero_grad(set_to_none=True)
-        if not self.all_finite(loss):
-            return False
-        (backward or loss.backward)()
-        if self.average_grads and self.world > 1:
-            import torch.distributed as dist
-            for p in net.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
-        opt.step()
-        return True
-
-    def same_on_all_ranks(self, nets, what):
-        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the local tensors)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-        local = torch.stack([sum((p.detach().float().to_local() if hasattr(p, "to_local") else p.detach().float())
-                                 .double().pow(k).sum() for n in nets for p in n.parameters()) for k in (1, 2)])
-        local = local.to(self.device)
-        gathered = [torch.zeros_like(local) for _ in range(self.world)]
-        dist.all_gather(gathered, local)
-        sharded = any(hasattr(p, "to_local") for n in nets for p in n.parameters())
-        if not sharded and not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
-            raise RuntimeError(f"{what}: the ranks hold different weights")
-
-
-def setup_runtime(cfg):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then join the process group (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return Runtime(device=resolve_device(cfg.device))
-    import torch.distributed as dist
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world, device, average_grads=cfg.mode == "lora")
-
-
-def student_precision(cfg):
-    """FSDP2's mixed-precision policy for the trainable copies: with bf16 autocast over float32 masters, all-gather
-    the weights in bf16 (half the traffic and unsharded memory) and reduce-scatter gradients in float32."""
-    if cfg.precision != "bf16-autocast":
-        return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-
-def shard(net, mp_policy=None, device_type=None):
-    """FSDP2: each transformer block its own unit, then the root, on a mesh of the network's device type (FSDP2's
-    default mesh is the accelerator's, which a CPU run on a GPU machine must not use)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
-    kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
-    for child in net.children():
-        if isinstance(child, nn.ModuleList):
-            for block in child:
-                fully_shard(block, **kw)
-    fully_shard(net, **kw)
-    return net
-
-
-def sharded_copy(teacher, dtype, mp_policy, trainable):
-    """A copy of the sharded teacher, built shard by shard: the module is made on the meta device (no memory),
-    sharded like the teacher, allocated, and each rank fills its own shards from the teacher's, cast to `dtype`."""
-    with torch.device("meta"):
-        net = type(teacher).from_config(teacher.config).to(dtype)
-    device = next(teacher.parameters()).device
-    net.requires_grad_(trainable).train(trainable)
-    shard(net, mp_policy, device.type)  # the module is still on the meta device: the mesh is the teacher's
-    net.to_empty(device=device)
-    with torch.no_grad():
-        for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
-            assert n == m, (n, m)
-            p.to_local().copy_(q.to_local())  # the same FSDP2 layout: local shard to local shard
-        for b, c in zip(net.buffers(), teacher.buffers(), strict=True):
-            b.copy_(c)  # buffers are not sharded
-    return net
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# 8. Config: one typed place for every default; presets by name override a few fields; the CLI is generated
+# 12. Config: one typed place for every default; presets by name override a few fields; the CLI is generated
 # ------------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -1526,7 +1556,7 @@ def resolve_device(name):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 9. Teachers from disk or hub, the exported student, previews, and the command line
+# 13. Teachers from disk or hub, the memory plan, the benchmark, export, previews, and the command line
 # ------------------------------------------------------------------------------------------------------------------
 
 def preset_configs(name):
@@ -1996,8 +2026,11 @@ def cmd_distill(cfg):
         raise UserError(f"--data {cfg.data}: no such file or folder")
     prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS  # bad input fails before any loading
     src, family = resolve_teacher(cfg.teacher)
+    if cfg.resolution:  # bad values that the configs can judge fail here, before any weights load
+        check_resolution(cfg.resolution, vae_factor(src, family),
+                         meta_transformer(src).config.patch_size * FAMILIES[family].packing)
     runtime = setup_runtime(cfg)
-    check_fits(cfg, src, family, runtime)  # before any weights load
+    check_fits(cfg, src, family, runtime)
     backbone = load_backbone(cfg, runtime.device, src, family)
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
         latents, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
@@ -2028,6 +2061,13 @@ def cmd_distill(cfg):
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
+
+
+def check_resolution(resolution, factor, patch):
+    """The image side must be a whole number of latent patches (judged from the configs, before any weights load)."""
+    if resolution <= 0 or resolution % (factor * patch):
+        raise UserError(f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
+                        f"(VAE factor {factor} x patch {patch})")
 
 
 def check_fits(cfg, src, family, runtime):
@@ -2152,7 +2192,7 @@ def main(argv=None):
         raise UserError(f"--teacher {a['teacher']}: that teacher is trained by run_toy.py: "
                         f"run `python run_toy.py{hint}`")
     preset = a["teacher"] if a["teacher"] in PRESETS else None
-    a["out"] = a["out"] or f"out/{_slug(a['teacher'])}"
+    a["out"] = a["out"] or f"out/{slug(a['teacher'])}"
     cfg = make_config(preset, **a)
     if dry_run:
         if not cfg.resolution:
@@ -2164,7 +2204,7 @@ def main(argv=None):
     return cmd_distill(cfg)
 
 
-def _slug(name):
+def slug(name):
     """A folder name from a teacher name, path or hub id (its last part; '.', '..' and './x/' resolved first), or from
     a run's description: letters, digits, '.', '-' and '_' only, never '' or a dot name."""
     base = os.path.basename(os.path.abspath(name)) if os.path.exists(name) else name.rstrip("/").split("/")[-1]

@@ -4,6 +4,7 @@ independent oracle -- closed-form Gaussian mixtures, autograd, Monte Carlo, brut
     python -m pytest -q test_sid_flow.py
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -279,8 +280,7 @@ def test_iteration_touches_only_what_it_should(loss):
     cfg = _cfg(loss=loss)
     teacher0 = {k: v.clone() for k, v in bb.teacher.state_dict().items()}
     gen, fake = bb.trainable_copy(), bb.trainable_copy()
-    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
     seen = {}
     opt_f.register_step_post_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()}))
     gen0, fake0 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (gen, fake)]
@@ -747,6 +747,17 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, case):
     assert [p.name for p in out.iterdir()] == ["checkpoint.pt"] and (out / "checkpoint.pt").read_bytes() == b"precious"
 
 
+def test_bad_resolution_fails_before_any_weights_load(tiny, tmp_path, monkeypatch):
+    """A resolution the configs can judge (not a whole number of latent patches) stops before the pipeline loads."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the resolution was checked")
+    monkeypatch.setattr(sf, "load_backbone", no_loading)
+    for family, bad in (("sana", 33), ("sd3", 31), ("flux", 31)):
+        with pytest.raises(sf.UserError, match="--resolution .*: must be a positive multiple of"):
+            sf.main(["--teacher", tiny[family], "--resolution", str(bad), "--device", "cpu",
+                     "--out", str(tmp_path / family)])
+
+
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "nope-model"],
                        capture_output=True, text=True, timeout=120)
@@ -873,8 +884,7 @@ def test_data_aided_toy_schedule():
     bb = sf.ToyBackbone(sf.ToyMLP(width=32, depth=2), real=lambda n, g: run_toy.draw("checkerboard", n, g))
     cfg = _cfg(batch_size=64, gan_freeze_images=256, gan_start_images=512)
     gen, fake = bb.trainable_copy(), bb.trainable_copy()
-    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
     rng = torch.Generator().manual_seed(0)
     start = {k: v.clone() for k, v in gen.state_dict().items()}
     for step in range(4):  # 0, 64, 128, 192 images seen: frozen
@@ -934,8 +944,7 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
             monkeypatch.setattr(sf, "adapter_checkpoint", plain_checkpoint)
         bb, cfg, gen, fake, ema = _lora_setup(tiny, family, checkpointing)
         ema0 = ema.state_dict()
-        opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
-        opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
         seen = {}
         opt_f.register_step_post_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()}))
         if not replay:  # negative control: checkpointing WITHOUT replaying the adapter recomputes another network
@@ -993,8 +1002,7 @@ def test_dry_run_plan_matches_measured_tensors(tiny, mode):
     assert plan["parameters"] == sum(p.numel() for p in bb.teacher.parameters())
     bb.set_prompts(TEST_PROMPTS)
     gen, fake, ema = sf.make_students(cfg, bb)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
     sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator(DEVICE).manual_seed(0))
     weights, grads, optim = _measured([bb.teacher, gen, fake, ema], [opt_g, opt_f])
     assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (weights, grads, optim)
@@ -1054,6 +1062,30 @@ def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
         plan = sf.memory_plan(cfg, sf.meta_transformer(str(folder)), 1, sf.vae_factor(str(folder), r["family"]))
         planned = plan["total"] - plan["recompute"]
         assert abs(planned / r["measured"]["total"] - 1) < 0.25, (arch, run, planned, r["measured"])
+
+
+def test_every_preset_plans_offline_without_a_token(monkeypatch, capsys):
+    """--dry-run for every preset reads the project's own copy of its configs: no network, no hub cache, no token."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent")
+    for preset in sf.HUB_IDS:
+        plan = sf.main(["--teacher", preset, "--dry-run"])
+        assert plan["parameters"] > 5e8 and plan["total"] > plan["weights"] > 0, preset
+    assert capsys.readouterr().out.count("memory plan per GPU") == len(sf.HUB_IDS)
+
+
+def test_fit_check_stops_before_loading_and_names_what_fits(monkeypatch):
+    """On CUDA a run whose plan exceeds the free memory stops in one line, before any weights load, naming the first
+    lighter setting that fits (here FLUX.1-dev in full mode on a GPU with 70 GiB free: LoRA with checkpointing)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 << 30, 80 << 30))
+    src, family = sf.resolve_teacher("flux-dev", configs_only=True)
+    runtime = sf.Runtime(device=torch.device("cuda"))
+    with pytest.raises(sf.UserError, match="try --mode lora --grad-checkpointing") as e:
+        sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev", mode="full", grad_checkpointing=False), src,
+                      family, runtime)
+    assert len(str(e.value).splitlines()) == 1
+    sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev"), src, family, runtime)  # its defaults fit: no error
 
 
 def test_dry_run_cli_prints_a_plan_without_weights(tiny, tmp_path, capsys):
