@@ -391,7 +391,7 @@ class Backbone:
         (bf16 with --precision bf16). The diffusers families add LoRA mode and FSDP2 sharding (Part II)."""
         if cfg.mode != "full" or runtime.world > 1:
             raise UserError("the toy MLP trains in full mode on one process (LoRA and FSDP2 need a diffusers teacher)")
-        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        dtype = trainable_dtype(cfg)
         generator, fake = self.trainable_copy(dtype), self.trainable_copy(dtype)
         return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
 
@@ -498,7 +498,8 @@ def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runti
 
 def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime):
     """The generator update (D11) through its step k (input x_in at time t_in); + the adversarial term if
-    data-aided (D16). DMD (D14) uses the same calls with the networks as fixed critics. Returns (stepped?, diagnostics)."""
+    data-aided (D16). DMD (D14) uses the same calls with the networks as fixed critics.
+    Returns (stepped?, diagnostics)."""
     B, out = x_in.shape[0], {}
     with autocast(cfg, x_in.device):
         x_g = generator_step(lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance),
@@ -556,6 +557,11 @@ def lr_scale(cfg, step):
 def make_students(cfg, backbone, runtime=None):
     """(generator, fake, ema), all starting as the teacher (D13), as the backbone makes them."""
     return backbone.students(cfg, runtime or Runtime())
+
+
+def trainable_dtype(cfg):
+    """The generator's and fake network's weights: float32 masters, or bf16 with --precision bf16 (pure bf16)."""
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
 def make_optimizers(cfg, generator, fake):
@@ -764,7 +770,7 @@ class DiTBackbone(Backbone):
         if runtime.world == 1:
             return super().students(cfg, runtime)
         shard(self.teacher)
-        dtype, mp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32, student_precision(cfg)
+        dtype, mp = trainable_dtype(cfg), student_precision(cfg)
         return (sharded_copy(self.teacher, dtype, mp, True), sharded_copy(self.teacher, dtype, mp, True),
                 sharded_copy(self.teacher, dtype, mp, False))
 
@@ -870,8 +876,8 @@ def _tuner_layers(module):
     cached = module.__dict__.get("_sid_tuner_layers")
     if cached is None:
         from peft.tuners.tuners_utils import BaseTunerLayer
-        cached = [(m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")])
-                  for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        cached = [(m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters()
+                       if n.startswith("lora_")]) for m in module.modules() if isinstance(m, BaseTunerLayer)]
         module.__dict__["_sid_tuner_layers"] = cached
     return cached
 
@@ -1239,7 +1245,10 @@ class Checkpoint:
         """Restore the networks, optimizers and rng from cfg.out if a checkpoint is there: (step, skipped)."""
         if not (self.path and os.path.exists(self.path)):
             return 0, 0
-        meta = read_checkpoint_meta(self.path)
+        if self.sharded:
+            meta = read_checkpoint_meta(self.path)
+        else:  # one read: the file holds the meta and the state
+            meta = torch.load(self.path, map_location="cpu", weights_only=False)
         diff = {k: (v, getattr(self.cfg, k)) for k, v in meta["config"].items()
                 if k not in RESUMABLE_FIELDS and getattr(self.cfg, k, v) != v}
         if diff:
@@ -1256,8 +1265,7 @@ class Checkpoint:
             dcp.load(state, checkpoint_id=self.path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
             self._set_state(state)
         else:
-            ck = torch.load(self.path, map_location="cpu", weights_only=False)
-            self._set_state({name: {"model": ck[name], "optim": ck.get(f"opt_{name}")} for name in self.nets})
+            self._set_state({name: {"model": meta[name], "optim": meta.get(f"opt_{name}")} for name in self.nets})
         rng.set_state(meta["rng"])
         if self.writer:
             print(f"resumed from {self.path} at iteration {meta['step']}")
@@ -1323,12 +1331,15 @@ def checkpoint_path(out, sharded):
     return os.path.join(out, "checkpoint" if sharded else "checkpoint.pt")
 
 
+META_KEYS = ("rng", "step", "skipped", "config")  # what a checkpoint holds beside the weights and optimizer state
+
+
 def read_checkpoint_meta(path):
     """Step, config and rng of a checkpoint (file or folder), without reading its weights."""
     if os.path.isdir(path):
         return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # a memory map: no weight is read
-    return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
+    return {k: ck[k] for k in META_KEYS}
 
 
 def load_checkpoint_weights(out, which, net):
@@ -1346,7 +1357,7 @@ def load_checkpoint_weights(out, which, net):
         raise UserError(f"--out {out}: no checkpoint there")
     ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     net.load_state_dict(ck[which])
-    return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
+    return {k: ck[k] for k in META_KEYS}
 
 
 def remove_path(path):
@@ -1998,7 +2009,8 @@ def student_images(backbone, net, prompts, seed, steps, guidance, cfg):
     """The student's images for `prompts`, drawn as the stock pipeline draws them for one seed: initial latents from
     torch.Generator(device).manual_seed(seed); per-step noise from that generator (SANA), or (SD3, FLUX: their
     pipelines draw it from torch's global RNG after the user's torch.manual_seed(seed)) from a second generator
-    seeded the same way -- the same numbers, and the global RNG is left alone. Under the run's autocast. (B, H, W, 3)."""
+    seeded the same way -- the same numbers, and the global RNG is left alone. Under the run's autocast.
+    Returns (B, H, W, 3)."""
     g = torch.Generator(backbone.device).manual_seed(seed)
     g_steps = g if backbone.step_noise_from_generator else torch.Generator(backbone.device).manual_seed(seed)
     cond = _cat([backbone.encode([p]) for p in prompts]) if backbone.bank is None else backbone.cond_for(
@@ -2026,11 +2038,11 @@ def cmd_distill(cfg):
         raise UserError(f"--data {cfg.data}: no such file or folder")
     prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS  # bad input fails before any loading
     src, family = resolve_teacher(cfg.teacher)
+    shapes, factor = meta_transformer(src), vae_factor(src, family)  # from the configs: no weights yet
     if cfg.resolution:  # bad values that the configs can judge fail here, before any weights load
-        check_resolution(cfg.resolution, vae_factor(src, family),
-                         meta_transformer(src).config.patch_size * FAMILIES[family].packing)
+        check_resolution(cfg.resolution, factor, shapes.config.patch_size * FAMILIES[family].packing)
     runtime = setup_runtime(cfg)
-    check_fits(cfg, src, family, runtime)
+    check_fits(cfg, shapes, factor, runtime)
     backbone = load_backbone(cfg, runtime.device, src, family)
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
         latents, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
@@ -2052,7 +2064,7 @@ def cmd_distill(cfg):
     if runtime.rank == 0:
         net = res[which]
         if runtime.world > 1 and cfg.mode == "full":  # rank 0 reads the exported network alone from the checkpoint
-            net = meta_transformer(src).to(teacher_dtype(cfg)).to_empty(device="cpu")
+            net = shapes.to(teacher_dtype(cfg)).to_empty(device="cpu")
             load_checkpoint_weights(cfg.out, which, net)
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
         print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']}; "
@@ -2070,12 +2082,11 @@ def check_resolution(resolution, factor, patch):
                         f"(VAE factor {factor} x patch {patch})")
 
 
-def check_fits(cfg, src, family, runtime):
+def check_fits(cfg, net, factor, runtime):
     """On CUDA, before any weights load: stop in one line if the memory plan exceeds the device's free memory, and
-    name the first lighter setting that fits."""
+    name the first lighter setting that fits. `net`: the transformer on the meta device; `factor`: the VAE's."""
     if runtime.device.type != "cuda":
         return
-    net, factor = meta_transformer(src), vae_factor(src, family)
     if not cfg.resolution:  # the teacher's native size, as load_backbone will choose it
         cfg = dataclasses.replace(cfg, resolution=(net.config.get("sample_size") or 128) * factor)
     need = lambda c: max(*(memory_plan(c, net, runtime.world, factor)[k] for k in ("total", "startup")))  # noqa
@@ -2182,7 +2193,8 @@ def main(argv=None):
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="GPUs for the --dry-run plan [default: $WORLD_SIZE, else 1]")
     p.add_argument("--bench", type=int, default=0, metavar="N",
-                   help="time N SiD iterations on a random-weight teacher of full size (no download), writes OUT/bench.json")
+                   help="time N SiD iterations on a random-weight teacher of full size (no download), "
+                        "writes OUT/bench.json")
     a = vars(p.parse_args(argv))
     dry_run, world_size, bench = a.pop("dry_run"), a.pop("world_size"), a.pop("bench")
     if a["teacher"] is None:

@@ -1080,12 +1080,13 @@ def test_fit_check_stops_before_loading_and_names_what_fits(monkeypatch):
     lighter setting that fits (here FLUX.1-dev in full mode on a GPU with 70 GiB free: LoRA with checkpointing)."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 << 30, 80 << 30))
     src, family = sf.resolve_teacher("flux-dev", configs_only=True)
+    net, factor = sf.meta_transformer(src), sf.vae_factor(src, family)
     runtime = sf.Runtime(device=torch.device("cuda"))
     with pytest.raises(sf.UserError, match="try --mode lora --grad-checkpointing") as e:
-        sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev", mode="full", grad_checkpointing=False), src,
-                      family, runtime)
+        sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev", mode="full", grad_checkpointing=False), net,
+                      factor, runtime)
     assert len(str(e.value).splitlines()) == 1
-    sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev"), src, family, runtime)  # its defaults fit: no error
+    sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev"), net, factor, runtime)  # its defaults fit: no error
 
 
 def test_dry_run_cli_prints_a_plan_without_weights(tiny, tmp_path, capsys):
