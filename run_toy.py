@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -394,32 +395,55 @@ def step_cost(cfg, bb, iters=10):
     return dict(iteration=iteration, passes=passes, ratio=iteration / passes)
 
 
+def digits_inputs(bb):
+    """What every digits sampler is scored on: the requested classes (N,) (DIGITS['n_per_class'] of each), their
+    conditioning, and the initial noise (N, 1, 8, 8) all samplers share."""
+    labels = torch.arange(10).repeat_interleave(DIGITS["n_per_class"])  # (N,)
+    z = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(10_000))
+    return labels, bb.encode([str(int(c)) for c in labels]), z
+
+
+def student_samples(bb, net, cond, z, K):
+    """A distilled generator's K-step samples from the shared noise z (re-noising draws from seed 1)."""
+    return sf.generate(lambda xx, tt: bb.velocity(net, xx, tt, cond, 1.0), z, K, "fresh",
+                       sf.gaussian(torch.Generator().manual_seed(1)))
+
+
+class DigitsBench:
+    """The digits benchmark's fixed parts: the teacher (trained or loaded from OUT), the held-out classifier, the
+    real reference features, and measure(x, labels) -> {fd, acc}."""
+
+    def __init__(self, cfg, data_aided=False):
+        os.makedirs(cfg.out, exist_ok=True)
+        self.x, self.y, x_h, y_h = digits_split()
+        self.teacher_path = os.path.join(cfg.out, "teacher-digits.pt")
+        teacher, self.t_teacher = digits_teacher(self.x, self.y, self.teacher_path, cfg.progress)
+        self.bb = bb = DigitsBackbone(teacher, torch.device("cpu"))
+        if data_aided:  # the teacher's own training images as the real data, their labels as the prompts
+            bb.set_prompts([str(int(c)) for c in self.y])
+            bb.data = self.x
+        else:
+            bb.set_prompts([str(c) for c in range(10)])
+        t0 = time.time()
+        self.clf = train_classifier(x_h, y_h)
+        with torch.no_grad():
+            self.ref = self.clf.features(self.x)  # the reference set: real digits
+            self.clf_acc = (self.clf(self.x).argmax(1) == self.y).float().mean().item()
+        self.t_clf = time.time() - t0
+
+    def measure(self, x, labels):
+        with torch.no_grad():
+            return dict(fd=frechet_distance(self.clf.features(x), self.ref),
+                        acc=(self.clf(x).argmax(1) == labels).float().mean().item())
+
+
 def main_digits(args, overrides):
     t_start = time.time()
     cfg = sf.make_config("digits", **overrides)
-    os.makedirs(cfg.out, exist_ok=True)
-    x_t, y_t, x_h, y_h = digits_split()
-    teacher, t_teacher = digits_teacher(x_t, y_t, os.path.join(cfg.out, "teacher-digits.pt"), cfg.progress)
-    bb = DigitsBackbone(teacher, torch.device("cpu"))
-    if args.data_aided:  # the teacher's own training images as the real data, their labels as the prompts
-        bb.set_prompts([str(int(c)) for c in y_t])
-        bb.data = x_t
-    else:
-        bb.set_prompts([str(c) for c in range(10)])
-    t0 = time.time()
-    clf = train_classifier(x_h, y_h)
-    with torch.no_grad():
-        ref = clf.features(x_t)  # the reference set: real digits
-        clf_acc = (clf(x_t).argmax(1) == y_t).float().mean().item()
-    t_clf = time.time() - t0
-
-    labels = torch.arange(10).repeat_interleave(DIGITS["n_per_class"])  # (N,) the requested classes
-    cond = bb.encode([str(int(c)) for c in labels])
-    z = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(10_000))
-
-    def measure(x):
-        with torch.no_grad():
-            return dict(fd=frechet_distance(clf.features(x), ref), acc=(clf(x).argmax(1) == labels).float().mean().item())
+    bench = DigitsBench(cfg, args.data_aided)
+    bb, t_teacher, t_clf, clf_acc, ref = bench.bb, bench.t_teacher, bench.t_clf, bench.clf_acc, bench.ref
+    labels, cond, z = digits_inputs(bb)
+    measure = lambda x: bench.measure(x, labels)  # noqa: E731
 
     rows, samples = [], {}
     t0 = time.time()
@@ -440,9 +464,7 @@ def main_digits(args, overrides):
         res = sf.distill(scfg, bb)
         t_distill[name] = time.time() - t0
         for kind in ("ema", "generator"):
-            net = res[kind]
-            x = sf.generate(lambda xx, tt: bb.velocity(net, xx, tt, cond, 1.0), z, scfg.steps, "fresh",
-                            sf.gaussian(torch.Generator().manual_seed(1)))
+            x = student_samples(bb, res[kind], cond, z, scfg.steps)
             rows.append(dict(sampler=f"{name} ({kind})", guidance=scfg.cfg_eval_real, steps=scfg.steps, **measure(x)))
             samples[f"{name} ({kind})"] = x
     cost = step_cost(sf.make_config("digits", **overrides), bb, DIGITS["cost_iters"])
@@ -462,9 +484,187 @@ def main_digits(args, overrides):
                    command="python run_toy.py " + " ".join(sys.argv[1:]))
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot_digits(samples, x_t, labels, os.path.join(cfg.out, "digits.png"))
+    plot_digits(samples, bench.x, labels, os.path.join(cfg.out, "digits.png"))
     print(f"wrote {cfg.out}/digits.png, metrics.json")
     return metrics
+
+
+# ==================================================================================================================
+# --dataset digits --guidance-study: ways to distil a guided teacher, side by side (derivation.md, section 7, D17).
+# Every strategy distils the same teacher, meant to reproduce its guidance-2 samples, once as a four-step and once as
+# a one-step generator; the guided teacher's own samplers, and a diagnostic sampler that targets the tilted q_{w,t} of
+# (D17) at every t, give the reference rows. Rows run in parallel worker processes (one thread each).
+# ==================================================================================================================
+
+LSG_2 = dict(cfg_train_fake=2.0, cfg_eval_fake=2.0, cfg_eval_real=2.0)  # SiD-LSG: one scale for all three calls
+EVERY_T = dict(cfg_t_min=0.0, cfg_t_max=1.0)  # no guidance interval
+STRATEGIES = {  # name -> Config fields over the digits preset
+    "SiD-LSG, CFG 2 on all three": dict(LSG_2, **EVERY_T),
+    "CFG 2 on the teacher only": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=2.0, **EVERY_T),
+    "Zero-CFG": dict(cfg_train_fake=0.0, cfg_eval_fake=0.0, cfg_eval_real=1.0, **EVERY_T),
+    "Anti-CFG, fake at -1": dict(cfg_train_fake=1.0, cfg_eval_fake=-1.0, cfg_eval_real=1.0, **EVERY_T),
+    "lower scale: teacher at 1.5": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.5, **EVERY_T),
+    "SiD-LSG in t [0.2, 0.6]": dict(LSG_2, cfg_t_min=0.2, cfg_t_max=0.6),
+}
+STUDY = dict(batch_size=64)  # over the preset for every strategy: half the preset's batch keeps the study short
+LANGEVIN_SNR = (0.1, 0.2)  # the diagnostic's corrector strengths (one Langevin step after each Euler step)
+
+
+def langevin_corrected_sample(velocity_fn, z, steps, snr, rng):
+    """The teacher's Euler steps, each followed (before t = 0) by one Langevin step at the new time under the same
+    velocity read as a score (D5): x <- x + d s + sqrt(2 d) n, d = 2 (snr |n| / |s|)^2 per sample (the corrector of
+    Song et al., arXiv:2011.13456). Under a guided velocity the corrections target q_{w,t} of (D17) at every t."""
+    x, ts = z, torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            t = ts[i].expand(len(x))  # (B,)
+            if i > 0:
+                s = sf.velocity_to_score(x, t, velocity_fn(x, t))
+                n = torch.randn(x.shape, generator=rng)
+                d = 2 * (snr * n.flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1)) ** 2  # (B,)
+                x = x + d.view(-1, 1, 1, 1) * s + (2 * d).sqrt().view(-1, 1, 1, 1) * n
+            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, t)
+    return x  # (B, 1, 8, 8)
+
+
+def study_tasks(overrides):
+    """(row name, what to run, its arguments), slowest first so that the workers finish together."""
+    w = DIGITS["guidance"]
+    tasks = [(f"{name}, {K} step{'s' * (K > 1)}", "student", dict(name=name, K=K, fields={
+              **overrides, **STUDY, **fields, "steps": K})) for K in (4, 1) for name, fields in STRATEGIES.items()]
+    tasks += [(f"teacher, 32 Euler steps + Langevin snr {r}, w={w:g}", "langevin", dict(w=w, snr=r))
+              for r in LANGEVIN_SNR]
+    tasks += [(f"teacher, {n} Euler step{'s' * (n > 1)}, w={w:g}", "euler", dict(w=w, n=n, interval=(0.0, 1.0)))
+              for n in (32, 4, 1)]
+    tasks += [(f"teacher, 32 Euler steps, w={w:g} in t [0.2, 0.6]", "euler", dict(w=w, n=32, interval=(0.2, 0.6))),
+              ("teacher, 32 Euler steps, w=1", "euler", dict(w=1.0, n=32, interval=(0.0, 1.0)))]
+    return tasks
+
+
+def study_row(job):
+    """One row of the study, in a worker process: (name, samples (N, 1, 8, 8), seconds, iterations trained)."""
+    (name, kind, a), digits, out = job
+    torch.set_num_threads(1)
+    DIGITS.update(digits)  # the parent's settings (a test shrinks them)
+    t0, trained = time.time(), 0
+    x, y, _, _ = digits_split()
+    bb = DigitsBackbone(digits_teacher(x, y, os.path.join(out, "teacher-digits.pt"), False)[0], torch.device("cpu"))
+    bb.set_prompts([str(c) for c in range(10)])
+    _, cond, z = digits_inputs(bb)
+    if kind == "student":
+        cfg = sf.make_config("digits", **{**a["fields"], "progress": False})
+        cfg.out = os.path.join(out, "runs", f"{sf.slug(a['name'])}-{a['K']}-{_config_hash(cfg, 'digits', False)}")
+        ck = os.path.join(cfg.out, "checkpoint.pt")
+        trained = cfg.iters - (torch.load(ck, weights_only=False)["step"] if os.path.exists(ck) else 0)
+        samples = student_samples(bb, sf.distill(cfg, bb)["ema"], cond, z, a["K"])
+    else:
+        interval = a.get("interval", (0.0, 1.0))
+
+        def v(xx, tt):  # the teacher's guided velocity, guidance only inside the interval (D17)
+            return bb.velocity(bb.teacher, xx, tt, cond, sf.guidance_scale(a["w"], tt, *interval))
+        samples = (sf.euler_sample(v, z, a["n"]) if kind == "euler" else
+                   langevin_corrected_sample(v, z, 32, a["snr"], torch.Generator().manual_seed(5)))
+    return name, samples, time.time() - t0, trained
+
+
+def main_guidance_study(args, overrides):
+    import concurrent.futures
+    import multiprocessing
+    t_start = time.time()
+    cfg = sf.make_config("digits", **overrides)
+    bench = DigitsBench(cfg)  # trains (or loads) the teacher before any worker needs it
+    labels = digits_inputs(bench.bb)[0]
+    tasks = study_tasks({k: v for k, v in overrides.items() if v is not None})
+    workers = max(1, min(len(tasks), os.cpu_count() or 1))
+    print(f"guidance study: {len(tasks)} rows on {workers} worker processes")
+    done = {}
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(study_row, (task, dict(DIGITS), cfg.out)) for task in tasks]
+        for job in concurrent.futures.as_completed(jobs):
+            name, x, seconds, trained = job.result()
+            done[name] = dict(samples=x, seconds=seconds, trained=trained, **bench.measure(x, labels))
+            if cfg.progress:
+                print(f"  {name}: FD {done[name]['fd']:.2f}, accuracy {done[name]['acc']:.3f} ({seconds:.0f} s)")
+    rows = [dict(row=name, steps=_steps_of(name), **{k: done[name][k] for k in ("fd", "acc", "seconds", "trained")})
+            for name, _, _ in tasks]
+    ref = done[f"teacher, 32 Euler steps, w={DIGITS['guidance']:g}"]
+    for r in rows:
+        r["fd_ratio"] = r["fd"] / ref["fd"]
+    seconds = dict(teacher=bench.t_teacher, classifier=bench.t_clf, rows=sum(r["seconds"] for r in rows),
+                   wall=time.time() - t_start)
+    print_study(rows, seconds, workers)
+    arrays = {name: done[name]["samples"].numpy() for name, _, _ in tasks}
+    np.savez_compressed(os.path.join(cfg.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(), **arrays)
+    metrics = dict(rows=rows, seconds=seconds, workers=workers, strategies=STRATEGIES, study=STUDY,
+                   command="python run_toy.py " + " ".join(sys.argv[1:]))
+    with open(os.path.join(cfg.out, "guidance-study.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    plot_study(rows, {k: v["samples"] for k, v in done.items()}, bench.x, labels,
+               os.path.join(cfg.out, "guidance.png"))
+    print(f"wrote {cfg.out}/guidance-study.json, samples.npz, guidance.png")
+    return metrics
+
+
+def _steps_of(name):
+    return int(re.search(r"(\d+) (?:Euler )?steps?", name).group(1))
+
+
+def print_study(rows, seconds, workers):
+    print(f"\nguidance study: FD to the real digits and class accuracy; every row's samples are in samples.npz")
+    print(f"{'row':<58} {'FD':>8} {'accuracy':>9} {'FD / teacher-32 w=2':>20} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['row']:<58} {r['fd']:8.2f} {r['acc']:9.3f} {r['fd_ratio']:20.2f} {r['seconds']:8.0f}")
+    print(f"time: teacher {seconds['teacher']:.0f} s (0: cached), classifier {seconds['classifier']:.0f} s, rows "
+          f"{seconds['rows']:.0f} s of worker time on {workers} workers, wall {seconds['wall']:.0f} s")
+
+
+def plot_study(rows, samples, real, labels, path):
+    """Top: eight samples per class of the real digits and of the telling rows. Bottom: every row on the
+    FD-accuracy plane, a colour per strategy, a marker per sampler kind (rows below 0.95 accuracy are listed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    w = DIGITS["guidance"]
+    shown = [f"teacher, 32 Euler steps, w={w:g}", f"teacher, 32 Euler steps + Langevin snr {LANGEVIN_SNR[-1]}, w={w:g}",
+             f"{next(iter(STRATEGIES))}, 4 steps", "SiD-LSG in t [0.2, 0.6], 4 steps",
+             "SiD-LSG in t [0.2, 0.6], 1 step"]
+    k = min(8, DIGITS["n_per_class"])  # samples shown per class
+    fig = plt.figure(figsize=(16, 9))
+    grid_spec = fig.add_gridspec(2, len(shown) + 1, height_ratios=(1, 1.1))
+    for i, (name, x) in enumerate([("real digits", real[:10 * k])] + [(n, samples[n]) for n in shown]):
+        if name == "real digits":
+            x = x.view(k, 10, 8, 8).transpose(0, 1)
+        else:
+            x = torch.cat([x[labels == c][:k] for c in range(10)]).view(10, k, 8, 8)  # class by class
+        grid = ((x.permute(1, 2, 0, 3).reshape(8 * k, 80) + 1) / 2).clamp(0, 1)  # k rows of samples, 10 columns
+        ax = fig.add_subplot(grid_spec[0, i])
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(name.replace(", w=", "\nw=").replace(" + ", "\n+ ").replace(", 4 steps", "\n4 steps")
+                     .replace(", 1 step", "\n1 step").replace(" on all three", "\non all three"), fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(grid_spec[1, :])
+    teachers = [r["row"] for r in rows if r["row"].startswith("teacher")]
+    colors = {**dict(zip(STRATEGIES, plt.get_cmap("tab10").colors)),
+              **dict(zip(teachers, plt.get_cmap("Dark2").colors))}
+    off = []
+    for r in rows:
+        who = r["row"] if r["row"] in teachers else r["row"].rsplit(", ", 1)[0]
+        marker = "^" if who in teachers else ("o" if r["steps"] > 1 else "s")
+        if r["acc"] < 0.95:
+            off.append(f"{r['row']}: FD {r['fd']:.0f}, accuracy {r['acc']:.2f}")
+            continue
+        ax.scatter(r["fd"], r["acc"], marker=marker, s=50, color=colors[who], label=r["row"], edgecolors="k",
+                   linewidths=0.4)
+    ax.set_xscale("log")
+    ax.set_xlabel("FD to the real digits (log scale; lower is better)")
+    ax.set_ylabel("class accuracy")
+    ax.set_title("o: four-step student, s: one-step student, ^: the teacher's samplers"
+                 + ("\nnot shown (accuracy < 0.95): " + "; ".join(off) if off else ""), fontsize=8)
+    if len(off) < len(rows):
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def plot_digits(samples, real, labels, path):
@@ -502,6 +702,10 @@ def parse_args(argv):
                    help="a 2-D distribution, or 'digits': the DiT benchmark on real 8x8 images [default: checkerboard]")
     p.add_argument("--compare", action="store_true",
                    help="also distil the variants (DMD, alpha 1.2, one step, uniform k, data-aided) into one table")
+    p.add_argument("--guidance-study", action="store_true",
+                   help="with --dataset digits: distil the guided teacher by every guidance strategy (SiD-LSG, "
+                        "teacher-only CFG, Zero-CFG, Anti-CFG, a lower scale, a guidance interval) at 4 and 1 steps, "
+                        "beside the teacher's samplers; one table, OUT/samples.npz, OUT/guidance.png")
     p.add_argument("--data-aided", action="store_true",
                    help="data-aided SiD (D16): the fake network also discriminates true samples from fakes")
     p.add_argument("--n-eval", type=int, default=16384,
@@ -518,6 +722,14 @@ def parse_args(argv):
     return args
 
 
+RUN_FLAGS = ("dataset", "compare", "n_eval", "data_aided", "guidance_study")  # run_toy.py's own: not Config fields
+
+
+def config_overrides(args):
+    """The Config fields the command line set (None: the preset's)."""
+    return {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+
+
 def run_name(args, overrides):
     """The folder of one command's results: the dataset, then every flag given that changes them, e.g.
     'moons', 'checkerboard-compare', 'checkerboard-alpha-1.2' -- so no run overwrites another's figure."""
@@ -530,7 +742,11 @@ def run_name(args, overrides):
 
 def main(argv=None):
     args = parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "compare", "n_eval", "data_aided")}
+    overrides = config_overrides(args)
+    if args.guidance_study:
+        if args.dataset != "digits" or args.compare or args.data_aided:
+            raise sf.UserError("--guidance-study runs on --dataset digits alone (no --compare, no --data-aided)")
+        return main_guidance_study(args, overrides)
     if args.dataset == "digits":
         return main_digits(args, overrides)
     cfg = sf.make_config("toy", **overrides)

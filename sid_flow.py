@@ -1,10 +1,10 @@
 """sid_flow.py -- Score identity Distillation (SiD) of flow-matching models, in one file.
 
-Read it top to bottom, beside derivation.md (equation labels (D1)...(D16) are cited in the comments). It has two parts.
+Read it top to bottom, beside derivation.md (equation labels (D1)...(D17) are cited in the comments). It has two parts.
 
   PART I, THE METHOD -- everything the 2-D toy needs; a reader who stops at its end has the whole algorithm:
-    CONVENTIONS -> 1 path algebra (Bayes' rule) -> 2 times and weights -> 3 losses -> 4 the few-step generator
-    -> 5 the teacher interface (the toy MLP its first instance) -> 6 one SiD iteration (fake_update,
+    CONVENTIONS -> 1 path algebra (Bayes' rule) -> 2 times, weights and guidance -> 3 losses -> 4 the few-step
+    generator -> 5 the teacher interface (the toy MLP its first instance) -> 6 one SiD iteration (fake_update,
     generator_update) -> 7 the loop (distill)
   PART II, THE MACHINERY THAT SCALES IT -- a first reading may skip it; Part I reaches it only through the interface:
     8 diffusers teachers (SANA, SD3, FLUX) -> 9 LoRA views -> 10 real images (data-aided) -> 11 runtime (device,
@@ -21,6 +21,7 @@ Commands, by hardware:
     sample the student:    python sid_flow.py sample --student out/flux-dev/student --prompt "a fox" --seed 0 --out fox.png
     export a checkpoint:   python sid_flow.py export --out out/flux-dev
     data-aided (D16):      python sid_flow.py --teacher sana-0.6b-512 --data my_images/   # x.png + x.txt captions
+    guidance at every t:   python sid_flow.py --teacher sana-0.6b-512 --cfg-t-min 0 --cfg-t-max 1   # the paper's
     tests (CPU, minutes):  python -m pytest -q test_sid_flow.py
 """
 
@@ -141,7 +142,7 @@ def flow_to_vp(x_t, t):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 2. Times and weights used during distillation                                                    (D12)
+# 2. Times, weights and guidance used during distillation                                  (D12), (D17)
 # ------------------------------------------------------------------------------------------------------------------
 
 def sample_t(n, dist, rng, device, t_min=1e-3, t_max=1 - 1e-3):
@@ -181,6 +182,20 @@ def sid_weight(name, t, x_g, x0_teacher):
     if name == "1/t^2":
         return 1 / t ** 2
     raise ValueError(f"unknown weighting {name!r}; choose from {', '.join(WEIGHTINGS)}")
+
+
+# Classifier-free guidance inside the losses (D17). A call with scale w evaluates v_u + w (v_c - v_u) (the empty
+# prompt's velocity v_u, the prompt's v_c); w = 1 is v_c alone, w = 0 v_u alone (Zero-CFG's fake network), w < 0
+# pushes away from the prompt (Anti-CFG). The guidance interval limits every scale of the run to noise levels
+# t in [cfg_t_min, cfg_t_max]: outside it each network is called with w = 1, its plain conditional velocity.
+
+def guidance_scale(w, t, t_min=0.0, t_max=1.0):
+    """The CFG scale of one network call at times t (B,): `w` inside the guidance interval, 1 outside (D17). A float
+    when it is one scale for the batch (no interval, or w = 1), else a per-sample (B,) tensor."""
+    if (t_min <= 0.0 and t_max >= 1.0) or w == 1:
+        return float(w)
+    inside = (t >= t_min) & (t <= t_max)
+    return torch.where(inside, torch.full_like(t, float(w)), torch.ones_like(t)).detach()  # (B,)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -384,7 +399,10 @@ class Backbone:
     step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
 
     def trainable_copy(self, dtype=torch.float32):
-        return copy.deepcopy(self.teacher).to(dtype).requires_grad_(True).train()
+        net = copy.deepcopy(self.teacher)
+        if next(net.parameters()).dtype != dtype:  # (a cast that changes nothing makes diffusers warn)
+            net = net.to(dtype)
+        return net.requires_grad_(True).train()
 
     def students(self, cfg, runtime):
         """(generator, fake, ema): three full copies of the teacher on one process, trainable weights in float32
@@ -482,7 +500,8 @@ def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runti
     eps and t as the fakes. Returns (stepped?, diagnostics)."""
     B, out = x_g.shape[0], {}
     with autocast(cfg, x_g.device), capture_features(fake) as hidden:
-        v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, cfg.cfg_train_fake)  # (B, *D)
+        w_fake = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
+        v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, w_fake)  # (B, *D)
         loss = flow_matching_loss(v_fake.float(), x_g, eps, t).mean()
         if x0_real is not None:
             backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, 1.0)  # its features: hidden[-1]
@@ -506,10 +525,11 @@ def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps
                              x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
         x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
         critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
+        w_real, w_fake = (guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
+                          for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake))
         with critic, capture_features(fake) as hidden:
-            x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(backbone.teacher, x_t, t, cond,
-                                                                  cfg.cfg_eval_real).float())  # (B, *D)
-            x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, cfg.cfg_eval_fake).float())
+            x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(backbone.teacher, x_t, t, cond, w_real).float())
+            x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, w_fake).float())  # (B, *D)
     w = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
     if cfg.loss == "sid":
         loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, w).mean()
@@ -658,6 +678,12 @@ def read_prompts(path):
     return prompts
 
 
+def cfg_branches(w, embedded=False, per_sample=False):
+    """Batches of network work one call at CFG scale w costs in DiTBackbone.velocity: 1 for a guidance embedding,
+    for w = 1 (the prompt alone) and for a batch-wide w = 0 (the empty prompt alone); else 2."""
+    return 1 if embedded or w == 1 or (w == 0 and not per_sample) else 2
+
+
 def _cat(conds):
     """Concatenate conditioning dicts along the batch."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
@@ -742,13 +768,19 @@ class DiTBackbone(Backbone):
         return self.cond_for(idx), real
 
     def velocity(self, net, x_t, t, cond, guidance):
-        if guidance == 1.0 or self.guidance_embedded:
+        """v_u + w (v_c - v_u) (D17); `guidance` w is a float or a per-sample (B,) tensor (a guidance interval).
+        A float 1 is the conditional call alone, a float 0 the unconditional call alone (one branch each: see
+        cfg_branches)."""
+        B, per_sample = x_t.shape[0], torch.is_tensor(guidance)
+        if self.guidance_embedded or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond, guidance)
-        B = x_t.shape[0]
         uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
+        if not per_sample and guidance == 0.0:  # Zero-CFG: the network sees the empty prompt only
+            return self.forward(net, x_t, t, uncond, guidance)
         v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]),
                                         guidance).chunk(2)  # (B, C, h, w) each
-        return v_uncond + guidance * (v_cond - v_uncond)
+        w = guidance.view(B, *[1] * (x_t.dim() - 1)) if per_sample else guidance  # (B, 1, 1, 1) or a float
+        return v_uncond + w * (v_cond - v_uncond)
 
     @torch.no_grad()
     def decode(self, x):
@@ -842,7 +874,8 @@ class FluxBackbone(DiTBackbone):
         ids = torch.zeros(h // 2, w // 2, 3, device=x_t.device)
         ids[..., 1] += torch.arange(h // 2, device=x_t.device)[:, None]  # row index
         ids[..., 2] += torch.arange(w // 2, device=x_t.device)[None, :]  # column index
-        g = torch.full((x_t.shape[0],), float(guidance), device=x_t.device) if net.config.guidance_embeds else None
+        g = (torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])  # (B,)
+             if net.config.guidance_embeds else None)
         v = net(hidden_states=self.pack(x_t).to(dt), timestep=t, guidance=g, pooled_projections=cond["pooled"].to(dt),
                 encoder_hidden_states=cond["embeds"].to(dt), txt_ids=self.txt_ids, img_ids=ids.reshape(-1, 3),
                 return_dict=False)[0]
@@ -1399,6 +1432,9 @@ class Config:
     cfg_train_fake: float = 1.0     # CFG scale of the fake network in its own update (SiD-LSG)
     cfg_eval_fake: float = 1.0      # CFG scale of the fake network inside the generator loss
     cfg_eval_real: float = 1.0      # CFG scale of the teacher inside the generator loss
+    cfg_t_min: float = 0.0          # guidance interval (D17), its low end: the three CFG scales apply only at noise
+                                    # levels t in [cfg_t_min, cfg_t_max]; elsewhere every network is called unguided
+    cfg_t_max: float = 1.0          # guidance interval (D17), its high end (1: guidance up to pure noise)
     # --- optimisation ---
     iters: int = 1000               # generator updates in the run
     batch_size: int = 256           # generated samples per update, per process
@@ -1439,8 +1475,12 @@ CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("f
 # learning rate: see README "Toy results" and derivation.md (D13) for why the uniform mixture is not the toy default.
 # The DiT presets: the official SiD-DiT release's settings (Adam(0, 0.999), lr 5e-6, SANA's CFG 4.5 for
 # all three scales, bf16 autocast); batch_size is per process (the paper's global batch is 256). SD3's CFG reuses
-# SANA's value and FLUX's guidance embedding its usual 3.5 -- starting points, not tuned by this project.
-_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, log_every=10)
+# SANA's value and FLUX's guidance embedding its usual 3.5 -- starting points, not tuned by this project. One change
+# from the paper, chosen by run_toy.py's guidance study on digits (README, "Guided distillation"): guidance only for
+# t in [0.2, 0.6] (D17); --cfg-t-min 0 --cfg-t-max 1 restores the paper's guidance at every t.
+_GUIDANCE_INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
+_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, log_every=10,
+            **_GUIDANCE_INTERVAL)
 _CFG45 = dict(cfg_train_fake=4.5, cfg_eval_fake=4.5, cfg_eval_real=4.5)
 _FLUX = dict(cfg_train_fake=3.5, cfg_eval_fake=3.5, cfg_eval_real=3.5, student_guidance=3.5)
 # Each preset's defaults fit one 80 GB GPU by the memory plan (README, "Memory"): the larger teachers train LoRA
@@ -1458,12 +1498,12 @@ PRESETS = {
     "toy": dict(teacher="toy", train_step="last", iters=400, batch_size=2048, lr_gen=8e-4, lr_fake=2.4e-3,
                 fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0,
                 gan_weight=0.01),  # the SiD term sums 2 dims here, not 10^4+: the GAN term must weigh far less
-    # run_toy.py --dataset digits: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption. The teacher is
-    # guided (CFG 2) inside the generator loss; the fake network, which models the generator, runs unguided (CFG 2
-    # on it as well gave a four-step FD of 87 against the guided teacher's 13: README, "Digits")
+    # run_toy.py --dataset digits: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption. Guided
+    # distillation at the teacher's CFG 2 on all three scales, only for t in [0.2, 0.6] (D17): with guidance at every
+    # t the students lose the teacher's diversity (README, "Guided distillation")
     "digits": dict(teacher="digits", train_step="last", iters=300, batch_size=128, lr_gen=1e-4, lr_fake=3e-4,
-                   weighting="inv-l1", ema_decay=0.99, cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=2.0,
-                   out="out/digits", log_every=20, save_every=0, gan_weight=0.01),
+                   weighting="inv-l1", ema_decay=0.99, cfg_train_fake=2.0, cfg_eval_fake=2.0, cfg_eval_real=2.0,
+                   out="out/digits", log_every=20, save_every=0, gan_weight=0.01, **_GUIDANCE_INTERVAL),
     "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=8),
     "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024, grad_checkpointing=True),
     "sd3-medium": dict(_DIT, **_CFG45, **_ONE_GPU, resolution=1024),
@@ -1486,6 +1526,9 @@ def check_config(cfg):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
+        raise UserError(f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, got "
+                        f"[{cfg.cfg_t_min}, {cfg.cfg_t_max}]")
     if not math.isfinite(cfg.alpha):
         raise UserError(f"--alpha must be finite, got {cfg.alpha}")
     return cfg
@@ -1748,9 +1791,10 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     patch = c.get("patch_size", 1) * (2 if family == "FluxPipeline" else 1)  # FLUX packs 2x2 latents into a token
     image_tokens = (cfg.resolution // (factor or VAE_FACTOR[family]) // patch) ** 2
     tokens = image_tokens + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
-    cfg_batch = 2 if family != "FluxPipeline" and (cfg.cfg_eval_real != 1 or cfg.cfg_eval_fake != 1) else 1
+    interval = not (cfg.cfg_t_min <= 0 and cfg.cfg_t_max >= 1)  # (D17): per-sample scales
+    cfg_batch = [cfg_branches(w, family == "FluxPipeline", interval) for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)]
     full = cfg.mode == "full"
-    batches = (cfg.batch_size, cfg.batch_size * cfg_batch, cfg.batch_size * cfg_batch)  # generator, teacher, fake
+    batches = (cfg.batch_size, cfg.batch_size * cfg_batch[0], cfg.batch_size * cfg_batch[1])  # generator, teacher, fake
     trains = (full, False, full)  # whose weights take gradients in the generator update
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
     per_block = [b * SAVED_PER_BLOCK[family][0 if t else 1] * unit for b, t in zip(batches, trains)]
@@ -1945,7 +1989,8 @@ def iteration_flops(cfg, backbone, net):
     t = torch.full((1,), 0.5, device=backbone.device)
     with torch.no_grad(), autocast(cfg, backbone.device), FlopCounterMode(display=False) as counter:
         backbone.forward(net, x, t, backbone.cond_for([0]), cfg.student_guidance)
-    branches = lambda w: 2 if w != 1.0 and not getattr(backbone, "guidance_embedded", False) else 1  # noqa: E731
+    interval = not (cfg.cfg_t_min <= 0 and cfg.cfg_t_max >= 1)  # (D17): per-sample scales
+    branches = lambda w: cfg_branches(w, getattr(backbone, "guidance_embedded", False), interval)  # noqa: E731
     passes = (cfg.steps + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake) + 3
               + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake))
     return counter.get_total_flops() * passes * cfg.batch_size

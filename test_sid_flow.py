@@ -293,6 +293,46 @@ def test_iteration_touches_only_what_it_should(loss):
     assert m["nonfinite"] == [] and math.isfinite(m["score_gap"]) and m["k"] == 4  # toy preset: last step
 
 
+class GuidanceSpy(sf.ToyBackbone):
+    """The toy teacher, recording which network was called at which times with which CFG scale."""
+
+    def __init__(self, teacher):
+        super().__init__(teacher)
+        self.calls = []
+
+    def velocity(self, net, x_t, t, cond, guidance):
+        self.calls.append((net, t.detach().clone(), guidance))
+        return net(x_t, t)
+
+
+def test_guidance_interval_reaches_every_call_as_configured():
+    """(D17): each network call of an iteration gets its CFG scale from one rule. Without an interval the three
+    scales arrive as the configured floats; with one, a call at t outside [cfg_t_min, cfg_t_max] gets 1 (the
+    conditional velocity: the teacher's target is unguided there) and one inside gets its configured scale --
+    Zero-CFG's 0 for the fake network's training, Anti-CFG's negative scale for its evaluation."""
+    torch.manual_seed(0)
+    scales = dict(cfg_train_fake=0.0, cfg_eval_fake=-1.0, cfg_eval_real=2.0)
+    for interval in (dict(), dict(cfg_t_min=0.3, cfg_t_max=0.7)):
+        bb = GuidanceSpy(sf.ToyMLP(width=16, depth=2))
+        gen, fake = bb.trainable_copy(), bb.trainable_copy()
+        cfg = _cfg(batch_size=256, fake_updates=1, **scales, **interval)
+        opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
+        sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+        got = [(net, t, w) for net, t, w in bb.calls if net is not gen]  # fake update, then teacher and fake
+        assert [net for net, _, _ in got] == [fake, bb.teacher, fake]
+        for (net, t, w), want in zip(got, [0.0, 2.0, -1.0]):
+            if not interval:
+                assert isinstance(w, float) and w == want
+                continue
+            inside = (t >= 0.3) & (t <= 0.7)
+            assert 0 < inside.sum() < len(t)  # both kinds of rows are present
+            assert torch.equal(w, torch.where(inside, torch.tensor(want), torch.tensor(1.0)))
+        assert all(w == 1.0 for net, _, w in bb.calls if net is gen)  # the student: cfg.student_guidance
+    assert sf.guidance_scale(3.0, torch.rand(4)) == 3.0
+    with pytest.raises(sf.UserError, match="guidance interval"):
+        sf.make_config("toy", cfg_t_min=0.8, cfg_t_max=0.2)
+
+
 def test_ema_update_closed_form():
     """EMA with warm-up: ema <- ema + (1 - d) (net - ema) with d = min(decay, (1 + step) / (10 + step)), checked
     against that closed form early (warm-up active), late (the configured decay), and with decay 0 (a copy)."""
@@ -421,8 +461,7 @@ def test_toy_output_folders_do_not_collide():
     """Every dataset, comparison and result-changing flag has its own results folder; I/O flags do not change it."""
     def name(*argv):
         a = run_toy.parse_args(list(argv))
-        return run_toy.run_name(a, {k: v for k, v in vars(a).items()
-                                    if k not in ("dataset", "compare", "n_eval", "data_aided")})
+        return run_toy.run_name(a, run_toy.config_overrides(a))
     names = [name(), name("--dataset", "moons"), name("--compare"), name("--data-aided"), name("--alpha", "1.2"),
              name("--weighting", "1/t"), name("--weighting", "1/t^2"), name("--n-eval", "4096")]
     assert len(set(names)) == len(names) and all("/" not in n and n not in (".", "..") for n in names)
@@ -655,6 +694,33 @@ def test_adapter_velocity_matches_stock_pipeline(tiny, family):
         if family == "flux":
             out = sf.FluxBackbone.unpack(out, *bb.sample_shape[1:])
         assert torch.allclose(v, (x - out) / t, atol=2e-5), (w, (v - (x - out) / t).abs().max())
+
+
+@pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
+def test_guided_velocity_per_sample_and_zero_cfg(tiny, family, monkeypatch):
+    """(D17): a per-sample scale (a guidance interval) gives each row the velocity of its own float scale -- through
+    the second branch, or FLUX's guidance embedding; in a two-branch family scale 0 (Zero-CFG) is one call that
+    receives the empty prompt's conditioning alone."""
+    bb = _backbone(tiny[family], family)
+    bb.set_prompts(TEST_PROMPTS[:2])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, *bb.sample_shape, generator=g).to(DEVICE)
+    t, cond = torch.tensor([0.2, 0.5, 0.8, 0.9], device=DEVICE), bb.cond_for([0, 1, 0, 1])
+    w = sf.guidance_scale(3.0, t, 0.4, 0.85)  # rows 1, 2 guided
+    with torch.no_grad():
+        v = bb.velocity(bb.teacher, x, t, cond, w)
+        v1, v3 = (bb.velocity(bb.teacher, x, t, cond, s) for s in (1.0, 3.0))
+        v0_two_branch = bb.velocity(bb.teacher, x, t, cond, torch.zeros(4, device=DEVICE))
+        seen = []
+        forward = bb.forward
+        monkeypatch.setattr(bb, "forward", lambda net, x_t, t_, c, w_: seen.append(c) or forward(net, x_t, t_, c, w_))
+        v0 = bb.velocity(bb.teacher, x, t, cond, 0.0)
+    assert torch.allclose(v[[0, 3]], v1[[0, 3]], atol=1e-5) and torch.allclose(v[1:3], v3[1:3], atol=1e-5)
+    assert not torch.allclose(v1, v3, atol=1e-3)  # guidance changes the velocity: the check above can fail
+    if family == "flux":
+        return  # one branch: every scale, 0 included, is an input of the guidance embedding
+    assert len(seen) == 1 and all(torch.equal(seen[0][k], bb.uncond[k].expand_as(cond[k])) for k in cond)
+    assert torch.allclose(v0, v0_two_branch, atol=1e-5)
 
 
 def test_flux_packing_matches_pipeline():
@@ -1123,6 +1189,7 @@ def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path)
         cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, mode=mode,
                              lora_rank=4, precision="bf16-autocast", grad_checkpointing=checkpointing, iters=2,
                              batch_size=2, lr_gen=1e-2, lr_fake=1e-2, cfg_eval_real=2.0, ema_decay=0.5,
+                             cfg_t_min=0.2, cfg_t_max=0.6,  # the DiT presets' guidance interval: per-sample scales
                              student_guidance=3.5 if family == "flux" else 1.0, out=str(out), progress=False,
                              save_every=0, eval_every=1)
         sf.cmd_distill(cfg)
@@ -1401,3 +1468,33 @@ def test_digits_mode_runs(tmp_path, monkeypatch):
     # the Frechet distance is a distance: zero for identical features, positive for shifted ones
     f = torch.randn(500, 8, dtype=torch.float64)
     assert abs(run_toy.frechet_distance(f, f)) < 1e-6 and run_toy.frechet_distance(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_guidance_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
+    """--guidance-study at toy size: every strategy at four steps and one, the teacher's samplers and the Langevin
+    diagnostic in one table; samples.npz holds each row's samples under the row's name (N x 1 x 8 x 8), the
+    requested labels and the real digits, and re-scoring those arrays gives the table's accuracy."""
+    small = dict(teacher_iters=30, n_per_class=6, classifier_iters=50)
+    for k, v in small.items():
+        monkeypatch.setitem(run_toy.DIGITS, k, v)
+    m = run_toy.main(["--dataset", "digits", "--guidance-study", "--out", str(tmp_path), "--iters", "2",
+                      "--no-progress"])
+    names = [r["row"] for r in m["rows"]]
+    assert {f"{s}, {k}" for s in run_toy.STRATEGIES for k in ("4 steps", "1 step")} <= set(names)
+    assert sum(n.startswith("teacher") for n in names) == 5 + len(run_toy.LANGEVIN_SNR)
+    assert all(r["trained"] == 2 for r in m["rows"] if not r["row"].startswith("teacher"))
+    npz = np.load(tmp_path / "samples.npz")
+    assert set(npz.files) == set(names) | {"labels", "real"}
+    assert all(npz[n].shape == (60, 1, 8, 8) for n in names) and npz["labels"].shape == (60,)
+    assert npz["real"].shape[1:] == (1, 8, 8) and (tmp_path / "guidance.png").stat().st_size > 5000
+    # the table is what the saved arrays score: the classifier, retrained the same way, agrees on every row
+    x, y, x_h, y_h = run_toy.digits_split()
+    clf = run_toy.train_classifier(x_h, y_h)
+    for r in m["rows"]:
+        with torch.no_grad():
+            acc = (clf(torch.from_numpy(npz[r["row"]])).argmax(1) == torch.from_numpy(npz["labels"])).float().mean()
+        assert acc.item() == pytest.approx(r["acc"], abs=1e-6), r["row"]
+    # a second run reuses every student (nothing retrained)
+    again = run_toy.main(["--dataset", "digits", "--guidance-study", "--out", str(tmp_path), "--iters", "2",
+                          "--no-progress"])
+    assert all(r["trained"] == 0 for r in again["rows"])
