@@ -690,7 +690,8 @@ def plot_digits(samples, real, labels, path):
 
 # flags of sid_flow.py that mean nothing for these small teachers: run_toy.py does not offer them
 NOT_HERE = ("teacher", "device", "precision", "prompts", "resolution", "data", "mode", "lora_rank",
-            "grad_checkpointing", "student_guidance", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
+            "grad_checkpointing", "student_guidance", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "cfg_t_min",
+            "cfg_t_max")  # the digits' guidance: the preset's, or each strategy's in --guidance-study
 NOT_RUN_FLAGS = ("out", "progress", "log_every", "save_every", "eval_every")  # flags that leave the results alone
 
 

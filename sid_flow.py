@@ -504,7 +504,10 @@ def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runti
         v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, w_fake)  # (B, *D)
         loss = flow_matching_loss(v_fake.float(), x_g, eps, t).mean()
         if x0_real is not None:
-            backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, 1.0)  # its features: hidden[-1]
+            # the real samples are seen as the fakes' features were made: with the prompt, or on the empty prompt
+            # alone under Zero-CFG's one-branch call (a batch-wide scale 0)
+            w_d = 0.0 if not torch.is_tensor(w_fake) and w_fake == 0.0 else 1.0
+            backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, w_d)  # its features: hidden[-1]
             loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
             loss = loss + loss_d
             out["loss_d"] = loss_d.item()
@@ -845,7 +848,8 @@ class SD3Backbone(DiTBackbone):
 class FluxBackbone(DiTBackbone):
     """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids; latents are packed 2x2 into tokens; t in [0, 1].
     FLUX.1-dev is guidance-distilled: the guidance scale is an input embedding, never a second branch. Every CFG
-    scale of the config is fed to that embedding; the generator gets cfg.student_guidance (pass the same value as
+    scale of the config is fed to that embedding (0 is embedded guidance 0, not the empty prompt: no Zero-CFG here;
+    outside a guidance interval the embedding gets 1); the generator gets cfg.student_guidance (pass the same value as
     guidance_scale to the stock FluxPipeline). Per-step noise: torch's global RNG, drawn in the packed layout."""
     guidance_embedded = True
     packing = 2

@@ -296,8 +296,8 @@ def test_iteration_touches_only_what_it_should(loss):
 class GuidanceSpy(sf.ToyBackbone):
     """The toy teacher, recording which network was called at which times with which CFG scale."""
 
-    def __init__(self, teacher):
-        super().__init__(teacher)
+    def __init__(self, teacher, real=None):
+        super().__init__(teacher, real)
         self.calls = []
 
     def velocity(self, net, x_t, t, cond, guidance):
@@ -331,6 +331,19 @@ def test_guidance_interval_reaches_every_call_as_configured():
     assert sf.guidance_scale(3.0, torch.rand(4)) == 3.0
     with pytest.raises(sf.UserError, match="guidance interval"):
         sf.make_config("toy", cfg_t_min=0.8, cfg_t_max=0.2)
+
+
+def test_data_aided_zero_cfg_scores_real_and_fake_alike():
+    """Data-aided SiD (D16) with Zero-CFG's fake network (D17): the discriminator's real samples go through the same
+    call as the fakes (both on the empty prompt, scale 0); with a guided fake network both are read with the prompt."""
+    torch.manual_seed(0)
+    for w, real_scale in ((0.0, 0.0), (2.0, 1.0)):
+        bb = GuidanceSpy(sf.ToyMLP(width=16, depth=2), real=lambda n, g: torch.randn(n, 2, generator=g))
+        gen, fake = bb.trainable_copy(), bb.trainable_copy()
+        cfg = _cfg(batch_size=32, cfg_train_fake=w, fake_updates=1, gan_freeze_images=10**6)  # fake update only
+        opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
+        sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
+        assert [g for net, _, g in bb.calls if net is fake] == [w, real_scale]
 
 
 def test_ema_update_closed_form():
