@@ -458,8 +458,7 @@ def main_digits(args, overrides):
     t_distill = {}
     for name, extra in students.items():
         scfg = sf.make_config("digits", **{**overrides, **extra})
-        # one folder per distinct config, as for the 2-D runs: the same command reuses its run, a changed flag retrains
-        scfg.out = os.path.join(cfg.out, "runs", f"{sf.slug(name)}-{_config_hash(scfg, 'digits', args.data_aided)}")
+        scfg.out = run_folder(cfg.out, name, scfg, "digits", args.data_aided)
         t0 = time.time()
         res = sf.distill(scfg, bb)
         t_distill[name] = time.time() - t0
@@ -541,21 +540,29 @@ def study_tasks(overrides):
     return tasks
 
 
-def study_row(job):
-    """One row of the study, in a worker process: (name, samples (N, 1, 8, 8), seconds, iterations trained)."""
-    (name, kind, a), digits, out = job
+_WORKER = {}  # a study worker's own: the teacher's backbone, the conditioning and noise, OUT; built once per process
+
+
+def study_worker_init(digits, out):
+    """Start a worker process: one thread, the parent's DIGITS settings (a test shrinks them), the cached teacher."""
     torch.set_num_threads(1)
-    DIGITS.update(digits)  # the parent's settings (a test shrinks them)
-    t0, trained = time.time(), 0
+    DIGITS.update(digits)
     x, y, _, _ = digits_split()
     bb = DigitsBackbone(digits_teacher(x, y, os.path.join(out, "teacher-digits.pt"), False)[0], torch.device("cpu"))
     bb.set_prompts([str(c) for c in range(10)])
     _, cond, z = digits_inputs(bb)
+    _WORKER.update(bb=bb, cond=cond, z=z, out=out)
+
+
+def study_row(task):
+    """One row of the study, in a worker process: (name, samples (N, 1, 8, 8), seconds, iterations trained)."""
+    name, kind, a = task
+    bb, cond, z, out = (_WORKER[k] for k in ("bb", "cond", "z", "out"))
+    t0, trained = time.time(), 0
     if kind == "student":
         cfg = sf.make_config("digits", **{**a["fields"], "progress": False})
-        cfg.out = os.path.join(out, "runs", f"{sf.slug(a['name'])}-{a['K']}-{_config_hash(cfg, 'digits', False)}")
-        ck = os.path.join(cfg.out, "checkpoint.pt")
-        trained = cfg.iters - (torch.load(ck, weights_only=False)["step"] if os.path.exists(ck) else 0)
+        cfg.out = run_folder(out, f"{a['name']}-{a['K']}", cfg, "digits")
+        trained = cfg.iters - iterations_done(cfg.out)
         samples = student_samples(bb, sf.distill(cfg, bb)["ema"], cond, z, a["K"])
     else:
         interval = a.get("interval", (0.0, 1.0))
@@ -578,8 +585,9 @@ def main_guidance_study(args, overrides):
     workers = max(1, min(len(tasks), os.cpu_count() or 1))
     print(f"guidance study: {len(tasks)} rows on {workers} worker processes")
     done = {}
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(study_row, (task, dict(DIGITS), cfg.out)) for task in tasks]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=study_worker_init, initargs=(dict(DIGITS), cfg.out)) as pool:
+        jobs = [pool.submit(study_row, task) for task in tasks]
         for job in concurrent.futures.as_completed(jobs):
             name, x, seconds, trained = job.result()
             done[name] = dict(samples=x, seconds=seconds, trained=trained, **bench.measure(x, labels))
@@ -782,10 +790,8 @@ def main(argv=None):
         aided = extra.pop("data_aided", False) or args.data_aided
         name = name + (" data-aided" if aided and "data-aided" not in name else "")
         vcfg = sf.make_config("toy", **{**overrides, **extra})
-        # one folder per distinct config: the same command resumes (or reuses) its run, a changed flag starts anew
-        vcfg.out = os.path.join(cfg.out, "runs", f"{sf.slug(name)}-{_config_hash(vcfg, args.dataset, aided)}")
-        curve_path, ckpt_path = os.path.join(vcfg.out, "curve.json"), os.path.join(vcfg.out, "checkpoint.pt")
-        done = torch.load(ckpt_path, weights_only=False)["step"] if os.path.exists(ckpt_path) else 0
+        vcfg.out = run_folder(cfg.out, name, vcfg, args.dataset, aided)
+        curve_path, done = os.path.join(vcfg.out, "curve.json"), iterations_done(vcfg.out)
         curve = [p for p in json.load(open(curve_path)) if p["step"] <= done] if os.path.exists(curve_path) else []
 
         def first_replicate(net, K=vcfg.steps, noise=vcfg.noise):  # the curve: replicate 0 only, cheap
@@ -845,6 +851,18 @@ def main(argv=None):
          os.path.join(folder, "toy.png"))
     print(f"wrote {folder}/: toy.png, metrics.json, data.npy, teacher_4.npy, teacher_128.npy, student.npy")
     return metrics
+
+
+def run_folder(out, name, cfg, dataset, aided=False):
+    """One folder per distinct config, OUT/runs/<name>-<hash>: the same command resumes (or reuses) its run, a changed
+    flag trains anew."""
+    return os.path.join(out, "runs", f"{sf.slug(name)}-{_config_hash(cfg, dataset, aided)}")
+
+
+def iterations_done(run_dir):
+    """Iterations a run folder's checkpoint holds (0 without one), read from its meta, not its weights."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    return sf.read_checkpoint_meta(path)["step"] if os.path.exists(path) else 0
 
 
 def _config_hash(cfg, dataset, aided):

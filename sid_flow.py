@@ -189,10 +189,15 @@ def sid_weight(name, t, x_g, x0_teacher):
 # pushes away from the prompt (Anti-CFG). The guidance interval limits every scale of the run to noise levels
 # t in [cfg_t_min, cfg_t_max]: outside it each network is called with w = 1, its plain conditional velocity.
 
+def has_interval(t_min, t_max):
+    """Does [t_min, t_max] leave part of [0, 1] unguided? Then the scales of a call differ from sample to sample."""
+    return not (t_min <= 0.0 and t_max >= 1.0)
+
+
 def guidance_scale(w, t, t_min=0.0, t_max=1.0):
     """The CFG scale of one network call at times t (B,): `w` inside the guidance interval, 1 outside (D17). A float
     when it is one scale for the batch (no interval, or w = 1), else a per-sample (B,) tensor."""
-    if (t_min <= 0.0 and t_max >= 1.0) or w == 1:
+    if not has_interval(t_min, t_max) or w == 1:
         return float(w)
     inside = (t >= t_min) & (t <= t_max)
     return torch.where(inside, torch.full_like(t, float(w)), torch.ones_like(t)).detach()  # (B,)
@@ -1795,7 +1800,7 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     patch = c.get("patch_size", 1) * (2 if family == "FluxPipeline" else 1)  # FLUX packs 2x2 latents into a token
     image_tokens = (cfg.resolution // (factor or VAE_FACTOR[family]) // patch) ** 2
     tokens = image_tokens + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
-    interval = not (cfg.cfg_t_min <= 0 and cfg.cfg_t_max >= 1)  # (D17): per-sample scales
+    interval = has_interval(cfg.cfg_t_min, cfg.cfg_t_max)  # (D17): per-sample scales
     cfg_batch = [cfg_branches(w, family == "FluxPipeline", interval) for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)]
     full = cfg.mode == "full"
     batches = (cfg.batch_size, cfg.batch_size * cfg_batch[0], cfg.batch_size * cfg_batch[1])  # generator, teacher, fake
@@ -1993,7 +1998,7 @@ def iteration_flops(cfg, backbone, net):
     t = torch.full((1,), 0.5, device=backbone.device)
     with torch.no_grad(), autocast(cfg, backbone.device), FlopCounterMode(display=False) as counter:
         backbone.forward(net, x, t, backbone.cond_for([0]), cfg.student_guidance)
-    interval = not (cfg.cfg_t_min <= 0 and cfg.cfg_t_max >= 1)  # (D17): per-sample scales
+    interval = has_interval(cfg.cfg_t_min, cfg.cfg_t_max)  # (D17): per-sample scales
     branches = lambda w: cfg_branches(w, getattr(backbone, "guidance_embedded", False), interval)  # noqa: E731
     passes = (cfg.steps + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake) + 3
               + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake))
