@@ -1,137 +1,87 @@
 """sid_flow.py -- Score identity Distillation (SiD) of flow-matching models, in one file.
 
-Read it top to bottom, beside derivation.md (equation labels (D1)...(D17) are cited in the comments). It has two parts.
-
-  PART I, THE METHOD -- everything the 2-D toy needs; a reader who stops at its end has the whole algorithm:
-    CONVENTIONS -> 1 path algebra (Bayes' rule) -> 2 times, weights and guidance -> 3 losses -> 4 the few-step
-    generator -> 5 the teacher interface (the toy MLP its first instance) -> 6 one SiD iteration (fake_update,
-    generator_update) -> 7 the loop (distill)
-  PART II, THE MACHINERY THAT SCALES IT -- a first reading may skip it; Part I reaches it only through the interface:
-    8 diffusers teachers (SANA, SD3, FLUX) -> 9 LoRA views -> 10 real images (data-aided) -> 11 runtime (device,
-    precision, ranks, FSDP2) and checkpoints -> 12 config and presets -> 13 loading, export, memory plan, benchmark,
-    command line
-
-Commands, by hardware:
-    laptop (CPU, ~2 min):  python run_toy.py                       # 2-D checkerboard: out/toy/checkerboard/
-    one GPU:               python sid_flow.py --teacher sana-0.6b-512        # presets: see PRESETS (section 12)
-                           python sid_flow.py --teacher flux-dev --prompts my_prompts.txt --iters 5000
-                           python sid_flow.py --teacher ./my_pipeline_folder --resolution 512
-    a node of GPUs:        torchrun --nproc_per_node 8 sid_flow.py --teacher sd3.5-large --mode full --grad-checkpointing
-    before downloading:    python sid_flow.py --teacher flux-dev --dry-run   # the memory plan; --bench 3 times the loop
-    sample the student:    python sid_flow.py sample --student out/flux-dev/student --prompt "a fox" --seed 0 --out fox.png
-    export a checkpoint:   python sid_flow.py export --out out/flux-dev
-    data-aided (D16):      python sid_flow.py --teacher sana-0.6b-512 --data my_images/   # x.png + x.txt captions
-    guidance at every t:   python sid_flow.py --teacher sana-0.6b-512 --cfg-t-min 0 --cfg-t-max 1   # the paper's
-    tests (CPU, minutes):  python -m pytest -q test_sid_flow.py
+Read it top to bottom beside derivation.md (labels (D1)...(D17)). PART I, the method, is all the 2-D toy needs: 1 path
+algebra (Bayes' rule), 2 times, weights, guidance, 3 losses, 4 the few-step generator, 5 the teacher interface, 6 one
+SiD iteration (every backward and step), 7 the loop. PART II scales it through Part I's interfaces (Backbone,
+Runtime): 8 diffusers teachers, 9 LoRA, 10 real images, 11 quality, 12 torchrun, 13 config, 14 plan, export, CLI.
 """
 
-import argparse
 import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
-import sys
+import signal
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-#                                        PART I -- THE METHOD
-# ------------------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------------------
+# ======================================== PART I -- THE METHOD ===================================================
 # CONVENTIONS (stated once; test_sid_flow.py::test_conventions checks them)
-#
-#   time       t in [0, 1];  t = 0 is DATA, t = 1 is pure NOISE   (diffusers / SANA / SD3 / FLUX direction;
-#              facebookresearch/flow_matching and torchcfm use the opposite one -- a silent flip is the classic bug)
-#   path       x_t = a_t x0 + s_t eps,  eps ~ N(0, I)                                        (D1)
-#              flow matching (default): a_t = 1 - t,  s_t = t
-#   velocity   v = dx_t/dt = a'_t x0 + s'_t eps;  flow matching: v = eps - x0               (D2)
+#   time       t in [0, 1]; t = 0 is DATA, t = 1 NOISE (diffusers' direction; torchcfm's is the opposite: a flip is
+#              the classic silent bug)
+#   path       x_t = a_t x0 + s_t eps,  eps ~ N(0, I);  flow matching (default): a_t = 1 - t,  s_t = t      (D1)
+#   velocity   v = dx_t/dt = a'_t x0 + s'_t eps;  flow matching: v = eps - x0                            (D2)
 #   shapes     x: (B, *D) -- (B, 2) for the toy, (B, C, H, W) for DiT latents;  t: (B,);  per-sample losses: (B,)
 #   CFG        v = v_uncond + w (v_cond - v_uncond), the empty prompt as uncond; w = 1 means "conditional only"
-# ------------------------------------------------------------------------------------------------------------------
 
+# --- 1. Path algebra: every parameterisation is an affine function of E[x0 | x_t] (D1)-(D7) -----------------------
 
-# ------------------------------------------------------------------------------------------------------------------
-# 1. Path algebra: every parameterisation is an affine function of E[x0 | x_t]                      (D1)-(D7)
-# ------------------------------------------------------------------------------------------------------------------
+FLOW, VP = "flow", "vp"  # the two Gaussian paths x_t = a_t x0 + s_t eps this file knows
 
-@dataclass(frozen=True)
-class GaussianPath:
-    """x_t = a(t) x0 + s(t) eps. `name` picks the schedule: 'flow' (a = 1-t, s = t) or 'vp' (a = cos(pi t/2),
-    s = sin(pi t/2), the cosine variance-preserving diffusion)."""
-    name: str
-
-    def coefficients(self, t):
-        """(a, s, da/dt, ds/dt) at time t."""
-        if self.name == "flow":
-            return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-        if self.name == "vp":
-            h = 0.5 * math.pi
-            return torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t)
-        raise ValueError(f"unknown path {self.name!r}")
-
-
-FLOW = GaussianPath("flow")
-VP = GaussianPath("vp")
-
+def coefficients(path, t):
+    """(a, s, da/dt, ds/dt) at time t: 'flow' a = 1 - t, s = t; 'vp' a = cos(pi t/2), s = sin(pi t/2), the cosine
+    variance-preserving diffusion."""
+    if path == FLOW:
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path == VP:
+        h = 0.5 * math.pi
+        return torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t)
+    raise ValueError(f"unknown path {path!r}")
 
 def _per_sample(t, x):
     """View t (B,) as (B, 1, ..., 1) so it broadcasts against x (B, *D)."""
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
-
 def add_noise(x0, eps, t, path=FLOW):
     """x_t = a_t x0 + s_t eps.                                                                              (D1)"""
-    a, s, _, _ = path.coefficients(_per_sample(t, x0))
+    a, s, _, _ = coefficients(path, _per_sample(t, x0))
     return a * x0 + s * eps  # (B, *D)
-
 
 def velocity_target(x0, eps, t, path=FLOW):
     """The conditional velocity d x_t / dt = a' x0 + s' eps; for flow matching eps - x0.                    (D2)"""
-    _, _, da, ds = path.coefficients(_per_sample(t, x0))
+    _, _, da, ds = coefficients(path, _per_sample(t, x0))
     return da * x0 + ds * eps  # (B, *D)
-
 
 def velocity_to_x0(x_t, t, v, path=FLOW):
     """E[x0 | x_t] from a velocity prediction: solve [a s; a' s'] [x0; eps] = [x_t; v] for x0.
     Flow matching: x0 = x_t - t v.                                                                          (D4)"""
-    a, s, da, ds = path.coefficients(_per_sample(t, x_t))
+    a, s, da, ds = coefficients(path, _per_sample(t, x_t))
     return (ds * x_t - s * v) / (a * ds - s * da)  # (B, *D); the determinant is 1 for flow matching
-
 
 def velocity_to_eps(x_t, t, v, path=FLOW):
     """E[eps | x_t] from a velocity prediction. Flow matching: eps = x_t + (1 - t) v.                      (D4)"""
-    a, s, da, ds = path.coefficients(_per_sample(t, x_t))
+    a, s, da, ds = coefficients(path, _per_sample(t, x_t))
     return (a * v - da * x_t) / (a * ds - s * da)  # (B, *D)
-
 
 def velocity_to_score(x_t, t, v, path=FLOW):
     """grad_x log p_t(x_t) = -E[eps | x_t] / s_t (Tweedie). Flow matching: -(x_t + (1 - t) v) / t.         (D5)"""
-    _, s, _, _ = path.coefficients(_per_sample(t, x_t))
+    _, s, _, _ = coefficients(path, _per_sample(t, x_t))
     return -velocity_to_eps(x_t, t, v, path) / s  # (B, *D)
-
 
 def x0_to_velocity(x_t, t, x0, path=FLOW):
     """The inverse of velocity_to_x0: eps = (x_t - a x0) / s, then v = a' x0 + s' eps.                      (D4)"""
-    a, s, da, ds = path.coefficients(_per_sample(t, x_t))
+    a, s, da, ds = coefficients(path, _per_sample(t, x_t))
     return da * x0 + ds * (x_t - a * x0) / s  # (B, *D)
-
 
 def score_to_x0(x_t, t, score, path=FLOW):
     """Tweedie's formula: E[x0 | x_t] = (x_t + s_t^2 grad log p_t(x_t)) / a_t.                              (D3)"""
-    a, s, _, _ = path.coefficients(_per_sample(t, x_t))
+    a, s, _, _ = coefficients(path, _per_sample(t, x_t))
     return (x_t + s ** 2 * score) / a  # (B, *D)
-
 
 def flow_to_vp(x_t, t):
     """The signal-to-noise map: a flow-matching state (x_t, t) is a VP-diffusion state (x_tau, tau) with the
@@ -141,95 +91,63 @@ def flow_to_vp(x_t, t):
     return x_t / _per_sample(norm, x_t), tau
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 2. Times, weights and guidance used during distillation                                  (D12), (D17)
-# ------------------------------------------------------------------------------------------------------------------
+# --- 2. Times, weights and guidance used during distillation (D12), (D17) -----------------------------------------
 
 def sample_t(n, dist, rng, device, t_min=1e-3, t_max=1 - 1e-3):
-    """Times for both updates. 'logit-normal' (official): t = sigmoid(N(ln 2, 1.6^2)), median 2/3 -- skewed to high
-    noise; 'uniform': U(t_min, t_max). Clamped away from 0 and 1, where the conversions divide by t or 1 - t."""
-    if dist == "logit-normal":
-        u = torch.randn(n, generator=rng, device=device) * 1.6 + math.log(2.0)
-        t = torch.sigmoid(u)
-    elif dist == "uniform":
-        t = torch.rand(n, generator=rng, device=device)
-    else:
+    """Times for both updates, (n,). 'logit-normal' (official): t = sigmoid(N(ln 2, 1.6^2)), median 2/3, skewed to
+    high noise; 'uniform': U(0, 1). Clamped away from 0 and 1, where the conversions divide by t or 1 - t."""
+    if dist not in ("logit-normal", "uniform"):
         raise ValueError(f"unknown t distribution {dist!r}")
-    return t.clamp(t_min, t_max)  # (B,)
+    u = torch.rand(n, generator=rng, device=device) if dist == "uniform" else torch.sigmoid(
+        torch.randn(n, generator=rng, device=device) * 1.6 + math.log(2.0))
+    return u.clamp(t_min, t_max)  # (n,)
 
-
-# w(t) of the generator loss; all seven weightings of the official code. 'inv-l1' is original SiD's per-sample
-# 1 / mean|x_g - x0_teacher|, computed without gradient.                                             (D12)
-WEIGHTINGS = ("1-t", "(1-t)^2", "inv-l1", "(1-t)/t", "((1-t)/t)^2", "1/t", "1/t^2")
-
+# w(t) of the generator loss, per sample: the seven weightings of the official code; 'inv-l1' is original SiD's
+# 1 / mean|x_g - x0_teacher|. Stop-gradient: a weight scales the step, it is not part of the objective.       (D12)
+WEIGHTS = {"1-t": lambda t, l1: 1 - t, "(1-t)^2": lambda t, l1: (1 - t) ** 2, "inv-l1": lambda t, l1: 1 / l1,
+           "(1-t)/t": lambda t, l1: (1 - t) / t, "((1-t)/t)^2": lambda t, l1: ((1 - t) / t) ** 2,
+           "1/t": lambda t, l1: 1 / t, "1/t^2": lambda t, l1: 1 / t ** 2}
+WEIGHTINGS = tuple(WEIGHTS)
 
 def sid_weight(name, t, x_g, x0_teacher):
-    """Per-sample weight w (B,). No gradient ever flows through a weight."""
-    t = t.detach()
-    if name == "1-t":
-        return 1 - t
-    if name == "(1-t)^2":
-        return (1 - t) ** 2
-    if name == "inv-l1":
-        # stop-gradient: the weight normalises the step size, it is not part of the objective being descended
-        return 1.0 / (x_g - x0_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-8)
-    if name == "(1-t)/t":
-        return (1 - t) / t
-    if name == "((1-t)/t)^2":
-        return ((1 - t) / t) ** 2
-    if name == "1/t":
-        return 1 / t
-    if name == "1/t^2":
-        return 1 / t ** 2
-    raise ValueError(f"unknown weighting {name!r}; choose from {', '.join(WEIGHTINGS)}")
+    """Per-sample weight w (B,), computed without gradient."""
+    if name not in WEIGHTS:
+        raise ValueError(f"unknown weighting {name!r}; choose from {', '.join(WEIGHTINGS)}")
+    l1 = (x_g - x0_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-8)  # (B,)
+    return WEIGHTS[name](t.detach(), l1)
 
-
-# Classifier-free guidance inside the losses (D17). A call with scale w evaluates v_u + w (v_c - v_u) (the empty
-# prompt's velocity v_u, the prompt's v_c); w = 1 is v_c alone, w = 0 v_u alone (Zero-CFG's fake network), w < 0
-# pushes away from the prompt (Anti-CFG). The guidance interval limits every scale of the run to noise levels
-# t in [cfg_t_min, cfg_t_max]: outside it each network is called with w = 1, its plain conditional velocity.
-
-def has_interval(t_min, t_max):
-    """Does [t_min, t_max] leave part of [0, 1] unguided? Then the scales of a call differ from sample to sample."""
-    return not (t_min <= 0.0 and t_max >= 1.0)
-
+# Classifier-free guidance inside the losses (D17): a call with scale w evaluates v_u + w (v_c - v_u) (the empty
+# prompt's velocity v_u, the prompt's v_c); w = 1 is v_c alone, w = 0 v_u alone (Zero-CFG), w < 0 pushes away from the
+# prompt (Anti-CFG). Outside the guidance interval [cfg_t_min, cfg_t_max] of noise levels every call uses w = 1.
 
 def guidance_scale(w, t, t_min=0.0, t_max=1.0):
     """The CFG scale of one network call at times t (B,): `w` inside the guidance interval, 1 outside (D17). A float
     when it is one scale for the batch (no interval, or w = 1), else a per-sample (B,) tensor."""
-    if not has_interval(t_min, t_max) or w == 1:
+    if w == 1 or (t_min <= 0.0 and t_max >= 1.0):
         return float(w)
     inside = (t >= t_min) & (t <= t_max)
     return torch.where(inside, torch.full_like(t, float(w)), torch.ones_like(t)).detach()  # (B,)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 3. Losses (pure functions of tensors; every one returns a per-sample (B,) tensor)
-# ------------------------------------------------------------------------------------------------------------------
+# --- 3. Losses: pure functions of tensors, each returning a per-sample (B,) tensor --------------------------------
 
-def _sum_pixels(x):
-    return x.flatten(1).sum(1)  # (B, *D) -> (B,)
-
+def _sum_pixels(x):  # (B, *D) -> (B,)
+    return x.flatten(1).sum(1)
 
 def flow_matching_loss(v_pred, x0, eps, t, path=FLOW):
     """|v_pred - (a' x0 + s' eps)|^2 summed over pixels: trains the teacher on data and the fake network on
     generator samples (then x0 = x_g, detached by the caller). Its minimiser is E[v | x_t].                 (D8)"""
     return _sum_pixels((v_pred - velocity_target(x0, eps, t, path)) ** 2)  # (B,)
 
-
 def sid_generator_loss(x_g, x0_teacher, x0_fake, alpha, weight):
     """The SiD generator loss, per sample (B,):                                                            (D11)
-
         w(t) < x0_teacher - x0_fake , (x0_teacher - x_g) - alpha (x0_teacher - x0_fake) >
-
-    = w [ (1 - alpha) |x0_teacher - x0_fake|^2 + < x0_teacher - x0_fake , x0_fake - x_g > ].
-
+      = w [ (1 - alpha) |x0_teacher - x0_fake|^2 + < x0_teacher - x0_fake , x0_fake - x_g > ].
     A surrogate: its value can be negative, only its gradient means something. The caller keeps every path
     differentiable -- x_g directly, and x_t = (1-t) x_g + t eps into BOTH networks' inputs -- and steps only the
     generator's weights. `weight` (B,) must carry no gradient."""
     gap = x0_teacher - x0_fake  # (B, *D)  teacher-minus-fake posterior means: the score difference in x0 units
     return weight * _sum_pixels(gap * ((x0_teacher - x_g) - alpha * gap))  # (B,)
-
 
 def dmd_generator_loss(x_g, x0_teacher, x0_fake, weight):
     """DMD for contrast: the gradient w (x0_fake - x0_teacher) is applied to x_g alone, no gradient through
@@ -237,38 +155,29 @@ def dmd_generator_loss(x_g, x0_teacher, x0_fake, weight):
     grad = _per_sample(weight, x_g) * (x0_fake - x0_teacher).detach()  # (B, *D) stop-gradient: a fixed direction
     return 0.5 * _sum_pixels((x_g - (x_g - grad).detach()) ** 2)  # (B,)
 
+def _bce(logits, target):  # BCE of C logits per sample (B, C) against 1 (real) or 0 (fake), clamped: (B,)
+    return F.binary_cross_entropy_with_logits(logits.clamp(-10, 10), torch.full_like(logits, float(target)),
+                                              reduction="none").mean(1)
 
 def discriminator_loss(logits_real, logits_fake):
-    """Data-aided SiD: the fake network's pooled features (B, C) are C logits per sample. BCE(real -> 1) +
-    BCE(fake -> 0), logits clamped to [-10, 10], mean over C: (B,). Joins the fake network's loss.          (D16)"""
-    real = F.binary_cross_entropy_with_logits(logits_real.clamp(-10, 10), torch.ones_like(logits_real),
-                                              reduction="none")
-    fake = F.binary_cross_entropy_with_logits(logits_fake.clamp(-10, 10), torch.zeros_like(logits_fake),
-                                              reduction="none")
-    return (real + fake).mean(1)  # (B,)
-
+    """Data-aided: the fake network's pooled features (B, C) are C logits per sample; real -> 1, fake -> 0. (D16)"""
+    return _bce(logits_real, 1) + _bce(logits_fake, 0)  # (B,)
 
 def gan_generator_loss(logits_fake, weight):
-    """The generator's adversarial term: w(t) BCE(D(x_t of x_g) -> real), (B,). Its gradient reaches x_g through
-    the fake network's input, as SiD's does.                                                                (D16)"""
-    bce = F.binary_cross_entropy_with_logits(logits_fake.clamp(-10, 10), torch.ones_like(logits_fake),
-                                             reduction="none")
-    return weight * bce.mean(1)  # (B,)
+    """The generator's adversarial term w(t) BCE(D(x_t of x_g) -> real), (B,). Its gradient reaches x_g through the
+    fake network's input, as SiD's does.                                                                    (D16)"""
+    return weight * _bce(logits_fake, 1)  # (B,)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 4. The few-step generator                                                                        (D13)
-# ------------------------------------------------------------------------------------------------------------------
+# --- 4. The few-step generator (D13) -------------------------------------------------------------------------------
 
 def generator_times(K):
     """t_k = 1 - k/K for k = 0..K-1: (1, .75, .5, .25) for K = 4, (1,) for K = 1."""
     return [1.0 - k / K for k in range(K)]
 
-
 def gaussian(rng=None):
     """draw(x) -> fresh N(0, I) noise shaped like x, from `rng` (a torch.Generator; None: torch's global RNG)."""
     return lambda x: torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
-
 
 def renoise(x0, x_t, t, t_next, z, mode, draw):
     """The next generator input x_{t_next} = (1 - t_next) x0 + t_next n, with n:
@@ -279,33 +188,26 @@ def renoise(x0, x_t, t, t_next, z, mode, draw):
         n = draw(x0)
     elif mode == "fixed":
         n = z
-    elif mode == "ddim":
+    else:  # 'ddim' (check_config admits no other)
         n = (x_t - _per_sample(1 - t, x0) * x0) / _per_sample(t, x0)
-    else:
-        raise ValueError(f"unknown renoise mode {mode!r}")
     return add_noise(x0, n, t_next)  # (B, *D)
-
 
 def generator_rollout(velocity_fn, z, K, k, noise, draw):
     """Run the first k-1 of the generator's K steps WITHOUT gradient and return the input of step k:
     (x_t (B, *D), t (B,)). `velocity_fn(x_t, t) -> v`. Backward simulation: earlier outputs are detached, so
     only step k will carry gradient into the generator."""
     times = generator_times(K)
-    x_t = z
-    t = torch.full((z.shape[0],), times[0], device=z.device, dtype=z.dtype)
+    x_t, t = z, torch.full((z.shape[0],), times[0], device=z.device, dtype=z.dtype)
     with torch.no_grad():  # stop-gradient: steps 1..k-1 are simulation, not training signal
         for j in range(k - 1):
             x0 = velocity_to_x0(x_t, t, velocity_fn(x_t, t))
             t_next = torch.full_like(t, times[j + 1])
-            x_t = renoise(x0, x_t, t, t_next, z, noise, draw)
-            t = t_next
+            x_t, t = renoise(x0, x_t, t, t_next, z, noise, draw), t_next
     return x_t, t
-
 
 def generator_step(velocity_fn, x_t, t):
     """One generator step, x0 = x_t - t G(x_t, t) (D4): the sample x_g of the step being trained."""
     return velocity_to_x0(x_t, t, velocity_fn(x_t, t))  # (B, *D)
-
 
 def generate(velocity_fn, z, K, noise="fresh", draw=None):
     """K-step sample of the generator, no gradient: (B, *D). `draw` defaults to torch's global RNG."""
@@ -313,75 +215,27 @@ def generate(velocity_fn, z, K, noise="fresh", draw=None):
     with torch.no_grad():
         return generator_step(velocity_fn, x_t, t)
 
-
 def euler_sample(velocity_fn, z, steps):
     """The teacher's own sampler: Euler on dx/dt = v from t = 1 to t = 0 on a uniform grid, no gradient."""
-    x = z
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
+    x, ts = z, torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
     with torch.no_grad():
         for i in range(steps):
-            t = ts[i].expand(z.shape[0])  # (B,)
-            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, t)
+            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(z.shape[0]))
     return x  # (B, *D)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 5. The teacher interface: every family quirk lives behind it                                   (D8)
-#
-# The loop sees a Backbone and three plain nn.Modules (teacher, fake, generator). It calls
-#     backbone.velocity(net, x_t, t, cond, guidance) -> v      (B, *D) -- CFG, timestep scale, packing inside
-#     backbone.sample_batch(n, rng, rows) -> (cond, x0_real)   conditioning (None for the toy); real data or None
-#     backbone.students(cfg, runtime) -> (generator, fake, ema)   all three starting as the teacher (D13)
-#     backbone.noise(shape, rng), backbone.step_noise(shape, rng)   N(0, I) draws, laid out as the stock pipeline's
-#     backbone.sample_shape                                    D, the shape of one sample
-# and never branches on the model family. The toy MLP is the first instance; the diffusers families (SANA, SD3,
-# FLUX), their LoRA mode and FSDP2 sharding are Part II.
-# ------------------------------------------------------------------------------------------------------------------
+# --- 5. The teacher interface: every family quirk lives behind it (D8) ----------------------------------------------
 
 class UserError(Exception):
     """Bad input from the user: main() prints the message on one line and exits with status 2."""
 
-
-class TimeEmbedding(nn.Module):
-    """Fourier features of t at frequencies pi, 2 pi, ..., (dim/2) pi: (B,) -> (B, dim). (DiTs use 1000 t with
-    geometric frequencies; on the toy these low, evenly spaced ones trained a sharper teacher in the same time.)"""
-
-    def __init__(self, dim=32):
-        super().__init__()
-        self.register_buffer("freqs", math.pi * torch.arange(1, dim // 2 + 1, dtype=torch.float32))
-
-    def forward(self, t):
-        arg = t[:, None] * self.freqs[None]  # (B, dim/2)
-        return torch.cat([arg.sin(), arg.cos()], dim=1)  # (B, dim)
-
-
-class ToyMLP(nn.Module):
-    """The 2-D velocity network v(x_t, t): an MLP on [x_t, time features]. `features` is the last hidden layer
-    (what the data-aided discriminator pools); `head` maps it to the velocity."""
-
-    def __init__(self, dim=2, width=256, depth=3, tdim=32):
-        super().__init__()
-        self.config = dict(dim=dim, width=width, depth=depth, tdim=tdim)  # saved with the weights
-        self.embed_t = TimeEmbedding(tdim)
-        layers, d_in = [], dim + tdim
-        for _ in range(depth):
-            layers += [nn.Linear(d_in, width), nn.SiLU()]
-            d_in = width
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, dim)
-
-    def features(self, x_t, t):
-        return self.body(torch.cat([x_t, self.embed_t(t)], dim=1))  # (B, width)
-
-    def forward(self, x_t, t):
-        return self.head(self.features(x_t, t))  # (B, dim)
-
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C stopped the run after checkpointing its current iteration: main() says so in one line."""
 
 @contextlib.contextmanager
 def capture_features(net):
     """Record the input of the network's output projection (`head` of the toy MLP, `proj_out` of every diffusers
-    DiT: the last hidden states, after the final norm) during the calls inside the block -- without editing the
-    network's class. Yields a list that receives one tensor per forward call."""
+    DiT: the last hidden states) in every call inside the block. Yields the list of those tensors, one per call."""
     seen = []
     head = net.head if hasattr(net, "head") else net.proj_out
     handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -390,32 +244,30 @@ def capture_features(net):
     finally:
         handle.remove()
 
-
 def pooled_logits(hidden, B):
     """Discriminator logits (B, C) from captured hidden states: the last B rows (the conditional branch when CFG
     doubled the batch), mean-pooled over tokens when there are tokens ((B, N, C) -> (B, C))."""
     h = hidden[-B:]
     return (h.mean(1) if h.dim() == 3 else h).float()
 
-
 class Backbone:
-    """What every teacher shares behind the interface: the trainable copies and the noise draws. A subclass sets
-    teacher, device and sample_shape, and supplies velocity() and sample_batch()."""
-    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
+    """The loop sees a Backbone and three plain nn.Modules (teacher, fake, generator), never the model family. The toy
+    (network: run_toy.py) is one; SANA, SD3, FLUX are Part II's. It sets teacher, device, sample_shape D; supplies
+        velocity(net, x_t, t, cond, guidance) -> v (B, *D)   CFG, timestep scale and latent packing inside
+        sample_batch(n, rng, rows) -> (cond, x0_real)         `rows` of a batch of n: conditioning and real data,
+                                                              each None when there is none (the toy: no prompts)
+    and inherits students(), the trainable copies, and noise() / step_noise(), the N(0, I) draws."""
 
-    def trainable_copy(self, dtype=torch.float32):
+    def trainable_copy(self, dtype=torch.float32):  # (no cast that changes nothing: diffusers would warn)
         net = copy.deepcopy(self.teacher)
-        if next(net.parameters()).dtype != dtype:  # (a cast that changes nothing makes diffusers warn)
-            net = net.to(dtype)
-        return net.requires_grad_(True).train()
+        return (net if next(net.parameters()).dtype == dtype else net.to(dtype)).requires_grad_(True).train()
 
     def students(self, cfg, runtime):
-        """(generator, fake, ema): three full copies of the teacher on one process, trainable weights in float32
-        (bf16 with --precision bf16). The diffusers families add LoRA mode and FSDP2 sharding (Part II)."""
+        """(generator, fake, ema), all three starting as the teacher (D13): full copies on one process, trainable
+        weights in float32 (bf16 with --precision bf16). Part II adds LoRA mode and FSDP2 sharding."""
         if cfg.mode != "full" or runtime.world > 1:
             raise UserError("the toy MLP trains in full mode on one process (LoRA and FSDP2 need a diffusers teacher)")
-        dtype = trainable_dtype(cfg)
-        generator, fake = self.trainable_copy(dtype), self.trainable_copy(dtype)
+        generator, fake = self.trainable_copy(trainable_dtype(cfg)), self.trainable_copy(trainable_dtype(cfg))
         return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
 
     def noise(self, shape, rng):
@@ -426,108 +278,89 @@ class Backbone:
         """The re-noising draw between generator steps, in the layout the stock scheduler draws it (B, *D)."""
         return self.noise(shape, rng)
 
-
 class ToyBackbone(Backbone):
-    """The 2-D teacher behind the Backbone interface: unconditional, no CFG, no latents. `real(n, rng)`, when given,
-    draws true data for data-aided SiD."""
+    """The 2-D teacher: unconditional, no CFG, no latents. `real(n, rng)`, when given, draws true data (D16)."""
 
     def __init__(self, teacher, real=None):
         self.teacher = teacher.requires_grad_(False).eval()  # frozen for the whole run
-        self.device = teacher.head.weight.device
-        self.sample_shape = (teacher.config["dim"],)
-        self.real = real
+        self.device, self.sample_shape, self.real = teacher.head.weight.device, (teacher.config["dim"],), real
 
     def velocity(self, net, x_t, t, cond, guidance):
         return net(x_t, t)  # (B, 2)
 
     def sample_batch(self, n, rng, rows=slice(None)):
-        """(cond, x0_real) for `rows` of a batch of n: no conditioning; real samples only in data-aided runs."""
         return None, (self.real(n, rng)[rows] if self.real else None)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample        (D9)-(D14)
-# ------------------------------------------------------------------------------------------------------------------
-
-def gan_schedule(cfg, images_seen):
-    """Data-aided schedule, in generator images seen (so it holds at any batch size): the generator is frozen for the
-    first cfg.gan_freeze_images; from cfg.gan_start_images its objective is (1 - gan_weight) SiD + gan_weight GAN.
-    Returns (update_generator, gan_weight now)."""
-    return images_seen >= cfg.gan_freeze_images, (cfg.gan_weight if images_seen >= cfg.gan_start_images else 0.0)
-
+# --- 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample (D9)-(D16) --------
 
 def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
-    """One iteration of Algorithm 1 (derivation.md): cfg.fake_updates fake updates, then one generator update, on
+    """One SiD iteration (derivation.md sections 3-4): cfg.fake_updates fake updates, then one generator update, on
     the same generator sample. Returns a dict of diagnostics; a phase whose loss is not finite skips its optimizer
     step and is named under 'nonfinite' (the loop decides when to stop)."""
     runtime = runtime or Runtime()
-    B, K = cfg.batch_size, cfg.steps
     device = next(generator.parameters()).device
-    # every random draw is made for the WHOLE global batch from the same rng on every rank, and each rank keeps its
-    # own rows: ranks see different samples, and one process with the same global batch sees the same numbers
-    n, rows = B * runtime.world, slice(runtime.rank * B, (runtime.rank + 1) * B)
+    # every draw is made for the global batch (n samples over all ranks) from the rng all ranks share; each rank keeps
+    # its rows: ranks see different samples, and one process with the same global batch sees the same numbers
+    n, rows = cfg.batch_size * runtime.world, runtime.rows(cfg.batch_size)
     shape = (n, *backbone.sample_shape)
-    # the same k for both updates: a uniform draw from {1..K} (the paper's mixture) or always K (D13). Drawn from
-    # (seed, images seen): every rank must run the same number of (collective) forwards
+    # the trained step k, the same for both updates: uniform in {1..K} (the paper's mixture) or always K (D13); drawn
+    # from (seed, images seen) so that every rank runs the same number of (collective) forwards
     k_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + images_seen)
-    k = K if cfg.train_step == "last" else int(torch.randint(1, K + 1, (1,), generator=k_rng).item())
+    k = cfg.steps if cfg.train_step == "last" else int(torch.randint(1, cfg.steps + 1, (1,), generator=k_rng))
     z = backbone.noise(shape, rng)[rows]  # (B, *D) initial noise
     cond, x0_real = backbone.sample_batch(n, rng, rows)  # prompts (or None) and real samples (or None)
-    update_generator, gan_weight = gan_schedule(cfg, images_seen) if x0_real is not None else (True, 0.0)
+    # data-aided (D16), counted in images seen: the generator waits, then mixes the GAN term into its loss
+    update_generator = x0_real is None or images_seen >= GAN_FREEZE_IMAGES
+    gan_weight = cfg.gan_weight if x0_real is not None and images_seen >= GAN_START_IMAGES else 0.0
 
     def G(x, t):  # the student: no two-branch CFG (cfg.student_guidance is 1, or FLUX's embedded guidance)
         return backbone.velocity(generator, x, t, cond, cfg.student_guidance)
 
     # backward simulation: steps 1..k-1 without gradient; x_in is the input of the trained step k
     with autocast(cfg, device):
-        x_in, t_in = generator_rollout(G, z, K, k, cfg.noise, lambda x: backbone.step_noise(shape, rng)[rows])
+        x_in, t_in = generator_rollout(G, z, cfg.steps, k, cfg.noise, lambda x: backbone.step_noise(shape, rng)[rows])
     with torch.no_grad(), autocast(cfg, device):
         # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
         x_g = generator_step(G, x_in, t_in).float()  # (B, *D); extra fake updates reuse it with fresh t and eps
     out = {"k": k, "nonfinite": []}
     for _ in range(cfg.fake_updates):
-        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
-        ok, diagnostics = fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime)
-        out.update(diagnostics)
-        out["nonfinite"] += [] if ok else ["fake"]
+        t, eps = sample_t(n, "logit-normal", rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        out["nonfinite"] += fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime, out)
     if update_generator:
-        t, eps = sample_t(n, cfg.t_dist, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
-        ok, diagnostics = generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond,
-                                           gan_weight, runtime)
-        out.update(diagnostics)
-        out["nonfinite"] += [] if ok else ["generator"]
+        t, eps = sample_t(n, "logit-normal", rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        out["nonfinite"] += generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond,
+                                             gan_weight, runtime, out)
     return out
 
-
-def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime):
-    """Plain flow matching of the fake network on the generator's (detached) samples x_g (D9). With real samples
-    (data-aided SiD, D16) the fake network is also the discriminator: the real samples are noised with the same
-    eps and t as the fakes. Returns (stepped?, diagnostics)."""
-    B, out = x_g.shape[0], {}
+def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime, out):
+    """Flow matching of the fake network on the generator's (detached) samples x_g (D9); with real samples it is also
+    the discriminator (D16). Writes diagnostics into `out`; returns ['fake'] if the step was skipped, else []."""
+    B = x_g.shape[0]
     with autocast(cfg, x_g.device), capture_features(fake) as hidden:
         w_fake = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
         v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, w_fake)  # (B, *D)
         loss = flow_matching_loss(v_fake.float(), x_g, eps, t).mean()
         if x0_real is not None:
-            # the real samples are seen as the fakes' features were made: with the prompt, or on the empty prompt
-            # alone under Zero-CFG's one-branch call (a batch-wide scale 0)
+            # the real samples are seen as the fakes were: with the prompt, or under Zero-CFG's one-branch call (a
+            # batch-wide scale 0) on the empty prompt alone
             w_d = 0.0 if not torch.is_tensor(w_fake) and w_fake == 0.0 else 1.0
             backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, w_d)  # its features: hidden[-1]
             loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
-            loss = loss + loss_d
-            out["loss_d"] = loss_d.item()
-    # a plain backward: the fake network's weights are the only trainable tensors in this graph (x_g came from
-    # torch.no_grad, the teacher is frozen)
-    ok = runtime.update(loss, fake, opt_fake)
+            loss, out["loss_d"] = loss + loss_d, loss_d.item()
     out["loss_fake"] = loss.item()
-    return ok, out
+    opt_fake.zero_grad(set_to_none=True)
+    if runtime.any_rank(not torch.isfinite(loss).item()):  # (every rank skips: a backward is a collective)
+        return ["fake"]
+    loss.backward()  # the fake network's weights are the only trainable tensors here (x_g: no_grad; teacher: frozen)
+    runtime.average_grads(fake)  # (one process: nothing to average)
+    opt_fake.step()
+    return []
 
-
-def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime):
-    """The generator update (D11) through its step k (input x_in at time t_in); + the adversarial term if
-    data-aided (D16). DMD (D14) uses the same calls with the networks as fixed critics.
-    Returns (stepped?, diagnostics)."""
-    B, out = x_in.shape[0], {}
+def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime, out):
+    """The generator update (D11) through its step k (input x_in at time t_in), + the adversarial term if data-aided
+    (D16). DMD (D14) makes the same calls with the networks as fixed critics. Returns ['generator'] if skipped."""
+    B = x_in.shape[0]
     with autocast(cfg, x_in.device):
         x_g = generator_step(lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance),
                              x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
@@ -545,28 +378,44 @@ def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps
         loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, w).mean()
     if gan_weight > 0:  # the fake network's features of the generator's x_t, from the call just made
         loss_gan = gan_generator_loss(pooled_logits(hidden[-1], B), w).mean()
-        loss = (1 - gan_weight) * loss + gan_weight * loss_gan
-        out["loss_gan"] = loss_gan.item()
-
-    def backward():
-        # Gradient routing, in two stages. (1) d loss / d x_g: through x_g itself and through x_t into BOTH networks'
-        # inputs; autograd.grad accumulates into no weight, so neither the fake network nor the teacher receives a
-        # gradient from this loss. (2) that gradient pushed back through the generator alone. Both are plain
-        # backward passes of the graph as built, which is what FSDP2 needs: its graph holds the unsharded weight
-        # copies, whose hooks reduce-scatter into the shards (backward(inputs=<sharded weights>) would reach none).
-        (grad_x_g,) = torch.autograd.grad(loss, x_g)  # (B, *D)
-        x_g.backward(grad_x_g)
-    ok = runtime.update(loss, generator, opt_gen, backward)
-    with torch.no_grad():
-        # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
-        out["score_gap"] = _sum_pixels((x0_teacher - x0_fake).float() ** 2).mean().item()
+        loss, out["loss_gan"] = (1 - gan_weight) * loss + gan_weight * loss_gan, loss_gan.item()
+    # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
+    out["score_gap"] = _sum_pixels((x0_teacher - x0_fake).detach().float() ** 2).mean().item()
     out["loss_gen"] = loss.item()
-    return ok, out
+    opt_gen.zero_grad(set_to_none=True)
+    if runtime.any_rank(not torch.isfinite(loss).item()):
+        return ["generator"]
+    # The gradient's routing, in two stages. (1) d loss / d x_g: through x_g itself and through x_t into BOTH
+    # networks' inputs; autograd.grad accumulates into no weight, so neither the fake network nor the teacher gets a
+    # gradient from this loss. (2) That gradient pushed back through the generator's step alone. (Both are plain
+    # backward passes of the graph as built, which is what FSDP2's sharded weights need: section 11.)
+    (grad_x_g,) = torch.autograd.grad(loss, x_g)  # (B, *D)
+    x_g.backward(grad_x_g)
+    runtime.average_grads(generator)
+    opt_gen.step()
+    return []
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 7. The loop: EMA, learning rate, students and optimizers, distill()
-# ------------------------------------------------------------------------------------------------------------------
+# --- 7. The loop: optimizers, EMA, the runtime's one-process defaults, checkpoints, distill() ---------------------
+
+MAX_NONFINITE, LOG_EVERY = 3, 10  # stop after 3 non-finite iterations in a row; a line of OUT/log.jsonl every 10
+GAN_FREEZE_IMAGES, GAN_START_IMAGES = 20_000, 40_000  # data-aided (D16): the generator waits, then the GAN term
+
+def trainable_dtype(cfg):
+    """The generator's and fake network's weights: float32 masters, or bf16 with --precision bf16 (pure bf16)."""
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+def autocast(cfg, device):
+    """bf16 autocast (--precision bf16-autocast, bf16), on the CPU as on CUDA: the CPU tests run the GPU's path."""
+    return contextlib.nullcontext() if cfg.precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+
+def make_optimizers(cfg, generator, fake):
+    """Adam(0, 0.999) for the generator and the fake network (official: no momentum); eps 1e-4 for pure bf16."""
+    # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
+    # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
+    adam = dict(betas=(0.0, 0.999), eps=1e-4 if cfg.precision == "bf16" else 1e-8, foreach=False)
+    return (torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
+            torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam))
 
 @torch.no_grad()
 def ema_update(ema, net, decay, step):
@@ -576,104 +425,174 @@ def ema_update(ema, net, decay, step):
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a corrupt `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
-def lr_scale(cfg, step):
-    """Learning-rate multiplier at `step`: 1 ('constant', official) or a cosine from 1 to 0 over cfg.iters."""
-    return 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
+class Runtime:
+    """Where the ranks live, so that the method never sees them: one process (rank 0 of 1), all the toy needs. Under
+    torchrun, Part II's Distributed overrides each method. `nets`: {name: (network, its optimizer or None)}."""
+    rank, world = 0, 1
 
+    def __init__(self, device=None):
+        self.device = device
 
-def make_students(cfg, backbone, runtime=None):
-    """(generator, fake, ema), all starting as the teacher (D13), as the backbone makes them."""
-    return backbone.students(cfg, runtime or Runtime())
+    def rows(self, B):  # this rank's rows of a draw made for the global batch of B * world samples
+        return slice(self.rank * B, (self.rank + 1) * B)
 
+    def any_rank(self, flag):  # under torchrun: true on some rank, so that all ranks skip or stop alike
+        return flag
 
-def trainable_dtype(cfg):
-    """The generator's and fake network's weights: float32 masters, or bf16 with --precision bf16 (pure bf16)."""
-    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    def average_grads(self, net):  # after a backward, make net's gradients the global batch's (here they are)
+        pass
 
+    def checkpoint_path(self, out):  # (and read_meta, save, load: Distributed's is a sharded folder)
+        return os.path.join(out, "checkpoint.pt")
 
-def make_optimizers(cfg, generator, fake):
-    """Adam(beta1 = 0, beta2 = 0.999) for the generator and the fake network (official: no momentum)."""
-    # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
-    # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
-    adam = dict(betas=(0.0, 0.999), eps=cfg.adam_eps, foreach=False)
-    return (torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
-            torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam))
+    def read_meta(self, path):  # through a memory map: no weight is read
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
 
+    def save(self, path, nets, meta):
+        """One file: meta and every network's and optimizer's state, written beside and renamed into place."""
+        state = dict(meta, **{name: net.state_dict() for name, (net, _) in nets.items()})
+        state.update({f"opt_{name}": opt.state_dict() for name, (_, opt) in nets.items() if opt})
+        atomic_save(state, path)
+
+    def load(self, path, nets):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for name, (net, opt) in nets.items():
+            net.load_state_dict(state[name])
+            if opt:
+                opt.load_state_dict(state[f"opt_{name}"])
+
+RESUMABLE_FIELDS = ("iters", "out", "save_every", "eval_every", "device")  # may change on resume; the rest must not
+
+def resume(cfg, runtime, nets, rng):
+    """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
+    if not cfg.out:
+        return 0, 0
+    os.makedirs(cfg.out, exist_ok=True)
+    path = runtime.checkpoint_path(cfg.out)
+    if not os.path.exists(path):
+        return 0, 0
+    meta = runtime.read_meta(path)
+    diff = [f"{k}: {v} -> {getattr(cfg, k)}" for k, v in meta["config"].items()
+            if k not in RESUMABLE_FIELDS and getattr(cfg, k, v) != v]
+    if diff:
+        raise UserError(f"{path} was written with a different config ({', '.join(diff)}); use another --out or the "
+                        "same settings")
+    if meta["step"] > cfg.iters:
+        raise UserError(f"{path} is at iteration {meta['step']}, beyond --iters {cfg.iters}; use another --out")
+    runtime.load(path, nets)
+    rng.set_state(meta["rng"])
+    if runtime.rank == 0:
+        print(f"resumed from {path} at iteration {meta['step']}")
+        with open(os.path.join(cfg.out, "log.jsonl"), "a+") as f:  # drop the lines after the checkpoint: redone
+            f.seek(0)
+            kept = [line for line in f if json.loads(line)["step"] <= meta["step"]]
+            f.truncate(0)
+            f.writelines(kept)
+    return meta["step"], meta["skipped"]
+
+def log(cfg, bar, m):
+    """The progress bar's numbers, and a line of OUT/log.jsonl."""
+    bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss_fake", "score_gap", "loss_gen", "loss_d") if k in m})
+    if cfg.out:
+        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps({k: v for k, v in m.items() if k != "nonfinite" and v is not None}) + "\n")
 
 def distill(cfg, backbone, on_eval=None, runtime=None):
-    """Distil `backbone.teacher` into a K-step generator. Resumes from cfg.out's checkpoint when there is one.
+    """Distil `backbone.teacher` into a K-step generator, resuming from cfg.out's checkpoint when there is one.
     `on_eval(step, generator, ema)` is called (on every rank) every cfg.eval_every iterations and at the end.
-    Returns dict(generator=, ema=, fake=, step=, skipped=)."""
+    Returns dict(generator=, ema=, fake=, step=, skipped=, optimizers=)."""
     runtime = runtime or Runtime()
-    torch.manual_seed(cfg.seed)  # every rank the same: identical initial weights (FSDP2 broadcasts nothing)
-    generator, fake, ema = make_students(cfg, backbone, runtime)
-    runtime.same_on_all_ranks([generator, fake, ema], "initial weights")
-    if cfg.grad_checkpointing:  # recompute activations in backward: memory for time, in all three networks
-        for net in (generator, fake, backbone.teacher):
-            net.enable_gradient_checkpointing()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 broadcasts nothing)
+    generator, fake, ema = backbone.students(cfg, runtime)
     opt_gen, opt_fake = make_optimizers(cfg, generator, fake)
-    # the loop's only source of randomness, the same on every rank (each keeps its rows of the global batch);
-    # the global RNGs are never drawn from, so this state is all a checkpoint needs to resume exactly
+    # the loop's only source of randomness, the same on every rank (each keeps its rows of the global batch); the
+    # global RNGs are never drawn from, so this state is all a checkpoint needs to resume exactly
     rng = torch.Generator(runtime.device or next(generator.parameters()).device).manual_seed(cfg.seed)
-    run = Checkpoint(cfg, runtime, dict(generator=(generator, opt_gen), fake=(fake, opt_fake), ema=(ema, None)))
-    step, skipped = run.load(rng)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.iters, initial=step, disable=not (cfg.progress and run.writer), dynamic_ncols=True,
-               desc=cfg.loss.upper() if cfg.loss == "dmd" else "SiD")
-    in_a_row, t0 = 0, time.time()
-    while step < cfg.iters:
-        for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
-            for group in opt.param_groups:
-                group["lr"] = lr * lr_scale(cfg, step)
-        m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, step * cfg.batch_size * runtime.world,
-                          runtime)
-        step += 1
-        skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
-        if in_a_row >= cfg.max_nonfinite:
-            raise FloatingPointError(
-                f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} ({in_a_row} in a row, "
-                f"{skipped} skipped in all); the last good checkpoint is kept")
-        ema_update(ema, generator, cfg.ema_decay, step)
-        if step % cfg.log_every == 0 or step == cfg.iters:
-            run.log(bar, m, step, skipped, time.time() - t0)
-        if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
-            on_eval(step, generator, ema)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
-            run.save(rng, step, skipped)
-        bar.update(1)
-    bar.close()
-    run.save(rng, step, skipped)
-    if not run.sharded:
-        runtime.same_on_all_ranks([generator, fake, ema], "final weights")
+    nets = dict(generator=(generator, opt_gen), fake=(fake, opt_fake), ema=(ema, None))
+    step, skipped = resume(cfg, runtime, nets, rng)
+    save = lambda: cfg.out and runtime.save(runtime.checkpoint_path(cfg.out), nets, dict(  # noqa: E731
+        rng=rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(cfg)))
+    bar = tqdm(total=cfg.iters, initial=step, desc=cfg.loss.upper(), dynamic_ncols=True,
+               disable=True if runtime.rank or step >= cfg.iters else None)  # None: a bar only on a terminal
+    in_a_row, t0, stop = 0, time.time(), []
+    # SIGTERM (a preempted job) or Ctrl-C: finish this iteration, checkpoint it, stop (the same command resumes)
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while step < cfg.iters:
+            # the learning rates: constant (official) or a cosine from 1 to 0 over the run
+            scale = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
+            for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
+                opt.param_groups[0]["lr"] = lr * scale
+            m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng,
+                              step * cfg.batch_size * runtime.world, runtime)
+            step += 1
+            skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
+            if in_a_row >= MAX_NONFINITE:
+                raise FloatingPointError(f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} "
+                                         f"({in_a_row} in a row, {skipped} skipped); the last good checkpoint is kept")
+            ema_update(ema, generator, cfg.ema_decay, step)
+            if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
+                m["eval"] = on_eval(step, generator, ema)  # e.g. a quality number: logged with the losses
+            if runtime.rank == 0 and (step % LOG_EVERY == 0 or step == cfg.iters or "eval" in m):
+                log(cfg, bar, dict(step=step, time=round(time.time() - t0, 3), skipped=skipped, **m))
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
+                save()
+            bar.update(1)
+            if runtime.any_rank(bool(stop)) and step < cfg.iters:
+                save()
+                raise Interrupted(f"stopped at iteration {step} of {cfg.iters}" + (
+                    f"; {cfg.out} holds it: run the same command to continue" if cfg.out else ""))
+    finally:
+        bar.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    save()
     return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped, optimizers=(opt_gen, opt_fake))
 
 
-# ------------------------------------------------------------------------------------------------------------------
-#                        PART II -- THE MACHINERY THAT SCALES IT (a first reading may stop here)
-# ------------------------------------------------------------------------------------------------------------------
+# ============================= PART II -- THE MACHINERY THAT SCALES IT (a first reading may stop here) =============
+
+import argparse
+import re
+import shutil
+import socket
+import sys
+import urllib.parse
+import warnings
+from dataclasses import dataclass, field
+
+import diffusers
+import huggingface_hub
+import matplotlib
+import peft
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.utils.checkpoint
+import transformers
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 8. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface
-# ------------------------------------------------------------------------------------------------------------------
+# --- 8. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface ---------------------------------
 
-# The three diffusers families. Everything they do differently is in the five small methods a subclass overrides;
-# DiTBackbone holds what they share: the prompt cache, classifier-free guidance, latent shapes, decoding, export.
-
-DEFAULT_PROMPTS = [  # used when no --prompts file is given; previews use the first PREVIEW_PROMPTS of the set
-    "a red fox sitting in fresh snow, golden hour", "a bowl of ramen with a soft-boiled egg, studio photo",
-    "an astronaut riding a horse on the moon", "a watercolor painting of a lighthouse in a storm",
-    "a cozy library with tall wooden shelves and warm lamps", "a macro photo of a dew drop on a green leaf",
-    "a futuristic city skyline at night, neon reflections", "a portrait of an old fisherman, dramatic lighting",
-    "a cat wearing a tiny wizard hat, digital art", "a mountain lake at sunrise with mist over the water",
-    "a plate of colorful macarons on a marble table", "a vintage red bicycle leaning against a blue door",
-    "an isometric illustration of a tiny island village", "a hummingbird feeding from a purple flower",
-    "a sports car on a desert highway, motion blur", "a bookshelf made of clouds, surreal concept art",
-]
-PREVIEW_PROMPTS, PREVIEW_SEED = 4, 1234
+PREVIEW_PROMPTS, PREVIEW_SEED = 4, 1234  # previews: the first 4 prompts of the run's set
 PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
-
 
 def read_prompts(path):
     """One prompt per line; blank lines dropped, duplicates kept once (first occurrence order)."""
@@ -685,33 +604,30 @@ def read_prompts(path):
         raise UserError(f"--prompts {path}: the file has no prompts (one per line)")
     return prompts
 
+DEFAULT_PROMPTS = read_prompts(os.path.join(HERE, "assets", "prompts.txt"))  # when no --prompts file is given
 
 def cfg_branches(w, embedded=False, per_sample=False):
     """Batches of network work one call at CFG scale w costs in DiTBackbone.velocity: 1 for a guidance embedding,
     for w = 1 (the prompt alone) and for a batch-wide w = 0 (the empty prompt alone); else 2."""
     return 1 if embedded or w == 1 or (w == 0 and not per_sample) else 2
 
-
 def _cat(conds):
     """Concatenate conditioning dicts along the batch."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
-
 class DiTBackbone(Backbone):
-    """A diffusers text-to-image pipeline behind the Backbone interface (teacher = pipe.transformer).
-
-    Conditioning `cond` is a dict of batch-first tensors (prompt embeddings and the like). Classifier-free guidance
-    follows one convention, v = v_uncond + w (v_cond - v_uncond) with the empty prompt as uncond, evaluated in one
-    batched call; w = 1 is the conditional branch alone. Families whose network takes the guidance scale as an input
-    (FLUX.1-dev is guidance-distilled) set `guidance_embedded` and get w through that input instead, one branch."""
+    """A diffusers text-to-image pipeline behind the Backbone interface (teacher = pipe.transformer). What the three
+    families share is here: the prompt cache, classifier-free guidance in one batched call (D17), latent shapes,
+    decoding; what they do differently is in the few methods a subclass overrides. `cond` is a dict of batch-first
+    tensors (prompt embeddings and the like). FLUX.1-dev, guidance-distilled, takes w as an input instead."""
 
     guidance_embedded = False
     packing = 1                       # FLUX packs 2x2 latent patches into tokens before the transformer
+    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
     pipeline_kwargs = {}              # what the stock pipeline must be told to condition as we do
 
-    def __init__(self, pipe, resolution, device, teacher_dtype, max_sequence_length=None):
+    def __init__(self, pipe, resolution, device, teacher_dtype):
         self.pipe, self.device, self.resolution = pipe, device, resolution
-        self.max_sequence_length = max_sequence_length
         # one placement policy for every component the run uses: all of them on the run's device, in the teacher's
         # dtype. The text encoders too -- diffusers' encode_prompt sends token ids to `device`, and a T5-XXL left
         # on the CPU of a GPU machine would take hours; set_prompts() frees them once the prompt bank is cached.
@@ -731,8 +647,7 @@ class DiTBackbone(Backbone):
         """One call of `net` in our conventions: x_t (B, C, h, w), t (B,) in [0, 1] -> v (B, C, h, w)."""
         raise NotImplementedError
 
-    def text_encoders(self):
-        """The names of the pipeline's text encoders still loaded (freed ones are None)."""
+    def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
         return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
                 if getattr(self.pipe, name, None) is not None]
 
@@ -776,9 +691,8 @@ class DiTBackbone(Backbone):
         return self.cond_for(idx), real
 
     def velocity(self, net, x_t, t, cond, guidance):
-        """v_u + w (v_c - v_u) (D17); `guidance` w is a float or a per-sample (B,) tensor (a guidance interval).
-        A float 1 is the conditional call alone, a float 0 the unconditional call alone (one branch each: see
-        cfg_branches)."""
+        """v_u + w (v_c - v_u) (D17), w a float or a per-sample (B,) tensor (a guidance interval). A float 1 is the
+        conditional call alone, a float 0 the unconditional call alone: one branch each (cfg_branches)."""
         B, per_sample = x_t.shape[0], torch.is_tensor(guidance)
         if self.guidance_embedded or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond, guidance)
@@ -806,14 +720,25 @@ class DiTBackbone(Backbone):
         """Three LoRA adapters on the teacher itself ('lora' mode); or three full copies, which under torchrun are
         built already sharded after the teacher (sharded_copy): no GPU ever holds an unsharded trainable copy."""
         if cfg.mode == "lora":
-            return lora_students(self, cfg.lora_rank)
-        if runtime.world == 1:
-            return super().students(cfg, runtime)
-        shard(self.teacher)
-        dtype, mp = trainable_dtype(cfg), student_precision(cfg)
-        return (sharded_copy(self.teacher, dtype, mp, True), sharded_copy(self.teacher, dtype, mp, True),
-                sharded_copy(self.teacher, dtype, mp, False))
-
+            nets = lora_students(self, cfg.lora_rank)
+            if runtime.world > 1:  # replicas must start equal (seeded alike): LoRA's A matrices are random
+                runtime.same_on_all_ranks(nets, "initial weights")
+            run = [self.teacher.base]  # the one network that runs, seen through four adapter states
+        elif runtime.world == 1:
+            nets = super().students(cfg, runtime)
+            run = [self.teacher, *nets[:2]]
+        else:  # compiled blocks, then sharded (section 11)
+            dtype, mp = trainable_dtype(cfg), student_precision(cfg)
+            shard(self.teacher, compiled=cfg.compile)
+            nets = [sharded_copy(self.teacher, dtype, mp, trains, cfg.compile) for trains in (True, True, False)]
+            run = [self.teacher, *nets[:2]]
+        for net in run:
+            if cfg.grad_checkpointing:
+                checkpoint_blocks(net, cfg.grad_checkpointing)
+            if cfg.compile and runtime.world == 1:
+                for block in blocks(net):
+                    block.compile(**COMPILE)
+        return nets
 
 class SanaBackbone(DiTBackbone):
     """SANA: Gemma-2 text embeddings with an attention mask; the transformer takes t * 1000 * timestep_scale.
@@ -823,7 +748,7 @@ class SanaBackbone(DiTBackbone):
     def encode(self, prompts):
         embeds, mask, _, _ = self.pipe.encode_prompt(
             prompts, do_classifier_free_guidance=False, device=self.device, clean_caption=False,
-            max_sequence_length=self.max_sequence_length or 300, complex_human_instruction=None)
+            max_sequence_length=300, complex_human_instruction=None)
         return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
 
     def forward(self, net, x_t, t, cond, guidance):
@@ -831,7 +756,6 @@ class SanaBackbone(DiTBackbone):
         v = net(x_t.to(dt), encoder_hidden_states=cond["embeds"].to(dt), encoder_attention_mask=cond["mask"],
                 timestep=t * 1000 * net.config.timestep_scale, return_dict=False)[0]
         return v[:, :x_t.shape[1]]  # a learned-sigma head outputs 2C channels: the first C are the velocity
-
 
 class SD3Backbone(DiTBackbone):
     """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000.
@@ -841,14 +765,13 @@ class SD3Backbone(DiTBackbone):
     def encode(self, prompts):
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length or 256)
+            do_classifier_free_guidance=False, max_sequence_length=256)
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     def forward(self, net, x_t, t, cond, guidance):
         dt = self._dtype(net)
         return net(hidden_states=x_t.to(dt), timestep=t * 1000, encoder_hidden_states=cond["embeds"].to(dt),
                    pooled_projections=cond["pooled"].to(dt), return_dict=False)[0]
-
 
 class FluxBackbone(DiTBackbone):
     """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids; latents are packed 2x2 into tokens; t in [0, 1].
@@ -862,7 +785,7 @@ class FluxBackbone(DiTBackbone):
 
     def encode(self, prompts):
         embeds, pooled, txt_ids = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=self.max_sequence_length or 512)
+            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=512)
         self.txt_ids = txt_ids  # (L, 3), the same for every prompt
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
@@ -895,14 +818,10 @@ class FluxBackbone(DiTBackbone):
         n = torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device)  # (B, tokens, 4C)
         return self.unpack(n, h, w)
 
-
 FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 9. LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base
-# ------------------------------------------------------------------------------------------------------------------
-#
+# --- 9. LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base -----
 # Two peft pitfalls, handled here once: (1) peft's set_adapter() makes ONLY the active adapter trainable, so after every
 # switch the requires_grad flags are put back (generator and fake train, ema does not), otherwise a backward pass after
 # a switch would silently skip the other adapter; (2) gradient checkpointing recomputes a block during backward, when
@@ -912,17 +831,14 @@ FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbon
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
 LORA_TRAINABLE = ("generator", "fake")
 
-
 def _tuner_layers(module):
     """[(peft LoRA layer, [(lora parameter, trains?)])] inside `module`, found once and cached on it."""
     cached = module.__dict__.get("_sid_tuner_layers")
     if cached is None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
         cached = [(m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters()
                        if n.startswith("lora_")]) for m in module.modules() if isinstance(m, BaseTunerLayer)]
         module.__dict__["_sid_tuner_layers"] = cached
     return cached
-
 
 def _adapter_state(module):
     """The adapter a forward pass of `module` runs with now: its name, or None when adapters are disabled."""
@@ -931,7 +847,6 @@ def _adapter_state(module):
         return None
     layer = layers[0][0]
     return None if layer.disable_adapters else layer.active_adapters[0]
-
 
 def _set_adapter_state(module, name, force=False):
     if _adapter_state(module) == name and not force:
@@ -943,7 +858,6 @@ def _set_adapter_state(module, name, force=False):
         for p, trains in lora_params:  # pitfall (1): restore what trains, whatever set_adapter did
             p.requires_grad_(trains)
 
-
 @contextlib.contextmanager
 def use_adapter(module, name):
     previous = _adapter_state(module)
@@ -953,21 +867,32 @@ def use_adapter(module, name):
     finally:
         _set_adapter_state(module, previous)
 
+def blocks(net):
+    """The repeated transformer blocks of a diffusers DiT: the members of its ModuleLists (FLUX has two kinds)."""
+    return [block for child in net.children() if isinstance(child, nn.ModuleList) for block in child]
 
-def adapter_checkpoint(base):
-    """A gradient-checkpointing function for diffusers that replays the forward pass's adapter in the block it
-    recomputes (pitfall 2). `base` is the model it serves (diffusers' hook signature; the block is what matters)."""
-    import torch.utils.checkpoint
+def checkpoint_blocks(net, share):
+    """Gradient checkpointing of a `share` of net's blocks, spread evenly (0.5: every second block, 1: all): their
+    activations are recomputed in backward, the other blocks keep theirs. The recompute replays the adapter that was
+    active in the forward pass (LoRA, pitfall 2; a full network has no adapters: nothing to replay)."""
+    chosen = {id(b) for i, b in enumerate(blocks(net)) if math.floor((i + 1) * share) > math.floor(i * share)}
 
-    def checkpoint(block, *args):
+    def checkpoint(block, *args):  # diffusers calls it for every block when checkpointing is enabled
+        if id(block) not in chosen:
+            return block(*args)
         state = _adapter_state(block)
 
         def run(*a):
             with use_adapter(block, state):
                 return block(*a)
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-    return checkpoint
+    net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
+# torch.compile of each block alone (regional compilation: one compiled graph serves every block of a kind, so it
+# takes minutes, not tens of minutes). Per-sample guidance scales stay outside the blocks; the batch sizes (B, 2B
+# with CFG) and LoRA's four adapter states each compile once, within the cache limit raised here.
+COMPILE = dict(dynamic=False)
+torch._dynamo.config.cache_size_limit = 64
 
 class AdapterView(nn.Module):
     """The shared base seen through one adapter (`adapter=None`: the teacher, adapters off). The base is not a
@@ -1001,9 +926,6 @@ class AdapterView(nn.Module):
             for n, p in self.named_parameters():
                 p.copy_(state[self._key(n)])
 
-    def enable_gradient_checkpointing(self):
-        self.base.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint(self.base))
-
     def forward(self, *args, **kwargs):
         with use_adapter(self.base, self.adapter):
             return self.base(*args, **kwargs)
@@ -1011,7 +933,6 @@ class AdapterView(nn.Module):
     def merged_state_dict(self):
         """The base's state dict with this adapter's LoRA fused into its weights: W + delta, added in float32 (a
         bf16 sum would drop every bit of delta below 2^-9 |W|), then stored in W's dtype."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
         state = {n.replace(".base_layer", ""): p.detach()
                  for n, p in self.base.state_dict().items() if "lora_" not in n}
         for name, module in self.base.named_modules():
@@ -1021,17 +942,14 @@ class AdapterView(nn.Module):
                 state[f"{name}.weight"] = (w.float() + delta.float()).to(w.dtype)
         return state
 
-
 def lora_students(backbone, rank):
     """Adapters on the teacher itself: returns (generator, fake, ema) views and makes backbone.teacher the base
     with adapters off. LoRA B starts at zero, so all three start as the teacher; ema starts equal to generator."""
-    from peft import LoraConfig
-    import warnings
     base = backbone.teacher
     for name in ("generator", "fake", "ema"):
         with warnings.catch_warnings():  # peft warns that a model gets several adapters: that is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            base.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS,
+            base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS,
                                         init_lora_weights=True), adapter_name=name)
     views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
@@ -1043,12 +961,9 @@ def lora_students(backbone, rank):
     return views
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 10. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE
-# ------------------------------------------------------------------------------------------------------------------
+# --- 10. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE ------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 def read_image_captions(path):
     """[(image path, caption)] and the number of entries without a usable caption. `path`: a folder of images with
@@ -1081,10 +996,8 @@ def read_image_captions(path):
         raise UserError(f"--data {path}: not a folder of images with .txt captions, nor a .jsonl file")
     return pairs, no_caption
 
-
 def load_image(path, resolution):
     """An RGB image resized (shorter side) and center-cropped to a square: (1, 3, R, R) in [-1, 1]."""
-    from PIL import Image
     with Image.open(path) as im:
         im = im.convert("RGB")
         scale = resolution / min(im.size)
@@ -1094,7 +1007,6 @@ def load_image(path, resolution):
         im = im.crop((left, top, left + resolution, top + resolution))
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
     return (x.permute(2, 0, 1)[None].float() / 127.5 - 1.0)  # (1, 3, R, R)
-
 
 def encode_data(backbone, path, cache_path):
     """Latents (N, C, h, w) on the CPU and captions of a data set, encoded once and cached at `cache_path`
@@ -1130,122 +1042,195 @@ def encode_data(backbone, path, cache_path):
     return latents, captions, skipped
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 11. Runtime: device, precision, ranks, FSDP2 -- and checkpoints. The losses and samplers never see any of it
-# ------------------------------------------------------------------------------------------------------------------
+# --- 11. A quality number for every run, with no extra download: the student's kernel distance to the teacher -----
+# At the start of a run the teacher draws a fixed reference set: QUALITY_SIZE prompts of the run's set with fixed seeds,
+# through its own REFERENCE_STEPS-step Euler sampler at its guidance in the losses (at every t). At every evaluation the
+# student (EMA) draws the same prompts and seeds in its K steps. Both sets are seen through the teacher's own eyes --
+# its last hidden states (what the data-aided discriminator pools), mean over tokens, of each sample noised to
+# t = QUALITY_T with fixed noise, standardised by the reference's statistics -- and compared by the unbiased squared
+# MMD with KID's cubic kernel: no network to download, and unbiased with a few dozen samples (a Frechet distance
+# needs thousands). experiments/digits.py --metric-study validates it against a classifier's Frechet distance.
+QUALITY_SIZE, QUALITY_T, REFERENCE_STEPS = 64, 0.5, 32
+
+def kernel_distance(f, g):
+    """Unbiased squared MMD between feature sets f (n, C) and g (m, C), cubic kernel k(a, b) = (a.b / C + 1)^3."""
+    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
+    off_diagonal = lambda K: (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1))  # noqa: E731  i != j
+    return (off_diagonal(k(f, f)) + off_diagonal(k(g, g)) - 2 * k(f, g).mean()).item()
+
+class Quality:
+    """quality(net) -> the score of a generator's K-step samples (lower is better; ~0: the teacher's own). The
+    reference features and the teacher's own 4- and 8-step scores are cached in `cache` and reused on resume."""
+
+    def __init__(self, backbone, cfg, cache=None):
+        self.backbone, self.cfg, n = backbone, cfg, QUALITY_SIZE
+        prompts = [backbone.prompts[i % len(backbone.prompts)] for i in range(n)] if backbone.prompts else None
+        self.cond = backbone.cond_for([i % len(backbone.prompts) for i in range(n)]) if prompts else None
+        self.z = backbone.noise((n, *backbone.sample_shape), torch.Generator(backbone.device).manual_seed(0))
+        key = dict(prompts=prompts, size=n, t=QUALITY_T, steps=REFERENCE_STEPS, guidance=cfg.cfg_eval_real,
+                   shape=backbone.sample_shape)
+        saved = torch.load(cache, weights_only=False) if cache and os.path.isfile(cache) else {}
+        if saved.get("key") == key:
+            self.mean, self.std, self.reference, self.teacher = saved["stats"]
+            return
+        teacher = lambda x, t: backbone.velocity(backbone.teacher, x, t, self.cond, cfg.cfg_eval_real)  # noqa
+        with autocast(cfg, backbone.device):
+            reference = self.features(euler_sample(teacher, self.z, REFERENCE_STEPS))
+            self.mean, self.std = reference.mean(0), reference.std(0) + 1e-6
+            self.reference, self.teacher = (reference - self.mean) / self.std, {}
+            self.teacher = {K: self.score(euler_sample(teacher, self.z, K)) for K in (4, 8)}  # for the plot
+        if cache and int(os.environ.get("RANK", 0)) == 0:
+            atomic_save(dict(key=key, stats=(self.mean, self.std, self.reference, self.teacher)), cache)
+
+    def features(self, x):
+        """The teacher's pooled last hidden states of x (N, *D) noised to QUALITY_T: (N, C) in float64."""
+        bb, n = self.backbone, len(x)
+        t = torch.full((n,), QUALITY_T, device=x.device)
+        x_t = add_noise(x, bb.noise(x.shape, torch.Generator(bb.device).manual_seed(1)), t)
+        with torch.no_grad(), capture_features(bb.teacher) as hidden:
+            for i in range(0, n, 16):
+                cond = {k: v[i:i + 16] for k, v in self.cond.items()} if self.cond else None
+                bb.velocity(bb.teacher, x_t[i:i + 16], t[i:i + 16], cond, 1.0)
+        return torch.cat([pooled_logits(h, len(h)) for h in hidden]).double()
+
+    def score(self, x):
+        return kernel_distance((self.features(x) - self.mean) / self.std, self.reference)
+
+    def __call__(self, net):
+        bb, g = self.backbone, torch.Generator(self.backbone.device).manual_seed(2)  # the same draws every time
+        student = lambda x, t: bb.velocity(net, x, t, self.cond, self.cfg.student_guidance)  # noqa: E731
+        with autocast(self.cfg, bb.device):
+            return self.score(generate(student, self.z, self.cfg.steps, self.cfg.noise,
+                                       lambda x: bb.step_noise(x.shape, g)))
+
+def plot_quality(out, teacher, now):
+    """OUT/quality.png: the student's quality number over the run (OUT/log.jsonl's and `now`, (step, number)), the
+    teacher's own 4- and 8-step samples as reference lines."""
+    log = os.path.join(out, "log.jsonl")
+    points = [(m["step"], m["eval"]["quality"]) for m in map(json.loads, open(log) if os.path.exists(log) else [])
+              if "quality" in (m.get("eval") or {}) and m["step"] < now[0]] + [now]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), "o-", label="student (EMA)")
+    for (K, q), ls in zip(teacher.items(), ("--", ":")):
+        ax.axhline(q, color="gray", ls=ls, label=f"teacher, {K} Euler steps")
+    ax.set(xlabel="iteration", ylabel="kernel distance to the teacher (lower is better)", yscale="symlog")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "quality.png"), dpi=90)
+    plt.close(fig)
+
+
+# --- 12. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
 
 # cuDNN's fused attention, torch's first choice for scaled_dot_product_attention on Hopper GPUs, returned NaN in the
 # backward pass through FLUX's joint attention on an H200 (torch 2.11) where the flash, memory-efficient and math
 # kernels agreed and stayed finite: it is switched off, and flash attention serves instead.
 torch.backends.cuda.enable_cudnn_sdp(False)
 
+class Distributed(Runtime):
+    """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients inside
+    backward, and a checkpoint is a torch.distributed.checkpoint folder of every rank's shards (+ meta.pt). LoRA mode:
+    a replica of the adapters per rank, gradients averaged by an all-reduce -- DDP by hand, since DDP expects every
+    forward to be followed by a backward into its own weights, and SiD runs the fake network forward untrained."""
 
-def autocast(cfg, device):
-    """bf16 autocast for --precision bf16-autocast and bf16, on the CPU exactly as on CUDA (so the CPU tests run the
-    GPU's code path); a no-op in fp32."""
-    if cfg.precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    def __init__(self, rank, world, device, sharded):
+        super().__init__(device)
+        self.rank, self.world, self.sharded = rank, world, sharded
 
+    def any_rank(self, flag):
+        flag = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
-class Runtime:
-    """Where the ranks live, so the math never sees them. One process: rank 0 of 1. Under torchrun: full mode shards
-    every network with FSDP2 (gradients are reduce-scattered inside backward, averaged over ranks); LoRA mode keeps a
-    replica of the adapters per rank and averages their gradients with an all-reduce -- data parallel as DDP does
-    it, done by hand because DDP's wrapper expects every forward to be followed by a backward into its own weights,
-    and SiD's generator phase runs the fake network forward without training it."""
-
-    def __init__(self, rank=0, world=1, device=None, average_grads=False):
-        self.rank, self.world, self.device, self.average_grads = rank, world, device, average_grads
-
-    def all_finite(self, loss):
-        """Skip decisions must agree on every rank (a backward is a collective under FSDP)."""
-        ok = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
-
-    def update(self, loss, net, opt, backward=None):
-        """One optimizer step of `net` on `loss`: `backward()` (default loss.backward()) must put gradient into
-        net's trainable weights only. Returns False (and steps nothing) when the loss is not finite on some rank."""
-        opt.zero_grad(set_to_none=True)
-        if not self.all_finite(loss):
-            return False
-        (backward or loss.backward)()
-        if self.average_grads and self.world > 1:
-            import torch.distributed as dist
+    def average_grads(self, net):
+        if not self.sharded:  # (FSDP2 averaged them in backward)
             for p in net.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
-        opt.step()
-        return True
 
     def same_on_all_ranks(self, nets, what):
-        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the local tensors)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-        local = torch.stack([sum((p.detach().float().to_local() if hasattr(p, "to_local") else p.detach().float())
-                                 .double().pow(k).sum() for n in nets for p in n.parameters()) for k in (1, 2)])
-        local = local.to(self.device)
+        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the tensors)."""
+        local = torch.stack([sum(p.detach().double().pow(k).sum() for n in nets for p in n.parameters())
+                             for k in (1, 2)]).to(self.device)
         gathered = [torch.zeros_like(local) for _ in range(self.world)]
         dist.all_gather(gathered, local)
-        sharded = any(hasattr(p, "to_local") for n in nets for p in n.parameters())
-        if not sharded and not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
+        if not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
             raise RuntimeError(f"{what}: the ranks hold different weights")
 
+    def checkpoint_path(self, out):
+        return os.path.join(out, "checkpoint" if self.sharded else "checkpoint.pt")
+
+    def read_meta(self, path):
+        return torch.load(os.path.join(path, "meta.pt"), weights_only=False) if self.sharded else super().read_meta(path)
+
+    def save(self, path, nets, meta):
+        if not self.sharded:
+            return super().save(path, nets, meta) if self.rank == 0 else None
+        tmp = f"{path}.tmp"
+        if self.rank == 0:
+            remove_path(tmp)
+        dist.barrier()
+        dcp.save(sharded_state(nets), checkpoint_id=tmp)  # every rank writes its shards
+        if self.rank == 0:
+            torch.save(meta, os.path.join(tmp, "meta.pt"))
+            replace_path(tmp, path)
+        dist.barrier()
+
+    def load(self, path, nets):
+        if not self.sharded:
+            return super().load(path, nets)
+        state = sharded_state(nets)  # filled in place; partial: Adam has no state for a weight that never had a grad
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        for name, (net, opt) in nets.items():
+            set_model_state_dict(net, state[name]["model"])
+            if opt:
+                set_optimizer_state_dict(net, opt, state[name]["optim"])
+
+def sharded_state(nets):
+    """DCP's sharded state dicts of every network and optimizer, to save, or to load into in place."""
+    return {name: dict(model=get_model_state_dict(net), **({"optim": get_optimizer_state_dict(net, opt)} if opt else {}))
+            for name, (net, opt) in nets.items()}
 
 def setup_runtime(cfg):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then join the process group (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """One process, or under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) join the process group: NCCL on
+    CUDA, gloo on the CPU."""
+    device, world = resolve_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return Runtime(device=resolve_device(cfg.device))
-    import torch.distributed as dist
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(cfg.device)
+        return Runtime(device)
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world, device, average_grads=cfg.mode == "lora")
-
+    return Distributed(int(os.environ["RANK"]), world, device, sharded=cfg.mode == "full")
 
 def student_precision(cfg):
     """FSDP2's mixed-precision policy for the trainable copies: with bf16 autocast over float32 masters, all-gather
     the weights in bf16 (half the traffic and unsharded memory) and reduce-scatter gradients in float32."""
-    if cfg.precision != "bf16-autocast":
-        return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if cfg.precision == "bf16-autocast" else None
 
-
-def shard(net, mp_policy=None, device_type=None):
-    """FSDP2: each transformer block its own unit, then the root, on a mesh of the network's device type (FSDP2's
-    default mesh is the accelerator's, which a CPU run on a GPU machine must not use)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def shard(net, mp_policy=None, device_type=None, compiled=False):
+    """FSDP2: each transformer block its own unit (compiled first, with --compile), then the root, on a mesh of the
+    network's device type (FSDP2's default mesh is the accelerator's, which a CPU run on a GPU machine must not use)."""
     mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
     kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
-    for child in net.children():
-        if isinstance(child, nn.ModuleList):
-            for block in child:
-                fully_shard(block, **kw)
+    for block in blocks(net):
+        if compiled:
+            block.compile(**COMPILE)
+        fully_shard(block, **kw)
     fully_shard(net, **kw)
     return net
 
-
-def sharded_copy(teacher, dtype, mp_policy, trainable):
+def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
     """A copy of the sharded teacher, built shard by shard: the module is made on the meta device (no memory),
     sharded like the teacher, allocated, and each rank fills its own shards from the teacher's, cast to `dtype`."""
     with torch.device("meta"):
         net = type(teacher).from_config(teacher.config).to(dtype)
     device = next(teacher.parameters()).device
     net.requires_grad_(trainable).train(trainable)
-    shard(net, mp_policy, device.type)  # the module is still on the meta device: the mesh is the teacher's
+    shard(net, mp_policy, device.type, compiled)  # the module is still on the meta device: the teacher's mesh
     net.to_empty(device=device)
     with torch.no_grad():
         for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
@@ -1255,246 +1240,88 @@ def sharded_copy(teacher, dtype, mp_policy, trainable):
             b.copy_(c)  # buffers are not sharded
     return net
 
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a corrupt `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# config fields that may change when a run is resumed (everything else must match the checkpoint)
-RESUMABLE_FIELDS = ("iters", "out", "log_every", "save_every", "eval_every", "device", "progress")
-
-
-class Checkpoint:
-    """The run folder cfg.out: checkpoint, resume and log. One checkpoint is a file (checkpoint.pt, replicated state,
-    written by rank 0) or, under FSDP2, a torch.distributed.checkpoint folder (checkpoint/, every rank writes its
-    shards; meta.pt holds the rest). Either is written beside and renamed into place: a crash never leaves a torn
-    checkpoint. `nets`: {name: (network, optimizer or None)}."""
-
-    def __init__(self, cfg, runtime, nets):
-        self.cfg, self.runtime, self.nets = cfg, runtime, nets
-        self.sharded = runtime.world > 1 and cfg.mode == "full"
-        self.writer = runtime.rank == 0  # rank 0 alone writes files and logs
-        self.path = self.log_path = None
-        if cfg.out:
-            os.makedirs(cfg.out, exist_ok=True)
-            self.path = checkpoint_path(cfg.out, self.sharded)
-            self.log_path = os.path.join(cfg.out, "log.jsonl")
-
-    def load(self, rng):
-        """Restore the networks, optimizers and rng from cfg.out if a checkpoint is there: (step, skipped)."""
-        if not (self.path and os.path.exists(self.path)):
-            return 0, 0
-        if self.sharded:
-            meta = read_checkpoint_meta(self.path)
-        else:  # one read: the file holds the meta and the state
-            meta = torch.load(self.path, map_location="cpu", weights_only=False)
-        diff = {k: (v, getattr(self.cfg, k)) for k, v in meta["config"].items()
-                if k not in RESUMABLE_FIELDS and getattr(self.cfg, k, v) != v}
-        if diff:
-            raise UserError(f"{self.path} was written with a different config "
-                            f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
-                            "use another --out or the same settings")
-        if meta["step"] > self.cfg.iters:
-            raise UserError(f"{self.path} is at iteration {meta['step']}, beyond --iters {self.cfg.iters}; "
-                            "use another --out")
-        if self.sharded:  # fill the sharded state in place from the checkpoint folder
-            import torch.distributed.checkpoint as dcp
-            state = self._state()
-            # partial: Adam keeps no state for a parameter that never had a gradient (an unused embedder, say)
-            dcp.load(state, checkpoint_id=self.path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-            self._set_state(state)
-        else:
-            self._set_state({name: {"model": meta[name], "optim": meta.get(f"opt_{name}")} for name in self.nets})
-        rng.set_state(meta["rng"])
-        if self.writer:
-            print(f"resumed from {self.path} at iteration {meta['step']}")
-        if self.writer and os.path.exists(self.log_path):  # drop log lines written after the checkpoint: redone
-            with open(self.log_path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= meta["step"]]
-            with open(self.log_path, "w") as f:
-                f.writelines(kept)
-        return meta["step"], meta["skipped"]
-
-    def save(self, rng, step, skipped):
-        if not self.path:
-            return
-        meta = dict(rng=rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(self.cfg))
-        if not self.sharded:
-            if self.writer:
-                state = {name: net.state_dict() for name, (net, _) in self.nets.items()}
-                state.update({f"opt_{name}": opt.state_dict() for name, (_, opt) in self.nets.items() if opt})
-                atomic_save(dict(meta, **state), self.path)
-            return
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-        tmp = f"{self.path}.tmp"
-        if self.writer:
-            remove_path(tmp)
-        dist.barrier()
-        dcp.save(self._state(), checkpoint_id=tmp)  # every rank writes its shards
-        if self.writer:
-            torch.save(meta, os.path.join(tmp, "meta.pt"))
-            replace_path(tmp, self.path)
-        dist.barrier()
-
-    def log(self, bar, m, step, skipped, seconds):
-        if not self.writer:
-            return
-        bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss_fake", "score_gap", "loss_gen", "loss_d") if k in m})
-        if self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(dict(step=step, time=round(seconds, 3), skipped=skipped,
-                                        **{k: v for k, v in m.items() if k != "nonfinite"})) + "\n")
-
-    def _state(self):
-        """DCP's sharded state dicts of every network (and optimizer), to save or to load into in place."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        return {name: dict(model=get_model_state_dict(net), **({"optim": get_optimizer_state_dict(net, opt)}
-                                                                if opt else {}))
-                for name, (net, opt) in self.nets.items()}
-
-    def _set_state(self, state):
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-        for name, (net, opt) in self.nets.items():
-            if self.sharded:
-                set_model_state_dict(net, state[name]["model"])
-                if opt:
-                    set_optimizer_state_dict(net, opt, state[name]["optim"])
-            else:
-                net.load_state_dict(state[name]["model"])
-                if opt:
-                    opt.load_state_dict(state[name]["optim"])
-
-
-def checkpoint_path(out, sharded):
-    return os.path.join(out, "checkpoint" if sharded else "checkpoint.pt")
-
-
-META_KEYS = ("rng", "step", "skipped", "config")  # what a checkpoint holds beside the weights and optimizer state
-
-
-def read_checkpoint_meta(path):
-    """Step, config and rng of a checkpoint (file or folder), without reading its weights."""
-    if os.path.isdir(path):
-        return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
-    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # a memory map: no weight is read
-    return {k: ck[k] for k in META_KEYS}
-
-
-def load_checkpoint_weights(out, which, net):
-    """Load network `which` ('ema' or 'generator') of the run in `out` into `net` in place (net's dtype and device).
-    Only that network's tensors are read: from a sharded folder through DCP with a state dict of that one network,
-    from a file through a memory map. Returns the checkpoint's meta (step, config)."""
-    folder, path = checkpoint_path(out, True), checkpoint_path(out, False)
-    if os.path.isdir(folder):
-        import torch.distributed.checkpoint as dcp
-        state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
-        dcp.load(state, checkpoint_id=folder, no_dist=True)  # this process alone, even inside a process group
-        net.load_state_dict(state[which]["model"])
-        return read_checkpoint_meta(folder)
-    if not os.path.isfile(path):
-        raise UserError(f"--out {out}: no checkpoint there")
-    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    net.load_state_dict(ck[which])
-    return {k: ck[k] for k in META_KEYS}
-
-
 def remove_path(path):
-    import shutil
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
 
-
 def replace_path(tmp, path):
     """Move a finished file or folder `tmp` onto `path`: the old one is renamed away first and removed last, so
     `path` always names a complete version."""
-    old = f"{path}.old"
-    remove_path(old)
+    remove_path(f"{path}.old")
     if os.path.exists(path):
-        os.replace(path, old)
+        os.replace(path, f"{path}.old")
     os.replace(tmp, path)
-    remove_path(old)
+    remove_path(f"{path}.old")
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 12. Config: one typed place for every default; presets by name override a few fields; the CLI is generated
-# ------------------------------------------------------------------------------------------------------------------
+# --- 13. Config: one typed place for every default; presets by name override a few fields -------------------------
+
+def opt(default, help, choices=None, const=None):
+    """A Config field: its default, the help of its --flag, the values it allows, its value as a bare flag."""
+    return field(default=default, metadata=dict(help=help, choices=choices, const=const))
 
 @dataclass
 class Config:
-    # --- the teacher ---
-    teacher: str = "toy"            # a preset name (see PRESETS), a local diffusers folder or a hub id
+    teacher: str = opt("toy", "the teacher: a preset (listed below), a local diffusers pipeline folder or a hub id")
     # --- SiD (derivation.md) ---
-    loss: str = "sid"               # 'sid' (D11) or 'dmd' (D14)
-    alpha: float = 1.0              # weight of the fake-score term in the generator loss (D11); original SiD: 1.2
-    weighting: str = "1-t"          # w(t), one of WEIGHTINGS (D12)
-    t_dist: str = "logit-normal"    # times for both updates: 'logit-normal' (official) or 'uniform'
-    steps: int = 4                  # K, the generator's number of steps; t_k = 1 - k/K (D13)
-    noise: str = "fresh"            # re-noising between generator steps: 'fresh', 'fixed' or 'ddim'
-    train_step: str = "uniform"     # which step is trained: 'uniform' k in {1..K} (the paper) or 'last' (k = K)
-    fake_updates: int = 1           # fake-network updates per generator update
-    cfg_train_fake: float = 1.0     # CFG scale of the fake network in its own update (SiD-LSG)
-    cfg_eval_fake: float = 1.0      # CFG scale of the fake network inside the generator loss
-    cfg_eval_real: float = 1.0      # CFG scale of the teacher inside the generator loss
-    cfg_t_min: float = 0.0          # guidance interval (D17), its low end: the three CFG scales apply only at noise
-                                    # levels t in [cfg_t_min, cfg_t_max]; elsewhere every network is called unguided
-    cfg_t_max: float = 1.0          # guidance interval (D17), its high end (1: guidance up to pure noise)
+    loss: str = opt("sid", "the generator loss: SiD's (D11), or DMD's for contrast (D14)", ("sid", "dmd"))
+    alpha: float = opt(1.0, "weight of the fake-score term in SiD's generator loss (D11); original SiD: 1.2")
+    weighting: str = opt("1-t", "the generator loss's weight w(t) over noise levels (D12)", WEIGHTINGS)
+    steps: int = opt(4, "K, the generator's number of steps, at t = 1, 1 - 1/K, ... (D13)")
+    noise: str = opt("fresh", "the noise that re-noises between generator steps: new, the initial one, or the one "
+                     "the current state implies (a plain Euler step)", ("fresh", "fixed", "ddim"))
+    train_step: str = opt("uniform", "which generator step each iteration trains: uniform over 1..K (the paper) or "
+                          "the last", ("uniform", "last"))
+    fake_updates: int = opt(1, "fake-network updates per generator update")
+    cfg_train_fake: float = opt(1.0, "guidance scale of the fake network in its own update (1: none; D17)")
+    cfg_eval_fake: float = opt(1.0, "guidance scale of the fake network inside the generator loss (D17)")
+    cfg_eval_real: float = opt(1.0, "guidance scale of the teacher inside the generator loss (D17)")
+    cfg_t_min: float = opt(0.0, "the guidance scales apply only for noise levels t >= this (D17)")
+    cfg_t_max: float = opt(1.0, "the guidance scales apply only for noise levels t <= this (D17)")
     # --- optimisation ---
-    iters: int = 1000               # generator updates in the run
-    batch_size: int = 256           # generated samples per update, per process
-    lr_gen: float = 5e-6            # Adam learning rate of the generator
-    lr_fake: float = 5e-6           # Adam learning rate of the fake network
-    adam_eps: float = 1e-8          # Adam epsilon (betas are (0, 0.999), as the official code)
-    lr_schedule: str = "constant"   # 'constant' (official) or 'cosine' (to zero at the last iteration)
-    ema_decay: float = 0.999        # decay of the generator's EMA, the exported student
-    max_nonfinite: int = 3          # stop after this many iterations in a row with a non-finite loss
-    seed: int = 0                   # seed of every random draw of the run
-    student_guidance: float = 1.0   # guidance the generator is called with: 1 (no CFG); FLUX: its embedded guidance
-    # --- data-aided SiD (D16): on when the backbone has real data (run_toy.py --data-aided, sid_flow.py --data) ---
-    gan_freeze_images: int = 20_000  # generator frozen (fake network / discriminator only) for these many images
-    gan_start_images: int = 40_000   # from here the generator objective is (1 - gan_weight) SiD + gan_weight GAN
-    gan_weight: float = 0.5         # share of the GAN term in the generator objective, data-aided runs
+    iters: int = opt(1000, "generator updates in the run")
+    batch_size: int = opt(256, "generated samples per update, per process")
+    lr_gen: float = opt(5e-6, "the generator's Adam learning rate")
+    lr_fake: float = opt(5e-6, "the fake network's Adam learning rate")
+    lr_schedule: str = opt("constant", "learning rates constant (official), or a cosine decay to 0 at the end",
+                           ("constant", "cosine"))
+    ema_decay: float = opt(0.999, "decay of the generator's moving average: the student a run keeps")
+    seed: int = opt(0, "seed of every random draw of the run")
+    student_guidance: float = opt(1.0, "guidance the generator is called with: 1 (none); FLUX: its embedded guidance")
+    gan_weight: float = opt(0.5, "data-aided runs: share of the adversarial term in the generator loss (D16)")
     # --- data and I/O ---
-    resolution: int = 0             # image side in pixels; 0: the teacher's native size
-    prompts: str = ""               # a text file, one prompt per line; empty: the built-in DEFAULT_PROMPTS
-    data: str = ""                  # real images for data-aided SiD: a folder (x.png + x.txt) or a .jsonl
-    out: str = "out/sid"            # run folder: checkpoint, log, previews, the exported student
-    log_every: int = 10             # iterations between lines of OUT/log.jsonl
-    save_every: int = 500           # iterations between checkpoints; 0: only at the end
-    eval_every: int = 0             # iterations between previews (the toy: distance curve); 0: never
-    device: str = "auto"            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
-    precision: str = "fp32"         # 'fp32'; 'bf16-autocast' (CUDA: bf16 teacher and compute, fp32 trainable weights);
-                                    # 'bf16' (pure bf16, also the trainable weights: use --adam-eps 1e-4)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
-    mode: str = "full"              # 'full': three copies of the DiT; 'lora': one frozen DiT, LoRA adapters (peft)
-    lora_rank: int = 64             # rank of the LoRA adapters (--mode lora)
-    progress: bool = True           # show a progress bar
+    resolution: int = opt(0, "image side in pixels (0: the teacher's native size)")
+    prompts: str = opt("", "a text file of prompts, one per line (none: a built-in list of 16)")
+    data: str = opt("", "real images for data-aided SiD (D16): a folder of x.png + x.txt captions, or a .jsonl")
+    out: str = opt("out/sid", "the run folder: checkpoint, log.jsonl, previews and the exported student")
+    save_every: int = opt(500, "iterations between checkpoints (0: only at the end)")
+    eval_every: int = opt(0, "iterations between preview grids of the student (0: none)")
+    device: str = opt("auto", "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    precision: str = opt("fp32", "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or bf16 "
+                         "(pure bf16, the trainable weights too)", ("fp32", "bf16-autocast", "bf16"))
+    grad_checkpointing: float = opt(0.0, "share of transformer blocks whose activations are recomputed in backward, "
+                                    "spread evenly: less memory, more time (0.5: every second block; no value: 1)",
+                                    const=1.0)
+    compile: bool = opt(False, "torch.compile each transformer block: minutes of compilation, then faster steps")
+    mode: str = opt("full", "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on "
+                    "one frozen DiT", ("full", "lora"))
+    lora_rank: int = opt(64, "rank of the LoRA adapters (--mode lora)")
 
-
-CHOICES = dict(loss=("sid", "dmd"), lr_schedule=("constant", "cosine"), mode=("full", "lora"),
-               weighting=WEIGHTINGS, t_dist=("logit-normal", "uniform"), noise=("fresh", "fixed", "ddim"),
-               train_step=("uniform", "last"), precision=("fp32", "bf16-autocast", "bf16"))
-
-# Presets change only what differs from the Config defaults. The toy preset uses 'last'-step training and a larger
-# learning rate: see README "Toy results" and derivation.md (D13) for why the uniform mixture is not the toy default.
-# The DiT presets: the official SiD-DiT release's settings (Adam(0, 0.999), lr 5e-6, SANA's CFG 4.5 for
-# all three scales, bf16 autocast); batch_size is per process (the paper's global batch is 256). SD3's CFG reuses
-# SANA's value and FLUX's guidance embedding its usual 3.5 -- starting points, not tuned by this project. One change
-# from the paper, chosen by run_toy.py's guidance study on digits (README, "Guided distillation"): guidance only for
-# t in [0.2, 0.6] (D17); --cfg-t-min 0 --cfg-t-max 1 restores the paper's guidance at every t.
-_GUIDANCE_INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
-_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, log_every=10,
-            **_GUIDANCE_INTERVAL)
+# Presets change only what differs from the Config defaults. The toy: 'last'-step training and larger learning rates
+# (derivation.md section 4). The DiT presets: the official SiD-DiT release's settings (Adam(0, 0.999), lr 5e-6,
+# SANA's CFG 4.5 for all three scales, bf16 autocast); batch_size is per process (the paper's global batch is 256).
+# SD3's CFG reuses SANA's value and FLUX's guidance embedding its usual 3.5 -- starting points, not tuned here. One
+# change from the paper, chosen by the guidance study on digits (experiments/README.md): guidance only for t in
+# [0.2, 0.6] (D17); --cfg-t-min 0 --cfg-t-max 1 restores the paper's guidance at every t. Each preset's defaults fit
+# one 80 GB GPU by the memory plan: the larger teachers train LoRA adapters with gradient checkpointing there; on
+# several GPUs pass --mode full (FSDP2) as the paper trains.
+_INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
+_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, **_INTERVAL)
 _CFG45 = dict(cfg_train_fake=4.5, cfg_eval_fake=4.5, cfg_eval_real=4.5)
 _FLUX = dict(cfg_train_fake=3.5, cfg_eval_fake=3.5, cfg_eval_real=3.5, student_guidance=3.5)
-# Each preset's defaults fit one 80 GB GPU by the memory plan (README, "Memory"): the larger teachers train LoRA
-# adapters with gradient checkpointing there; on several GPUs pass --mode full (FSDP2) as the paper trains.
-_ONE_GPU = dict(mode="lora", grad_checkpointing=True)
+_ONE_GPU = dict(mode="lora", grad_checkpointing=1.0)
 HUB_IDS = {
     "sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
     "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
@@ -1505,107 +1332,78 @@ HUB_IDS = {
 }
 PRESETS = {
     "toy": dict(teacher="toy", train_step="last", iters=400, batch_size=2048, lr_gen=8e-4, lr_fake=2.4e-3,
-                fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", log_every=20, save_every=0,
+                fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", save_every=0,
                 gan_weight=0.01),  # the SiD term sums 2 dims here, not 10^4+: the GAN term must weigh far less
-    # run_toy.py --dataset digits: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption. Guided
-    # distillation at the teacher's CFG 2 on all three scales, only for t in [0.2, 0.6] (D17): with guidance at every
-    # t the students lose the teacher's diversity (README, "Guided distillation")
+    # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
     "digits": dict(teacher="digits", train_step="last", iters=300, batch_size=128, lr_gen=1e-4, lr_fake=3e-4,
                    weighting="inv-l1", ema_decay=0.99, cfg_train_fake=2.0, cfg_eval_fake=2.0, cfg_eval_real=2.0,
-                   out="out/digits", log_every=20, save_every=0, gan_weight=0.01, **_GUIDANCE_INTERVAL),
+                   out="out/digits", save_every=0, gan_weight=0.01, **_INTERVAL),
     "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=8),
-    "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024, grad_checkpointing=True),
+    "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024, grad_checkpointing=1.0),
     "sd3-medium": dict(_DIT, **_CFG45, **_ONE_GPU, resolution=1024),
     "sd3.5-medium": dict(_DIT, **_CFG45, **_ONE_GPU, resolution=1024),
     "sd3.5-large": dict(_DIT, **_CFG45, **_ONE_GPU, resolution=1024),
     "flux-dev": dict(_DIT, **_FLUX, **_ONE_GPU, resolution=1024),
 }
 
-
 def check_config(cfg):
     """Fail loudly, with one line, on values the algorithm cannot use."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of: {', '.join(allowed)}")
-    for name in ("steps", "iters", "batch_size", "fake_updates", "max_nonfinite", "lora_rank"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("lr_gen", "lr_fake", "adam_eps"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for f in dataclasses.fields(cfg):
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            raise UserError(f"{flag(f.name)} {getattr(cfg, f.name)!r} is not one of: {', '.join(f.metadata['choices'])}")
+    for names, ok, rule in ((("steps", "iters", "batch_size", "fake_updates", "lora_rank"), 1, "be at least 1"),
+                            (("lr_gen", "lr_fake"), 1e-300, "be positive"),
+                            (("resolution", "save_every", "eval_every"), 0, "not be negative")):
+        for name in names:
+            if not getattr(cfg, name) >= ok:
+                raise UserError(f"{flag(name)} must {rule}, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
         raise UserError(f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, got "
                         f"[{cfg.cfg_t_min}, {cfg.cfg_t_max}]")
-    if not math.isfinite(cfg.alpha):
-        raise UserError(f"--alpha must be finite, got {cfg.alpha}")
+    for f in dataclasses.fields(cfg):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            raise UserError(f"{flag(f.name)} must be finite, got {getattr(cfg, f.name)}")
     return cfg
-
 
 def make_config(preset=None, **overrides):
     """Config defaults <- preset <- explicit overrides (None values are ignored), then checked."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(overrides) - fields
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    values = dict(PRESETS.get(preset, {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return check_config(Config(**values))
+    return check_config(Config(**{**PRESETS.get(preset, {}), **{k: v for k, v in overrides.items() if v is not None}}))
 
-
-def _field_comments():
-    """{field: the comment beside it in Config, continuation lines joined}: the meaning every flag's help shows."""
-    import inspect
-    import re
-    comments, last = {}, None
-    for line in inspect.getsource(Config).splitlines():
-        field = re.match(r"\s{4}(\w+): \w+ = [^#]*#\s*(.*)", line)
-        more = re.match(r"\s{5,}#\s*(.*)", line)  # a comment line indented past the fields: the one above goes on
-        if field:
-            last = field.group(1)
-            comments[last] = field.group(2)
-        elif more and last:
-            comments[last] += " " + more.group(1)
-        else:
-            last = None
-    return comments
-
-
-def add_config_flags(parser, skip=(), presets=None, shown=None):
+def add_config_flags(parser, skip=(), presets=None):
     """One --flag per Config field (dashes for underscores), default None so that the preset fills the gaps. Its help
-    is the comment beside the field and the default each preset gives it: `presets` {label: preset name or None (the
-    Config defaults)}; `shown` {field: text} replaces the default shown for a field that is filled elsewhere."""
+    says what the field does and the default each preset gives it: `presets` {label: preset name, or None for the
+    Config defaults}."""
     presets = presets or {"": None}
-    comments = _field_comments()
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
         values = {label: PRESETS.get(name, {}).get(f.name, f.default) for label, name in presets.items()}
         common = max(values.values(), key=list(values.values()).count)  # the value most presets share
         rest = "; ".join(f"{label}: {v}" for label, v in values.items() if v != common)
-        default = (shown or {}).get(f.name, f"{'none' if common == '' else common}" + (f" ({rest})" if rest else ""))
-        help = f"{comments[f.name]} [default: {default}]".replace("%", "%%")
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=None, choices=CHOICES.get(f.name), help=help)
-
+        help = f"{f.metadata['help']} [default: {common if common != '' else 'none'}{f' ({rest})' if rest else ''}]"
+        kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type,
+                                                                                     choices=f.metadata["choices"])
+        if f.metadata["const"] is not None:
+            kw.update(nargs="?", const=f.metadata["const"])
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help.replace("%", "%%"), **kw)
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and exit status 2; the description and epilog are printed as
-    written (they hold commands)."""
+    """argparse with a one-line error (no usage dump) and exit status 2; negative numbers in any notation are values
+    (-1e-4 too); the description and epilog are printed as written."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-
 
 def resolve_device(name):
     if name == "auto":
@@ -1618,16 +1416,13 @@ def resolve_device(name):
         raise UserError(f"--device {name!r} is not a device torch knows")
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# 13. Teachers from disk or hub, the memory plan, the benchmark, export, previews, and the command line
-# ------------------------------------------------------------------------------------------------------------------
+# --- 14. Teachers from disk or hub, the memory plan, export, sampling, and the command line -----------------------
 
 def preset_configs(name):
     """The project's own copy of a preset's configs (model_index.json, transformer/config.json): what --dry-run and
-    --bench need, offline and without a hub token (FLUX.1-dev, SD3 and SD3.5 are gated)."""
+    experiments/bench.py need, offline and without a hub token (FLUX.1-dev, SD3 and SD3.5 are gated)."""
     return os.path.join(HERE, "assets", "hf", "hub", f"models--{HUB_IDS[name].replace('/', '--')}", "snapshots",
                         "0" * 40)
-
 
 def resolve_teacher(name, configs_only=False):
     """A preset name -> its hub id (its configs in assets/ when `configs_only`); an existing folder -> itself (it
@@ -1650,14 +1445,10 @@ def resolve_teacher(name, configs_only=False):
                         f"(supported: {', '.join(FAMILIES)})")
     return src, family
 
-
 def _hub_file(name, repo, filename):
     """hf_hub_download of one file, from the cache when it is there; otherwise it fails at once, in one line that says
     why (offline, unreachable, gated, missing), instead of the hub client's minute of retries."""
-    import socket
-    import urllib.parse
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    constants, hf_hub_download = huggingface_hub.constants, huggingface_hub.hf_hub_download
     try:
         return hf_hub_download(repo, filename, local_files_only=True)
     except Exception:  # not cached: ask the hub below
@@ -1683,21 +1474,15 @@ def _hub_file(name, repo, filename):
     except Exception as e:
         raise UserError(f"{where} ({type(e).__name__}: {' '.join(str(e).split())})")
 
-
 def teacher_dtype(cfg):
     """The frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32, on any device."""
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
-
 def load_backbone(cfg, device, src=None, family=None):
     """The teacher pipeline as a Backbone, at cfg.resolution (0: the transformer's native size)."""
-    import diffusers
-    import huggingface_hub
-    import transformers
-    for lib in (diffusers, transformers, huggingface_hub):  # their notes and bars are noise here; failures raise
+    for lib in (diffusers, transformers):  # their notes and progress bars are noise here; failures raise
         lib.utils.logging.set_verbosity(lib.utils.logging.CRITICAL)
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+        lib.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     if src is None:
         src, family = resolve_teacher(cfg.teacher)
@@ -1719,14 +1504,11 @@ def _read_json(src, name):
     if os.path.isdir(src):
         with open(os.path.join(src, name)) as f:
             return json.load(f)
-    from huggingface_hub import hf_hub_download
-    with open(hf_hub_download(src, name)) as f:
+    with open(huggingface_hub.hf_hub_download(src, name)) as f:
         return json.load(f)
-
 
 def meta_transformer(src):
     """The teacher's transformer built on the meta device from its config.json: shapes, no memory, no weights."""
-    import diffusers
     index = _read_json(src, "model_index.json")
     config = _read_json(src, "transformer/config.json")
     with torch.device("meta"):
@@ -1745,13 +1527,12 @@ TEXT_ENCODER_PARAMS = {"SanaPipeline": 2.61e9, "StableDiffusion3Pipeline": 0.12e
 # attention: no tokens^2 term), for a network whose weights train and for one whose weights are frozen (autograd
 # then keeps only what the input gradient needs: the teacher, and the LoRA base). With gradient checkpointing a
 # block keeps CHECKPOINTED_INPUTS instead (its inputs). Measured with saved-tensor hooks (SavedActivations) on small
-# configurations of each family; test_memory_plan_matches_measured_bytes holds the plan to the measurement.
+# configurations of each family (experiments/bench.py); test_memory_plan_matches_measured_bytes holds the plan to them.
 SAVED_PER_BLOCK = {"SanaPipeline": (41.0, 35.0), "StableDiffusion3Pipeline": (18.0, 10.0), "FluxPipeline": (24.0, 12.0)}
 CHECKPOINTED_INPUTS = {"SanaPipeline": (2.8, 1.1), "StableDiffusion3Pipeline": (2.0, 1.35), "FluxPipeline": (2.15, 1.6)}
 # What a text token costs inside a block, relative to an image token: SD3 and FLUX run text tokens through the whole
 # (joint) block; SANA's enter only its cross-attention, as keys and values.
 TEXT_IN_BLOCKS = {"SanaPipeline": 0.1, "StableDiffusion3Pipeline": 1.0, "FluxPipeline": 1.0}
-
 
 def vae_factor(src, family):
     """The VAE's spatial factor, from the pipeline's vae/config.json when there is one (2^(number of blocks - 1), as
@@ -1763,11 +1544,9 @@ def vae_factor(src, family):
     blocks = c.get("encoder_block_out_channels") or c.get("block_out_channels")
     return 2 ** (len(blocks) - 1) if blocks else VAE_FACTOR[family]
 
-
 def family_of(net):
     return {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
         next(k for k in ("Sana", "SD3", "Flux") if type(net).__name__.startswith(k))]
-
 
 def memory_plan(cfg, net, world_size=1, factor=None):
     """Bytes per GPU of weights, gradients, optimizer state and activations for cfg (mode, precision, batch,
@@ -1800,19 +1579,18 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     patch = c.get("patch_size", 1) * (2 if family == "FluxPipeline" else 1)  # FLUX packs 2x2 latents into a token
     image_tokens = (cfg.resolution // (factor or VAE_FACTOR[family]) // patch) ** 2
     tokens = image_tokens + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
-    interval = has_interval(cfg.cfg_t_min, cfg.cfg_t_max)  # (D17): per-sample scales
-    cfg_batch = [cfg_branches(w, family == "FluxPipeline", interval) for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)]
+    per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
+    cfg_batch = [cfg_branches(w, family == "FluxPipeline", per_sample) for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)]
     full = cfg.mode == "full"
     batches = (cfg.batch_size, cfg.batch_size * cfg_batch[0], cfg.batch_size * cfg_batch[1])  # generator, teacher, fake
     trains = (full, False, full)  # whose weights take gradients in the generator update
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
     per_block = [b * SAVED_PER_BLOCK[family][0 if t else 1] * unit for b, t in zip(batches, trains)]
-    if cfg.grad_checkpointing:  # the blocks' inputs (text tokens in full: they are inputs), one block recomputed
-        unit_in = (image_tokens + TEXT_TOKENS[family]) * width * base_bytes
-        stored = sum(b * layers * CHECKPOINTED_INPUTS[family][0 if t else 1] * unit_in for b, t in zip(batches, trains))
-        recompute = max(per_block)
-    else:
-        stored, recompute = layers * sum(per_block), 0
+    # a checkpointed block keeps its inputs (text tokens in full: they are inputs) and is recomputed one at a time
+    n_ck = math.floor(layers * cfg.grad_checkpointing)  # as many as checkpoint_blocks chooses
+    unit_in = (image_tokens + TEXT_TOKENS[family]) * width * base_bytes
+    inputs = sum(b * CHECKPOINTED_INPUTS[family][0 if t else 1] * unit_in for b, t in zip(batches, trains))
+    stored, recompute = n_ck * inputs + (layers - n_ck) * sum(per_block), (max(per_block) if n_ck else 0)
     plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=trainable * grad_bytes / shard,
                 optimizer=2 * trainable * grad_bytes / shard, activations=stored + recompute + copies,
                 recompute=recompute)
@@ -1820,205 +1598,35 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     plan["startup"] = P * base_bytes + TEXT_ENCODER_PARAMS[family] * base_bytes
     return plan
 
-
 def cmd_dry_run(cfg, world_size):
+    """--dry-run: the memory plan per GPU from the teacher's configs, after every check a run makes before loading."""
+    if cfg.prompts:
+        read_prompts(cfg.prompts)
     src, family = resolve_teacher(cfg.teacher, configs_only=True)
-    net = meta_transformer(src)
-    plan = memory_plan(cfg, net, world_size, vae_factor(src, family))
-    gib = 1 << 30
+    net, factor = meta_transformer(src), vae_factor(src, family)
+    if not cfg.resolution:
+        raise UserError(f"--dry-run needs --resolution for {cfg.teacher}, which is not a preset")
+    check_resolution(cfg.resolution, factor, net.config.patch_size * FAMILIES[family].packing)
+    plan = memory_plan(cfg, net, world_size, factor)
     print(f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
           f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), batch {cfg.batch_size}/GPU at "
-          f"{cfg.resolution} px{', gradient checkpointing' if cfg.grad_checkpointing else ''}")
+          f"{cfg.resolution} px, {cfg.grad_checkpointing:.0%} of the blocks checkpointed")
     print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
     for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
-        print(f"  {key:<20}  {plan[key] / gib:12.1f} GiB" + ("   (teacher + text encoders, before training)"
-                                                             if key == "startup" else ""))
+        print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("   (teacher + text encoders, before training)"
+                                                              if key == "startup" else ""))
     return plan
 
+def check_resolution(resolution, factor, patch):
+    """The image side must be a whole number of latent patches, at most MAX_RESOLUTION (judged from the configs,
+    before any weights load)."""
+    if not 0 < resolution <= MAX_RESOLUTION or resolution % (factor * patch):
+        raise UserError(f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
+                        f"(VAE factor {factor} x patch {patch}), at most {MAX_RESOLUTION}")
 
-# --- the benchmark (--bench N): the real loop on a full-size random-weight teacher, timed and measured ------------
-
-def random_transformer(src, dtype, device):
-    """The teacher's transformer at full size with random weights, made directly on `device` (no download, no CPU
-    copy): built on the meta device, allocated, then filled -- matrices N(0, 1/fan_in), vectors 1 (norm scales) or
-    0 (biases), buffers N(0, 0.02^2)."""
-    net = meta_transformer(src).to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5)
-            else:
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        for b in net.buffers():
-            b.normal_(0.0, 0.02)
-    return net.requires_grad_(False).eval()
-
-
-def bench_backbone(cfg, src, family, device):
-    """A family Backbone over a random-weight teacher whose prompts encode to random tensors of the shapes (and
-    dtype) the family's text encoders produce. No text encoder, no VAE: the loop only needs conditioning tensors."""
-    teacher = random_transformer(src, teacher_dtype(cfg), device)
-    c, n_text = teacher.config, TEXT_TOKENS[family]
-
-    class RandomText(FAMILIES[family]):
-        def encode(self, prompts):
-            g = torch.Generator(device).manual_seed(len(prompts))
-            randn = lambda *shape: torch.randn(shape, generator=g, device=device).to(teacher.dtype)  # noqa: E731
-            B = len(prompts)
-            if family == "SanaPipeline":
-                return {"embeds": randn(B, n_text, c.caption_channels), "mask": torch.ones(B, n_text, device=device)}
-            if family == "FluxPipeline":
-                self.txt_ids = torch.zeros(n_text, 3, device=device)
-            return {"embeds": randn(B, n_text, c.joint_attention_dim), "pooled": randn(B, c.pooled_projection_dim)}
-
-    factor = vae_factor(src, family)
-    pipe = type("Components", (), dict(transformer=teacher, vae=None, vae_scale_factor=factor))()
-    resolution = cfg.resolution or (getattr(c, "sample_size", None) or 128) * factor
-    backbone = RandomText(pipe, resolution, device, teacher_dtype(cfg))
-    backbone.source, backbone.family = src, family
-    return backbone
-
-
-class SavedActivations:
-    """Peak bytes of the tensors autograd saves for backward, seen through saved-tensor hooks: each storage counted
-    once while any saved reference to it lives; the networks' own weights excluded (they are counted as weights)."""
-
-    def __init__(self, nets):
-        self.weights = {p.untyped_storage().data_ptr() for net in nets for p in net.parameters()}
-        self.refs, self.sizes, self.live, self.peak = {}, {}, 0, 0
-
-    def pack(self, tensor):
-        key = tensor.untyped_storage().data_ptr()
-        if key in self.weights or tensor.device.type == "meta":
-            return (tensor, None)
-        self.refs[key] = self.refs.get(key, 0) + 1
-        if self.refs[key] == 1:
-            self.sizes[key] = tensor.untyped_storage().nbytes()
-            self.live += self.sizes[key]
-            self.peak = max(self.peak, self.live)
-        return (tensor, _Release(self, key))
-
-    def release(self, key):
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            self.live -= self.sizes.pop(key)
-            del self.refs[key]
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda packed: packed[0])
-
-
-class _Release:
-    """Tells the meter when autograd drops a saved tensor (the packed tuple holding this object is freed)."""
-
-    def __init__(self, meter, key):
-        self.meter, self.key = meter, key
-
-    def __del__(self):
-        self.meter.release(self.key)
-
-
-def tensor_bytes(tensors):
-    """Bytes of distinct storages (local shards under FSDP2; a LoRA base shared by three views counted once)."""
-    seen = {}
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, by datasheet (SXM parts)
-
-
-def cmd_bench(cfg, iters, warmup=1):
-    """--bench N: warm-up + N real SiD iterations through distill() on a full-size random-weight teacher; writes
-    OUT/bench.json and prints a table: step time, images/s, measured and planned memory, FLOPs and MFU."""
-    src, family = resolve_teacher(cfg.teacher, configs_only=True)
-    runtime = setup_runtime(cfg)
-    # every iteration trains the last step (k = K, the most expensive: K - 1 roll-out forwards), so that the timed
-    # iterations and the one whose FLOPs are counted do the same work
-    run = dataclasses.replace(cfg, iters=warmup + iters, out="", eval_every=1, save_every=0, progress=False,
-                              train_step="last")
-    backbone = bench_backbone(run, src, family, runtime.device)
-    run = dataclasses.replace(run, resolution=backbone.resolution)
-    backbone.set_prompts(DEFAULT_PROMPTS)
-    cuda = runtime.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(runtime.device)) if cuda else (lambda: None)
-    stamps = []
-
-    def on_eval(step, generator, ema):
-        sync()
-        stamps.append(time.perf_counter())
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(runtime.device)
-    res = distill(run, backbone, on_eval=on_eval, runtime=runtime)
-    step_s = sorted(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))[iters // 2]  # the median
-    nets = [backbone.teacher, res["generator"], res["fake"], res["ema"]]
-    measured = dict(weights=tensor_bytes(p for n in nets for p in n.parameters()),
-                    gradients=tensor_bytes(p.grad for n in nets for p in n.parameters() if p.grad is not None),
-                    optimizer=tensor_bytes(v for opt in res["optimizers"] for st in opt.state.values()
-                                           for k, v in st.items() if k != "step"))
-    static = measured["weights"] + measured["gradients"] + measured["optimizer"]
-    if cuda:  # the allocator's peak over the timed run (before anything below adds its own)
-        measured["total"] = torch.cuda.max_memory_allocated(runtime.device)
-        measured["activations"] = measured["total"] - static
-    else:  # one more iteration, untimed, with the saved tensors counted
-        meter = SavedActivations(nets)
-        with meter.hooks():
-            sid_iteration(run, backbone, res["fake"], res["generator"], *res["optimizers"][::-1],
-                          torch.Generator(runtime.device).manual_seed(1), 0, runtime)
-        measured["activations"], measured["total"] = meter.peak, static + meter.peak
-    plan = memory_plan(run, meta_transformer(src), runtime.world, vae_factor(src, family))
-    name = torch.cuda.get_device_name(runtime.device) if cuda else "cpu"
-    peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
-    out = dict(teacher=cfg.teacher, family=family, mode=run.mode, precision=run.precision,
-               grad_checkpointing=run.grad_checkpointing,
-               device=name, world_size=runtime.world, batch_size=run.batch_size, resolution=run.resolution,
-               step_s=step_s, images_per_s=run.batch_size * runtime.world / step_s, measured=measured,
-               planned={k: plan[k] for k in measured}, flops_per_step=iteration_flops(run, backbone, res["generator"]))
-    if peak:
-        out["mfu"] = out["flops_per_step"] / step_s / peak
-    if runtime.rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "bench.json"), "w") as f:
-            json.dump(out, f, indent=1)
-        print_bench(out)
-    return out
-
-
-def iteration_flops(cfg, backbone, net):
-    """Model FLOPs of one SiD iteration with k = K, from one counted forward of `net` on one sample: K forwards
-    without gradient (K - 1 roll-out steps, then the sample for the fake update); per fake update a forward and a
-    backward (2 forwards' worth: weights and input); the generator step's forward and backward; the teacher's and the
-    fake network's forwards with a backward to their input only (1 forward's worth) -- each doubled where two-branch
-    CFG doubles the batch. Recomputation under gradient checkpointing is not counted: MFU counts the model's work."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.zeros(1, *backbone.sample_shape, device=backbone.device)
-    t = torch.full((1,), 0.5, device=backbone.device)
-    with torch.no_grad(), autocast(cfg, backbone.device), FlopCounterMode(display=False) as counter:
-        backbone.forward(net, x, t, backbone.cond_for([0]), cfg.student_guidance)
-    interval = has_interval(cfg.cfg_t_min, cfg.cfg_t_max)  # (D17): per-sample scales
-    branches = lambda w: cfg_branches(w, getattr(backbone, "guidance_embedded", False), interval)  # noqa: E731
-    passes = (cfg.steps + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake) + 3
-              + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake))
-    return counter.get_total_flops() * passes * cfg.batch_size
-
-
-def print_bench(r):
-    gib = 1 << 30
-    print(f"bench: {r['teacher']} {r['mode']} {r['precision']}{' ckpt' if r['grad_checkpointing'] else ''} on "
-          f"{r['world_size']} x {r['device']}, batch {r['batch_size']} at {r['resolution']} px: "
-          f"{r['step_s']:.3f} s/step, {r['images_per_s']:.2f} images/s, {r['flops_per_step'] / 1e12:.1f} TFLOP/step"
-          + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""))
-    print(f"  {'GiB':<12}" + "".join(f"{k:>13}" for k in r["measured"]))
-    for row in ("measured", "planned"):
-        print(f"  {row:<12}" + "".join(f"{r[row][k] / gib:13.3f}" for k in r["measured"]))
-
+MAX_RESOLUTION = 4096  # pixels: twice the largest side any supported teacher was trained at
 
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
-
-
 def plain_copy(net, state, dtype, device="cpu"):
     """A new module of net's class and config holding `state` (a state dict), in `dtype` on `device`. Built on the
     meta device first: no random initialisation, no memory beyond the copy returned."""
@@ -2028,14 +1636,12 @@ def plain_copy(net, state, dtype, device="cpu"):
     plain.load_state_dict(state)  # copies, casting to dtype
     return plain.eval()
 
-
 def export_student(backbone, net, cfg, folder):
     """Write a complete diffusers pipeline folder: the teacher's components, `net` as the transformer (in the
     teacher's dtype; LoRA fused into the weights), and a FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
     without shift, which takes exactly the 'fresh' re-noising step (D13) when called with sigmas =
     generator_times(K). Written beside, then renamed into place."""
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
     base_dtype = teacher_dtype(cfg)
     if isinstance(net, AdapterView):
         transformer = plain_copy(net.base, net.merged_state_dict(), base_dtype)
@@ -2043,7 +1649,7 @@ def export_student(backbone, net, cfg, folder):
         transformer = net  # already a plain CPU copy in the right dtype
     else:
         transformer = plain_copy(net, net.state_dict(), base_dtype)
-    pipe = DiffusionPipeline.from_pretrained(backbone.source, transformer=transformer, scheduler=scheduler,
+    pipe = diffusers.DiffusionPipeline.from_pretrained(backbone.source, transformer=transformer, scheduler=scheduler,
                                              dtype=base_dtype)
     tmp = f"{folder}.tmp{os.getpid()}"
     remove_path(tmp)
@@ -2057,7 +1663,6 @@ def export_student(backbone, net, cfg, folder):
         json.dump(meta, f, indent=1)
     replace_path(tmp, folder)
     return folder
-
 
 def student_images(backbone, net, prompts, seed, steps, guidance, cfg):
     """The student's images for `prompts`, drawn as the stock pipeline draws them for one seed: initial latents from
@@ -2075,13 +1680,10 @@ def student_images(backbone, net, prompts, seed, steps, guidance, cfg):
                      lambda x: backbone.step_noise(x.shape, g_steps))
     return backbone.decode(x.float())
 
-
 def save_grid(images, path):
     """(B, H, W, 3) floats in [0, 1] -> one PNG row."""
-    from PIL import Image
     row = (torch.as_tensor(images).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, H, W, 3)
     Image.fromarray(torch.cat(list(row), dim=1).numpy()).save(path)
-
 
 def cmd_distill(cfg):
     if cfg.teacher == "toy":
@@ -2108,10 +1710,15 @@ def cmd_distill(cfg):
     os.makedirs(cfg.out, exist_ok=True)
     preview = backbone.prompts[:PREVIEW_PROMPTS]
 
+    quality = Quality(backbone, cfg, os.path.join(cfg.out, "reference.pt"))
+
     def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
         images = student_images(backbone, ema, preview, PREVIEW_SEED, cfg.steps, cfg.student_guidance, cfg)
+        q = quality(ema)
         if runtime.rank == 0:
             save_grid(images, os.path.join(cfg.out, f"preview_{step:07d}.png"))
+            plot_quality(cfg.out, quality.teacher, (step, q))
+        return dict(quality=q)
 
     res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
     which = "ema" if cfg.ema_decay > 0 else "generator"
@@ -2119,22 +1726,13 @@ def cmd_distill(cfg):
         net = res[which]
         if runtime.world > 1 and cfg.mode == "full":  # rank 0 reads the exported network alone from the checkpoint
             net = shapes.to(teacher_dtype(cfg)).to_empty(device="cpu")
-            load_checkpoint_weights(cfg.out, which, net)
+            load_checkpoint_weights(runtime.checkpoint_path(cfg.out), which, net)
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
         print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']}; "
               f"{runtime.world} process(es))")
     if runtime.world > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-
-
-def check_resolution(resolution, factor, patch):
-    """The image side must be a whole number of latent patches (judged from the configs, before any weights load)."""
-    if resolution <= 0 or resolution % (factor * patch):
-        raise UserError(f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
-                        f"(VAE factor {factor} x patch {patch})")
-
 
 def check_fits(cfg, net, factor, runtime):
     """On CUDA, before any weights load: stop in one line if the memory plan exceeds the device's free memory, and
@@ -2147,38 +1745,53 @@ def check_fits(cfg, net, factor, runtime):
     free = torch.cuda.mem_get_info(runtime.device)[0]
     if need(cfg) <= free:
         return
-    lighter = [dict(grad_checkpointing=True), dict(mode="lora"), dict(mode="lora", grad_checkpointing=True),
-               dict(mode="lora", grad_checkpointing=True, batch_size=1)]
+    lighter = [dict(grad_checkpointing=s) for s in (0.5, 1.0)] + [dict(mode="lora", grad_checkpointing=s)
+                                                                     for s in (0.0, 0.5, 1.0)]
+    lighter += [dict(mode="lora", grad_checkpointing=1.0, batch_size=1)]
     fits = next((d for d in lighter if need(dataclasses.replace(cfg, **d)) <= free), None)
-    hint = (" ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in fits.items())
-            if fits else "more GPUs (torchrun) in full mode")
+    hint = (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in fits.items() if v) if fits
+            else "more GPUs (torchrun) in full mode")
     raise UserError(f"the memory plan needs {need(cfg) / 2**30:.1f} GiB per GPU ({cfg.mode} mode, batch "
                     f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
                     "(--dry-run prints the plan)")
 
+def find_checkpoint(out):
+    """(path, meta) of a run folder's checkpoint: a sharded folder (torchrun in full mode) or a file."""
+    folder, file = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.pt")
+    if os.path.isdir(folder):
+        return folder, torch.load(os.path.join(folder, "meta.pt"), weights_only=False)
+    if not os.path.isfile(file):
+        raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
+    return file, Runtime().read_meta(file)
+
+def load_checkpoint_weights(path, which, net):
+    """Load network `which` ('ema' or 'generator') of a checkpoint into `net` in place (its dtype and device), reading
+    only that network's tensors: from a sharded folder through DCP, from a file through a memory map."""
+    if os.path.isdir(path):
+        state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
+        dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
+        net.load_state_dict(state[which]["model"])
+    else:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)[which])
 
 def cmd_export(out, weights, device_name):
     """Export OUT/student from the run's checkpoint (any checkpoint, not only a finished run's), reading only the
     exported network's weights. Full mode loads them into the teacher's own transformer: one copy in memory."""
-    path = checkpoint_path(out, True) if os.path.isdir(checkpoint_path(out, True)) else checkpoint_path(out, False)
-    if not os.path.exists(path):
-        raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
-    meta = read_checkpoint_meta(path)
+    path, meta = find_checkpoint(out)
     if meta["config"]["teacher"] in ("toy", "digits"):
-        raise UserError(f"--out {out}: a run_toy.py run (teacher {meta['config']['teacher']}); export writes "
-                        "diffusers pipelines of image teachers, and this student's weights are already in its "
-                        "checkpoint.pt")
-    cfg = Config(**{**meta["config"], "device": device_name})
+        raise UserError(f"--out {out}: a run of the {meta['config']['teacher']} teacher; export writes diffusers "
+                        "pipelines of image teachers, and this student's weights are already in its checkpoint.pt")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device_name})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     if cfg.mode == "lora":
         generator, _, ema = lora_students(backbone, cfg.lora_rank)
         net = ema if weights == "ema" else generator
     else:
         net = backbone.teacher  # export needs no teacher: its module takes the student's weights
-    load_checkpoint_weights(out, weights, net)
+    load_checkpoint_weights(path, weights, net)
     print(f"student pipeline ({weights}, iteration {meta['step']}):",
           export_student(backbone, net, cfg, os.path.join(out, "student")))
-
 
 def cmd_sample(student, prompt, seed, resolution, out_png, device_name):
     meta_path = os.path.join(student, STUDENT_META)
@@ -2200,75 +1813,63 @@ def cmd_sample(student, prompt, seed, resolution, out_png, device_name):
     save_grid(images, out_png)
     print(f"wrote {out_png}")
 
-
-EPILOG = f"""presets (--teacher NAME): {', '.join(HUB_IDS)}.
-A local diffusers pipeline folder or a hub id owner/repo works too (defaults shown as "a folder or hub id").
-The 2-D toy and the digits benchmark: python run_toy.py --help
+EPILOG = f"""presets (--teacher NAME): {', '.join(HUB_IDS)}; a local diffusers pipeline folder or a hub id owner/repo
+works too ("a folder or hub id" in the defaults above). The 2-D toy: python run_toy.py --help
 
 other commands:
   python sid_flow.py sample --student OUT/student --prompt "a fox" --seed 0 --out fox.png   # draw from a student
   python sid_flow.py export --out OUT [--weights ema|generator]                          # OUT/checkpoint -> OUT/student
 """
+DEVICE_HELP = "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N' [default: auto]"
 
+def main_sample(argv):
+    p = Parser(prog="sid_flow.py sample", description="Draw one image from an exported student with sid_flow's "
+                                                         "own sampler.")
+    p.add_argument("--student", required=True, help="an exported OUT/student folder")
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial and re-noising draws [default: 0]")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="image side in pixels [default: 0, the resolution the student was trained at]")
+    p.add_argument("--out", required=True, help="the .png to write")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    a = p.parse_args(argv)
+    return cmd_sample(a.student, a.prompt, a.seed, a.resolution, a.out, a.device)
+
+def main_export(argv):
+    p = Parser(prog="sid_flow.py export", description="Write OUT/student, a stock diffusers pipeline, from a run's "
+                                                         "OUT/checkpoint (finished or not).")
+    p.add_argument("--out", required=True, help="the run folder of sid_flow.py holding its checkpoint")
+    p.add_argument("--weights", default="ema", choices=("ema", "generator"),
+                   help="which weights become the student [default: ema]")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    a = p.parse_args(argv)
+    return cmd_export(a.out, a.weights, a.device)
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("sample", "export") else "distill"
-    p = Parser(prog=f"sid_flow.py {command}" if command != "distill" else "sid_flow.py",
-               description=__doc__.split("\n")[0])
-    if command == "sample":
-        p.description = "Draw one image from an exported student with sid_flow's own sampler."
-        p.add_argument("--student", required=True, help="an exported OUT/student folder")
-        p.add_argument("--prompt", required=True, help="the text prompt")
-        p.add_argument("--seed", type=int, default=0, help="seed of the initial and re-noising draws [default: 0]")
-        p.add_argument("--resolution", type=int, default=0,
-                       help="image side in pixels [default: 0, the resolution the student was trained at]")
-        p.add_argument("--out", required=True, help="the .png to write")
-        p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' "
-                                                         "[default: auto]")
-        a = p.parse_args(argv)
-        return cmd_sample(a.student, a.prompt, a.seed, a.resolution, a.out, a.device)
-    if command == "export":
-        p.description = "Write OUT/student, a stock diffusers pipeline, from a run's OUT/checkpoint (finished or not)."
-        p.add_argument("--out", required=True, help="the run folder of sid_flow.py holding its checkpoint")
-        p.add_argument("--weights", default="ema", choices=("ema", "generator"),
-                       help="which weights become the student [default: ema]")
-        p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N' "
-                                                         "[default: auto]")
-        a = p.parse_args(argv)
-        return cmd_export(a.out, a.weights, a.device)
-    p.usage = "python sid_flow.py --teacher NAME [options]   |   sid_flow.py sample ...   |   sid_flow.py export ..."
-    p.epilog = EPILOG
-    labels = {name: name for name in HUB_IDS} | {"a folder or hub id": None}  # the presets sid_flow.py distils
-    add_config_flags(p, skip=(), presets=labels, shown=dict(
-        teacher="required", out="out/NAME, NAME the teacher's"))
+    if argv and argv[0] in ("sample", "export"):
+        return (main_sample if argv[0] == "sample" else main_export)(argv[1:])
+    p = Parser(prog="sid_flow.py", description=__doc__.split("\n")[0], epilog=EPILOG,
+               usage="python sid_flow.py --teacher NAME [options]  |  sid_flow.py sample ...  |  sid_flow.py export ...")
+    p.add_argument("--teacher", help="the teacher (required): a preset (listed below), a local diffusers pipeline "
+                                     "folder, or a hub id owner/repo")
+    p.add_argument("--out", help="the run folder: checkpoint, log.jsonl, previews and the exported student "
+                                 "[default: out/NAME, NAME the teacher's]")
+    add_config_flags(p, skip=("teacher", "out"), presets={name: name for name in HUB_IDS} | {"a folder or hub id": None})
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per GPU from the teacher's configs "
                                                           "(no weights are downloaded) and exit")
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="GPUs for the --dry-run plan [default: $WORLD_SIZE, else 1]")
-    p.add_argument("--bench", type=int, default=0, metavar="N",
-                   help="time N SiD iterations on a random-weight teacher of full size (no download), "
-                        "writes OUT/bench.json")
     a = vars(p.parse_args(argv))
-    dry_run, world_size, bench = a.pop("dry_run"), a.pop("world_size"), a.pop("bench")
+    dry_run, world_size = a.pop("dry_run"), a.pop("world_size")
     if a["teacher"] is None:
         raise UserError(f"--teacher is required: a preset ({', '.join(HUB_IDS)}), a pipeline folder or a hub id")
     if a["teacher"] in PRESETS and a["teacher"] not in HUB_IDS:
-        hint = " --dataset digits" if a["teacher"] == "digits" else ""
-        raise UserError(f"--teacher {a['teacher']}: that teacher is trained by run_toy.py: "
-                        f"run `python run_toy.py{hint}`")
-    preset = a["teacher"] if a["teacher"] in PRESETS else None
+        where = "python experiments/digits.py" if a["teacher"] == "digits" else "python run_toy.py"
+        raise UserError(f"--teacher {a['teacher']}: that teacher is trained by {where.split()[1]}: run `{where}`")
     a["out"] = a["out"] or f"out/{slug(a['teacher'])}"
-    cfg = make_config(preset, **a)
-    if dry_run:
-        if not cfg.resolution:
-            resolve_teacher(cfg.teacher)  # a misspelt name or an unreachable hub id says so first
-            raise UserError(f"--dry-run needs --resolution for {cfg.teacher}, which is not a preset")
-        return cmd_dry_run(cfg, world_size)
-    if bench:
-        return cmd_bench(cfg, bench)
-    return cmd_distill(cfg)
-
+    cfg = make_config(a["teacher"] if a["teacher"] in PRESETS else None, **a)
+    return cmd_dry_run(cfg, world_size) if dry_run else cmd_distill(cfg)
 
 def slug(name):
     """A folder name from a teacher name, path or hub id (its last part; '.', '..' and './x/' resolved first), or from
@@ -2276,10 +1877,13 @@ def slug(name):
     base = os.path.basename(os.path.abspath(name)) if os.path.exists(name) else name.rstrip("/").split("/")[-1]
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in base).strip(".") or "run"
 
-
 if __name__ == "__main__":
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # every rank stopped at the same iteration; one of them says so
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(e, file=sys.stderr)
+        sys.exit(130)

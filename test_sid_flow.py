@@ -5,12 +5,15 @@ independent oracle -- closed-form Gaussian mixtures, autograd, Monte Carlo, brut
 """
 
 import dataclasses
+import inspect
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +22,9 @@ import torch.utils.checkpoint
 
 import run_toy
 import sid_flow as sf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+import bench  # noqa: E402  experiments/bench.py
 
 torch.set_num_threads(1)  # 2-core CI: thread oversubscription makes tiny ops ~100x slower
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +53,7 @@ class Mixture:
         return self.mu[k] + self.sigma[k, None] * torch.randn(n, self.mu.shape[1], generator=g, dtype=torch.float64)
 
     def _parts(self, x_t, t, path):
-        a, s, _, _ = path.coefficients(t[:, None])  # (B, 1)
+        a, s, _, _ = sf.coefficients(path, t[:, None])  # (B, 1)
         var = a ** 2 * self.sigma[None] ** 2 + s ** 2  # (B, K)
         diff = x_t[:, None, :] - a[:, :, None] * self.mu[None]  # (B, K, D)
         d = self.mu.shape[1]
@@ -64,7 +70,7 @@ class Mixture:
         return (r[:, :, None] * comp).sum(1)  # (B, D)
 
     def velocity(self, x_t, t, path):
-        a, s, da, ds = path.coefficients(t[:, None])
+        a, s, da, ds = sf.coefficients(path, t[:, None])
         x0 = self.posterior_mean(x_t, t, path)
         return da * x0 + ds * (x_t - a * x0) / s  # (D2) with E[eps | x_t] = (x_t - a E[x0|x_t]) / s
 
@@ -93,7 +99,7 @@ def test_conventions():
     assert sf.generator_times(4) == [1.0, 0.75, 0.5, 0.25] and sf.generator_times(1) == [1.0]
 
 
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PATHS, ids=str)
 def test_conversions_round_trip(path):
     """(D4), (D5), (D3) in float64: from the true (x0, eps) -> v, every conversion recovers them exactly."""
     x0, eps, t, x_t = _noised(path=path)
@@ -108,7 +114,7 @@ def test_conversions_round_trip(path):
     assert sf.velocity_to_x0(img, torch.rand(3, dtype=torch.float64), img).shape == img.shape
 
 
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PATHS, ids=str)
 def test_gaussian_mixture_closed_form(path):
     """(D3)-(D5) against an analytic teacher: velocity_to_x0 of the exact velocity is the exact E[x0|x_t], and
     velocity_to_score is the autograd gradient of the exact log-density."""
@@ -125,7 +131,7 @@ def test_flow_to_vp_snr_map():
     independently from the mixture under each path."""
     _, _, t, x_t = _noised(path=sf.FLOW)
     x_vp, tau = sf.flow_to_vp(x_t, t)
-    a, s, _, _ = sf.VP.coefficients(tau)
+    a, s, _, _ = sf.coefficients(sf.VP, tau)
     assert torch.allclose(a / s, (1 - t) / t)  # same signal-to-noise ratio
     assert torch.allclose(MIX.posterior_mean(x_vp, tau, sf.VP), MIX.posterior_mean(x_t, t, sf.FLOW), atol=1e-10)
 
@@ -222,7 +228,7 @@ def test_weightings_and_times():
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_backward_simulation(k):
     """Steps 1..k-1 run without gradient; only step k carries gradient into the generator."""
-    net = sf.ToyMLP(width=16, depth=2)
+    net = run_toy.ToyMLP(width=16, depth=2)
     calls = []
 
     def G(x, t):
@@ -252,7 +258,7 @@ def test_renoise_modes():
 
 def test_one_step_generator_is_x0_prediction():
     """K = 1: the generator's sample is x0_hat(G(z, 1)) = z - G(z, 1)."""
-    net = sf.ToyMLP(width=16, depth=2)
+    net = run_toy.ToyMLP(width=16, depth=2)
     z = torch.randn(7, 2)
     with torch.no_grad():
         assert torch.allclose(sf.generate(lambda x, t: net(x, t), z, 1), z - net(z, torch.ones(7)))
@@ -264,11 +270,11 @@ def test_one_step_generator_is_x0_prediction():
 
 def _tiny_backbone(seed=0):
     torch.manual_seed(seed)
-    return sf.ToyBackbone(sf.ToyMLP(width=32, depth=2))
+    return sf.ToyBackbone(run_toy.ToyMLP(width=32, depth=2))
 
 
 def _cfg(tmp_path=None, **kw):
-    base = dict(out=str(tmp_path) if tmp_path else "", iters=4, batch_size=64, progress=False, save_every=0)
+    base = dict(out=str(tmp_path) if tmp_path else "", iters=4, batch_size=64, save_every=0)
     return sf.make_config("toy", **{**base, **kw})
 
 
@@ -293,6 +299,36 @@ def test_iteration_touches_only_what_it_should(loss):
     assert m["nonfinite"] == [] and math.isfinite(m["score_gap"]) and m["k"] == 4  # toy preset: last step
 
 
+def test_generator_update_routes_sids_gradient():
+    """The generator update's gradient is SiD's (D11): through x_g directly AND through x_t = (1-t) x_g + t eps into
+    both networks' inputs -- computed here from the equation by autograd on the same draws -- and not DMD's direction
+    (x_g alone, D14), which a detached x_t would silently give."""
+    torch.manual_seed(0)
+    bb, B = _tiny_backbone(), 16
+    cfg = _cfg(weighting="1-t", alpha=1.2)
+    gen, fake = bb.trainable_copy(), bb.trainable_copy()
+    with torch.no_grad():  # a fake network unlike the teacher: a score gap to descend
+        for p in fake.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    opt_g, _ = sf.make_optimizers(cfg, gen, fake)
+    x_in, t_in, t, eps = torch.randn(B, 2), torch.full((B,), 0.75), torch.rand(B) * 0.8 + 0.1, torch.randn(B, 2)
+
+    def oracle(through_inputs):
+        x_g = x_in - 0.75 * gen(x_in, t_in)  # (D4)
+        x_t = (1 - t[:, None]) * x_g + t[:, None] * eps
+        x_t = x_t if through_inputs else x_t.detach()
+        x0_teacher, x0_fake = x_t - t[:, None] * bb.teacher(x_t, t), x_t - t[:, None] * fake(x_t, t)
+        gap = x0_teacher - x0_fake
+        loss = ((1 - t) * (gap * ((x0_teacher - x_g) - 1.2 * gap)).sum(1)).mean()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(gen.parameters()))])
+
+    sid, x_g_only = oracle(True), oracle(False)  # before the update's step moves the generator
+    sf.generator_update(cfg, bb, gen, fake, opt_g, x_in, t_in, t, eps, None, 0.0, sf.Runtime(), {})
+    got = torch.cat([p.grad.flatten() for p in gen.parameters()])
+    assert torch.allclose(got, sid, rtol=1e-4, atol=1e-7)
+    assert (got - x_g_only).norm() > 0.1 * sid.norm()  # the input paths carry a real share of the gradient
+
+
 class GuidanceSpy(sf.ToyBackbone):
     """The toy teacher, recording which network was called at which times with which CFG scale."""
 
@@ -313,7 +349,7 @@ def test_guidance_interval_reaches_every_call_as_configured():
     torch.manual_seed(0)
     scales = dict(cfg_train_fake=0.0, cfg_eval_fake=-1.0, cfg_eval_real=2.0)
     for interval in (dict(), dict(cfg_t_min=0.3, cfg_t_max=0.7)):
-        bb = GuidanceSpy(sf.ToyMLP(width=16, depth=2))
+        bb = GuidanceSpy(run_toy.ToyMLP(width=16, depth=2))
         gen, fake = bb.trainable_copy(), bb.trainable_copy()
         cfg = _cfg(batch_size=256, fake_updates=1, **scales, **interval)
         opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
@@ -338,9 +374,9 @@ def test_data_aided_zero_cfg_scores_real_and_fake_alike():
     call as the fakes (both on the empty prompt, scale 0); with a guided fake network both are read with the prompt."""
     torch.manual_seed(0)
     for w, real_scale in ((0.0, 0.0), (2.0, 1.0)):
-        bb = GuidanceSpy(sf.ToyMLP(width=16, depth=2), real=lambda n, g: torch.randn(n, 2, generator=g))
+        bb = GuidanceSpy(run_toy.ToyMLP(width=16, depth=2), real=lambda n, g: torch.randn(n, 2, generator=g))
         gen, fake = bb.trainable_copy(), bb.trainable_copy()
-        cfg = _cfg(batch_size=32, cfg_train_fake=w, fake_updates=1, gan_freeze_images=10**6)  # fake update only
+        cfg = _cfg(batch_size=32, cfg_train_fake=w, fake_updates=1)  # images_seen 0 < GAN_FREEZE_IMAGES: fake update only
         opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
         sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
         assert [g for net, _, g in bb.calls if net is fake] == [w, real_scale]
@@ -401,12 +437,12 @@ class NaNTeacher(sf.ToyBackbone):
 
 
 def test_nonfinite_loss_stops_with_step_and_phase(tmp_path):
-    """A non-finite loss skips the step; max_nonfinite in a row stop the run, naming the iteration and the phase,
+    """A non-finite loss skips the step; MAX_NONFINITE (3) in a row stop the run, naming the iteration and the phase,
     and the checkpoint on disk holds only finite weights."""
     torch.manual_seed(0)
-    bb = NaNTeacher(sf.ToyMLP(width=16, depth=2))
+    bb = NaNTeacher(run_toy.ToyMLP(width=16, depth=2))
     with pytest.raises(FloatingPointError, match=r"non-finite generator loss at iteration 3"):
-        sf.distill(_cfg(tmp_path, iters=10, max_nonfinite=3, save_every=1), bb)
+        sf.distill(_cfg(tmp_path, iters=10, save_every=1), bb)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False, map_location="cpu")
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["generator"].values())
 
@@ -451,8 +487,7 @@ def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
     monkeypatch.setitem(run_toy.TEACHER, "width", 64)
     monkeypatch.setitem(run_toy.TEACHER, "iters", 800)
     monkeypatch.setitem(run_toy.TEACHER, "batch", 512)
-    m = run_toy.main(["--out", str(tmp_path), "--iters", "150", "--batch-size", "512", "--n-eval", "4096",
-                      "--no-progress"])
+    m = run_toy.main(["--out", str(tmp_path), "--iters", "150", "--batch-size", "512", "--n-eval", "4096"])
     ed, se = m["energy_distance"], m["standard_error"]
     assert ed["SiD (4 steps, raw)"] < 0.3 * ed["teacher 4 steps"]
     assert ed["SiD (4 steps, EMA)"] < 0.5 * ed["teacher 4 steps"]  # the EMA lags in so short a run
@@ -465,20 +500,18 @@ def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
     assert (run / "toy.png").stat().st_size > 10_000 and (run / "metrics.json").exists()
     png = (run / "toy.png").read_bytes()
     # the second run reuses the cached teacher and writes its own folder: the first run's figure stays
-    m2 = run_toy.main(["--out", str(tmp_path), "--iters", "2", "--batch-size", "64", "--n-eval", "512",
-                       "--no-progress"])
+    m2 = run_toy.main(["--out", str(tmp_path), "--iters", "2", "--batch-size", "64", "--n-eval", "512"])
     assert m2["seconds"]["teacher"] == 0.0 and m2["folder"] != m["folder"] and (run / "toy.png").read_bytes() == png
 
 
 def test_toy_output_folders_do_not_collide():
     """Every dataset, comparison and result-changing flag has its own results folder; I/O flags do not change it."""
     def name(*argv):
-        a = run_toy.parse_args(list(argv))
-        return run_toy.run_name(a, run_toy.config_overrides(a))
+        return run_toy.run_name(*run_toy.parse_args(list(argv)))  # (args, the Config fields they set)
     names = [name(), name("--dataset", "moons"), name("--compare"), name("--data-aided"), name("--alpha", "1.2"),
              name("--weighting", "1/t"), name("--weighting", "1/t^2"), name("--n-eval", "4096")]
     assert len(set(names)) == len(names) and all("/" not in n and n not in (".", "..") for n in names)
-    assert name() == "checkerboard" and name("--out", "x", "--no-progress", "--log-every", "5") == "checkerboard"
+    assert name() == "checkerboard" and name("--out", "x", "--save-every", "5", "--eval-every", "5") == "checkerboard"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -490,6 +523,8 @@ def test_toy_output_folders_do_not_collide():
     (["--mode", "lora"], "--mode is a sid_flow.py flag for image teachers"),
     (["--prompts", "p.txt"], "--prompts is a sid_flow.py flag for image teachers"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--dataset", "digits"], "invalid choice: 'digits'"),  # the digits benchmark is experiments/digits.py
+    (["--guidance-study"], "unrecognized arguments: --guidance-study"),
 ])
 def test_toy_cli_bad_values(tmp_path, args, message):
     """Bad flags: one line on stderr, exit status 2, nothing written (no teacher was trained)."""
@@ -516,21 +551,22 @@ def _help_blocks(text):
 
 
 def test_cli_help_gives_every_flag_its_meaning_and_real_default():
-    """--help of both scripts: each Config flag with the comment beside its field and the default each preset really
-    gives it (sid_flow.py: every image preset and the plain Config for a folder or hub id; run_toy.py: the toy
-    preset); run_toy.py offers none of sid_flow.py's image-teacher flags. sid_flow.py's lists the presets and the
-    sample and export commands."""
-    comments = sf._field_comments()
-    assert set(comments) == {f.name for f in sf.dataclasses.fields(sf.Config)} and all(comments.values())
+    """--help of the scripts: each Config flag with its field's help -- words, not a symbol -- and the default each
+    preset really gives it (sid_flow.py: every image preset and the plain Config for a folder or hub id; run_toy.py:
+    the toy preset); run_toy.py offers none of sid_flow.py's image-teacher flags. sid_flow.py's lists the presets and
+    the sample and export commands; its --teacher says it is required, not "[default: required]"."""
+    helps = {f.name: f.metadata["help"] for f in sf.dataclasses.fields(sf.Config)}
+    assert all(len(h.split()) >= 4 and "WEIGHTINGS" not in h for h in helps.values()), helps
     wide = dict(os.environ, COLUMNS="400")  # argparse wraps help at hyphens otherwise ("SiD- LSG")
     r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--help"], capture_output=True, text=True,
                        timeout=120, env=wide)
     blocks = _help_blocks(r.stdout)
     assert r.returncode == 0 and all(p in r.stdout for p in sf.HUB_IDS) and "sid_flow.py sample" in r.stdout
     assert "sid_flow.py export" in r.stdout
+    assert "(required)" in blocks["--teacher"] and "[default: required]" not in r.stdout
     for f in sf.dataclasses.fields(sf.Config):
         help = blocks["--" + f.name.replace("_", "-")]
-        assert " ".join(comments[f.name].split()) in help and "[default: " in help, help
+        assert f.name in ("teacher", "out") or (" ".join(helps[f.name].split()) in help and "[default: " in help), help
         if f.name not in ("teacher", "out"):  # "[default: COMMON (label: value; ...)]" -> each preset's value
             common, _, rest = re.search(r"\[default: (.*)\]$", help).group(1).partition(" (")
             shown = dict(pair.split(": ", 1) for pair in rest.rstrip(")").split("; ") if pair)
@@ -542,11 +578,27 @@ def test_cli_help_gives_every_flag_its_meaning_and_real_default():
                        timeout=120, env=wide)
     blocks = _help_blocks(r.stdout)
     assert r.returncode == 0 and "(default: None)" not in r.stdout
-    for f in sf.dataclasses.fields(sf.Config):
+    for f in dataclasses.fields(sf.Config):
         flag = "--" + f.name.replace("_", "-")
         assert (flag in blocks) == (f.name not in run_toy.NOT_HERE), flag
-        if flag in blocks and f.name != "out":
+        if flag in blocks:
             assert f"[default: {toy.get(f.name, f.default)}" in blocks[flag], blocks[flag]
+    # run_toy.py's own help for two of them: OUT holds the teacher, the runs and the results (no exported student),
+    # and --eval-every 0 means every tenth of --iters there, not never as in sid_flow.py
+    assert "exported student" not in blocks["--out"] and "runs" in blocks["--out"]
+    assert "every tenth of --iters" in blocks["--eval-every"] and "never" in blocks["--eval-every"]
+    # experiments/digits.py: the digits preset's defaults; neither the image-teacher, guidance nor preview flags
+    import digits  # experiments/digits.py
+    r = subprocess.run([sys.executable, os.path.join(HERE, "experiments", "digits.py"), "--help"],
+                       capture_output=True, text=True, timeout=120, env=wide)
+    blocks = _help_blocks(r.stdout)
+    assert r.returncode == 0 and "(default: None)" not in r.stdout and "--guidance-study" in blocks
+    assert digits.SKIP == run_toy.NOT_HERE + ("eval_every",) and "exported student" not in blocks["--out"]
+    for f in dataclasses.fields(sf.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert (flag in blocks) == (f.name not in digits.SKIP), flag
+        if flag in blocks:
+            assert f"[default: {sf.PRESETS['digits'].get(f.name, f.default)}" in blocks[flag], blocks[flag]
 
 
 def test_config_presets():
@@ -567,7 +619,8 @@ def test_derivation_labels():
     """Every (Dk) cited in the code exists in derivation.md; every function of its symbol table exists in
     sid_flow.py; every test it names exists here."""
     doc = open(os.path.join(HERE, "derivation.md")).read()
-    code = open(os.path.join(HERE, "sid_flow.py")).read() + open(os.path.join(HERE, "run_toy.py")).read()
+    code = "".join(open(os.path.join(HERE, f)).read() for f in ("sid_flow.py", "run_toy.py", "experiments/digits.py",
+                                                                  "experiments/bench.py") if os.path.exists(os.path.join(HERE, f)))
     cited = set(re.findall(r"\(D\d+\)", code))
     assert cited and cited <= set(re.findall(r"\(D\d+\)", doc)), cited - set(re.findall(r"\(D\d+\)", doc))
     table = doc[doc.index("## Symbol table"):]
@@ -758,7 +811,7 @@ def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_
     loads in the stock pipeline, whose 4-step images equal the `sample` path's within 1e-4 (same prompt, seed)."""
     cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, iters=2,
                          batch_size=2, lr_gen=1e-3, lr_fake=1e-3, cfg_eval_real=2.0, cfg_eval_fake=2.0,
-                         cfg_train_fake=2.0, out=str(tmp_path / "run"), progress=False, save_every=0, ema_decay=0.0, eval_every=2,
+                         cfg_train_fake=2.0, out=str(tmp_path / "run"), save_every=0, ema_decay=0.0, eval_every=2,
                          student_guidance=3.5 if family == "flux" else 1.0)
     sf.cmd_distill(cfg)
     from diffusers import DiffusionPipeline
@@ -822,7 +875,7 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, case):
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"precious")
     with pytest.raises(sf.UserError, match=message):
-        sf.main([*args, "--out", str(out), "--no-progress"])
+        sf.main([*args, "--out", str(out)])
     assert [p.name for p in out.iterdir()] == ["checkpoint.pt"] and (out / "checkpoint.pt").read_bytes() == b"precious"
 
 
@@ -851,7 +904,7 @@ def test_misleading_inputs_get_one_clear_line(tmp_path, monkeypatch):
     cases = {  # argv -> what the line must say
         (): "--teacher is required: a preset (sana-0.6b-512",
         ("--teacher", "toy"): "run `python run_toy.py`",
-        ("--teacher", "digits"): "run `python run_toy.py --dataset digits`",
+        ("--teacher", "digits"): "run `python experiments/digits.py`",
         ("--teacher", "flux-devv", "--dry-run"): "--teacher flux-devv: not a preset (sana-0.6b-512",
     }
     for argv, message in cases.items():
@@ -867,8 +920,20 @@ def test_misleading_inputs_get_one_clear_line(tmp_path, monkeypatch):
     assert time.time() - t0 < 10 and "\n" not in str(e.value)
     # export of a run_toy.py run: says what that run is, not "--teacher toy: not a preset"
     sf.distill(_cfg(tmp_path / "toy", iters=1), _tiny_backbone())
-    with pytest.raises(sf.UserError, match="a run_toy.py run"):
+    with pytest.raises(sf.UserError, match="a run of the toy teacher"):
         sf.main(["export", "--out", str(tmp_path / "toy")])
+
+
+def test_dry_run_judges_what_a_run_judges(tmp_path):
+    """--dry-run stops with a run's one-line error on a resolution that is no whole number of latent patches or is
+    too large, and on a missing prompts file; a negative number is a value (the range error, not argparse's)."""
+    for argv, message in ((["--resolution", "100000"], "at most 4096"), (["--resolution", "520"], "multiple of 32"),
+                          (["--prompts", str(tmp_path / "none.txt")], "no such file")):
+        with pytest.raises(sf.UserError, match=message):
+            sf.main(["--teacher", "sana-0.6b-512", "--dry-run", *argv])
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "sana-0.6b-512", "--lr-gen",
+                        "-1e-4", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --lr-gen must be positive, got -0.0001", r.stderr
 
 
 def test_configs_only_cache_fails_in_one_line(tmp_path):
@@ -922,13 +987,14 @@ def _image_folder(folder, n=4, res=40):
 
 
 @pytest.mark.parametrize("family", list(FAMILY_RES))
-def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys):
+def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys, monkeypatch):
     """One data-aided iteration per family on generated images with captions: the loader skips and counts the
     corrupt image and the missing caption; both the discriminator and the generator's GAN term are active."""
+    monkeypatch.setattr(sf, "GAN_FREEZE_IMAGES", 0)
+    monkeypatch.setattr(sf, "GAN_START_IMAGES", 0)
     data = _image_folder(tmp_path / "data")
     cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, iters=1,
-                         batch_size=2, data=str(data), gan_freeze_images=0, gan_start_images=0,
-                         out=str(tmp_path / "run"), progress=False, save_every=0, log_every=1)
+                         batch_size=2, data=str(data), out=str(tmp_path / "run"), save_every=0)
     sf.cmd_distill(cfg)
     assert "4 image-caption pairs; skipped 1 unreadable images and 1 without caption" in capsys.readouterr().out
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
@@ -957,11 +1023,11 @@ def test_data_loader_bad_inputs(tiny, tmp_path):
 
 
 def test_data_aided_toy_schedule():
-    """The generator is frozen until gan_freeze_images images have been seen, then trained; the GAN term joins at
-    gan_start_images."""
+    """The generator is frozen until GAN_FREEZE_IMAGES images have been seen, then trained; the GAN term joins at
+    GAN_START_IMAGES."""
     torch.manual_seed(0)
-    bb = sf.ToyBackbone(sf.ToyMLP(width=32, depth=2), real=lambda n, g: run_toy.draw("checkerboard", n, g))
-    cfg = _cfg(batch_size=64, gan_freeze_images=256, gan_start_images=512)
+    bb = sf.ToyBackbone(run_toy.ToyMLP(width=32, depth=2), real=lambda n, g: run_toy.draw("checkerboard", n, g))
+    cfg = _cfg(batch_size=64)
     gen, fake = bb.trainable_copy(), bb.trainable_copy()
     opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
     rng = torch.Generator().manual_seed(0)
@@ -970,10 +1036,12 @@ def test_data_aided_toy_schedule():
         m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=step * 64)
         assert "loss_gen" not in m and "loss_d" in m
     assert all(torch.equal(v, gen.state_dict()[k]) for k, v in start.items())
-    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=256)
+    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=sf.GAN_FREEZE_IMAGES - 1)
+    assert "loss_gen" not in m
+    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=sf.GAN_FREEZE_IMAGES)
     assert "loss_gen" in m and "loss_gan" not in m
     assert any(not torch.equal(v, gen.state_dict()[k]) for k, v in start.items())
-    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=512)
+    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, images_seen=sf.GAN_START_IMAGES)
     assert "loss_gan" in m
 
 
@@ -981,20 +1049,17 @@ def test_data_aided_toy_schedule():
 # 9. Scale: LoRA mode
 # ------------------------------------------------------------------------------------------------------------------
 
-def _lora_setup(tiny, family, checkpointing=False, seed=0):
+def _lora_setup(tiny, family, checkpointing=0.0, seed=0):
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS)
     cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, mode="lora",
                          lora_rank=4, batch_size=2, cfg_eval_real=2.0, grad_checkpointing=checkpointing)
     torch.manual_seed(seed)
-    gen, fake, ema = sf.make_students(cfg, bb)
+    gen, fake, ema = bb.students(cfg, sf.Runtime())
     g = torch.Generator(DEVICE).manual_seed(seed)
     with torch.no_grad():  # distinct, non-trivial adapters, so that running the wrong one would show
         for p in list(gen.parameters()) + list(fake.parameters()):
             p.add_(0.1 * torch.randn(p.shape, generator=g, device=p.device))
-    if checkpointing:
-        for net in (gen, fake, bb.teacher):
-            net.enable_gradient_checkpointing()
     return bb, cfg, gen, fake, ema
 
 
@@ -1002,7 +1067,8 @@ def _lora_setup(tiny, family, checkpointing=False, seed=0):
 def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatch):
     """One base, three adapters: the teacher is the base with adapters off; an iteration moves the generator and
     fake adapters, never the base; the generator phase adds no gradient to the fake adapter; the EMA adapter does
-    not train. With gradient checkpointing the result is the same (the adapter of each forward is replayed)."""
+    not train. With gradient checkpointing of every block or of every second one the result is the same (the adapter
+    of each forward is replayed)."""
     from diffusers import DiffusionPipeline
     bb, cfg, gen, fake, ema = _lora_setup(tiny, family)
     plain = DiffusionPipeline.from_pretrained(tiny[family]).transformer.to(DEVICE)
@@ -1017,10 +1083,12 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
     base0 = {n: p.clone() for n, p in bb.teacher.named_parameters()}
     gen0 = {n: p.clone() for n, p in gen.named_parameters()}
     results = []
-    plain_checkpoint = lambda base: lambda block, *a: torch.utils.checkpoint.checkpoint(block, *a, use_reentrant=False)
-    for checkpointing, replay in ((False, True), (True, True), (True, False)):
+    def no_replay(net, share):
+        net.enable_gradient_checkpointing(lambda block, *a: torch.utils.checkpoint.checkpoint(block, *a,
+                                                                                               use_reentrant=False))
+    for checkpointing, replay in ((0.0, True), (1.0, True), (0.5, True), (1.0, False)):
         if not replay:
-            monkeypatch.setattr(sf, "adapter_checkpoint", plain_checkpoint)
+            monkeypatch.setattr(sf, "checkpoint_blocks", no_replay)
         bb, cfg, gen, fake, ema = _lora_setup(tiny, family, checkpointing)
         ema0 = ema.state_dict()
         opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
@@ -1036,7 +1104,60 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
         assert all(torch.equal(v, ema.state_dict()[k]) for k, v in ema0.items())
         assert any(not torch.equal(p, gen0[n]) for n, p in gen.named_parameters())
         results.append({n: p.detach().clone() for n, p in gen.named_parameters()})
-    assert all(torch.allclose(a, results[1][n], atol=1e-6) for n, a in results[0].items())
+    assert all(torch.allclose(a, r[n], atol=1e-6) for r in results[1:] for n, a in results[0].items())
+
+
+@pytest.mark.parametrize("family", ["sana", "flux"])
+def test_partial_checkpointing_same_gradients_less_memory(tiny, family):
+    """Full mode: one iteration with none, every second, or every block checkpointed gives the same gradients
+    (float tolerance), and the tensors saved for backward shrink as the share grows (FLUX: two kinds of block)."""
+    grads, saved = [], []
+    for share in (0.0, 0.5, 1.0):
+        bb = _backbone(tiny[family], family)
+        bb.set_prompts(TEST_PROMPTS)
+        cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, batch_size=2,
+                             cfg_eval_real=2.0, grad_checkpointing=share)
+        torch.manual_seed(0)
+        gen, fake, ema = bb.students(cfg, sf.Runtime())
+        opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
+        meter = bench.SavedActivations([bb.teacher, gen, fake])
+        with meter.hooks():
+            sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator(DEVICE).manual_seed(0))
+        grads.append(torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None]))
+        saved.append(meter.peak)
+    assert all(torch.allclose(g, grads[0], rtol=1e-4, atol=1e-6) for g in grads[1:])
+    assert saved[0] > saved[1] > saved[2], saved
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_compiled_blocks_equal_eager_and_compile_once(tiny, mode, monkeypatch):
+    """--compile: torch.compile of each transformer block (here through dynamo and AOT autograd with the eager backend:
+    the CPU cannot afford inductor's code generation in a test; the benchmark runs inductor on a GPU). Uniform k, a
+    guidance interval (per-sample CFG scales) and, in LoRA mode, four adapter states: the losses equal the eager
+    run's, and after the first iteration no call compiles again."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setitem(sf.COMPILE, "backend", "aot_eager")
+    losses = {}
+    for compiled in (False, True):
+        bb = _backbone(tiny["sana"], "sana")
+        bb.set_prompts(TEST_PROMPTS)
+        cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, batch_size=2,
+                             mode=mode, lora_rank=4, cfg_eval_real=2.0, cfg_t_min=0.2, cfg_t_max=0.6,
+                             train_step="uniform", precision="bf16-autocast", compile=compiled)
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        gen, fake, ema = bb.students(cfg, sf.Runtime())
+        opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
+        rng, graphs, losses[compiled] = torch.Generator(DEVICE).manual_seed(0), [], []
+        for i in range(4):
+            m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng, 2 * i)
+            losses[compiled].append((m["k"], m["loss_fake"], m["loss_gen"]))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert len({k for k, _, _ in losses[True]}) > 1  # several trained steps k: the roll-outs differ in length
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 4, graphs
+    for eager, compiled in zip(losses[False], losses[True]):
+        assert eager[0] == compiled[0] and all(abs(a - b) <= 1e-4 * abs(a) + 1e-5 for a, b in zip(eager[1:], compiled[1:]))
 
 
 def test_lora_export_fuses_the_adapter(tiny, tmp_path):
@@ -1044,7 +1165,7 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     adapter alone beside it."""
     cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, mode="lora",
                          lora_rank=4, iters=2, batch_size=2, lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.5,
-                         out=str(tmp_path / "run"), progress=False, save_every=0)
+                         out=str(tmp_path / "run"), save_every=0)
     sf.cmd_distill(cfg)
     from diffusers import DiffusionPipeline
     student = DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "student")).transformer.to(DEVICE)
@@ -1052,7 +1173,7 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     assert (tmp_path / "run" / "student" / "lora").is_dir()
     bb = _backbone(tiny["sana"], "sana")
     bb.set_prompts(TEST_PROMPTS)
-    _, _, ema = sf.make_students(cfg, bb)
+    _, _, ema = bb.students(cfg, sf.Runtime())
     ema.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False, map_location="cpu")["ema"])
     x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.7, device=DEVICE)
     with torch.no_grad():
@@ -1060,6 +1181,22 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
                               bb.velocity(ema, x, t, bb.cond_for([0, 1]), 1.0), atol=1e-5)
         assert not torch.allclose(bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
                                   bb.velocity(bb.teacher, x, t, bb.cond_for([0, 1]), 1.0), atol=1e-5)
+
+
+def test_lora_export_reads_the_weights_it_names(tiny, tmp_path):
+    """LoRA mode: `export --weights ema` fuses the checkpoint's EMA adapter into the base, `--weights generator` the
+    generator's (fused here independently, by peft, from the checkpoint), and the two differ."""
+    from diffusers import DiffusionPipeline
+    out = tmp_path / "run"
+    sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], resolution=32, device=DEVICE, mode="lora", lora_rank=4,
+                                  iters=3, batch_size=2, lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.9, out=str(out)))
+    ck = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
+    assert any(not torch.equal(ck["ema"][k], ck["generator"][k]) for k in ck["ema"])
+    for which in ("ema", "generator"):
+        sf.cmd_export(str(out), which, DEVICE)
+        student = DiffusionPipeline.from_pretrained(str(out / "student")).transformer.state_dict()
+        fused = sf.AdapterView(_lora_base(tiny, ck[which]), "ema").merged_state_dict()
+        assert all(torch.allclose(v, fused[k], atol=1e-6) for k, v in student.items()), which
 
 
 def _measured(nets, opts):
@@ -1080,7 +1217,7 @@ def test_dry_run_plan_matches_measured_tensors(tiny, mode):
     bb = _backbone(src, "sd3", mode=mode, lora_rank=4)
     assert plan["parameters"] == sum(p.numel() for p in bb.teacher.parameters())
     bb.set_prompts(TEST_PROMPTS)
-    gen, fake, ema = sf.make_students(cfg, bb)
+    gen, fake, ema = bb.students(cfg, sf.Runtime())
     opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
     sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator(DEVICE).manual_seed(0))
     weights, grads, optim = _measured([bb.teacher, gen, fake, ema], [opt_g, opt_f])
@@ -1089,21 +1226,22 @@ def test_dry_run_plan_matches_measured_tensors(tiny, mode):
 
 
 BENCH_FIELDS = {"teacher", "mode", "precision", "device", "world_size", "batch_size", "resolution", "step_s",
-                "images_per_s", "measured", "planned", "flops_per_step"}
+                "passes_s", "loop_overhead", "compile", "images_per_s", "measured", "planned", "flops_per_step"}
 MEMORY_KEYS = {"weights", "gradients", "optimizer", "activations", "total"}
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_bench_runs_the_loop_and_writes_every_field(tiny, tmp_path, mode):
-    """--bench 2 on a tiny pipeline folder: real iterations through distill() on a random-weight teacher built from
+    """experiments/bench.py --timed 2 on a tiny pipeline folder: real iterations through distill() on a random-weight teacher built from
     transformer/config.json alone; bench.json has every field, with measured weights, gradients and Adam state equal
     to the plan's (exact) and FLOPs counted."""
     out = tmp_path / mode
-    r = sf.main(["--teacher", tiny["sd3"], "--resolution", "32", "--device", DEVICE, "--batch-size", "2", "--mode",
-                 mode, "--lora-rank", "4", "--bench", "2", "--out", str(out), "--no-progress"])
+    r = bench.main(["--teacher", tiny["sd3"], "--resolution", "32", "--device", DEVICE, "--batch-size", "2", "--mode",
+                    mode, "--lora-rank", "4", "--timed", "2", "--out", str(out)])
     saved = json.load(open(out / "bench.json"))
     assert BENCH_FIELDS <= set(saved) and set(saved["measured"]) == set(saved["planned"]) == MEMORY_KEYS
     assert saved["step_s"] > 0 and saved["images_per_s"] == pytest.approx(2 / saved["step_s"])
+    assert 0 < saved["passes_s"] and saved["loop_overhead"] == pytest.approx(saved["step_s"] / saved["passes_s"] - 1)
     assert saved["flops_per_step"] > 0 and saved["world_size"] == 1 and saved["mode"] == mode
     for key in ("weights", "gradients", "optimizer"):
         assert saved["measured"][key] == saved["planned"][key] == r["measured"][key], key
@@ -1115,13 +1253,13 @@ LADDER_ARCH = {"sana": [{"num_attention_heads": 4, "num_cross_attention_heads": 
                "sd3": [{"num_attention_heads": 8, "caption_projection_dim": 64}, {"num_layers": 3}],
                "flux": [{"num_attention_heads": 4}, {"num_layers": 2}]}
 LADDER_RUNS = [{}, dict(resolution=48), dict(batch_size=3), dict(mode="lora"), dict(precision="bf16-autocast"),
-               dict(cfg_eval_real=2.0, cfg_eval_fake=2.0), dict(grad_checkpointing=True),
-               dict(mode="lora", grad_checkpointing=True)]
+               dict(cfg_eval_real=2.0, cfg_eval_fake=2.0), dict(grad_checkpointing=1.0),
+               dict(grad_checkpointing=0.5), dict(mode="lora", grad_checkpointing=1.0)]
 
 
 @pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
 def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
-    """The --dry-run plan against --bench's measurement over a ladder of small configurations per family (width,
+    """The --dry-run plan against experiments/bench.py's measurement over a ladder of small configurations per family (width,
     depth, resolution, batch, both modes, bf16, two-branch CFG, gradient checkpointing): the total within 25%. The
     CPU measures activations as the peak of the tensors saved for backward, which does not see a checkpointed
     block's recompute; with checkpointing the plan less its recompute term is held to the 25%."""
@@ -1136,8 +1274,8 @@ def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
         config = json.load(open(folder / "transformer" / "config.json"))
         json.dump({**config, **arch}, open(folder / "transformer" / "config.json", "w"))
         cfg = sf.make_config(None, teacher=str(folder), **{**dict(resolution=32, batch_size=2, lora_rank=4,
-                             device="cpu", out=str(folder / "out"), progress=False), **run})
-        r = sf.cmd_bench(cfg, 1)
+                             device="cpu", out=str(folder / "out")), **run})
+        r = bench.bench(cfg, 1)
         plan = sf.memory_plan(cfg, sf.meta_transformer(str(folder)), 1, sf.vae_factor(str(folder), r["family"]))
         planned = plan["total"] - plan["recompute"]
         assert abs(planned / r["measured"]["total"] - 1) < 0.25, (arch, run, planned, r["measured"])
@@ -1162,7 +1300,7 @@ def test_fit_check_stops_before_loading_and_names_what_fits(monkeypatch):
     net, factor = sf.meta_transformer(src), sf.vae_factor(src, family)
     runtime = sf.Runtime(device=torch.device("cuda"))
     with pytest.raises(sf.UserError, match="try --mode lora --grad-checkpointing") as e:
-        sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev", mode="full", grad_checkpointing=False), net,
+        sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev", mode="full", grad_checkpointing=0.0), net,
                       factor, runtime)
     assert len(str(e.value).splitlines()) == 1
     sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev"), net, factor, runtime)  # its defaults fit: no error
@@ -1197,13 +1335,13 @@ def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path)
     from PIL import Image
     teacher = {k: v.to(torch.bfloat16) for k, v in
                DiffusionPipeline.from_pretrained(tiny[family]).transformer.state_dict().items()}
-    for checkpointing in (False, True):
+    for checkpointing in (0.0, 1.0):
         out = tmp_path / f"checkpointing{int(checkpointing)}"
         cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, mode=mode,
                              lora_rank=4, precision="bf16-autocast", grad_checkpointing=checkpointing, iters=2,
                              batch_size=2, lr_gen=1e-2, lr_fake=1e-2, cfg_eval_real=2.0, ema_decay=0.5,
                              cfg_t_min=0.2, cfg_t_max=0.6,  # the DiT presets' guidance interval: per-sample scales
-                             student_guidance=3.5 if family == "flux" else 1.0, out=str(out), progress=False,
+                             student_guidance=3.5 if family == "flux" else 1.0, out=str(out),
                              save_every=0, eval_every=1)
         sf.cmd_distill(cfg)
         generator = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")["generator"]
@@ -1252,7 +1390,7 @@ def test_iterations_and_previews_leave_the_global_rng_alone(tiny, family, tmp_pa
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS)
     kw = dict(teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, train_step="uniform", batch_size=2,
-              lr_gen=1e-3, lr_fake=1e-3, ema_decay=0.5, progress=False, save_every=0, eval_every=1)
+              lr_gen=1e-3, lr_fake=1e-3, ema_decay=0.5, save_every=0, eval_every=1)
 
     def global_rng():  # the CPU generator's state, and the CUDA generators' when there are any
         return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])]
@@ -1262,7 +1400,7 @@ def test_iterations_and_previews_leave_the_global_rng_alone(tiny, family, tmp_pa
         sf.student_images(bb, ema, TEST_PROMPTS[:1], 0, 4, 1.0, sf.Config())
         assert all(torch.equal(a, b) for a, b in zip(before, global_rng()))
 
-    gen, fake, _ = sf.make_students(sf.make_config(None, **kw), bb)
+    gen, fake, _ = bb.students(sf.make_config(None, **kw), sf.Runtime())
     opt_gen, opt_fake = sf.make_optimizers(sf.make_config(None, **kw), gen, fake)
     before = global_rng()
     rng = torch.Generator(DEVICE).manual_seed(0)
@@ -1283,7 +1421,7 @@ def test_export_reads_the_weights_it_names(tiny, tmp_path):
     from diffusers import DiffusionPipeline
     out = tmp_path / "run"
     sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], resolution=32, device=DEVICE, iters=3, batch_size=2,
-                                  lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.9, out=str(out), progress=False))
+                                  lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.9, out=str(out)))
     ck = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
     for which in ("ema", "generator"):
         sf.cmd_export(str(out), which, DEVICE)
@@ -1311,6 +1449,7 @@ import json, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, sys.argv[1])
+import run_toy
 import sid_flow as sf
 torch.set_num_threads(1)
 
@@ -1318,8 +1457,8 @@ torch.set_num_threads(1)
 def run(world, rank, layout, precision):
     # a toy teacher; generator and fake start as copies; batch 8 in all, split over the ranks
     torch.manual_seed(0)
-    bb = sf.ToyBackbone(sf.ToyMLP(width=32, depth=2))
-    cfg = sf.make_config("toy", batch_size=8 // world, lr_gen=10.0, lr_fake=10.0, adam_eps=100.0, steps=2,
+    bb = sf.ToyBackbone(run_toy.ToyMLP(width=32, depth=2))
+    cfg = sf.make_config("toy", batch_size=8 // world, lr_gen=10.0, lr_fake=10.0, steps=2,
                          train_step="uniform", fake_updates=1, precision=precision)
     gen, fake = bb.trainable_copy(), bb.trainable_copy()
     start = {n: p.detach().clone() for n, p in bb.teacher.named_parameters()}
@@ -1328,8 +1467,11 @@ def run(world, rank, layout, precision):
             for layer in net.body[::2]:  # each Linear a unit of its own, as each block of a DiT, then the root
                 fully_shard(layer, mesh=init_device_mesh("cpu", (world,)), **({"mp_policy": mp} if mp else {}))
             sf.shard(net, mp)
-    runtime = sf.Runtime(rank, world, torch.device("cpu"), average_grads=layout == "replicated")
-    opt_gen, opt_fake = sf.make_optimizers(cfg, gen, fake)  # eps >> |grad|: Adam's step is ~ lr / eps * grad
+    cpu = torch.device("cpu")
+    runtime = sf.Distributed(rank, world, cpu, sharded=layout == "sharded") if world > 1 else sf.Runtime(cpu)
+    opt_gen, opt_fake = sf.make_optimizers(cfg, gen, fake)
+    for group in opt_gen.param_groups + opt_fake.param_groups:
+        group["eps"] = 100.0  # eps >> |grad|: Adam's step is ~ lr / eps * grad
     rng = torch.Generator().manual_seed(0)
     for i in range(2):
         sf.sid_iteration(cfg, bb, fake, gen, opt_fake, opt_gen, rng, i * 8, runtime)
@@ -1377,7 +1519,7 @@ def _sana_blocks_changed(state, teacher):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_torchrun_two_processes(tiny, tmp_path, mode):
+def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
     """torchrun, two gloo processes with batch 1 each, against one process with batch 2 (the same global batch):
     2 iterations, then a resumed third. Full mode shards every network with FSDP2 (sharded checkpoint folder); LoRA
     mode all-reduces the adapters' gradients (one file). The weights equal the one-process run's within float
@@ -1385,25 +1527,30 @@ def test_torchrun_two_processes(tiny, tmp_path, mode):
     and again by `export`) is the checkpoint's EMA in a stock-loadable pipeline."""
     from diffusers import DiffusionPipeline
     common = dict(resolution=32, device="cpu", mode=mode, lora_rank=4, train_step="uniform", lr_gen=1e-2,
-                  lr_fake=1e-2, adam_eps=1e-2, ema_decay=0.5, cfg_eval_real=2.0, save_every=2, log_every=10)
+                  lr_fake=1e-2, ema_decay=0.5, cfg_eval_real=2.0, save_every=2)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     out = tmp_path / "run"
-    args = ["--teacher", tiny["sana"], *flags, "--batch-size", "1", "--out", str(out), "--no-progress"]
-    r = _torchrun([*args, "--iters", "2"])
+    # Adam with eps 1e-2 >> |grad|, in both runs: its step is then ~ proportional to the gradient, so float noise in
+    # a near-zero gradient cannot flip a step's sign between the two-process and the one-process run
+    wrapper = tmp_path / "sid_flow_eps.py"
+    wrapper.write_text(ADAM_EPS_WRAPPER.format(here=HERE))
+    monkeypatch.setattr(sf, "make_optimizers", _with_adam_eps(sf.make_optimizers))
+    args = ["--teacher", tiny["sana"], *flags, "--batch-size", "1", "--out", str(out)]
+    r = _torchrun_script([str(wrapper), *args, "--iters", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / ("checkpoint" if mode == "full" else "checkpoint.pt")).exists()
-    r = _torchrun([*args, "--iters", "3"])
+    r = _torchrun_script([str(wrapper), *args, "--iters", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 3]  # resumed at 2
     one = tmp_path / "one"
-    sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], **common, batch_size=2, iters=3, out=str(one),
-                                  progress=False))
+    sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], **common, batch_size=2, iters=3, out=str(one)))
     ck_one = torch.load(one / "checkpoint.pt", weights_only=False, map_location="cpu")
     teacher = DiffusionPipeline.from_pretrained(tiny["sana"]).transformer
     for which in ("generator", "ema"):
         if mode == "full":  # read back from the sharded checkpoint, one network only
             net = sf.meta_transformer(tiny["sana"]).to_empty(device="cpu")
-            assert sf.load_checkpoint_weights(str(out), which, net)["step"] == 3
+            sf.load_checkpoint_weights(str(out / "checkpoint"), which, net)
+            assert torch.load(out / "checkpoint" / "meta.pt", weights_only=False)["step"] == 3
             two = net.state_dict()
         else:
             two = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")[which]
@@ -1424,6 +1571,25 @@ def test_torchrun_two_processes(tiny, tmp_path, mode):
         assert all(torch.allclose(student[k], ema[k], atol=1e-5, rtol=1e-4) for k in student), source
 
 
+def _with_adam_eps(make_optimizers, eps=1e-2):
+    def patched(*args):
+        opts = make_optimizers(*args)
+        for group in (g for opt in opts for g in opt.param_groups):
+            group["eps"] = eps
+        return opts
+    return patched
+
+
+ADAM_EPS_WRAPPER = """
+import inspect, sys
+sys.path.insert(0, {here!r})
+import sid_flow as sf
+""" + inspect.getsource(_with_adam_eps) + """
+sf.make_optimizers = _with_adam_eps(sf.make_optimizers)
+sf.main()
+"""
+
+
 def _lora_base(tiny, adapter_state):
     """The tiny SANA transformer with LoRA adapters as a run makes them, the 'ema' adapter loaded from a state."""
     bb = _backbone(tiny["sana"], "sana", device="cpu")
@@ -1432,21 +1598,78 @@ def _lora_base(tiny, adapter_state):
     return ema.base
 
 
+@pytest.mark.parametrize("procs", [1, 2])
+def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tmp_path, procs):
+    """SIGTERM mid-run (a preempted job; sent to torchrun, which passes it on to its two gloo processes): the run
+    finishes its iteration and checkpoints it on every rank (there is no periodic checkpoint to fall back on), one
+    line says where it stopped, the exit status is non-zero; the same command resumes from that iteration, the log
+    holds no step twice, and the run ends with exactly the weights of the same command run without interruption."""
+    common = dict(resolution=32, device="cpu", train_step="uniform", lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.5,
+                  save_every=0, iters=100)
+    out = tmp_path / "run"
+    args = [os.path.join(HERE, "sid_flow.py"), "--teacher", tiny["sana"],
+            *[f"--{k.replace('_', '-')}={v}" for k, v in common.items()], "--batch-size", str(2 // procs)]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] * (procs > 1)),
+           *args, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (out / "log.jsonl").exists():  # iteration 10 logged
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=180)
+    path, meta = sf.find_checkpoint(str(out))
+    assert p.returncode != 0 and 10 <= meta["step"] < 100, (meta["step"], err[-2000:])
+    assert f"stopped at iteration {meta['step']} of 100; {out} holds it: run the same command to continue" in err
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == list(range(10, 101, 10)), steps
+    r = subprocess.run([*cmd[:-1], str(tmp_path / "whole")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for which in ("generator", "fake", "ema"):
+        a, b = (sf.meta_transformer(tiny["sana"]).to_empty(device="cpu") for _ in range(2))
+        sf.load_checkpoint_weights(sf.find_checkpoint(str(out))[0], which, a)
+        sf.load_checkpoint_weights(sf.find_checkpoint(str(tmp_path / "whole"))[0], which, b)
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), which
+
+
+def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, monkeypatch):
+    """The run's quality number (section 11) on a tiny SANA: finite; the teacher's own 32-step samples of other seeds
+    score near the reference's noise floor and below its 1-step samples; a run logs it at every evaluation and draws
+    OUT/quality.png; on resume the reference set comes from OUT/reference.pt, the teacher draws nothing again."""
+    bb = _backbone(tiny["sana"], "sana")
+    bb.set_prompts(TEST_PROMPTS)
+    cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, cfg_eval_real=2.0)
+    q = sf.Quality(bb, cfg)
+    teacher = lambda x, t: bb.velocity(bb.teacher, x, t, q.cond, 2.0)
+    z = bb.noise(q.z.shape, torch.Generator(DEVICE).manual_seed(7))  # other seeds than the reference's
+    many, one = q.score(sf.euler_sample(teacher, z, 32)), q.score(sf.euler_sample(teacher, z, 1))
+    assert math.isfinite(many) and math.isfinite(one) and abs(many) < 0.25 * one, (many, one)
+    run = dict(teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, batch_size=2, eval_every=1,
+               out=str(tmp_path / "run"))
+    sf.cmd_distill(sf.make_config(None, **run, iters=2))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [m["step"] for m in log] == [1, 2] and all(math.isfinite(m["eval"]["quality"]) for m in log)
+    assert (tmp_path / "run" / "quality.png").stat().st_size > 5_000
+    monkeypatch.setattr(sf, "euler_sample", lambda *a: pytest.fail("the reference set was drawn again"))
+    sf.cmd_distill(sf.make_config(None, **run, iters=3))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
+
+
 def test_sigkill_mid_run_then_same_command_resumes(tmp_path):
     """A run killed with SIGKILL at an arbitrary moment (checkpointing every iteration) leaves a loadable checkpoint,
     and running the same command again continues from it to the end."""
-    import signal
-    import time
     script = tmp_path / "run.py"
     script.write_text(f"""
 import sys, torch
 sys.path.insert(0, {HERE!r})
+import run_toy
 import sid_flow as sf
 torch.set_num_threads(1)
 torch.manual_seed(0)
-bb = sf.ToyBackbone(sf.ToyMLP(width=64, depth=3))
-cfg = sf.make_config("toy", out={str(tmp_path / 'run')!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1,
-                     progress=False)
+bb = sf.ToyBackbone(run_toy.ToyMLP(width=64, depth=3))
+cfg = sf.make_config("toy", out={str(tmp_path / 'run')!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1)
 print(sf.distill(cfg, bb)["step"])
 """)
     p = subprocess.Popen([sys.executable, str(script), "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -1464,50 +1687,51 @@ print(sf.distill(cfg, bb)["step"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 11. The digits benchmark runs (a few iterations; the benchmark itself is `python run_toy.py --dataset digits`)
+# 11. The digits benchmark runs (a few iterations; the benchmark itself is `python experiments/digits.py`)
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_digits_mode_runs(tmp_path, monkeypatch):
     """The DiT-on-digits mode end to end at toy size: teacher, classifier, teacher rows at every step count with and
     without guidance, three SiD students through the same loop and SANA adapter, the step-cost ratio, the figure."""
+    import digits  # experiments/digits.py
     for k, v in dict(teacher_iters=30, n_per_class=10, classifier_iters=50, cost_iters=1).items():
-        monkeypatch.setitem(run_toy.DIGITS, k, v)
-    m = run_toy.main(["--dataset", "digits", "--out", str(tmp_path), "--iters", "2", "--no-progress"])
+        monkeypatch.setitem(digits.DIGITS, k, v)
+    m = digits.main(["--out", str(tmp_path), "--iters", "2"])
     steps = {(r["guidance"], r["steps"]) for r in m["rows"] if r["sampler"].startswith("teacher")}
     assert steps == {(w, n) for w in (1.0, 2.0) for n in (1, 2, 4, 8, 16, 32)}
     students = [r for r in m["rows"] if r["sampler"].startswith("SiD")]
     assert len(students) == 6 and all(math.isfinite(r["fd"]) and 0 <= r["acc"] <= 1 for r in students)
     assert m["step_cost"]["ratio"] > 0 and (tmp_path / "digits.png").stat().st_size > 5000
+    assert json.load(open(tmp_path / "metrics.json"))["rows"] == m["rows"]
     # the Frechet distance is a distance: zero for identical features, positive for shifted ones
     f = torch.randn(500, 8, dtype=torch.float64)
-    assert abs(run_toy.frechet_distance(f, f)) < 1e-6 and run_toy.frechet_distance(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)
+    assert abs(digits.frechet_distance(f, f)) < 1e-6 and digits.frechet_distance(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)
 
 
 def test_guidance_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
     """--guidance-study at toy size: every strategy at four steps and one, the teacher's samplers and the Langevin
     diagnostic in one table; samples.npz holds each row's samples under the row's name (N x 1 x 8 x 8), the
     requested labels and the real digits, and re-scoring those arrays gives the table's accuracy."""
+    import digits  # experiments/digits.py
     small = dict(teacher_iters=30, n_per_class=6, classifier_iters=50)
     for k, v in small.items():
-        monkeypatch.setitem(run_toy.DIGITS, k, v)
-    m = run_toy.main(["--dataset", "digits", "--guidance-study", "--out", str(tmp_path), "--iters", "2",
-                      "--no-progress"])
+        monkeypatch.setitem(digits.DIGITS, k, v)
+    m = digits.main(["--guidance-study", "--out", str(tmp_path), "--iters", "2"])
     names = [r["row"] for r in m["rows"]]
-    assert {f"{s}, {k}" for s in run_toy.STRATEGIES for k in ("4 steps", "1 step")} <= set(names)
-    assert sum(n.startswith("teacher") for n in names) == 5 + len(run_toy.LANGEVIN_SNR)
+    assert {f"{s}, {k}" for s in digits.STRATEGIES for k in ("4 steps", "1 step")} <= set(names)
+    assert sum(n.startswith("teacher") for n in names) == 5 + len(digits.LANGEVIN_SNR)
     assert all(r["trained"] == 2 for r in m["rows"] if not r["row"].startswith("teacher"))
     npz = np.load(tmp_path / "samples.npz")
     assert set(npz.files) == set(names) | {"labels", "real"}
     assert all(npz[n].shape == (60, 1, 8, 8) for n in names) and npz["labels"].shape == (60,)
     assert npz["real"].shape[1:] == (1, 8, 8) and (tmp_path / "guidance.png").stat().st_size > 5000
     # the table is what the saved arrays score: the classifier, retrained the same way, agrees on every row
-    x, y, x_h, y_h = run_toy.digits_split()
-    clf = run_toy.train_classifier(x_h, y_h)
+    x, y, x_h, y_h = digits.digits_split()
+    clf = digits.train_classifier(x_h, y_h)
     for r in m["rows"]:
         with torch.no_grad():
             acc = (clf(torch.from_numpy(npz[r["row"]])).argmax(1) == torch.from_numpy(npz["labels"])).float().mean()
         assert acc.item() == pytest.approx(r["acc"], abs=1e-6), r["row"]
     # a second run reuses every student (nothing retrained)
-    again = run_toy.main(["--dataset", "digits", "--guidance-study", "--out", str(tmp_path), "--iters", "2",
-                          "--no-progress"])
+    again = digits.main(["--guidance-study", "--out", str(tmp_path), "--iters", "2"])
     assert all(r["trained"] == 0 for r in again["rows"])

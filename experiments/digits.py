@@ -1,0 +1,537 @@
+"""experiments/digits.py -- SiD on a DiT teacher and real images, measured as the paper measures, on a laptop CPU.
+
+    python experiments/digits.py                    # the benchmark: out/digits/metrics.json, digits.png
+    python experiments/digits.py --data-aided       # its students with the teacher's training digits as real data (D16)
+    python experiments/digits.py --guidance-study   # six ways to distil the guided teacher, at 4 steps and 1:
+                                                    # out/digits/guidance-study.json, samples.npz, guidance.png
+
+The teacher: diffusers' SanaTransformer2DModel (3 blocks, width 64, patch 2) trained by flow matching (D8) on 1,200 of
+scikit-learn's 1,797 handwritten 8x8 digits -- pixels as latents, the class as a one-token caption, CFG by a null
+class -- then distilled with the same sid_flow.distill loop and the same SANA adapter as the real teachers
+(DigitsBackbone only swaps the text encoder for a one-hot). The metric stands in for the paper's FID and CLIP score:
+an MLP classifier trained on the other 597 digits, which the teacher never saw; the Frechet distance (FD) between its
+features of generated and of the real digits, and the fraction of samples it classifies as the requested class.
+The teacher and every student are cached in OUT and reused by the same command (a changed flag trains anew).
+"""
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from diffusers import SanaTransformer2DModel
+from sklearn.datasets import load_digits
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # sid_flow.py, run_toy.py
+import sid_flow as sf  # noqa: E402
+from run_toy import NOT_HERE, parse_flags, run_folder, trained  # noqa: E402  helpers shared with the 2-D demo
+
+SKIP = NOT_HERE + ("eval_every",)  # sid_flow.py's flags not offered here: run_toy.py's, and --eval-every (no previews)
+
+# ------------------------------------------------------------------------------------------------------------------
+# The teacher: a class-conditional SANA DiT on 8x8 digits, behind sid_flow's SANA adapter
+# ------------------------------------------------------------------------------------------------------------------
+
+DIGITS = dict(layers=3, heads=4, head_dim=16, patch=2, teacher_iters=2500, batch=128, lr=1e-3, p_uncond=0.1,
+              guidance=2.0, n_per_class=200, classifier_iters=1500, cost_iters=10)  # teacher, metric, timing
+TEACHER_KEYS = ("layers", "heads", "head_dim", "patch", "teacher_iters", "batch", "lr", "p_uncond")  # its recipe
+TEACHER_SPLIT = 1200  # digits the teacher is trained on; the classifier learns from the other 597
+NULL_CLASS = 10  # the "empty prompt": the CFG unconditional branch
+
+
+class DigitsBackbone(sf.SanaBackbone):
+    """Pixels as latents (1, 8, 8) in [-1, 1]; the class as a one-token caption (one-hot over 10 digits + the null
+    class). Everything else -- the velocity call, CFG, the prompt bank -- is SANA's adapter, unchanged."""
+
+    def __init__(self, teacher, device):
+        self.pipe, self.device, self.resolution, self.max_sequence_length = None, device, 8, None
+        self.teacher = teacher.to(device).requires_grad_(False).eval()
+        self.sample_shape = (1, 8, 8)
+        self.prompts, self.bank, self.uncond, self.data = [], None, None, None
+
+    def encode(self, prompts):
+        idx = torch.tensor([int(p) if p else NULL_CLASS for p in prompts], device=self.device)
+        embeds = torch.nn.functional.one_hot(idx, 16).float()[:, None]  # (B, 1, 16)
+        return {"embeds": embeds, "mask": torch.ones(len(prompts), 1, device=self.device)}
+
+
+def digits_split(seed=0):
+    """(x_teacher, y_teacher, x_held, y_held): images (N, 1, 8, 8) in [-1, 1]. The classifier's split is never
+    shown to the teacher."""
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # pixel values 0..16 -> [-1, 1]
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    return x[:TEACHER_SPLIT], y[:TEACHER_SPLIT], x[TEACHER_SPLIT:], y[TEACHER_SPLIT:]
+
+
+def teacher_recipe():
+    """What the cached teacher, and so every cached student, is keyed on."""
+    return dict({k: DIGITS[k] for k in TEACHER_KEYS}, n=TEACHER_SPLIT)
+
+
+def digits_teacher(x, y, path):
+    """The class-conditional flow-matching teacher (D8), with 10% null-class dropout for CFG; cached at `path`.
+    Returns (transformer, seconds spent training: 0 when loaded)."""
+    torch.manual_seed(0)  # its initial weights
+    net = SanaTransformer2DModel(
+        patch_size=DIGITS["patch"], in_channels=1, out_channels=1, num_layers=DIGITS["layers"],
+        num_attention_heads=DIGITS["heads"], attention_head_dim=DIGITS["head_dim"],
+        num_cross_attention_heads=DIGITS["heads"], cross_attention_head_dim=DIGITS["head_dim"],
+        cross_attention_dim=DIGITS["heads"] * DIGITS["head_dim"], caption_channels=16, sample_size=8)
+    bb = DigitsBackbone(net, torch.device("cpu"))  # for its forward() and encode(); the net is trained below
+    net.requires_grad_(True).train()
+    g = torch.Generator().manual_seed(0)
+
+    def batch_loss():
+        idx = torch.randint(len(x), (DIGITS["batch"],), generator=g)
+        # CFG training: each caption is dropped to the null class with probability p_uncond
+        labels = torch.where(torch.rand(len(idx), generator=g) < DIGITS["p_uncond"], NULL_CLASS, y[idx])
+        cond = bb.encode([str(int(c)) if c < 10 else "" for c in labels])
+        x0, t = x[idx], torch.rand(len(idx), generator=g)  # (B, 1, 8, 8), (B,) uniform times
+        eps = torch.randn(x0.shape, generator=g)
+        return sf.flow_matching_loss(bb.forward(net, sf.add_noise(x0, eps, t), t, cond, 1.0), x0, eps, t).mean()
+    return trained(net, path, teacher_recipe(), batch_loss, DIGITS["teacher_iters"], DIGITS["lr"], "digit teacher")
+
+# ------------------------------------------------------------------------------------------------------------------
+# The metric: FID -> a Frechet distance in a digit classifier's features; CLIP score -> its accuracy on the class
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class DigitClassifier(torch.nn.Module):
+    """The metric's network: an MLP on 64 pixels; `features` (128-d) are what the Frechet distance compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.SiLU(),
+                                        torch.nn.Linear(256, 128), torch.nn.SiLU())
+        self.head = torch.nn.Linear(128, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(x, y):
+    """The classifier, trained on the held-out digits (x, y) with light pixel noise: robust to generated pixels."""
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    clf = DigitClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(DIGITS["classifier_iters"]):
+        idx = torch.randint(len(x), (128,), generator=g)
+        xb = x[idx] + 0.1 * torch.randn(x[idx].shape, generator=g)  # (128, 1, 8, 8)
+        loss = torch.nn.functional.cross_entropy(clf(xb), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return clf.eval()
+
+
+def frechet_distance(f1, f2):
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) between Gaussians fitted to two feature sets (N, d)."""
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)  # (d,)
+    c1, c2 = torch.cov(f1.T), torch.cov(f2.T)  # (d, d)
+    w, v = torch.linalg.eigh(c1)
+    s1 = v @ torch.diag(w.clamp_min(0).sqrt()) @ v.T  # C1^1/2, symmetric
+    # tr (C1^1/2 C2 C1^1/2)^1/2: the symmetric PSD product's eigenvalues, square-rooted and summed
+    cross = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2) ** 2).sum().item() + (c1.trace() + c2.trace() - 2 * cross).item()
+
+
+class DigitsBench:
+    """The benchmark's fixed parts: the teacher (trained, or loaded from OUT) behind DigitsBackbone, the held-out
+    classifier, the real reference features, and measure(x, labels) -> {fd, acc}."""
+
+    def __init__(self, cfg, data_aided=False):
+        os.makedirs(cfg.out, exist_ok=True)
+        self.x, self.y, x_h, y_h = digits_split()
+        teacher, self.t_teacher = digits_teacher(self.x, self.y, os.path.join(cfg.out, "teacher-digits.pt"))
+        self.bb = bb = DigitsBackbone(teacher, torch.device("cpu"))
+        if data_aided:  # the teacher's own training images as the real data, their labels as the prompts
+            bb.set_prompts([str(int(c)) for c in self.y])
+            bb.data = self.x
+        else:
+            bb.set_prompts([str(c) for c in range(10)])
+        t0 = time.time()
+        self.clf = train_classifier(x_h, y_h)
+        with torch.no_grad():
+            self.ref = self.clf.features(self.x)  # the reference set: the teacher's real digits
+            self.clf_acc = (self.clf(self.x).argmax(1) == self.y).float().mean().item()
+        self.t_clf = time.time() - t0
+
+    def measure(self, x, labels):
+        with torch.no_grad():
+            return dict(fd=frechet_distance(self.clf.features(x), self.ref),
+                        acc=(self.clf(x).argmax(1) == labels).float().mean().item())
+
+
+def digits_inputs(bb):
+    """What every sampler is scored on: the requested classes (N,) (DIGITS['n_per_class'] of each), their
+    conditioning, and the initial noise (N, 1, 8, 8) that all samplers share."""
+    labels = torch.arange(10).repeat_interleave(DIGITS["n_per_class"])  # (N,)
+    z = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(10_000))
+    return labels, bb.encode([str(int(c)) for c in labels]), z
+
+
+def student_samples(bb, net, cond, z, K):
+    """A distilled generator's K-step samples from the shared noise z (re-noising draws from seed 1); the student is
+    called unguided, as SiD's students are sampled."""
+    return sf.generate(lambda xx, tt: bb.velocity(net, xx, tt, cond, 1.0), z, K, "fresh",
+                       sf.gaussian(torch.Generator().manual_seed(1)))
+
+
+def run_key(data_aided=False):
+    """What a student's run folder is keyed on beside its config (run_toy.run_folder)."""
+    return dict(dataset="digits", teacher=teacher_recipe(), data_aided=data_aided)
+
+# ------------------------------------------------------------------------------------------------------------------
+# The benchmark: the teacher's Euler sampler against three SiD students, and what one SiD iteration costs
+# ------------------------------------------------------------------------------------------------------------------
+
+STUDENTS = {"SiD, w=2": dict(), "SiD, w=2, 1 step": dict(steps=1),  # name -> Config fields over the command line's
+            "SiD, w=1": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.0)}
+
+
+def step_cost(cfg, bb, iters=10):
+    """Wall time of one SiD iteration against the sum of the network passes it makes, each timed alone:
+    K forwards without gradient (roll-out + the fake phase's sample), the fake update (forward + backward, CFG
+    batch), the generator step (forward + backward), teacher and fake forwards with their input-backward (CFG).
+    A ratio near 1 says the iteration spends its time in the networks, not in the method's own arithmetic."""
+    gen, fake, _ = bb.students(cfg, sf.Runtime())
+    opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
+    rng = torch.Generator().manual_seed(0)
+    B = cfg.batch_size
+    cond = bb.encode([str(i % 10) for i in range(B)])
+    x, t = torch.randn(B, 1, 8, 8), torch.rand(B)
+
+    def timed(fn, n=iters):
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    def fwd():
+        with torch.no_grad():
+            bb.velocity(gen, x, t, cond, 1.0)
+
+    def fwd_bwd(net, guidance):  # a weight update's pass: gradient into the network's weights
+        return lambda: bb.velocity(net, x, t, cond, guidance).sum().backward()
+
+    def input_bwd(net, guidance):  # the generator loss's pass through a frozen network: gradient into x_t only
+        def run():
+            xi = x.clone().requires_grad_(True)
+            bb.velocity(net, xi, t, cond, guidance).sum().backward(inputs=[xi])
+        return run
+
+    passes = (cfg.steps * timed(fwd) + cfg.fake_updates * timed(fwd_bwd(fake, cfg.cfg_train_fake))
+              + timed(fwd_bwd(gen, 1.0)) + timed(input_bwd(bb.teacher, cfg.cfg_eval_real))
+              + timed(input_bwd(fake, cfg.cfg_eval_fake)))
+    iteration = timed(lambda: sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng))
+    return dict(iteration=iteration, passes=passes, ratio=iteration / passes)
+
+
+def benchmark(args, overrides, argv):
+    """The table (the teacher's Euler sampler at 1-32 steps, unguided and at CFG DIGITS['guidance']; the STUDENTS,
+    EMA and raw), the step-cost ratio, OUT/metrics.json and OUT/digits.png."""
+    t_start = time.time()
+    cfg = sf.make_config("digits", **overrides)
+    bench = DigitsBench(cfg, args.data_aided)
+    bb = bench.bb
+    labels, cond, z = digits_inputs(bb)
+    rows, samples = [], {}
+    t0 = time.time()
+    for w in (1.0, DIGITS["guidance"]):
+        for n in (1, 2, 4, 8, 16, 32):
+            x = sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, w), z, n)
+            rows.append(dict(sampler="teacher (Euler)", guidance=w, steps=n, **bench.measure(x, labels)))
+            samples[f"teacher, {n} steps, w={w:g}"] = x
+    t_teacher_eval, t_distill = time.time() - t0, {}
+    for name, extra in STUDENTS.items():
+        scfg = sf.make_config("digits", **{**overrides, **extra})
+        scfg.out = run_folder(cfg.out, name, scfg, **run_key(args.data_aided))[0]
+        t0 = time.time()
+        res = sf.distill(scfg, bb)
+        t_distill[name] = time.time() - t0
+        for kind in ("ema", "generator"):
+            x = student_samples(bb, res[kind], cond, z, scfg.steps)
+            rows.append(dict(sampler=f"{name} ({kind})", guidance=scfg.cfg_eval_real, steps=scfg.steps,
+                             **bench.measure(x, labels)))
+            samples[f"{name} ({kind})"] = x
+    cost = step_cost(cfg, bb, DIGITS["cost_iters"])
+    seconds = dict(teacher=bench.t_teacher, classifier=bench.t_clf, teacher_eval=t_teacher_eval, distill=t_distill,
+                   total=time.time() - t_start)
+
+    print(f"\ndigits: Frechet distance in the classifier's features to the {len(bench.ref)} real teacher-split "
+          f"digits, and class accuracy (classifier accuracy on real digits: {bench.clf_acc:.3f})")
+    print(f"{'sampler':<32} {'guidance':>8} {'steps':>5} {'FD':>9} {'accuracy':>9}")
+    for r in rows:
+        print(f"{r['sampler']:<32} {r['guidance']:8.1f} {r['steps']:5d} {r['fd']:9.3f} {r['acc']:9.3f}")
+    print(f"step cost: one SiD iteration {cost['iteration'] * 1e3:.0f} ms, its network passes alone "
+          f"{cost['passes'] * 1e3:.0f} ms, ratio {cost['ratio']:.3f}")
+    print("time: " + ", ".join(f"{k} {v:.1f} s" if not isinstance(v, dict) else
+                               ", ".join(f"{kk} {vv:.1f} s" for kk, vv in v.items()) for k, v in seconds.items()))
+    metrics = dict(rows=rows, step_cost=cost, seconds=seconds, classifier_accuracy=bench.clf_acc,
+                   command=command(argv))
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    plot_digits(samples, bench.x, labels, os.path.join(cfg.out, "digits.png"))
+    print(f"wrote {cfg.out}/digits.png, metrics.json")
+    return metrics
+
+
+def plot_digits(samples, real, labels, path):
+    """Real digits, then the guided teacher at 4 and 32 steps and every student's EMA: 8 samples of each class."""
+    panels = [("real", real[:80])] + [(k, v) for k, v in samples.items()
+                                        if k.startswith(("teacher, 4 steps, w=2", "teacher, 32 steps, w=2"))
+                                        or k.endswith("(ema)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
+    for ax, (title, x) in zip(axes, panels):
+        if title != "real":  # 8 samples of each class, one class per column
+            x = torch.cat([x[labels == c][:8] for c in range(10)])
+            x = x.view(10, 8, 8, 8).permute(1, 0, 2, 3).reshape(80, 8, 8)[:, None]
+        grid = ((x[:80, 0] + 1) / 2).clamp(0, 1).reshape(8, 10, 8, 8).permute(0, 2, 1, 3).reshape(64, 80)
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+# ------------------------------------------------------------------------------------------------------------------
+# --guidance-study: ways to distil a guided teacher, side by side (derivation.md, section 7, D17).
+# Every strategy distils the same teacher, meant to reproduce its guidance-2 samples, once as a four-step and once as
+# a one-step generator; the guided teacher's own samplers, and a diagnostic sampler that targets the tilted q_{w,t} of
+# (D17) at every t, give the reference rows. Rows run in parallel worker processes (one thread each).
+# ------------------------------------------------------------------------------------------------------------------
+
+LSG_2 = dict(cfg_train_fake=2.0, cfg_eval_fake=2.0, cfg_eval_real=2.0)  # SiD-LSG: one scale for all three calls
+EVERY_T = dict(cfg_t_min=0.0, cfg_t_max=1.0)  # no guidance interval
+STRATEGIES = {  # name -> Config fields over the digits preset; the three scales are (fake's own update, fake inside
+    # the generator loss, teacher inside the generator loss)
+    "SiD-LSG, CFG 2 on all three": dict(LSG_2, **EVERY_T),
+    "CFG 2 on the teacher only": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=2.0, **EVERY_T),
+    "Zero-CFG": dict(cfg_train_fake=0.0, cfg_eval_fake=0.0, cfg_eval_real=1.0, **EVERY_T),
+    "Anti-CFG, fake at -1": dict(cfg_train_fake=1.0, cfg_eval_fake=-1.0, cfg_eval_real=1.0, **EVERY_T),
+    "lower scale: teacher at 1.5": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.5, **EVERY_T),
+    "SiD-LSG in t [0.2, 0.6]": dict(LSG_2, cfg_t_min=0.2, cfg_t_max=0.6),
+}
+STUDY = dict(batch_size=64)  # over the preset for every strategy: half the preset's batch keeps the study short
+LANGEVIN_SNR = (0.1, 0.2)  # the diagnostic's corrector strengths (one Langevin step after each Euler step)
+
+
+def langevin_corrected_sample(velocity_fn, z, steps, snr, rng):
+    """The teacher's Euler steps, each followed (before t = 0) by one Langevin step at the new time under the same
+    velocity read as a score (D5): x <- x + d s + sqrt(2 d) n, d = 2 (snr |n| / |s|)^2 per sample (the corrector of
+    Song et al., arXiv:2011.13456). Under a guided velocity the corrections target q_{w,t} of (D17) at every t."""
+    x, ts = z, torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            t = ts[i].expand(len(x))  # (B,)
+            if i > 0:
+                s = sf.velocity_to_score(x, t, velocity_fn(x, t))  # (B, 1, 8, 8)
+                n = torch.randn(x.shape, generator=rng)
+                d = 2 * (snr * n.flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1)) ** 2  # (B,) the step size
+                x = x + d.view(-1, 1, 1, 1) * s + (2 * d).sqrt().view(-1, 1, 1, 1) * n
+            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, t)
+    return x  # (B, 1, 8, 8)
+
+
+def study_tasks(overrides):
+    """(row name, what to run, its arguments), slowest first so that the workers finish together."""
+    w = DIGITS["guidance"]
+    tasks = [(f"{name}, {K} step{'s' * (K > 1)}", "student", dict(name=name, K=K, fields={
+              **overrides, **STUDY, **fields, "steps": K})) for K in (4, 1) for name, fields in STRATEGIES.items()]
+    tasks += [(f"teacher, 32 Euler steps + Langevin snr {r}, w={w:g}", "langevin", dict(w=w, snr=r))
+              for r in LANGEVIN_SNR]
+    tasks += [(f"teacher, {n} Euler step{'s' * (n > 1)}, w={w:g}", "euler", dict(w=w, n=n, interval=(0.0, 1.0)))
+              for n in (32, 4, 1)]
+    tasks += [(f"teacher, 32 Euler steps, w={w:g} in t [0.2, 0.6]", "euler", dict(w=w, n=32, interval=(0.2, 0.6))),
+              ("teacher, 32 Euler steps, w=1", "euler", dict(w=1.0, n=32, interval=(0.0, 1.0)))]
+    return tasks
+
+
+_WORKER = {}  # a study worker's own: the teacher's backbone, the conditioning and noise, OUT; built once per process
+
+
+def study_worker_init(digits, out):
+    """Start a worker process: one thread, the parent's DIGITS settings (a test shrinks them), the cached teacher.
+    Its stderr goes nowhere: the workers' progress bars would interleave, and the parent reports every row."""
+    torch.set_num_threads(1)
+    sys.stderr = open(os.devnull, "w")
+    DIGITS.update(digits)
+    x, y, _, _ = digits_split()
+    bb = DigitsBackbone(digits_teacher(x, y, os.path.join(out, "teacher-digits.pt"))[0], torch.device("cpu"))
+    bb.set_prompts([str(c) for c in range(10)])
+    _, cond, z = digits_inputs(bb)
+    _WORKER.update(bb=bb, cond=cond, z=z, out=out)
+
+
+def study_row(task):
+    """One row of the study, in a worker process: (name, samples (N, 1, 8, 8), seconds, iterations trained)."""
+    name, kind, a = task
+    bb, cond, z, out = (_WORKER[k] for k in ("bb", "cond", "z", "out"))
+    t0, iters_trained = time.time(), 0
+    if kind == "student":
+        cfg = sf.make_config("digits", **a["fields"])
+        cfg.out, done = run_folder(out, f"{a['name']}-{a['K']}", cfg, **run_key())
+        iters_trained = cfg.iters - done
+        samples = student_samples(bb, sf.distill(cfg, bb)["ema"], cond, z, a["K"])
+    else:
+        interval = a.get("interval", (0.0, 1.0))
+
+        def v(xx, tt):  # the teacher's guided velocity, guidance only inside the interval (D17)
+            return bb.velocity(bb.teacher, xx, tt, cond, sf.guidance_scale(a["w"], tt, *interval))
+        samples = (sf.euler_sample(v, z, a["n"]) if kind == "euler" else
+                   langevin_corrected_sample(v, z, 32, a["snr"], torch.Generator().manual_seed(5)))
+    return name, samples, time.time() - t0, iters_trained
+
+
+def guidance_study(args, overrides, argv):
+    """Every row of study_tasks on worker processes; the table, OUT/guidance-study.json, OUT/samples.npz (every row's
+    samples under its name, the requested labels, the real digits) and OUT/guidance.png."""
+    t_start = time.time()
+    cfg = sf.make_config("digits", **overrides)
+    bench = DigitsBench(cfg)  # trains (or loads) the teacher before any worker needs it
+    labels = digits_inputs(bench.bb)[0]
+    tasks = study_tasks({k: v for k, v in overrides.items() if v is not None})
+    workers = max(1, min(len(tasks), os.cpu_count() or 1))
+    print(f"guidance study: {len(tasks)} rows on {workers} worker processes")
+    done = {}
+    spawn = multiprocessing.get_context("spawn")  # fresh processes: no forked torch thread pools
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, initializer=study_worker_init,
+                                                initargs=(dict(DIGITS), cfg.out)) as pool:
+        for job in concurrent.futures.as_completed([pool.submit(study_row, task) for task in tasks]):
+            name, x, seconds, iters_trained = job.result()
+            done[name] = dict(samples=x, seconds=seconds, trained=iters_trained, **bench.measure(x, labels))
+            print(f"  {name}: FD {done[name]['fd']:.2f}, accuracy {done[name]['acc']:.3f} ({seconds:.0f} s)")
+    rows = [dict(row=name, steps=_steps_of(name), **{k: done[name][k] for k in ("fd", "acc", "seconds", "trained")})
+            for name, _, _ in tasks]
+    ref = done[f"teacher, 32 Euler steps, w={DIGITS['guidance']:g}"]
+    for r in rows:
+        r["fd_ratio"] = r["fd"] / ref["fd"]
+    seconds = dict(teacher=bench.t_teacher, classifier=bench.t_clf, rows=sum(r["seconds"] for r in rows),
+                   wall=time.time() - t_start)
+    print_study(rows, seconds, workers)
+    arrays = {name: done[name]["samples"].numpy() for name, _, _ in tasks}
+    np.savez_compressed(os.path.join(cfg.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(), **arrays)
+    metrics = dict(rows=rows, seconds=seconds, workers=workers, strategies=STRATEGIES, study=STUDY,
+                   command=command(argv))
+    with open(os.path.join(cfg.out, "guidance-study.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    plot_study(rows, {k: v["samples"] for k, v in done.items()}, bench.x, labels,
+               os.path.join(cfg.out, "guidance.png"))
+    print(f"wrote {cfg.out}/guidance-study.json, samples.npz, guidance.png")
+    return metrics
+
+
+def _steps_of(name):
+    return int(re.search(r"(\d+) (?:Euler )?steps?", name).group(1))
+
+
+def print_study(rows, seconds, workers):
+    print("\nguidance study: FD to the real digits and class accuracy; every row's samples are in samples.npz")
+    print(f"{'row':<58} {'FD':>8} {'accuracy':>9} {'FD / teacher-32 w=2':>20} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['row']:<58} {r['fd']:8.2f} {r['acc']:9.3f} {r['fd_ratio']:20.2f} {r['seconds']:8.0f}")
+    print(f"time: teacher {seconds['teacher']:.0f} s (0: cached), classifier {seconds['classifier']:.0f} s, rows "
+          f"{seconds['rows']:.0f} s of worker time on {workers} workers, wall {seconds['wall']:.0f} s")
+
+
+def plot_study(rows, samples, real, labels, path):
+    """Top: eight samples per class of the real digits and of the telling rows. Bottom: every row on the
+    FD-accuracy plane, a colour per strategy, a marker per sampler kind (rows below 0.95 accuracy are listed)."""
+    w = DIGITS["guidance"]
+    shown = [f"teacher, 32 Euler steps, w={w:g}", f"teacher, 32 Euler steps + Langevin snr {LANGEVIN_SNR[-1]}, w={w:g}",
+             f"{next(iter(STRATEGIES))}, 4 steps", "SiD-LSG in t [0.2, 0.6], 4 steps",
+             "SiD-LSG in t [0.2, 0.6], 1 step"]
+    k = min(8, DIGITS["n_per_class"])  # samples shown per class
+    fig = plt.figure(figsize=(16, 9))
+    grid_spec = fig.add_gridspec(2, len(shown) + 1, height_ratios=(1, 1.1))
+    for i, (name, x) in enumerate([("real digits", real[:10 * k])] + [(n, samples[n]) for n in shown]):
+        if name == "real digits":
+            x = x.view(k, 10, 8, 8).transpose(0, 1)
+        else:
+            x = torch.cat([x[labels == c][:k] for c in range(10)]).view(10, k, 8, 8)  # class by class
+        grid = ((x.permute(1, 2, 0, 3).reshape(8 * k, 80) + 1) / 2).clamp(0, 1)  # k rows of samples, 10 columns
+        ax = fig.add_subplot(grid_spec[0, i])
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(name.replace(", w=", "\nw=").replace(" + ", "\n+ ").replace(", 4 steps", "\n4 steps")
+                     .replace(", 1 step", "\n1 step").replace(" on all three", "\non all three"), fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(grid_spec[1, :])
+    teachers = [r["row"] for r in rows if r["row"].startswith("teacher")]
+    colors = {**dict(zip(STRATEGIES, plt.get_cmap("tab10").colors)),
+              **dict(zip(teachers, plt.get_cmap("Dark2").colors))}
+    off = []
+    for r in rows:
+        who = r["row"] if r["row"] in teachers else r["row"].rsplit(", ", 1)[0]
+        marker = "^" if who in teachers else ("o" if r["steps"] > 1 else "s")
+        if r["acc"] < 0.95:
+            off.append(f"{r['row']}: FD {r['fd']:.0f}, accuracy {r['acc']:.2f}")
+            continue
+        ax.scatter(r["fd"], r["acc"], marker=marker, s=50, color=colors[who], label=r["row"], edgecolors="k",
+                   linewidths=0.4)
+    ax.set_xscale("log")
+    ax.set_xlabel("FD to the real digits (log scale; lower is better)")
+    ax.set_ylabel("class accuracy")
+    ax.set_title("o: four-step student, s: one-step student, ^: the teacher's samplers"
+                 + ("\nnot shown (accuracy < 0.95): " + "; ".join(off) if off else ""), fontsize=8)
+    if len(off) < len(rows):
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def command(argv):
+    return "python experiments/digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def parse_args(argv):
+    p = sf.Parser(prog="experiments/digits.py", description=__doc__, epilog=(
+        "Not offered: sid_flow.py's flags for image teachers (--teacher, --prompts, --resolution, --device, --mode,\n"
+        "...: the teacher is this one, on the CPU), its guidance flags (--cfg-*: the benchmark's guided students use\n"
+        "the digits preset's, each strategy of --guidance-study its own) and --eval-every (no previews here)."))
+    p.add_argument("--guidance-study", action="store_true",
+                   help="distil the guided teacher by every guidance strategy (SiD-LSG, teacher-only CFG, Zero-CFG, "
+                        "Anti-CFG, a lower scale, a guidance interval) at 4 and 1 steps, beside the teacher's "
+                        "samplers; one table, OUT/guidance-study.json, OUT/samples.npz, OUT/guidance.png")
+    p.add_argument("--data-aided", action="store_true",
+                   help="the benchmark's students with data-aided SiD (D16): the teacher's training digits as the "
+                        "real data, their labels as the prompts")
+    sf.add_config_flags(p, skip=SKIP + ("out",), presets={"digits": "digits"})
+    p.add_argument("--out", help="the cached teacher (teacher-digits.pt), the students' runs (runs/) and the results "
+                                 "(metrics.json, digits.png; with --guidance-study guidance-study.json, samples.npz, "
+                                 f"guidance.png) [default: {sf.PRESETS['digits']['out']}]")
+    return parse_flags(p, argv, NOT_HERE)
+
+
+def main(argv=None):
+    args, overrides = parse_args(argv)
+    if args.guidance_study and args.data_aided:
+        raise sf.UserError("--guidance-study distils without real data: drop --data-aided")
+    return (guidance_study if args.guidance_study else benchmark)(args, overrides, argv)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except sf.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
