@@ -328,10 +328,12 @@ def distil_variant(vcfg, backbone, ev, done):
     curve = curve or [dict(step=0, raw=start, ema=start)]
     vcfg.eval_every = vcfg.eval_every or max(1, vcfg.iters // 10)  # 0: every tenth of the run
     t0 = time.time()
-    res = sf.distill(vcfg, backbone, on_eval=lambda step, gen, ema: curve.append(
-        dict(step=step, raw=first_replicate(gen), ema=first_replicate(ema))))
-    with open(curve_path, "w") as f:
-        json.dump(curve, f)
+    try:
+        res = sf.distill(vcfg, backbone, on_eval=lambda step, gen, ema: curve.append(
+            dict(step=step, raw=first_replicate(gen), ema=first_replicate(ema))))
+    finally:  # interrupted too: its points end at the checkpointed iteration, where the same command continues
+        with open(curve_path, "w") as f:
+            json.dump(curve, f)
     return curve, res, None if done >= vcfg.iters else time.time() - t0
 
 
@@ -398,3 +400,6 @@ if __name__ == "__main__":
     except sf.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except sf.Interrupted as e:  # SIGTERM or Ctrl-C: the run folder holds the iteration it stopped at
+        print(e, file=sys.stderr)
+        sys.exit(130)

@@ -37,6 +37,15 @@ if DEVICE.startswith("cuda"):
 PATHS = [sf.FLOW, sf.VP]
 
 
+@pytest.fixture(autouse=True)
+def small_quality_sets(request, monkeypatch):
+    """Runs with evaluations draw a reference set for their quality number (sid_flow section 11): a small one in the
+    tests, except in the test of the number itself."""
+    if "quality_number" not in request.node.name:
+        monkeypatch.setattr(sf, "QUALITY_SIZE", 8)
+        monkeypatch.setattr(sf, "REFERENCE_STEPS", 4)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # An analytic teacher: a Gaussian mixture, whose diffused density, score and E[x0 | x_t] are closed-form
 # ------------------------------------------------------------------------------------------------------------------
@@ -502,6 +511,35 @@ def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
     # the second run reuses the cached teacher and writes its own folder: the first run's figure stays
     m2 = run_toy.main(["--out", str(tmp_path), "--iters", "2", "--batch-size", "64", "--n-eval", "512"])
     assert m2["seconds"]["teacher"] == 0.0 and m2["folder"] != m["folder"] and (run / "toy.png").read_bytes() == png
+
+
+def test_toy_interrupt_then_same_command_continues(tmp_path):
+    """Ctrl-C while the demo distils: one line says where it stopped and how to go on, exit status 130, and curve.json
+    ends at the checkpointed iteration; the same command then finishes the run, its curve and log each step once."""
+    out = tmp_path / "o"
+    out.mkdir()
+    recipe = dict(run_toy.TEACHER, dataset="checkerboard", seed=0)  # a cached teacher (untrained): no teacher training
+    net = run_toy.ToyMLP(**{k: run_toy.TEACHER[k] for k in ("width", "depth", "fourier", "fourier_scale")})
+    sf.atomic_save(dict(recipe=recipe, state=net.state_dict()), str(out / "teacher-checkerboard.pt"))
+    cmd = [sys.executable, os.path.join(HERE, "run_toy.py"), "--out", str(out), "--iters", "600", "--batch-size", "32",
+           "--n-eval", "256", "--eval-every", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not list(out.glob("runs/*/log.jsonl")):  # distilling
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    run = next(out.glob("runs/*"))
+    step = sf.Runtime().read_meta(str(run / "checkpoint.pt"))["step"]
+    assert p.returncode == 130 and 5 <= step < 600, (p.returncode, err[-2000:])
+    assert err.strip().splitlines() == [f"stopped at iteration {step} of 600; {run} holds it: run the same command to "
+                                        "continue"], err[-2000:]
+    assert [q["step"] for q in json.load(open(run / "curve.json"))] == list(range(0, step + 1, 5))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and f"resumed from {run / 'checkpoint.pt'} at iteration {step}" in r.stdout, r.stderr
+    assert [q["step"] for q in json.load(open(run / "curve.json"))] == list(range(0, 601, 5))
+    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == list(range(5, 601, 5))
 
 
 def test_toy_output_folders_do_not_collide():
@@ -1735,3 +1773,31 @@ def test_guidance_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
     # a second run reuses every student (nothing retrained)
     again = digits.main(["--guidance-study", "--out", str(tmp_path), "--iters", "2"])
     assert all(r["trained"] == 0 for r in again["rows"])
+
+
+def test_digits_metric_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
+    """--metric-study at toy size: the benchmark's twelve teacher rows and its students' EMA and raw generators, each
+    with the run's quality number, the classifier's FD to the one reference and the accuracy; the Spearman
+    correlation as scipy computes it; samples.npz holds every row's FD samples and the run's, and a fresh sf.Quality
+    of the digits preset scores the saved run's samples to each row's number."""
+    import digits  # experiments/digits.py
+    from scipy.stats import spearmanr  # the oracle (scipy comes with scikit-learn)
+    for k, v in dict(teacher_iters=30, n_per_class=6, classifier_iters=50).items():
+        monkeypatch.setitem(digits.DIGITS, k, v)
+    m = digits.main(["--metric-study", "--out", str(tmp_path), "--iters", "2"])
+    saved = json.load(open(tmp_path / "metric-study.json"))
+    assert {"reference", "rows", "spearman"} <= set(saved) and saved["rows"] == m["rows"]
+    names = [r["row"] for r in saved["rows"]]
+    assert len(names) == 12 + 2 * len(digits.STUDENTS) and saved["reference"] == "teacher, 32 steps, w=2" in names
+    assert all(math.isfinite(r[k]) for r in saved["rows"] for k in ("metric", "fd_to_reference", "acc"))
+    metric, fd = ([r[k] for r in saved["rows"]] for k in ("metric", "fd_to_reference"))
+    assert saved["spearman"] == pytest.approx(spearmanr(metric, fd).statistic, abs=1e-9)
+    assert 0 < saved["cost"]["share_every_500"] < saved["cost"]["share_digits_run"] < 1
+    npz = np.load(tmp_path / "samples.npz")
+    assert set(npz.files) == set(names) | {f"quality: {n}" for n in names} | {"labels", "real", "quality_labels"}
+    assert all(npz[n].shape == (60, 1, 8, 8) and npz[f"quality: {n}"].shape == (sf.QUALITY_SIZE, 1, 8, 8)
+               for n in names)
+    bench = digits.DigitsBench(sf.make_config("digits", out=str(tmp_path)))  # the cached tiny teacher
+    quality = sf.Quality(bench.bb, sf.make_config("digits"))
+    for r in saved["rows"]:
+        assert quality.score(torch.from_numpy(npz[f"quality: {r['row']}"])) == pytest.approx(r["metric"], abs=1e-9)

@@ -162,8 +162,8 @@ def bench(cfg, iters, warmup=1):
                step_s=step_s, passes_s=passes_s, loop_overhead=step_s / passes_s - 1, compile=run.compile,
                images_per_s=run.batch_size * runtime.world / step_s, measured=measured,
                planned={k: plan[k] for k in measured})
-    out["flops_per_step"], forward_flops = iteration_flops(run, backbone, res["generator"])
-    out["evaluation_share"] = evaluation_share(cfg, forward_flops, out["flops_per_step"])  # at the preset's eval_every
+    out["flops_per_step"] = iteration_flops(run, backbone, res["generator"])
+    out["evaluation_share"] = evaluation_share(cfg, backbone.guidance_embedded)  # at the run's eval_every and iters
     if peak:
         out["mfu"] = out["flops_per_step"] / step_s / peak
     if runtime.rank == 0:
@@ -206,23 +206,29 @@ def iteration_flops(cfg, backbone, net):
     CFG doubles the batch. Recomputation under gradient checkpointing is not counted: MFU counts the model's work."""
     x = torch.zeros(1, *backbone.sample_shape, device=backbone.device)
     t = torch.full((1,), 0.5, device=backbone.device)
-    with torch.no_grad(), sf.autocast(cfg, backbone.device), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sf.autocast(cfg, backbone.device), torch.compiler.set_stance("force_eager"), \
+            FlopCounterMode(display=False) as counter:  # (counted on the eager forward: the same model FLOPs)
         backbone.forward(net, x, t, backbone.cond_for([0]), cfg.student_guidance)
+    return counter.get_total_flops() * passes(cfg, backbone.guidance_embedded) * cfg.batch_size
+
+
+def passes(cfg, embedded):
+    """One iteration's network work (k = K) in forwards of one sample, per sample of the batch."""
     interval = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
-    branches = lambda w: sf.cfg_branches(w, getattr(backbone, "guidance_embedded", False), interval)  # noqa: E731
-    passes = (cfg.steps + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake) + 3
-              + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake))
-    return counter.get_total_flops() * passes * cfg.batch_size, counter.get_total_flops()
+    branches = lambda w: sf.cfg_branches(w, embedded, interval)  # noqa: E731
+    return (cfg.steps + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake) + 3
+            + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake))
 
 
-def evaluation_share(cfg, forward_flops, flops_per_step):
-    """The share of a run's model FLOPs that its evaluations take, one every cfg.eval_every iterations: the quality
-    number (QUALITY_SIZE K-step student samples and their teacher features, sid_flow section 11) and the preview grid;
-    plus, once per run, the reference set (REFERENCE_STEPS-step teacher samples and the teacher's own 4- and 8-step
-    ones, with two-branch CFG where the family has it) spread over the preset's iterations."""
+def evaluation_share(cfg, embedded):
+    """The share of a run's network work that its evaluations take, one every cfg.eval_every iterations: the quality
+    number (QUALITY_SIZE K-step student samples and their teacher features, sid_flow section 11) and the previews;
+    plus, once per run, the reference set (REFERENCE_STEPS-step guided teacher samples, the teacher's own 4- and
+    8-step ones and their features), spread over cfg.iters. All in forwards of one sample, as passes() counts."""
     n, per_eval = sf.QUALITY_SIZE, sf.QUALITY_SIZE * (cfg.steps + 1) + sf.PREVIEW_PROMPTS * cfg.steps
-    once = n * (sf.REFERENCE_STEPS + 4 + 8) * (1 if cfg.cfg_eval_real == 1 else 2) + 3 * n
-    return forward_flops * (per_eval / cfg.eval_every + once / cfg.iters) / flops_per_step if cfg.eval_every else 0.0
+    once = n * (sf.REFERENCE_STEPS + 4 + 8) * sf.cfg_branches(cfg.cfg_eval_real, embedded) + 3 * n
+    work = passes(cfg, embedded) * cfg.batch_size
+    return (per_eval / cfg.eval_every + once / cfg.iters) / work if cfg.eval_every else 0.0
 
 
 def print_bench(r):
@@ -244,9 +250,17 @@ def main(argv=None):
     p.add_argument("--timed", type=int, default=1, help="iterations timed after one warm-up [default: 1]")
     p.add_argument("--all", action="store_true", help="bench every preset at its defaults, one process each, and "
                                                       "print the README's table")
+    p.add_argument("--evaluation-share", action="store_true", help="print the share of each preset's network work "
+                   "that its evaluations (quality number, previews) take, from the passes counted: no GPU needed")
     sf.add_config_flags(p, skip=("teacher", "out"), presets={name: name for name in sf.HUB_IDS})
     a = vars(p.parse_args(argv))
-    timed, every = a.pop("timed"), a.pop("all")
+    timed, every, share = a.pop("timed"), a.pop("all"), a.pop("evaluation_share")
+    if share:
+        for name in sf.HUB_IDS:
+            embedded = sf.FAMILIES[sf.resolve_teacher(name, configs_only=True)[1]].guidance_embedded
+            print(f"{name:<16} evaluations every {sf.PRESETS[name]['eval_every']} iterations: "
+                  f"{evaluation_share(sf.make_config(name), embedded):.2%} of the run's network work")
+        return
     if timed < 1:
         raise sf.UserError(f"--timed must be at least 1, got {timed}")
     if every:

@@ -4,6 +4,8 @@
     python experiments/digits.py --data-aided       # its students with the teacher's training digits as real data (D16)
     python experiments/digits.py --guidance-study   # six ways to distil the guided teacher, at 4 steps and 1:
                                                     # out/digits/guidance-study.json, samples.npz, guidance.png
+    python experiments/digits.py --metric-study     # the run's quality number against the classifier's FD, every
+                                                    # sampler above: out/digits/metric-study.json, samples.npz
 
 The teacher: diffusers' SanaTransformer2DModel (3 blocks, width 64, patch 2) trained by flow matching (D8) on 1,200 of
 scikit-learn's 1,797 handwritten 8x8 digits -- pixels as latents, the class as a one-token caption, CFG by a null
@@ -15,6 +17,7 @@ The teacher and every student are cached in OUT and reused by the same command (
 """
 
 import concurrent.futures
+import copy
 import json
 import multiprocessing
 import os
@@ -203,6 +206,38 @@ STUDENTS = {"SiD, w=2": dict(), "SiD, w=2, 1 step": dict(steps=1),  # name -> Co
             "SiD, w=1": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.0)}
 
 
+def mean_seconds(fn, n):
+    """Mean wall time of n calls of fn(), after one warm-up call."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def teacher_samples(bb, cond, z):
+    """The benchmark's teacher rows from the noise z (N, 1, 8, 8): (name, guidance, steps, samples (N, 1, 8, 8)),
+    Euler at 1-32 steps, unguided and at CFG DIGITS['guidance'] (at every t)."""
+    for w in (1.0, DIGITS["guidance"]):
+        for n in (1, 2, 4, 8, 16, 32):
+            yield teacher_row(n, w), w, n, sf.euler_sample(
+                lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, w), z, n)
+
+
+def teacher_row(steps, w):
+    return f"teacher, {steps} steps, w={w:g}"
+
+
+def benchmark_students(cfg, overrides, bb, data_aided):
+    """Each of STUDENTS distilled (or reused from OUT/runs/): (name, its Config, sf.distill's result, seconds)."""
+    for name, extra in STUDENTS.items():
+        scfg = sf.make_config("digits", **{**overrides, **extra})
+        scfg.out = run_folder(cfg.out, name, scfg, **run_key(data_aided))[0]
+        t0 = time.time()
+        res = sf.distill(scfg, bb)
+        yield name, scfg, res, time.time() - t0
+
+
 def step_cost(cfg, bb, iters=10):
     """Wall time of one SiD iteration against the sum of the network passes it makes, each timed alone:
     K forwards without gradient (roll-out + the fake phase's sample), the fake update (forward + backward, CFG
@@ -214,13 +249,7 @@ def step_cost(cfg, bb, iters=10):
     B = cfg.batch_size
     cond = bb.encode([str(i % 10) for i in range(B)])
     x, t = torch.randn(B, 1, 8, 8), torch.rand(B)
-
-    def timed(fn, n=iters):
-        fn()  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
+    timed = lambda fn: mean_seconds(fn, iters)  # noqa: E731
 
     def fwd():
         with torch.no_grad():
@@ -252,18 +281,12 @@ def benchmark(args, overrides, argv):
     labels, cond, z = digits_inputs(bb)
     rows, samples = [], {}
     t0 = time.time()
-    for w in (1.0, DIGITS["guidance"]):
-        for n in (1, 2, 4, 8, 16, 32):
-            x = sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, w), z, n)
-            rows.append(dict(sampler="teacher (Euler)", guidance=w, steps=n, **bench.measure(x, labels)))
-            samples[f"teacher, {n} steps, w={w:g}"] = x
+    for name, w, n, x in teacher_samples(bb, cond, z):
+        rows.append(dict(sampler="teacher (Euler)", guidance=w, steps=n, **bench.measure(x, labels)))
+        samples[name] = x
     t_teacher_eval, t_distill = time.time() - t0, {}
-    for name, extra in STUDENTS.items():
-        scfg = sf.make_config("digits", **{**overrides, **extra})
-        scfg.out = run_folder(cfg.out, name, scfg, **run_key(args.data_aided))[0]
-        t0 = time.time()
-        res = sf.distill(scfg, bb)
-        t_distill[name] = time.time() - t0
+    for name, scfg, res, seconds in benchmark_students(cfg, overrides, bb, args.data_aided):
+        t_distill[name] = seconds
         for kind in ("ema", "generator"):
             x = student_samples(bb, res[kind], cond, z, scfg.steps)
             rows.append(dict(sampler=f"{name} ({kind})", guidance=scfg.cfg_eval_real, steps=scfg.steps,
@@ -495,6 +518,142 @@ def plot_study(rows, samples, real, labels, path):
     plt.close(fig)
 
 # ------------------------------------------------------------------------------------------------------------------
+# --metric-study: does the run's quality number (sid_flow.py, section 11) rank samplers as the classifier does?
+# A data-free run has no real images: its number compares the student with a reference set the teacher draws, so what
+# it stands for is the distance to that reference. Every sampler of the benchmark is scored against ONE reference, the
+# one sf.Quality draws for the digits preset: by the number exactly as a run computes it (sf.QUALITY_SIZE samples, the
+# run's prompts and seeds), and by the classifier's FD to the same reference sampler with DIGITS['n_per_class']
+# samples per class on each side (the benchmark's noise, which the teacher rows share with the reference).
+# ------------------------------------------------------------------------------------------------------------------
+
+OTHER_SEEDS = 7  # the floor: the reference sampler itself on other noise than the reference's
+
+
+def run_quality(quality, cfg, net):
+    """quality(net) exactly as a run with config cfg evaluates it (its K, re-noising and student guidance) against
+    quality's reference set, and the samples it scored: (number, samples (QUALITY_SIZE, 1, 8, 8))."""
+    q, drawn = copy.copy(quality), []
+    q.cfg = cfg
+    q.score = lambda x: drawn.append(x) or quality.score(x)  # the run's own draw, kept on its way to the score
+    return q(net), drawn[0]
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equally long lists (no ties expected): Pearson's correlation of ranks."""
+    ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra @ rb / (ra.norm() * rb.norm())).item()
+
+
+def study_samples(cfg, overrides, bench, quality, data_aided):
+    """Each row's samples: {name: (the FD's (N, 1, 8, 8) from the benchmark's noise, the run's (QUALITY_SIZE, 1, 8, 8)
+    with its number)}, the teacher rows, then the benchmark's students (trained here if OUT/runs/ lacks them), and
+    the seconds each student's distillation took."""
+    bb = bench.bb
+    _, cond, z = digits_inputs(bb)
+    rows, t_distill = {}, {}
+    for name, w, n, x in teacher_samples(bb, cond, z):  # quality.cond and .z: the run's prompts and noise
+        with sf.autocast(cfg, bb.device):
+            q_x = sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, quality.cond, w), quality.z, n)
+        rows[name] = x, q_x, quality.score(q_x)
+    for name, scfg, res, seconds in benchmark_students(cfg, overrides, bb, data_aided):
+        t_distill[name] = seconds
+        for kind in ("ema", "generator"):
+            number, q_x = run_quality(quality, scfg, res[kind])
+            rows[f"{name} ({kind})"] = student_samples(bb, res[kind], cond, z, scfg.steps), q_x, number
+    return rows, t_distill
+
+
+def study_floor(cfg, bench, quality, ref_features):
+    """The reference sampler itself on other noise: the number and the FD of a student that were the teacher."""
+    bb, w = bench.bb, cfg.cfg_eval_real
+    _, cond, z = digits_inputs(bb)
+    g = torch.Generator(bb.device).manual_seed(OTHER_SEEDS)
+    other = lambda c, x: sf.euler_sample(  # noqa: E731  the reference's sampler, from fresh noise shaped like x
+        lambda xx, tt: bb.velocity(bb.teacher, xx, tt, c, w), bb.noise(x.shape, g), sf.REFERENCE_STEPS)
+    with sf.autocast(cfg, bb.device), torch.no_grad():
+        return dict(metric=quality.score(other(quality.cond, quality.z)),
+                    fd_to_reference=frechet_distance(bench.clf.features(other(cond, z)), ref_features))
+
+
+def quality_cost(cfg, bb, quality, repeats=3):
+    """Seconds, at the digits preset's settings, of one quality(ema) evaluation and of one SiD iteration (each the
+    mean of `repeats` after a warm-up), on fresh students: the cost does not depend on their weights."""
+    generator, fake, ema = bb.students(cfg, sf.Runtime())
+    opt_gen, opt_fake = sf.make_optimizers(cfg, generator, fake)
+    rng = torch.Generator().manual_seed(0)
+    return dict(evaluation=mean_seconds(lambda: quality(ema), repeats), iteration=mean_seconds(
+        lambda: sf.sid_iteration(cfg, bb, fake, generator, opt_fake, opt_gen, rng), repeats))
+
+
+def metric_study(args, overrides, argv):
+    """Every sampler of the benchmark scored by the run's quality number and by the classifier's FD to the same
+    reference; their Spearman correlation; what the number costs a run. The table, OUT/metric-study.json,
+    OUT/samples.npz (each row's FD samples under its name, the run's under 'quality: <name>', the requested classes
+    of both, the real digits)."""
+    t_start = time.time()
+    cfg = sf.make_config("digits", **overrides)
+    bench = DigitsBench(cfg, args.data_aided)
+    t0 = time.time()
+    quality = sf.Quality(bench.bb, cfg)  # the reference set, drawn as a run of the digits preset draws it
+    t_reference = time.time() - t0
+    reference = teacher_row(sf.REFERENCE_STEPS, cfg.cfg_eval_real)
+    drawn, t_distill = study_samples(cfg, overrides, bench, quality, args.data_aided)
+    assert reference in drawn, f"{reference}: the reference sampler must be one of the teacher rows"
+    labels = digits_inputs(bench.bb)[0]
+    with torch.no_grad():
+        ref_f, ref_qf = (bench.clf.features(x) for x in drawn[reference][:2])
+        rows = [dict(row=name, metric=number, fd_to_reference=frechet_distance(bench.clf.features(x), ref_f),
+                     fd64_to_reference=frechet_distance(bench.clf.features(q_x), ref_qf),
+                     acc=(bench.clf(x).argmax(1) == labels).float().mean().item())
+                for name, (x, q_x, number) in drawn.items()]
+    fd = [r["fd_to_reference"] for r in rows]
+    others = [r for r in rows if r["row"] != reference]  # the reference row is the reference: it agrees trivially
+    result = dict(reference=reference, rows=rows, spearman=spearman([r["metric"] for r in rows], fd),
+                  spearman_without_reference=spearman([r["metric"] for r in others],
+                                                      [r["fd_to_reference"] for r in others]),
+                  spearman_fd64=spearman([r["fd64_to_reference"] for r in rows], fd),
+                  floor=study_floor(cfg, bench, quality, ref_f),
+                  samples=dict(fd=len(labels), metric=sf.QUALITY_SIZE, quality_t=sf.QUALITY_T))
+    cost = quality_cost(cfg, bench.bb, quality)
+    evals = -(-cfg.iters // 500)  # a digits run with the presets' eval_every: one evaluation per 500, one at the end
+    cost.update(reference_set=t_reference, threads=torch.get_num_threads(),
+                share_every_500=cost["evaluation"] / (500 * cost["iteration"] + cost["evaluation"]),
+                share_digits_run=(t_reference + evals * cost["evaluation"]) / (
+                    cfg.iters * cost["iteration"] + t_reference + evals * cost["evaluation"]))
+    result.update(cost=cost, seconds=dict(teacher=bench.t_teacher, classifier=bench.t_clf, distill=t_distill,
+                                          wall=time.time() - t_start), command=command(argv))
+    print_metric_study(result, cfg)
+    q_labels = [int(bench.bb.prompts[i % len(bench.bb.prompts)]) for i in range(sf.QUALITY_SIZE)]
+    np.savez_compressed(os.path.join(cfg.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(),
+                        quality_labels=np.array(q_labels), **{k: v[0].numpy() for k, v in drawn.items()},
+                        **{f"quality: {k}": v[1].numpy() for k, v in drawn.items()})
+    with open(os.path.join(cfg.out, "metric-study.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {cfg.out}/metric-study.json, samples.npz")
+    return result
+
+
+def print_metric_study(m, cfg):
+    n, c = m["samples"], m["cost"]
+    print(f"\nmetric study: every sampler against one reference, {m['reference']} (sf.Quality of the digits preset)."
+          f"\nquality: the run's number on its {n['metric']} samples (t = {n['quality_t']:g}); FD: the classifier's "
+          f"Frechet distance to the reference sampler, {n['fd']} samples on each side; FD (64): on the run's samples")
+    print(f"{'row':<34} {'quality':>9} {'FD':>9} {'FD (64)':>9} {'accuracy':>9}")
+    for r in m["rows"]:
+        print(f"{r['row']:<34} {r['metric']:9.4f} {r['fd_to_reference']:9.3f} {r['fd64_to_reference']:9.2f} "
+              f"{r['acc']:9.3f}")
+    print(f"the reference sampler on other noise (the floor): quality {m['floor']['metric']:.4f}, FD "
+          f"{m['floor']['fd_to_reference']:.3f}")
+    print(f"Spearman, quality vs FD: {m['spearman']:.3f} over all {len(m['rows'])} rows, "
+          f"{m['spearman_without_reference']:.3f} without the reference row; FD (64) vs FD: {m['spearman_fd64']:.3f}")
+    print(f"cost ({c['threads']} threads): the reference set {c['reference_set']:.2f} s once, one quality(ema) "
+          f"{c['evaluation']:.3f} s, one SiD iteration {c['iteration']:.3f} s: {100 * c['share_every_500']:.2f}% of "
+          f"a run evaluating every 500 iterations; {100 * c['share_digits_run']:.2f}% of a digits run "
+          f"({cfg.iters} iterations, reference set included)")
+    print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in m['seconds'].items() if not isinstance(v, dict))}")
+
+# ------------------------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -512,13 +671,19 @@ def parse_args(argv):
                    help="distil the guided teacher by every guidance strategy (SiD-LSG, teacher-only CFG, Zero-CFG, "
                         "Anti-CFG, a lower scale, a guidance interval) at 4 and 1 steps, beside the teacher's "
                         "samplers; one table, OUT/guidance-study.json, OUT/samples.npz, OUT/guidance.png")
+    p.add_argument("--metric-study", action="store_true",
+                   help="score every sampler of the benchmark (the teacher rows, the students) by the run's quality "
+                        "number against one reference set and by the classifier's FD to the same reference: one "
+                        "table, their Spearman correlation, the number's cost; OUT/metric-study.json, "
+                        "OUT/samples.npz")
     p.add_argument("--data-aided", action="store_true",
                    help="the benchmark's students with data-aided SiD (D16): the teacher's training digits as the "
                         "real data, their labels as the prompts")
     sf.add_config_flags(p, skip=SKIP + ("out",), presets={"digits": "digits"})
     p.add_argument("--out", help="the cached teacher (teacher-digits.pt), the students' runs (runs/) and the results "
                                  "(metrics.json, digits.png; with --guidance-study guidance-study.json, samples.npz, "
-                                 f"guidance.png) [default: {sf.PRESETS['digits']['out']}]")
+                                 "guidance.png; with --metric-study metric-study.json, samples.npz) "
+                                 f"[default: {sf.PRESETS['digits']['out']}]")
     return parse_flags(p, argv, NOT_HERE)
 
 
@@ -526,7 +691,10 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     if args.guidance_study and args.data_aided:
         raise sf.UserError("--guidance-study distils without real data: drop --data-aided")
-    return (guidance_study if args.guidance_study else benchmark)(args, overrides, argv)
+    if args.guidance_study and args.metric_study:
+        raise sf.UserError("--guidance-study and --metric-study are two commands: pass one")
+    study = guidance_study if args.guidance_study else metric_study if args.metric_study else benchmark
+    return study(args, overrides, argv)
 
 
 if __name__ == "__main__":
