@@ -324,16 +324,14 @@ def distil_variant(vcfg, backbone, ev, done):
     def first_replicate(net):  # one point of the curve: replicate 0 only, cheap
         z, d = ev.inputs(0, vcfg.steps)
         return energy_distance(sf.generate(net, z, vcfg.steps, vcfg.noise, d), ev.data[0], DIRECTIONS, False)
-    start = None if curve else first_replicate(backbone.teacher)  # iteration 0: the generator is the teacher
-    curve = curve or [dict(step=0, raw=start, ema=start)]
+    curve = curve or [dict(step=0, raw=(d0 := first_replicate(backbone.teacher)), ema=d0)]  # 0: it is the teacher
     vcfg.eval_every = vcfg.eval_every or max(1, vcfg.iters // 10)  # 0: every tenth of the run
-    t0 = time.time()
-    try:
-        res = sf.distill(vcfg, backbone, on_eval=lambda step, gen, ema: curve.append(
-            dict(step=step, raw=first_replicate(gen), ema=first_replicate(ema))))
-    finally:  # interrupted too: its points end at the checkpointed iteration, where the same command continues
+    def on_eval(step, gen, ema):  # a point, saved at once: an interrupted run keeps the points up to its checkpoint
+        curve.append(dict(step=step, raw=first_replicate(gen), ema=first_replicate(ema)))
         with open(curve_path, "w") as f:
             json.dump(curve, f)
+    t0 = time.time()
+    res = sf.distill(vcfg, backbone, on_eval=on_eval)
     return curve, res, None if done >= vcfg.iters else time.time() - t0
 
 
@@ -397,9 +395,6 @@ def plot(samples, data, curves, ed, student, path):
 if __name__ == "__main__":
     try:
         main()
-    except sf.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except sf.Interrupted as e:  # SIGTERM or Ctrl-C: the run folder holds the iteration it stopped at
-        print(e, file=sys.stderr)
-        sys.exit(130)
+    except (sf.UserError, sf.Interrupted) as e:  # a bad flag; or SIGTERM / Ctrl-C, its iteration checkpointed
+        print(f"error: {e}" if isinstance(e, sf.UserError) else e, file=sys.stderr)
+        sys.exit(2 if isinstance(e, sf.UserError) else 130)

@@ -388,7 +388,7 @@ def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps
     # The gradient's routing, in two stages. (1) d loss / d x_g: through x_g itself and through x_t into BOTH
     # networks' inputs; autograd.grad accumulates into no weight, so neither the fake network nor the teacher gets a
     # gradient from this loss. (2) That gradient pushed back through the generator's step alone. (Both are plain
-    # backward passes of the graph as built, which is what FSDP2's sharded weights need: section 11.)
+    # backward passes of the graph as built, which is what FSDP2's sharded weights need: section 12.)
     (grad_x_g,) = torch.autograd.grad(loss, x_g)  # (B, *D)
     x_g.backward(grad_x_g)
     runtime.average_grads(generator)
@@ -566,7 +566,6 @@ import socket
 import sys
 import urllib.parse
 import warnings
-from dataclasses import dataclass, field
 
 import diffusers
 import huggingface_hub
@@ -594,8 +593,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 PREVIEW_PROMPTS, PREVIEW_SEED = 4, 1234  # previews: the first 4 prompts of the run's set
 PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
 
-def read_prompts(path):
-    """One prompt per line; blank lines dropped, duplicates kept once (first occurrence order)."""
+def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates kept once (first occurrence order)
     if not os.path.isfile(path):
         raise UserError(f"--prompts {path}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -611,15 +609,15 @@ def cfg_branches(w, embedded=False, per_sample=False):
     for w = 1 (the prompt alone) and for a batch-wide w = 0 (the empty prompt alone); else 2."""
     return 1 if embedded or w == 1 or (w == 0 and not per_sample) else 2
 
-def _cat(conds):
-    """Concatenate conditioning dicts along the batch."""
+def _cat(conds):  # conditioning dicts concatenated along the batch
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 class DiTBackbone(Backbone):
     """A diffusers text-to-image pipeline behind the Backbone interface (teacher = pipe.transformer). What the three
     families share is here: the prompt cache, classifier-free guidance in one batched call (D17), latent shapes,
-    decoding; what they do differently is in the few methods a subclass overrides. `cond` is a dict of batch-first
-    tensors (prompt embeddings and the like). FLUX.1-dev, guidance-distilled, takes w as an input instead."""
+    decoding. A family provides encode(prompts) -> cond, a dict of batch-first tensors (prompt embeddings and the
+    like), and forward(net, x_t, t, cond, guidance): one call of `net` in our conventions, x_t (B, C, h, w) and t (B,)
+    in [0, 1] -> v (B, C, h, w). FLUX.1-dev, guidance-distilled, takes w as an input instead of a second branch."""
 
     guidance_embedded = False
     packing = 1                       # FLUX packs 2x2 latent patches into tokens before the transformer
@@ -635,49 +633,31 @@ class DiTBackbone(Backbone):
         for name in ("vae", *self.text_encoders()):
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).to(device, teacher_dtype).requires_grad_(False).eval()
-        self.sample_shape = self.latent_shape(resolution)  # (C, h, w)
+        f, c = pipe.vae_scale_factor, self.teacher.config
+        check_resolution(resolution, f, c.patch_size * self.packing)
+        self.sample_shape = (c.in_channels // self.packing ** 2, resolution // f, resolution // f)  # (C, h, w)
         self.prompts, self.bank, self.uncond, self.data = [], None, None, None
-
-    # --- what a family overrides ----------------------------------------------------------------------------------
-    def encode(self, prompts):
-        """list of str -> cond dict, batch len(prompts)."""
-        raise NotImplementedError
-
-    def forward(self, net, x_t, t, cond, guidance):
-        """One call of `net` in our conventions: x_t (B, C, h, w), t (B,) in [0, 1] -> v (B, C, h, w)."""
-        raise NotImplementedError
 
     def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
         return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
                 if getattr(self.pipe, name, None) is not None]
 
-    # --- shared ---------------------------------------------------------------------------------------------------
-    def latent_shape(self, resolution):
-        f = self.pipe.vae_scale_factor
-        check_resolution(resolution, f, self.teacher.config.patch_size * self.packing)
-        c = self.teacher.config.in_channels // self.packing ** 2
-        return (c, resolution // f, resolution // f)
-
     def set_prompts(self, prompts):
-        """Encode the prompt set once, on the device. If the cache fits PROMPT_CACHE_BYTES it is kept on the CPU,
-        chunk by chunk, and the text encoders are freed; otherwise prompts are encoded per batch on the device and
-        the encoders stay there."""
+        """Encode the prompt set once, on the device. If the cache fits PROMPT_CACHE_BYTES it is kept on the CPU and
+        the text encoders are freed; otherwise prompts are encoded per batch, and the encoders stay."""
         self.prompts = list(prompts)
         with torch.no_grad():
             self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
-            first = self.encode(self.prompts[:1])
-            per_prompt = sum(v.numel() * v.element_size() for v in first.values())
-            if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:
-                chunks = [{k: v.cpu() for k, v in self.encode(self.prompts[i:i + 16]).items()}  # to the CPU first
-                          for i in range(0, len(self.prompts), 16)]
-                self.bank = _cat(chunks)
+            per_prompt = sum(v.numel() * v.element_size() for v in self.encode(self.prompts[:1]).values())
+            if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:  # encoded 16 at a time, each chunk to the CPU
+                self.bank = _cat([{k: v.cpu() for k, v in self.encode(self.prompts[i:i + 16]).items()}
+                                  for i in range(0, len(self.prompts), 16)])
                 for name in self.text_encoders():
                     setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def cond_for(self, idx):
-        """Conditioning for prompt indices idx (list of int), on the device."""
+    def cond_for(self, idx):  # conditioning for prompt indices idx (list of int), on the device
         if self.bank is not None:
             return {k: v[idx].to(self.device) for k, v in self.bank.items()}
         with torch.no_grad():
@@ -687,8 +667,7 @@ class DiTBackbone(Backbone):
         """(cond, x0_real) for `rows` of a batch of n random prompts (only those rows are encoded or moved); with a
         data set (backbone.data), the prompts are its captions and x0_real its cached latents, row for row."""
         idx = torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device)[rows].tolist()
-        real = self.data[idx].to(self.device) if self.data is not None else None
-        return self.cond_for(idx), real
+        return self.cond_for(idx), (self.data[idx].to(self.device) if self.data is not None else None)
 
     def velocity(self, net, x_t, t, cond, guidance):
         """v_u + w (v_c - v_u) (D17), w a float or a per-sample (B,) tensor (a guidance interval). A float 1 is the
@@ -712,8 +691,7 @@ class DiTBackbone(Backbone):
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image.float(), output_type="np")
 
-    def _dtype(self, net):
-        """The dtype to feed `net`: its weights' (a LoRA view: its base's, not the float32 adapters')."""
+    def _dtype(self, net):  # the dtype to feed `net`: its weights' (a LoRA view: its base's, not the adapters')
         return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
 
     def students(self, cfg, runtime):
@@ -723,16 +701,14 @@ class DiTBackbone(Backbone):
             nets = lora_students(self, cfg.lora_rank)
             if runtime.world > 1:  # replicas must start equal (seeded alike): LoRA's A matrices are random
                 runtime.same_on_all_ranks(nets, "initial weights")
-            run = [self.teacher.base]  # the one network that runs, seen through four adapter states
         elif runtime.world == 1:
             nets = super().students(cfg, runtime)
-            run = [self.teacher, *nets[:2]]
-        else:  # compiled blocks, then sharded (section 11)
-            dtype, mp = trainable_dtype(cfg), student_precision(cfg)
+        else:  # compiled blocks, then sharded (section 12)
             shard(self.teacher, compiled=cfg.compile)
-            nets = [sharded_copy(self.teacher, dtype, mp, trains, cfg.compile) for trains in (True, True, False)]
-            run = [self.teacher, *nets[:2]]
-        for net in run:
+            nets = [sharded_copy(self.teacher, trainable_dtype(cfg), student_precision(cfg), trains, cfg.compile)
+                    for trains in (True, True, False)]
+        # the networks that run: LoRA's one base, seen through four adapter states; else teacher, generator and fake
+        for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
             if cfg.grad_checkpointing:
                 checkpoint_blocks(net, cfg.grad_checkpointing)
             if cfg.compile and runtime.world == 1:
@@ -784,9 +760,8 @@ class FluxBackbone(DiTBackbone):
     step_noise_from_generator = False
 
     def encode(self, prompts):
-        embeds, pooled, txt_ids = self.pipe.encode_prompt(
+        embeds, pooled, self.txt_ids = self.pipe.encode_prompt(  # txt_ids (L, 3), the same for every prompt
             prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=512)
-        self.txt_ids = txt_ids  # (L, 3), the same for every prompt
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     @staticmethod
@@ -815,8 +790,7 @@ class FluxBackbone(DiTBackbone):
 
     def step_noise(self, shape, rng):
         B, C, h, w = shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
-        n = torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device)  # (B, tokens, 4C)
-        return self.unpack(n, h, w)
+        return self.unpack(torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device), h, w)
 
 FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
 
@@ -831,22 +805,16 @@ FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbon
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
 LORA_TRAINABLE = ("generator", "fake")
 
-def _tuner_layers(module):
-    """[(peft LoRA layer, [(lora parameter, trains?)])] inside `module`, found once and cached on it."""
-    cached = module.__dict__.get("_sid_tuner_layers")
-    if cached is None:
-        cached = [(m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters()
-                       if n.startswith("lora_")]) for m in module.modules() if isinstance(m, BaseTunerLayer)]
-        module.__dict__["_sid_tuner_layers"] = cached
-    return cached
+def _tuner_layers(module):  # [(peft LoRA layer, [(lora parameter, trains?)])] in `module`, found once, cached on it
+    if "_sid_tuner_layers" not in module.__dict__:
+        module.__dict__["_sid_tuner_layers"] = [(m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in
+                                                     m.named_parameters() if n.startswith("lora_")])
+                                                for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    return module.__dict__["_sid_tuner_layers"]
 
-def _adapter_state(module):
-    """The adapter a forward pass of `module` runs with now: its name, or None when adapters are disabled."""
-    layers = _tuner_layers(module)
-    if not layers:
-        return None
-    layer = layers[0][0]
-    return None if layer.disable_adapters else layer.active_adapters[0]
+def _adapter_state(module):  # the adapter a forward pass of `module` runs with now: its name, or None (adapters off)
+    layer = next((layer for layer, _ in _tuner_layers(module)), None)
+    return None if layer is None or layer.disable_adapters else layer.active_adapters[0]
 
 def _set_adapter_state(module, name, force=False):
     if _adapter_state(module) == name and not force:
@@ -867,14 +835,12 @@ def use_adapter(module, name):
     finally:
         _set_adapter_state(module, previous)
 
-def blocks(net):
-    """The repeated transformer blocks of a diffusers DiT: the members of its ModuleLists (FLUX has two kinds)."""
+def blocks(net):  # the repeated blocks of a diffusers DiT: its ModuleLists' members (FLUX has two kinds)
     return [block for child in net.children() if isinstance(child, nn.ModuleList) for block in child]
 
 def checkpoint_blocks(net, share):
-    """Gradient checkpointing of a `share` of net's blocks, spread evenly (0.5: every second block, 1: all): their
-    activations are recomputed in backward, the other blocks keep theirs. The recompute replays the adapter that was
-    active in the forward pass (LoRA, pitfall 2; a full network has no adapters: nothing to replay)."""
+    """Gradient checkpointing of a `share` of net's blocks, spread evenly (0.5: every second block, 1: all), whose
+    recompute replays the adapter of the forward pass (LoRA, pitfall 2; a full network has none to replay)."""
     chosen = {id(b) for i, b in enumerate(blocks(net)) if math.floor((i + 1) * share) > math.floor(i * share)}
 
     def checkpoint(block, *args):  # diffusers calls it for every block when checkpointing is enabled
@@ -937,8 +903,7 @@ class AdapterView(nn.Module):
                  for n, p in self.base.state_dict().items() if "lora_" not in n}
         for name, module in self.base.named_modules():
             if isinstance(module, BaseTunerLayer) and self.adapter in module.lora_A:
-                w = module.get_base_layer().weight.detach()
-                delta = module.get_delta_weight(self.adapter).detach()
+                w, delta = module.get_base_layer().weight.detach(), module.get_delta_weight(self.adapter).detach()
                 state[f"{name}.weight"] = (w.float() + delta.float()).to(w.dtype)
         return state
 
@@ -949,8 +914,7 @@ def lora_students(backbone, rank):
     for name in ("generator", "fake", "ema"):
         with warnings.catch_warnings():  # peft warns that a model gets several adapters: that is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS,
-                                        init_lora_weights=True), adapter_name=name)
+            base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
     views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
         for p in view.parameters():
@@ -963,38 +927,29 @@ def lora_students(backbone, rank):
 
 # --- 10. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE ------
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 def read_image_captions(path):
     """[(image path, caption)] and the number of entries without a usable caption. `path`: a folder of images with
     same-name .txt captions, or a .jsonl of {"image": path relative to the file, "text": caption}."""
-    pairs, no_caption = [], 0
+    entries = []  # (image path, caption: "" when there is none)
     if os.path.isdir(path):
         for name in sorted(os.listdir(path)):
             stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTS:
-                continue
             txt = os.path.join(path, stem + ".txt")
-            caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
-            if caption:
-                pairs.append((os.path.join(path, name), caption))
-            else:
-                no_caption += 1
+            if ext.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+                caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
+                entries.append((os.path.join(path, name), caption))
     elif os.path.isfile(path) and path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            for line in filter(str.strip, f):  # blank lines are no entries
                 try:
                     rec = json.loads(line)
-                    image, caption = str(rec["image"]), str(rec["text"]).strip()
-                except (ValueError, KeyError, TypeError):
-                    caption = "" if line.strip() else None
-                if caption:
-                    pairs.append((os.path.join(os.path.dirname(path), image), caption))
-                elif caption is not None:
-                    no_caption += 1
+                    entries.append((os.path.join(os.path.dirname(path), str(rec["image"])), str(rec["text"]).strip()))
+                except (ValueError, KeyError, TypeError):  # not JSON, or no image or text: an entry without caption
+                    entries.append(("", ""))
     else:
         raise UserError(f"--data {path}: not a folder of images with .txt captions, nor a .jsonl file")
-    return pairs, no_caption
+    pairs = [(image, caption) for image, caption in entries if caption]
+    return pairs, len(entries) - len(pairs)
 
 def load_image(path, resolution):
     """An RGB image resized (shorter side) and center-cropped to a square: (1, 3, R, R) in [-1, 1]."""
@@ -1012,13 +967,11 @@ def encode_data(backbone, path, cache_path):
     """Latents (N, C, h, w) on the CPU and captions of a data set, encoded once and cached at `cache_path`
     (reused while path and resolution match). Unreadable images and missing captions are skipped and counted."""
     key = dict(path=os.path.abspath(path), resolution=backbone.resolution, teacher=backbone.source)
-    if os.path.isfile(cache_path):
-        cache = torch.load(cache_path, weights_only=False)
-        if cache["key"] == key:
-            return cache["latents"], cache["captions"], cache["skipped"]
-    pairs, no_caption = read_image_captions(path)
+    cache = torch.load(cache_path, weights_only=False) if os.path.isfile(cache_path) else {}
+    if cache.get("key") == key:
+        return cache["latents"], cache["captions"], cache["skipped"]
+    (pairs, no_caption), vae = read_image_captions(path), backbone.pipe.vae
     latents, captions, unreadable = [], [], 0
-    vae = backbone.pipe.vae
     for image_path, caption in pairs:
         try:
             x = load_image(image_path, backbone.resolution)
@@ -1032,11 +985,10 @@ def encode_data(backbone, path, cache_path):
             z = (z.float() - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
         latents.append(z.cpu())
         captions.append(caption)
-    skipped = dict(unreadable=unreadable, no_caption=no_caption)
     if not latents:
         raise UserError(f"--data {path}: no usable image-caption pairs ({unreadable} unreadable, "
                         f"{no_caption} without caption)")
-    latents = torch.cat(latents)  # (N, C, h, w)
+    latents, skipped = torch.cat(latents), dict(unreadable=unreadable, no_caption=no_caption)  # (N, C, h, w)
     os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
     atomic_save(dict(key=key, latents=latents, captions=captions, skipped=skipped), cache_path)
     return latents, captions, skipped
@@ -1044,8 +996,9 @@ def encode_data(backbone, path, cache_path):
 
 # --- 11. A quality number for every run, with no extra download: the student's kernel distance to the teacher -----
 # At the start of a run the teacher draws a fixed reference set: QUALITY_SIZE prompts of the run's set with fixed seeds,
-# through its own REFERENCE_STEPS-step Euler sampler at its guidance in the losses (at every t). At every evaluation the
-# student (EMA) draws the same prompts and seeds in its K steps. Both sets are seen through the teacher's own eyes --
+# through its own REFERENCE_STEPS-step Euler sampler guided as in the losses (the run's guidance interval: the target
+# the student is distilled toward). At every evaluation the student (EMA) draws the same prompts and seeds in its K
+# steps. Both sets are seen through the teacher's own eyes --
 # its last hidden states (what the data-aided discriminator pools), mean over tokens, of each sample noised to
 # t = QUALITY_T with fixed noise, standardised by the reference's statistics -- and compared by the unbiased squared
 # MMD with KID's cubic kernel: no network to download, and unbiased with a few dozen samples (a Frechet distance
@@ -1053,10 +1006,11 @@ def encode_data(backbone, path, cache_path):
 QUALITY_SIZE, QUALITY_T, REFERENCE_STEPS = 64, 0.5, 32
 
 def kernel_distance(f, g):
-    """Unbiased squared MMD between feature sets f (n, C) and g (m, C), cubic kernel k(a, b) = (a.b / C + 1)^3."""
+    """Unbiased squared MMD between feature sets f and g (n, C), cubic kernel k(a, b) = (a.b / C + 1)^3. The sets are
+    paired row for row (sample i of each drawn from the same noise), so every mean skips the pairs i = i."""
     k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
     off_diagonal = lambda K: (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1))  # noqa: E731  i != j
-    return (off_diagonal(k(f, f)) + off_diagonal(k(g, g)) - 2 * k(f, g).mean()).item()
+    return (off_diagonal(k(f, f)) + off_diagonal(k(g, g)) - 2 * off_diagonal(k(f, g))).item()
 
 class Quality:
     """quality(net) -> the score of a generator's K-step samples (lower is better; ~0: the teacher's own). The
@@ -1067,13 +1021,14 @@ class Quality:
         prompts = [backbone.prompts[i % len(backbone.prompts)] for i in range(n)] if backbone.prompts else None
         self.cond = backbone.cond_for([i % len(backbone.prompts) for i in range(n)]) if prompts else None
         self.z = backbone.noise((n, *backbone.sample_shape), torch.Generator(backbone.device).manual_seed(0))
-        key = dict(prompts=prompts, size=n, t=QUALITY_T, steps=REFERENCE_STEPS, guidance=cfg.cfg_eval_real,
-                   shape=backbone.sample_shape)
+        key = dict(prompts=prompts, size=n, t=QUALITY_T, steps=REFERENCE_STEPS, shape=backbone.sample_shape,
+                   guidance=(cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max))
         saved = torch.load(cache, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
             self.mean, self.std, self.reference, self.teacher = saved["stats"]
             return
-        teacher = lambda x, t: backbone.velocity(backbone.teacher, x, t, self.cond, cfg.cfg_eval_real)  # noqa
+        w = lambda t: guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)  # noqa: E731  the run's
+        teacher = lambda x, t: backbone.velocity(backbone.teacher, x, t, self.cond, w(t))  # noqa: E731
         with autocast(cfg, backbone.device):
             reference = self.features(euler_sample(teacher, self.z, REFERENCE_STEPS))
             self.mean, self.std = reference.mean(0), reference.std(0) + 1e-6
@@ -1104,8 +1059,7 @@ class Quality:
                                        lambda x: bb.step_noise(x.shape, g)))
 
 def plot_quality(out, teacher, now):
-    """OUT/quality.png: the student's quality number over the run (OUT/log.jsonl's and `now`, (step, number)), the
-    teacher's own 4- and 8-step samples as reference lines."""
+    """OUT/quality.png: the student's number over the run (OUT/log.jsonl's, and `now`), the teacher's as lines."""
     log = os.path.join(out, "log.jsonl")
     points = [(m["step"], m["eval"]["quality"]) for m in map(json.loads, open(log) if os.path.exists(log) else [])
               if "quality" in (m.get("eval") or {}) and m["step"] < now[0]] + [now]
@@ -1115,8 +1069,7 @@ def plot_quality(out, teacher, now):
         ax.axhline(q, color="gray", ls=ls, label=f"teacher, {K} Euler steps")
     ax.set(xlabel="iteration", ylabel="kernel distance to the teacher (lower is better)", yscale="symlog")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "quality.png"), dpi=90)
+    fig.savefig(os.path.join(out, "quality.png"), dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -1149,8 +1102,7 @@ class Distributed(Runtime):
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
 
-    def same_on_all_ranks(self, nets, what):
-        """Fail loudly unless every rank holds the same weights (sum and sum of squares of the tensors)."""
+    def same_on_all_ranks(self, nets, what):  # fail loudly unless all ranks hold the same weights (sums of p, p^2)
         local = torch.stack([sum(p.detach().double().pow(k).sum() for n in nets for p in n.parameters())
                              for k in (1, 2)]).to(self.device)
         gathered = [torch.zeros_like(local) for _ in range(self.world)]
@@ -1162,7 +1114,7 @@ class Distributed(Runtime):
         return os.path.join(out, "checkpoint" if self.sharded else "checkpoint.pt")
 
     def read_meta(self, path):
-        return torch.load(os.path.join(path, "meta.pt"), weights_only=False) if self.sharded else super().read_meta(path)
+        return torch.load(f"{path}/meta.pt", weights_only=False) if self.sharded else super().read_meta(path)
 
     def save(self, path, nets, meta):
         if not self.sharded:
@@ -1187,14 +1139,11 @@ class Distributed(Runtime):
             if opt:
                 set_optimizer_state_dict(net, opt, state[name]["optim"])
 
-def sharded_state(nets):
-    """DCP's sharded state dicts of every network and optimizer, to save, or to load into in place."""
-    return {name: dict(model=get_model_state_dict(net), **({"optim": get_optimizer_state_dict(net, opt)} if opt else {}))
-            for name, (net, opt) in nets.items()}
+def sharded_state(nets):  # DCP's sharded state dicts of every network and optimizer: to save, or to load into
+    return {name: dict(model=get_model_state_dict(net), optim=get_optimizer_state_dict(net, opt)) if opt
+            else dict(model=get_model_state_dict(net)) for name, (net, opt) in nets.items()}
 
-def setup_runtime(cfg):
-    """One process, or under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) join the process group: NCCL on
-    CUDA, gloo on the CPU."""
+def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
     device, world = resolve_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return Runtime(device)
@@ -1208,8 +1157,8 @@ def setup_runtime(cfg):
 def student_precision(cfg):
     """FSDP2's mixed-precision policy for the trainable copies: with bf16 autocast over float32 masters, all-gather
     the weights in bf16 (half the traffic and unsharded memory) and reduce-scatter gradients in float32."""
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if cfg.precision == "bf16-autocast" else None
+    autocast_over_fp32 = cfg.precision == "bf16-autocast"
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if autocast_over_fp32 else None
 
 def shard(net, mp_policy=None, device_type=None, compiled=False):
     """FSDP2: each transformer block its own unit (compiled first, with --compile), then the root, on a mesh of the
@@ -1247,8 +1196,7 @@ def remove_path(path):
         os.remove(path)
 
 def replace_path(tmp, path):
-    """Move a finished file or folder `tmp` onto `path`: the old one is renamed away first and removed last, so
-    `path` always names a complete version."""
+    """Move a finished file or folder onto `path`: the old one renamed away first, removed last (never half a one)."""
     remove_path(f"{path}.old")
     if os.path.exists(path):
         os.replace(path, f"{path}.old")
@@ -1258,127 +1206,118 @@ def replace_path(tmp, path):
 
 # --- 13. Config: one typed place for every default; presets by name override a few fields -------------------------
 
-def opt(default, help, choices=None, const=None):
+def option(default, help, choices=None, const=None):
     """A Config field: its default, the help of its --flag, the values it allows, its value as a bare flag."""
-    return field(default=default, metadata=dict(help=help, choices=choices, const=const))
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, const=const))
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    teacher: str = opt("toy", "the teacher: a preset (listed below), a local diffusers pipeline folder or a hub id")
+    teacher: str = option("toy", "the teacher: a preset (listed below), a local diffusers pipeline folder or a hub id")
     # --- SiD (derivation.md) ---
-    loss: str = opt("sid", "the generator loss: SiD's (D11), or DMD's for contrast (D14)", ("sid", "dmd"))
-    alpha: float = opt(1.0, "weight of the fake-score term in SiD's generator loss (D11); original SiD: 1.2")
-    weighting: str = opt("1-t", "the generator loss's weight w(t) over noise levels (D12)", WEIGHTINGS)
-    steps: int = opt(4, "K, the generator's number of steps, at t = 1, 1 - 1/K, ... (D13)")
-    noise: str = opt("fresh", "the noise that re-noises between generator steps: new, the initial one, or the one "
+    loss: str = option("sid", "the generator loss: SiD's (D11), or DMD's for contrast (D14)", ("sid", "dmd"))
+    alpha: float = option(1.0, "weight of the fake-score term in SiD's generator loss (D11); original SiD: 1.2")
+    weighting: str = option("1-t", "the generator loss's weight w(t) over noise levels (D12)", WEIGHTINGS)
+    steps: int = option(4, "K, the generator's number of steps, at t = 1, 1 - 1/K, ... (D13)")
+    noise: str = option("fresh", "the noise that re-noises between generator steps: new, the initial one, or the one "
                      "the current state implies (a plain Euler step)", ("fresh", "fixed", "ddim"))
-    train_step: str = opt("uniform", "which generator step each iteration trains: uniform over 1..K (the paper) or "
+    train_step: str = option("uniform", "which generator step each iteration trains: uniform over 1..K (the paper) or "
                           "the last", ("uniform", "last"))
-    fake_updates: int = opt(1, "fake-network updates per generator update")
-    cfg_train_fake: float = opt(1.0, "guidance scale of the fake network in its own update (1: none; D17)")
-    cfg_eval_fake: float = opt(1.0, "guidance scale of the fake network inside the generator loss (D17)")
-    cfg_eval_real: float = opt(1.0, "guidance scale of the teacher inside the generator loss (D17)")
-    cfg_t_min: float = opt(0.0, "the guidance scales apply only for noise levels t >= this (D17)")
-    cfg_t_max: float = opt(1.0, "the guidance scales apply only for noise levels t <= this (D17)")
+    fake_updates: int = option(1, "fake-network updates per generator update")
+    cfg_train_fake: float = option(1.0, "guidance scale of the fake network in its own update (1: none; D17)")
+    cfg_eval_fake: float = option(1.0, "guidance scale of the fake network inside the generator loss (D17)")
+    cfg_eval_real: float = option(1.0, "guidance scale of the teacher inside the generator loss (D17)")
+    cfg_t_min: float = option(0.0, "the guidance scales apply only for noise levels t >= this (D17)")
+    cfg_t_max: float = option(1.0, "the guidance scales apply only for noise levels t <= this (D17)")
     # --- optimisation ---
-    iters: int = opt(1000, "generator updates in the run")
-    batch_size: int = opt(256, "generated samples per update, per process")
-    lr_gen: float = opt(5e-6, "the generator's Adam learning rate")
-    lr_fake: float = opt(5e-6, "the fake network's Adam learning rate")
-    lr_schedule: str = opt("constant", "learning rates constant (official), or a cosine decay to 0 at the end",
-                           ("constant", "cosine"))
-    ema_decay: float = opt(0.999, "decay of the generator's moving average: the student a run keeps")
-    seed: int = opt(0, "seed of every random draw of the run")
-    student_guidance: float = opt(1.0, "guidance the generator is called with: 1 (none); FLUX: its embedded guidance")
-    gan_weight: float = opt(0.5, "data-aided runs: share of the adversarial term in the generator loss (D16)")
+    iters: int = option(1000, "generator updates in the run")
+    batch_size: int = option(256, "generated samples per update, per process")
+    lr_gen: float = option(5e-6, "the generator's Adam learning rate")
+    lr_fake: float = option(5e-6, "the fake network's Adam learning rate")
+    lr_schedule: str = option("constant", "learning rates constant (official) or cosine to 0", ("constant", "cosine"))
+    ema_decay: float = option(0.999, "decay of the generator's moving average: the student a run keeps")
+    seed: int = option(0, "seed of every random draw of the run")
+    student_guidance: float = option(1.0, "guidance the generator is called with: 1 (none); FLUX: its embedded guidance")
+    gan_weight: float = option(0.5, "data-aided runs: share of the adversarial term in the generator loss (D16)")
     # --- data and I/O ---
-    resolution: int = opt(0, "image side in pixels (0: the teacher's native size)")
-    prompts: str = opt("", "a text file of prompts, one per line (none: a built-in list of 16)")
-    data: str = opt("", "real images for data-aided SiD (D16): a folder of x.png + x.txt captions, or a .jsonl")
-    out: str = opt("out/sid", "the run folder: checkpoint, log.jsonl, previews and the exported student")
-    save_every: int = opt(500, "iterations between checkpoints (0: only at the end)")
-    eval_every: int = opt(0, "iterations between preview grids of the student (0: none)")
-    device: str = opt("auto", "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
-    precision: str = opt("fp32", "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or bf16 "
+    resolution: int = option(0, "image side in pixels (0: the teacher's native size)")
+    prompts: str = option("", "a text file of prompts, one per line (none: a built-in list of 16)")
+    data: str = option("", "real images for data-aided SiD (D16): a folder of x.png + x.txt captions, or a .jsonl")
+    out: str = option("out/sid", "the run folder: checkpoint, log.jsonl, previews and the exported student")
+    save_every: int = option(500, "iterations between checkpoints (0: only at the end)")
+    eval_every: int = option(0, "iterations between preview grids of the student (0: none)")
+    device: str = option("auto", "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    precision: str = option("fp32", "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or bf16 "
                          "(pure bf16, the trainable weights too)", ("fp32", "bf16-autocast", "bf16"))
-    grad_checkpointing: float = opt(0.0, "share of transformer blocks whose activations are recomputed in backward, "
+    grad_checkpointing: float = option(0.0, "share of transformer blocks whose activations are recomputed in backward, "
                                     "spread evenly: less memory, more time (0.5: every second block; no value: 1)",
                                     const=1.0)
-    compile: bool = opt(False, "torch.compile each transformer block: minutes of compilation, then faster steps")
-    mode: str = opt("full", "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on "
+    compile: bool = option(False, "torch.compile each transformer block: minutes of compilation, then faster steps")
+    mode: str = option("full", "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on "
                     "one frozen DiT", ("full", "lora"))
-    lora_rank: int = opt(64, "rank of the LoRA adapters (--mode lora)")
+    lora_rank: int = option(64, "rank of the LoRA adapters (--mode lora)")
 
-# Presets change only what differs from the Config defaults. The toy: 'last'-step training and larger learning rates
-# (derivation.md section 4). The DiT presets: the official SiD-DiT release's settings (Adam(0, 0.999), lr 5e-6,
-# SANA's CFG 4.5 for all three scales, bf16 autocast); batch_size is per process (the paper's global batch is 256).
-# SD3's CFG reuses SANA's value and FLUX's guidance embedding its usual 3.5 -- starting points, not tuned here. One
-# change from the paper, chosen by the guidance study on digits (experiments/README.md): guidance only for t in
-# [0.2, 0.6] (D17); --cfg-t-min 0 --cfg-t-max 1 restores the paper's guidance at every t. Batch and checkpointed share
-# fill one 80 GB GPU, by the memory plan at most 69 GiB (which has been 15% under to 18% over measured peaks): the
-# larger teachers train LoRA adapters there; on several GPUs pass --mode full (FSDP2) as the paper trains.
+# Presets change only what differs from the Config defaults. The toy: 'last'-step training, larger learning rates
+# (derivation.md section 4). The DiT presets: the official SiD-DiT release's settings (Adam(0, 0.999), lr 5e-6, SANA's
+# CFG 4.5 for all three scales, bf16 autocast), batch_size per process (the paper's global batch: 256); SD3 reuses
+# SANA's CFG, FLUX its usual embedded 3.5 (starting points, not tuned here). One change from the paper, chosen by the
+# guidance study on digits (experiments/README.md): guidance only for t in [0.2, 0.6] (D17; --cfg-t-min 0 --cfg-t-max 1
+# restores it at every t). Batch and checkpointed share fill one 80 GB GPU, by the memory plan at most 69 GiB (15% under
+# to 18% over measured peaks): larger teachers train LoRA there; on several GPUs, --mode full (FSDP2) as the paper.
 _INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
+_CFG = lambda w: dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)  # noqa: E731  one CFG scale for all three
+_SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0,  # toy and digits
+              gan_weight=0.01)  # the SiD term sums 2 (or 64) dims here, not 10^4+: the GAN term must weigh far less
 _DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, **_INTERVAL)
-_CFG45 = dict(cfg_train_fake=4.5, cfg_eval_fake=4.5, cfg_eval_real=4.5)
-_FLUX = dict(cfg_train_fake=3.5, cfg_eval_fake=3.5, cfg_eval_real=3.5, student_guidance=3.5)
-_LORA = dict(mode="lora")
-HUB_IDS = {
-    "sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
-    "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
-    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-}
+HUB_IDS = {"sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
+           "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+           "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+           "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+           "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+           "flux-dev": "black-forest-labs/FLUX.1-dev"}
 PRESETS = {
-    "toy": dict(teacher="toy", train_step="last", iters=400, batch_size=2048, lr_gen=8e-4, lr_fake=2.4e-3,
-                fake_updates=2, weighting="inv-l1", ema_decay=0.99, out="out/toy", save_every=0,
-                gan_weight=0.01),  # the SiD term sums 2 dims here, not 10^4+: the GAN term must weigh far less
+    "toy": dict(_SMALL, teacher="toy", iters=400, batch_size=2048, lr_gen=8e-4, lr_fake=2.4e-3, fake_updates=2,
+                out="out/toy"),
     # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
-    "digits": dict(teacher="digits", train_step="last", iters=300, batch_size=128, lr_gen=1e-4, lr_fake=3e-4,
-                   weighting="inv-l1", ema_decay=0.99, cfg_train_fake=2.0, cfg_eval_fake=2.0, cfg_eval_real=2.0,
-                   out="out/digits", save_every=0, gan_weight=0.01, **_INTERVAL),
-    "sana-0.6b-512": dict(_DIT, **_CFG45, resolution=512, batch_size=32, grad_checkpointing=0.75),
-    "sana-1.6b-1024": dict(_DIT, **_CFG45, resolution=1024, grad_checkpointing=1.0),
-    "sd3-medium": dict(_DIT, **_CFG45, **_LORA, resolution=1024, grad_checkpointing=0.2),
-    "sd3.5-medium": dict(_DIT, **_CFG45, **_LORA, resolution=1024, grad_checkpointing=0.2),
-    "sd3.5-large": dict(_DIT, **_CFG45, **_LORA, resolution=1024, grad_checkpointing=0.85),
-    "flux-dev": dict(_DIT, **_FLUX, **_LORA, resolution=1024, grad_checkpointing=1.0),
+    "digits": dict(_SMALL, **_CFG(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4,
+                   lr_fake=3e-4, out="out/digits"),
+    "sana-0.6b-512": dict(_DIT, **_CFG(4.5), resolution=512, batch_size=32, grad_checkpointing=0.75),
+    "sana-1.6b-1024": dict(_DIT, **_CFG(4.5), resolution=1024, grad_checkpointing=1.0),
+    "sd3-medium": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.2),
+    "sd3.5-medium": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.2),
+    "sd3.5-large": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.85),
+    "flux-dev": dict(_DIT, **_CFG(3.5), student_guidance=3.5, mode="lora", resolution=1024, grad_checkpointing=1.0),
 }
 
-def check_config(cfg):
-    """Fail loudly, with one line, on values the algorithm cannot use."""
+def check_config(cfg):  # fail loudly, with one line, on values the algorithm cannot use
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for f in dataclasses.fields(cfg):
-        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
-            raise UserError(f"{flag(f.name)} {getattr(cfg, f.name)!r} is not one of: {', '.join(f.metadata['choices'])}")
-    for names, ok, rule in ((("steps", "iters", "batch_size", "fake_updates", "lora_rank"), 1, "be at least 1"),
-                            (("lr_gen", "lr_fake"), 1e-300, "be positive"),
-                            (("resolution", "save_every", "eval_every"), 0, "not be negative")):
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+        if choices and value not in choices:
+            raise UserError(f"{flag(f.name)} {value!r} is not one of: {', '.join(choices)}")
+        if f.type is float and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} must be finite, got {value}")
+    rules = ((("steps", "iters", "batch_size", "fake_updates", "lora_rank"), lambda v: v >= 1, "be at least 1"),
+             (("lr_gen", "lr_fake"), lambda v: v > 0, "be positive"),
+             (("resolution", "save_every", "eval_every"), lambda v: v >= 0, "not be negative"),
+             (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"))
+    for names, ok, rule in rules:
         for name in names:
-            if not getattr(cfg, name) >= ok:
+            if not ok(getattr(cfg, name)):
                 raise UserError(f"{flag(name)} must {rule}, got {getattr(cfg, name)}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
         raise UserError(f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, got "
                         f"[{cfg.cfg_t_min}, {cfg.cfg_t_max}]")
-    for f in dataclasses.fields(cfg):
-        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
-            raise UserError(f"{flag(f.name)} must be finite, got {getattr(cfg, f.name)}")
     return cfg
 
-def make_config(preset=None, **overrides):
-    """Config defaults <- preset <- explicit overrides (None values are ignored), then checked."""
+def make_config(preset=None, **overrides):  # Config defaults <- preset <- overrides (None ignored), then checked
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     return check_config(Config(**{**PRESETS.get(preset, {}), **{k: v for k, v in overrides.items() if v is not None}}))
 
 def add_config_flags(parser, skip=(), presets=None):
-    """One --flag per Config field (dashes for underscores), default None so that the preset fills the gaps. Its help
-    says what the field does and the default each preset gives it: `presets` {label: preset name, or None for the
-    Config defaults}."""
+    """One --flag per Config field, default None so that the preset fills the gaps; its help gives the default of each
+    of `presets` {label: preset name, or None for the Config defaults}."""
     presets = presets or {"": None}
     for f in dataclasses.fields(Config):
         if f.name in skip:
@@ -1418,17 +1357,14 @@ def resolve_device(name):
 
 # --- 14. Teachers from disk or hub, the memory plan, export, sampling, and the command line -----------------------
 
-def preset_configs(name):
-    """The project's own copy of a preset's configs (model_index.json, transformer/config.json): what --dry-run and
-    experiments/bench.py need, offline and without a hub token (FLUX.1-dev, SD3 and SD3.5 are gated)."""
-    return os.path.join(HERE, "assets", "hf", "hub", f"models--{HUB_IDS[name].replace('/', '--')}", "snapshots",
-                        "0" * 40)
-
 def resolve_teacher(name, configs_only=False):
-    """A preset name -> its hub id (its configs in assets/ when `configs_only`); an existing folder -> itself (it
-    must hold model_index.json); 'owner/repo' -> a hub id. Returns (source, pipeline class name), read from
-    model_index.json -- never guessed from the name."""
-    src = preset_configs(name) if configs_only and name in HUB_IDS else HUB_IDS.get(name, name)
+    """A preset name -> its hub id, or with `configs_only` the project's own copy of its configs in assets/hf (what
+    --dry-run and experiments/bench.py need, offline and without a hub token: FLUX.1-dev, SD3 and SD3.5 are gated);
+    an existing folder -> itself (it must hold model_index.json); 'owner/repo' -> a hub id. Returns (source, pipeline
+    class name), read from model_index.json -- never guessed from the name."""
+    src = HUB_IDS.get(name, name)
+    if configs_only and name in HUB_IDS:
+        src = os.path.join(HERE, "assets", "hf", "hub", f"models--{src.replace('/', '--')}", "snapshots", "0" * 40)
     if os.path.exists(src):
         index = os.path.join(src, "model_index.json")
         if not os.path.isfile(index):
@@ -1436,36 +1372,33 @@ def resolve_teacher(name, configs_only=False):
     elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
         index = _hub_file(name, src, "model_index.json")
     else:
-        raise UserError(f"--teacher {name}: not a preset ({', '.join(HUB_IDS)}), "
-                        "an existing folder, or a hub id owner/repo")
+        raise UserError(f"--teacher {name}: not a preset ({', '.join(HUB_IDS)}), an existing folder, or a hub id "
+                        "owner/repo")
     with open(index) as f:
         family = json.load(f).get("_class_name", "?")
     if family not in FAMILIES:
-        raise UserError(f"--teacher {name}: pipeline class {family} is not supported "
-                        f"(supported: {', '.join(FAMILIES)})")
+        raise UserError(f"--teacher {name}: pipeline class {family} is not supported ({', '.join(FAMILIES)} are)")
     return src, family
 
 def _hub_file(name, repo, filename):
     """hf_hub_download of one file, from the cache when it is there; otherwise it fails at once, in one line that says
-    why (offline, unreachable, gated, missing), instead of the hub client's minute of retries."""
-    constants, hf_hub_download = huggingface_hub.constants, huggingface_hub.hf_hub_download
+    why (offline, unreachable, gated, missing): a 5-second probe, not the hub client's half-minute of retries."""
+    hub, where = huggingface_hub.constants, f"--teacher {name}: cannot read {repo}/{filename}"
+    local, url = "or give --teacher a local pipeline folder", urllib.parse.urlparse(hub.ENDPOINT)
     try:
-        return hf_hub_download(repo, filename, local_files_only=True)
+        return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
     except Exception:  # not cached: ask the hub below
         pass
-    where = f"--teacher {name}: cannot read {repo}/{filename}"
-    local = "or give --teacher a local pipeline folder"
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(f"{where}: HF_HUB_OFFLINE is set and the file is not in the hub cache "
-                        f"({constants.HF_HUB_CACHE}); download the model where the hub is reachable, {local}")
-    url = urllib.parse.urlparse(constants.ENDPOINT)
+    if hub.HF_HUB_OFFLINE:
+        raise UserError(f"{where}: HF_HUB_OFFLINE is set and the file is not in the hub cache ({hub.HF_HUB_CACHE}); "
+                        f"download the model where the hub is reachable, {local}")
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
     except OSError as e:
-        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 "
-                        f"with the model in the hub cache, {local}")
+        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 with "
+                        f"the model in the hub cache, {local}")
     try:
-        return hf_hub_download(repo, filename)
+        return huggingface_hub.hf_hub_download(repo, filename)
     except GatedRepoError:
         raise UserError(f"{where}: the model is gated: accept its licence at https://huggingface.co/{repo}, then log "
                         "in with `hf auth login` (older clients: `huggingface-cli login`) or set HF_TOKEN")
@@ -1474,8 +1407,7 @@ def _hub_file(name, repo, filename):
     except Exception as e:
         raise UserError(f"{where} ({type(e).__name__}: {' '.join(str(e).split())})")
 
-def teacher_dtype(cfg):
-    """The frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32, on any device."""
+def teacher_dtype(cfg):  # the frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
 def load_backbone(cfg, device, src=None, family=None):
@@ -1492,25 +1424,20 @@ def load_backbone(cfg, device, src=None, family=None):
         raise UserError(f"cannot load the pipeline {src}: {' '.join(str(e).split())} (a cache or folder holding only "
                         "configs, such as assets/hf, serves --dry-run alone)")
     pipe.set_progress_bar_config(disable=True)
-    resolution = cfg.resolution or (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
-    backbone = FAMILIES[family](pipe, resolution, device, teacher_dtype(cfg))
+    native = (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
+    backbone = FAMILIES[family](pipe, cfg.resolution or native, device, teacher_dtype(cfg))
     backbone.source, backbone.family = src, family
     return backbone
 
 
 # --- the memory plan (--dry-run): from the configs alone, before any weights load --------------------------------
 
-def _read_json(src, name):
-    if os.path.isdir(src):
-        with open(os.path.join(src, name)) as f:
-            return json.load(f)
-    with open(huggingface_hub.hf_hub_download(src, name)) as f:
+def _read_json(src, name):  # a file of a pipeline folder, or of a hub id (from the hub cache when it is there)
+    with open(os.path.join(src, name) if os.path.isdir(src) else huggingface_hub.hf_hub_download(src, name)) as f:
         return json.load(f)
 
-def meta_transformer(src):
-    """The teacher's transformer built on the meta device from its config.json: shapes, no memory, no weights."""
-    index = _read_json(src, "model_index.json")
-    config = _read_json(src, "transformer/config.json")
+def meta_transformer(src):  # the teacher's transformer on the meta device from its config.json: shapes, no weights
+    index, config = _read_json(src, "model_index.json"), _read_json(src, "transformer/config.json")
     with torch.device("meta"):
         return getattr(diffusers, index["transformer"][1]).from_config(config)
 
@@ -1535,18 +1462,10 @@ CHECKPOINTED_INPUTS = {"SanaPipeline": (2.8, 1.1), "StableDiffusion3Pipeline": (
 TEXT_IN_BLOCKS = {"SanaPipeline": 0.1, "StableDiffusion3Pipeline": 1.0, "FluxPipeline": 1.0}
 
 def vae_factor(src, family):
-    """The VAE's spatial factor, from the pipeline's vae/config.json when there is one (2^(number of blocks - 1), as
-    diffusers computes it), else the family's."""
-    try:
-        c = _read_json(src, "vae/config.json") if os.path.isdir(src) else {}
-    except FileNotFoundError:
-        c = {}
+    """The VAE's spatial factor: 2^(blocks - 1) by the pipeline's vae/config.json (as diffusers), else the family's."""
+    c = _read_json(src, "vae/config.json") if os.path.isfile(os.path.join(src, "vae", "config.json")) else {}
     blocks = c.get("encoder_block_out_channels") or c.get("block_out_channels")
     return 2 ** (len(blocks) - 1) if blocks else VAE_FACTOR[family]
-
-def family_of(net):
-    return {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
-        next(k for k in ("Sana", "SD3", "Flux") if type(net).__name__.startswith(k))]
 
 def memory_plan(cfg, net, world_size=1, factor=None):
     """Bytes per GPU of weights, gradients, optimizer state and activations for cfg (mode, precision, batch,
@@ -1562,8 +1481,9 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     time. bf16 autocast over float32 masters (one process) also keeps the bf16 copies of the two trainable networks'
     weights for backward; FSDP2 all-gathers bf16 weights instead. Start-up holds the teacher and the text encoders
     ('startup'): the memory a run needs is the larger of 'total' and 'startup'."""
-    family, c = family_of(net), net.config
-    P = sum(p.numel() for p in net.parameters())
+    family = {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
+        re.match("Sana|SD3|Flux", type(net).__name__).group()]  # from its transformer class: SanaTransformer2DModel...
+    c, P = net.config, sum(p.numel() for p in net.parameters())
     base_bytes = 4 if cfg.precision == "fp32" else 2
     train_bytes = 2 if cfg.precision == "bf16" else 4
     if cfg.mode == "lora":
@@ -1581,9 +1501,8 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     tokens = image_tokens + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
     per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
     cfg_batch = [cfg_branches(w, family == "FluxPipeline", per_sample) for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)]
-    full = cfg.mode == "full"
     batches = (cfg.batch_size, cfg.batch_size * cfg_batch[0], cfg.batch_size * cfg_batch[1])  # generator, teacher, fake
-    trains = (full, False, full)  # whose weights take gradients in the generator update
+    trains = (cfg.mode == "full", False, cfg.mode == "full")  # whose weights take gradients in the generator update
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
     per_block = [b * SAVED_PER_BLOCK[family][0 if t else 1] * unit for b, t in zip(batches, trains)]
     # a checkpointed block keeps its inputs (text tokens in full: they are inputs) and is recomputed one at a time
@@ -1598,8 +1517,7 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     plan["startup"] = P * base_bytes + TEXT_ENCODER_PARAMS[family] * base_bytes
     return plan
 
-def cmd_dry_run(cfg, world_size):
-    """--dry-run: the memory plan per GPU from the teacher's configs, after every check a run makes before loading."""
+def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
     if cfg.prompts:
         read_prompts(cfg.prompts)
     src, family = resolve_teacher(cfg.teacher, configs_only=True)
@@ -1617,9 +1535,7 @@ def cmd_dry_run(cfg, world_size):
                                                               if key == "startup" else ""))
     return plan
 
-def check_resolution(resolution, factor, patch):
-    """The image side must be a whole number of latent patches, at most MAX_RESOLUTION (judged from the configs,
-    before any weights load)."""
+def check_resolution(resolution, factor, patch):  # a whole number of latent patches, at most MAX_RESOLUTION
     if not 0 < resolution <= MAX_RESOLUTION or resolution % (factor * patch):
         raise UserError(f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
                         f"(VAE factor {factor} x patch {patch}), at most {MAX_RESOLUTION}")
@@ -1627,30 +1543,30 @@ def check_resolution(resolution, factor, patch):
 MAX_RESOLUTION = 4096  # pixels: twice the largest side any supported teacher was trained at
 
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
-def plain_copy(net, state, dtype, device="cpu"):
-    """A new module of net's class and config holding `state` (a state dict), in `dtype` on `device`. Built on the
+
+def plain_copy(net, state, dtype):
+    """A new module of net's class and config holding `state` (a state dict), in `dtype` on the CPU. Built on the
     meta device first: no random initialisation, no memory beyond the copy returned."""
     with torch.device("meta"):
         plain = type(net).from_config(net.config)
-    plain = plain.to(dtype).to_empty(device=device)
+    plain = plain.to(dtype).to_empty(device="cpu")
     plain.load_state_dict(state)  # copies, casting to dtype
     return plain.eval()
 
 def export_student(backbone, net, cfg, folder):
-    """Write a complete diffusers pipeline folder: the teacher's components, `net` as the transformer (in the
-    teacher's dtype; LoRA fused into the weights), and a FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-    without shift, which takes exactly the 'fresh' re-noising step (D13) when called with sigmas =
-    generator_times(K). Written beside, then renamed into place."""
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True)
-    base_dtype = teacher_dtype(cfg)
+    """A complete diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` as
+    the transformer (teacher's dtype, LoRA fused), and a FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    without shift: exactly the 'fresh' re-noising step (D13) when called with sigmas = generator_times(K)."""
+    dtype, w = teacher_dtype(cfg), next(net.parameters())
     if isinstance(net, AdapterView):
-        transformer = plain_copy(net.base, net.merged_state_dict(), base_dtype)
-    elif next(net.parameters()).device.type == "cpu" and next(net.parameters()).dtype == base_dtype:
+        transformer = plain_copy(net.base, net.merged_state_dict(), dtype)
+    elif w.device.type == "cpu" and w.dtype == dtype:
         transformer = net  # already a plain CPU copy in the right dtype
     else:
-        transformer = plain_copy(net, net.state_dict(), base_dtype)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(backbone.source, transformer=transformer, scheduler=scheduler,
-                                             dtype=base_dtype)
+        transformer = plain_copy(net, net.state_dict(), dtype)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(
+        backbone.source, transformer=transformer, dtype=dtype, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True))
     tmp = f"{folder}.tmp{os.getpid()}"
     remove_path(tmp)
     pipe.save_pretrained(tmp)
@@ -1665,11 +1581,10 @@ def export_student(backbone, net, cfg, folder):
     return folder
 
 def student_images(backbone, net, prompts, seed, steps, guidance, cfg):
-    """The student's images for `prompts`, drawn as the stock pipeline draws them for one seed: initial latents from
-    torch.Generator(device).manual_seed(seed); per-step noise from that generator (SANA), or (SD3, FLUX: their
-    pipelines draw it from torch's global RNG after the user's torch.manual_seed(seed)) from a second generator
-    seeded the same way -- the same numbers, and the global RNG is left alone. Under the run's autocast.
-    Returns (B, H, W, 3)."""
+    """The student's images (B, H, W, 3) for `prompts`, drawn as the stock pipeline draws them for one seed: initial
+    latents from torch.Generator(device).manual_seed(seed); per-step noise from that generator (SANA), or (SD3, FLUX:
+    their pipelines draw it from torch's global RNG after the user's torch.manual_seed(seed)) from a second generator
+    seeded the same way -- the same numbers, and the global RNG is left alone. Under the run's autocast."""
     g = torch.Generator(backbone.device).manual_seed(seed)
     g_steps = g if backbone.step_noise_from_generator else torch.Generator(backbone.device).manual_seed(seed)
     cond = _cat([backbone.encode([p]) for p in prompts]) if backbone.bank is None else backbone.cond_for(
@@ -1680,14 +1595,11 @@ def student_images(backbone, net, prompts, seed, steps, guidance, cfg):
                      lambda x: backbone.step_noise(x.shape, g_steps))
     return backbone.decode(x.float())
 
-def save_grid(images, path):
-    """(B, H, W, 3) floats in [0, 1] -> one PNG row."""
+def save_grid(images, path):  # (B, H, W, 3) floats in [0, 1] -> one PNG row
     row = (torch.as_tensor(images).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, H, W, 3)
     Image.fromarray(torch.cat(list(row), dim=1).numpy()).save(path)
 
 def cmd_distill(cfg):
-    if cfg.teacher == "toy":
-        raise UserError("the 2-D toy teacher is trained by run_toy.py: run `python run_toy.py`")
     if cfg.data and cfg.prompts:
         raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
     if cfg.data and not os.path.exists(cfg.data):
@@ -1701,19 +1613,17 @@ def cmd_distill(cfg):
     check_fits(cfg, shapes, factor, runtime)
     backbone = load_backbone(cfg, runtime.device, src, family)
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
-        latents, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
+        backbone.data, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
         if runtime.rank == 0:
             print(f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
                   f"{skipped['no_caption']} without caption")
-        backbone.data = latents
     backbone.set_prompts(prompts)
     os.makedirs(cfg.out, exist_ok=True)
-    preview = backbone.prompts[:PREVIEW_PROMPTS]
-
     quality = []  # built at the first evaluation: a run without evaluations draws no reference set
 
     def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
-        images = student_images(backbone, ema, preview, PREVIEW_SEED, cfg.steps, cfg.student_guidance, cfg)
+        images = student_images(backbone, ema, backbone.prompts[:PREVIEW_PROMPTS], PREVIEW_SEED, cfg.steps,
+                                cfg.student_guidance, cfg)
         quality[:] = quality or [Quality(backbone, cfg, os.path.join(cfg.out, "reference.pt"))]
         q = quality[0](ema)
         if runtime.rank == 0:
@@ -1746,9 +1656,8 @@ def check_fits(cfg, net, factor, runtime):
     free = torch.cuda.mem_get_info(runtime.device)[0]
     if need(cfg) <= free:
         return
-    lighter = [dict(grad_checkpointing=s) for s in (0.5, 1.0)] + [dict(mode="lora", grad_checkpointing=s)
-                                                                     for s in (0.0, 0.5, 1.0)]
-    lighter += [dict(mode="lora", grad_checkpointing=1.0, batch_size=1)]
+    lighter = [dict(grad_checkpointing=0.5), dict(grad_checkpointing=1.0), *(dict(mode="lora", grad_checkpointing=s)
+               for s in (0.0, 0.5, 1.0)), dict(mode="lora", grad_checkpointing=1.0, batch_size=1)]  # in this order
     fits = next((d for d in lighter if need(dataclasses.replace(cfg, **d)) <= free), None)
     hint = (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in fits.items() if v) if fits
             else "more GPUs (torchrun) in full mode")
@@ -1756,8 +1665,7 @@ def check_fits(cfg, net, factor, runtime):
                     f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
                     "(--dry-run prints the plan)")
 
-def find_checkpoint(out):
-    """(path, meta) of a run folder's checkpoint: a sharded folder (torchrun in full mode) or a file."""
+def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folder (torchrun, full mode) or a file
     folder, file = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.pt")
     if os.path.isdir(folder):
         return folder, torch.load(os.path.join(folder, "meta.pt"), weights_only=False)
@@ -1775,7 +1683,7 @@ def load_checkpoint_weights(path, which, net):
     else:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)[which])
 
-def cmd_export(out, weights, device_name):
+def cmd_export(out, weights, device):
     """Export OUT/student from the run's checkpoint (any checkpoint, not only a finished run's), reading only the
     exported network's weights. Full mode loads them into the teacher's own transformer: one copy in memory."""
     path, meta = find_checkpoint(out)
@@ -1783,7 +1691,7 @@ def cmd_export(out, weights, device_name):
         raise UserError(f"--out {out}: a run of the {meta['config']['teacher']} teacher; export writes diffusers "
                         "pipelines of image teachers, and this student's weights are already in its checkpoint.pt")
     names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device_name})
+    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     if cfg.mode == "lora":
         generator, _, ema = lora_students(backbone, cfg.lora_rank)
@@ -1794,25 +1702,23 @@ def cmd_export(out, weights, device_name):
     print(f"student pipeline ({weights}, iteration {meta['step']}):",
           export_student(backbone, net, cfg, os.path.join(out, "student")))
 
-def cmd_sample(student, prompt, seed, resolution, out_png, device_name):
+def cmd_sample(student, prompt, seed, resolution, out, device):
     meta_path = os.path.join(student, STUDENT_META)
     if not os.path.isfile(meta_path):
         raise UserError(f"--student {student}: not a sid_flow student folder (no {STUDENT_META})")
     if not prompt.strip():
         raise UserError("--prompt is empty")
-    if not out_png.lower().endswith(".png"):
-        raise UserError(f"--out {out_png}: give a .png file name")
+    if not out.lower().endswith(".png"):
+        raise UserError(f"--out {out}: give a .png file name")
     with open(meta_path) as f:
         meta = json.load(f)
-    device = resolve_device(device_name)
-    cfg = Config(teacher=student, resolution=resolution or meta["resolution"], device=device_name,
+    cfg = Config(teacher=student, resolution=resolution or meta["resolution"], device=device,
                  precision=meta.get("precision", "fp32"))  # the dtype the student was trained and saved in
-    backbone = load_backbone(cfg, device, student, meta["family"])
+    backbone = load_backbone(cfg, resolve_device(device), student, meta["family"])
     with torch.no_grad():
-        images = student_images(backbone, backbone.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"],
-                                cfg)
-    save_grid(images, out_png)
-    print(f"wrote {out_png}")
+        save_grid(student_images(backbone, backbone.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"],
+                                 cfg), out)
+    print(f"wrote {out}")
 
 EPILOG = f"""presets (--teacher NAME): {', '.join(HUB_IDS)}; a local diffusers pipeline folder or a hub id owner/repo
 works too ("a folder or hub id" in the defaults above). The 2-D toy: python run_toy.py --help
@@ -1821,42 +1727,38 @@ other commands:
   python sid_flow.py sample --student OUT/student --prompt "a fox" --seed 0 --out fox.png   # draw from a student
   python sid_flow.py export --out OUT [--weights ema|generator]                          # OUT/checkpoint -> OUT/student
 """
-DEVICE_HELP = "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N' [default: auto]"
-
-def main_sample(argv):
-    p = Parser(prog="sid_flow.py sample", description="Draw one image from an exported student with sid_flow's "
-                                                         "own sampler.")
-    p.add_argument("--student", required=True, help="an exported OUT/student folder")
-    p.add_argument("--prompt", required=True, help="the text prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial and re-noising draws [default: 0]")
-    p.add_argument("--resolution", type=int, default=0,
-                   help="image side in pixels [default: 0, the resolution the student was trained at]")
-    p.add_argument("--out", required=True, help="the .png to write")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    a = p.parse_args(argv)
-    return cmd_sample(a.student, a.prompt, a.seed, a.resolution, a.out, a.device)
-
-def main_export(argv):
-    p = Parser(prog="sid_flow.py export", description="Write OUT/student, a stock diffusers pipeline, from a run's "
-                                                         "OUT/checkpoint (finished or not).")
-    p.add_argument("--out", required=True, help="the run folder of sid_flow.py holding its checkpoint")
-    p.add_argument("--weights", default="ema", choices=("ema", "generator"),
-                   help="which weights become the student [default: ema]")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    a = p.parse_args(argv)
-    return cmd_export(a.out, a.weights, a.device)
+DEVICE_FLAG = ("--device", dict(default="auto", help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N' "
+                                                     "[default: auto]"))
+COMMANDS = {  # sid_flow.py NAME: (the function, what it does, its flags: (flag, argparse keywords), named as its args)
+    "sample": (cmd_sample, "Draw one image from an exported student with sid_flow's own sampler.", [
+        ("--student", dict(required=True, help="an exported OUT/student folder")),
+        ("--prompt", dict(required=True, help="the text prompt")),
+        ("--seed", dict(type=int, default=0, help="seed of the initial and re-noising draws [default: 0]")),
+        ("--resolution", dict(type=int, default=0,
+                              help="image side in pixels [default: 0, the resolution the student was trained at]")),
+        ("--out", dict(required=True, help="the .png to write")), DEVICE_FLAG]),
+    "export": (cmd_export, "Write OUT/student, a stock diffusers pipeline, from a run's checkpoint, finished or not.", [
+        ("--out", dict(required=True, help="the run folder of sid_flow.py holding its checkpoint")),
+        ("--weights", dict(default="ema", choices=("ema", "generator"),
+                           help="which weights become the student [default: ema]")), DEVICE_FLAG]),
+}
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("sample", "export"):
-        return (main_sample if argv[0] == "sample" else main_export)(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        command, description, flags = COMMANDS[argv[0]]
+        p = Parser(prog=f"sid_flow.py {argv[0]}", description=description)
+        for flag, kw in flags:
+            p.add_argument(flag, **kw)
+        return command(**vars(p.parse_args(argv[1:])))
     p = Parser(prog="sid_flow.py", description=__doc__.split("\n")[0], epilog=EPILOG,
-               usage="python sid_flow.py --teacher NAME [options]  |  sid_flow.py sample ...  |  sid_flow.py export ...")
+               usage="python sid_flow.py --teacher NAME [options] | sid_flow.py sample ... | sid_flow.py export ...")
     p.add_argument("--teacher", help="the teacher (required): a preset (listed below), a local diffusers pipeline "
                                      "folder, or a hub id owner/repo")
     p.add_argument("--out", help="the run folder: checkpoint, log.jsonl, previews and the exported student "
                                  "[default: out/NAME, NAME the teacher's]")
-    add_config_flags(p, skip=("teacher", "out"), presets={name: name for name in HUB_IDS} | {"a folder or hub id": None})
+    presets = {name: name for name in HUB_IDS} | {"a folder or hub id": None}  # the defaults its --help names
+    add_config_flags(p, skip=("teacher", "out"), presets=presets)
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per GPU from the teacher's configs "
                                                           "(no weights are downloaded) and exit")
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),

@@ -491,17 +491,20 @@ def test_qmc_estimate_is_far_less_noisy_than_iid():
 
 
 def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
-    """A seeded short run of the demo (small teacher, 150 iterations): the four-step student is much closer to the
-    data than the teacher sampled with four Euler steps, and every promised output is written."""
+    """A seeded short run of the demo (small teacher, 300 iterations of the toy preset): the four-step student is
+    within 4.5x of the 128-step teacher's distance, over ten times closer to the data than the teacher sampled with
+    four Euler steps, and every promised output is written."""
     monkeypatch.setitem(run_toy.TEACHER, "width", 64)
     monkeypatch.setitem(run_toy.TEACHER, "iters", 800)
     monkeypatch.setitem(run_toy.TEACHER, "batch", 512)
-    m = run_toy.main(["--out", str(tmp_path), "--iters", "150", "--batch-size", "512", "--n-eval", "4096"])
+    m = run_toy.main(["--out", str(tmp_path), "--iters", "300", "--batch-size", "512", "--n-eval", "4096"])
     ed, se = m["energy_distance"], m["standard_error"]
-    assert ed["SiD (4 steps, raw)"] < 0.3 * ed["teacher 4 steps"]
-    assert ed["SiD (4 steps, EMA)"] < 0.5 * ed["teacher 4 steps"]  # the EMA lags in so short a run
+    # measured: the EMA at 0.043x the 4-step teacher (2.0x the 128-step one); the raw generator at 0.045x with the
+    # cosine schedule, 0.10x at constant learning rates, where it jitters
+    assert ed["SiD (4 steps, EMA)"] < min(0.09 * ed["teacher 4 steps"], 4.5 * ed["teacher 128 steps"])
+    assert ed["SiD (4 steps, raw)"] < 0.15 * ed["teacher 4 steps"]
     assert se["teacher 128 steps"] < 0.1 * ed["teacher 128 steps"]  # the uncertainty resolves the teacher's distance
-    run = tmp_path / "checkerboard-batch-size-512-iters-150-n-eval-4096"
+    run = tmp_path / "checkerboard-batch-size-512-iters-300-n-eval-4096"
     assert m["folder"] == str(run)
     for name in ("data", "teacher_4", "teacher_128", "student"):
         arr = np.load(run / f"{name}.npy")
@@ -1776,7 +1779,8 @@ def test_guidance_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
 
 
 def test_digits_metric_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
-    """--metric-study at toy size: the benchmark's twelve teacher rows and its students' EMA and raw generators, each
+    """--metric-study at toy size: the benchmark's twelve teacher rows, six more guided as in the losses (the reference
+    sampler among them), and its students' EMA and raw generators, each
     with the run's quality number, the classifier's FD to the one reference and the accuracy; the Spearman
     correlation as scipy computes it; samples.npz holds every row's FD samples and the run's, and a fresh sf.Quality
     of the digits preset scores the saved run's samples to each row's number."""
@@ -1788,7 +1792,8 @@ def test_digits_metric_study_writes_every_row_and_its_samples(tmp_path, monkeypa
     saved = json.load(open(tmp_path / "metric-study.json"))
     assert {"reference", "rows", "spearman"} <= set(saved) and saved["rows"] == m["rows"]
     names = [r["row"] for r in saved["rows"]]
-    assert len(names) == 12 + 2 * len(digits.STUDENTS) and saved["reference"] == "teacher, 32 steps, w=2" in names
+    reference = f"teacher, {sf.REFERENCE_STEPS} steps, w=2 in [0.2, 0.6]"  # (the tests' small set: small_quality_sets)
+    assert len(names) == 18 + 2 * len(digits.STUDENTS) and saved["reference"] == reference and reference in names
     assert all(math.isfinite(r[k]) for r in saved["rows"] for k in ("metric", "fd_to_reference", "acc"))
     metric, fd = ([r[k] for r in saved["rows"]] for k in ("metric", "fd_to_reference"))
     assert saved["spearman"] == pytest.approx(spearmanr(metric, fd).statistic, abs=1e-9)

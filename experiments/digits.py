@@ -539,8 +539,13 @@ def run_quality(quality, cfg, net):
 
 
 def spearman(a, b):
-    """Spearman's rank correlation of two equally long lists (no ties expected): Pearson's correlation of ranks."""
-    ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
+    """Spearman's rank correlation of two equally long lists: Pearson's correlation of their ranks, tied values
+    sharing their average rank."""
+    def ranks(v):
+        v = torch.tensor(v, dtype=torch.float64)
+        below, tied = (v[:, None] > v[None]).sum(1).double(), (v[:, None] == v[None]).sum(1).double()
+        return below + (tied + 1) / 2  # (n,) 1-based ranks, ties averaged
+    ra, rb = (ranks(v) for v in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return (ra @ rb / (ra.norm() * rb.norm())).item()
 
@@ -556,6 +561,11 @@ def study_samples(cfg, overrides, bench, quality, data_aided):
         with sf.autocast(cfg, bb.device):
             q_x = sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, quality.cond, w), quality.z, n)
         rows[name] = x, q_x, quality.score(q_x)
+    for n in (1, 2, 4, 8, 16, 32):  # the teacher guided as in the losses, the reference's sampler at 32 steps
+        with sf.autocast(cfg, bb.device), torch.no_grad():
+            x, q_x = (sf.euler_sample(lambda xx, tt, c=c: bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt)),
+                                      zz, n) for c, zz in ((cond, z), (quality.cond, quality.z)))
+        rows[interval_row(cfg, n)] = x, q_x, quality.score(q_x)
     for name, scfg, res, seconds in benchmark_students(cfg, overrides, bb, data_aided):
         t_distill[name] = seconds
         for kind in ("ema", "generator"):
@@ -564,13 +574,22 @@ def study_samples(cfg, overrides, bench, quality, data_aided):
     return rows, t_distill
 
 
+def interval(cfg, t):
+    """The CFG scale of the teacher in the losses at times t: the run's, inside its guidance interval (D17)."""
+    return sf.guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)
+
+
+def interval_row(cfg, steps):
+    return f"teacher, {steps} steps, w={cfg.cfg_eval_real:g} in [{cfg.cfg_t_min:g}, {cfg.cfg_t_max:g}]"
+
+
 def study_floor(cfg, bench, quality, ref_features):
     """The reference sampler itself on other noise: the number and the FD of a student that were the teacher."""
-    bb, w = bench.bb, cfg.cfg_eval_real
+    bb = bench.bb
     _, cond, z = digits_inputs(bb)
     g = torch.Generator(bb.device).manual_seed(OTHER_SEEDS)
     other = lambda c, x: sf.euler_sample(  # noqa: E731  the reference's sampler, from fresh noise shaped like x
-        lambda xx, tt: bb.velocity(bb.teacher, xx, tt, c, w), bb.noise(x.shape, g), sf.REFERENCE_STEPS)
+        lambda xx, tt: bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt)), bb.noise(x.shape, g), sf.REFERENCE_STEPS)
     with sf.autocast(cfg, bb.device), torch.no_grad():
         return dict(metric=quality.score(other(quality.cond, quality.z)),
                     fd_to_reference=frechet_distance(bench.clf.features(other(cond, z)), ref_features))
@@ -597,14 +616,14 @@ def metric_study(args, overrides, argv):
     t0 = time.time()
     quality = sf.Quality(bench.bb, cfg)  # the reference set, drawn as a run of the digits preset draws it
     t_reference = time.time() - t0
-    reference = teacher_row(sf.REFERENCE_STEPS, cfg.cfg_eval_real)
+    reference = interval_row(cfg, sf.REFERENCE_STEPS)
     drawn, t_distill = study_samples(cfg, overrides, bench, quality, args.data_aided)
     assert reference in drawn, f"{reference}: the reference sampler must be one of the teacher rows"
     labels = digits_inputs(bench.bb)[0]
     with torch.no_grad():
         ref_f, ref_qf = (bench.clf.features(x) for x in drawn[reference][:2])
         rows = [dict(row=name, metric=number, fd_to_reference=frechet_distance(bench.clf.features(x), ref_f),
-                     fd64_to_reference=frechet_distance(bench.clf.features(q_x), ref_qf),
+                     fd_run_samples=frechet_distance(bench.clf.features(q_x), ref_qf),
                      acc=(bench.clf(x).argmax(1) == labels).float().mean().item())
                 for name, (x, q_x, number) in drawn.items()]
     fd = [r["fd_to_reference"] for r in rows]
@@ -612,7 +631,7 @@ def metric_study(args, overrides, argv):
     result = dict(reference=reference, rows=rows, spearman=spearman([r["metric"] for r in rows], fd),
                   spearman_without_reference=spearman([r["metric"] for r in others],
                                                       [r["fd_to_reference"] for r in others]),
-                  spearman_fd64=spearman([r["fd64_to_reference"] for r in rows], fd),
+                  spearman_fd_run_samples=spearman([r["fd_run_samples"] for r in rows], fd),
                   floor=study_floor(cfg, bench, quality, ref_f),
                   samples=dict(fd=len(labels), metric=sf.QUALITY_SIZE, quality_t=sf.QUALITY_T))
     cost = quality_cost(cfg, bench.bb, quality)
@@ -638,15 +657,17 @@ def print_metric_study(m, cfg):
     n, c = m["samples"], m["cost"]
     print(f"\nmetric study: every sampler against one reference, {m['reference']} (sf.Quality of the digits preset)."
           f"\nquality: the run's number on its {n['metric']} samples (t = {n['quality_t']:g}); FD: the classifier's "
-          f"Frechet distance to the reference sampler, {n['fd']} samples on each side; FD (64): on the run's samples")
-    print(f"{'row':<34} {'quality':>9} {'FD':>9} {'FD (64)':>9} {'accuracy':>9}")
+          f"Frechet distance to the reference sampler, {n['fd']} samples on each side; FD, run: the same on the run's "
+          f"{n['metric']} samples and the reference set")
+    print(f"{'row':<34} {'quality':>9} {'FD':>9} {'FD, run':>9} {'accuracy':>9}")
     for r in m["rows"]:
-        print(f"{r['row']:<34} {r['metric']:9.4f} {r['fd_to_reference']:9.3f} {r['fd64_to_reference']:9.2f} "
+        print(f"{r['row']:<34} {r['metric']:9.4f} {r['fd_to_reference']:9.3f} {r['fd_run_samples']:9.2f} "
               f"{r['acc']:9.3f}")
     print(f"the reference sampler on other noise (the floor): quality {m['floor']['metric']:.4f}, FD "
           f"{m['floor']['fd_to_reference']:.3f}")
     print(f"Spearman, quality vs FD: {m['spearman']:.3f} over all {len(m['rows'])} rows, "
-          f"{m['spearman_without_reference']:.3f} without the reference row; FD (64) vs FD: {m['spearman_fd64']:.3f}")
+          f"{m['spearman_without_reference']:.3f} without the reference row; FD, run vs FD: "
+          f"{m['spearman_fd_run_samples']:.3f}")
     print(f"cost ({c['threads']} threads): the reference set {c['reference_set']:.2f} s once, one quality(ema) "
           f"{c['evaluation']:.3f} s, one SiD iteration {c['iteration']:.3f} s: {100 * c['share_every_500']:.2f}% of "
           f"a run evaluating every 500 iterations; {100 * c['share_digits_run']:.2f}% of a digits run "

@@ -1,31 +1,35 @@
-"""toy_exact_teacher.py -- what limits the 2-D student: distil the checkerboard's EXACT velocity instead of a trained one.
+"""toy_exact_teacher.py -- what limits the 2-D student: distil the checkerboard's EXACT velocity, not a trained one.
 
-    python experiments/toy_exact_teacher.py            # about 2 min on 2 CPU cores (the demo's teacher: cached in out/toy)
+    python experiments/toy_exact_teacher.py      # ~2 min on 2 CPU cores; the demo's teacher is read from out/toy
+    python experiments/toy_exact_teacher.py --iters 800    # run_toy.py's Config flags, the toy preset's defaults
 
-The checkerboard is a mixture of 8 unit squares Q_k = [a_k, a_k + 1) x [b_k, b_k + 1), each of mass 1/8. Under the
-path x_t = (1 - t) x0 + t eps (D1) write s = 1 - t. For one coordinate of a square, u ~ U[a, a + 1), the law of
-y = s u + t e (e ~ N(0, 1)) and the posterior mean of u are closed-form, with alpha = (y - s a) / t, beta = alpha - s/t:
+The checkerboard is a mixture of 8 unit squares Q_k = [a_k, a_k + 1) x [b_k, b_k + 1), each of mass 1/8. On the path
+x_t = (1 - t) x0 + t eps (D1) write s = 1 - t. For one coordinate of a square, u ~ U[a, a + 1) and y = s u + t e with
+e ~ N(0, 1), the density of y and the posterior mean of u are closed-form; with alpha = (y - s a) / t and
+beta = (y - s (a + 1)) / t = alpha - s / t,
 
     p_a(y)      = (Phi(alpha) - Phi(beta)) / s
-    E[u | y, a] = y / s - (t / s) (phi(beta) - phi(alpha)) / (Phi(alpha) - Phi(beta))     (a truncated normal's mean)
+    E[u | y, a] = y / s - (t / s) (phi(beta) - phi(alpha)) / (Phi(alpha) - Phi(beta))    (a truncated normal's mean)
 
-A square's density is the product of its two coordinates' (its coordinates are independent), so the posterior over
-the squares is w_k(x_t) = p_k(x_t) / sum_j p_j(x_t), and E[x0 | x_t] = sum_k w_k(x_t) (E[u | x, a_k], E[u | y, b_k]).
-The velocity follows from (D4): v(x_t, t) = (x_t - E[x0 | x_t]) / t. Everything runs in float64 with log-CDF
-differences, so the far tails (|alpha| in the hundreds at small t) stay exact; autograd differentiates it, as SiD's
-generator loss needs (its gradient flows through the teacher's input, D11).
+(substitute w = (y - s u) / t in the integrals over u in [a, a + 1)). A square's two coordinates are independent,
+so its density is the product of theirs, the posterior over the squares is w_k(x_t) = p_k(x_t) / sum_j p_j(x_t), and
+E[x0 | x_t] = sum_k w_k(x_t) (E[u | x, a_k], E[u | y, b_k]). As x_t = (1 - t) x0 + t eps and v = eps - x0 (D1, D2),
+the velocity is v(x_t, t) = (x_t - E[x0 | x_t]) / t. It is computed in float64 with log-CDF differences, exact in
+the far tails (|alpha| in the hundreds at small t), and autograd differentiates it: SiD's generator loss sends its
+gradient through the teacher's input (D11). The script first checks E[x0 | x_t] against Monte Carlo and against
+Tweedie's formula (D3) on the closed-form density.
 
-The script checks the formula against a Monte-Carlo posterior mean, then distils it with the demo's recipe (the toy
-preset) through sf.ToyBackbone: the generator and the fake network start from the demo's trained MLP teacher (the
-student must be a network), only the teacher in the generator loss is exact. It prints the student's distance with
-run_toy's own evaluation beside the trained teacher's and the exact teacher's 128-step Euler samples.
+Then it distils the exact velocity with the toy preset through sf.ToyBackbone: the generator and the fake network
+start from the demo's trained MLP teacher (the student must be a network), and only the teacher inside the generator
+loss is exact. It prints the student's distance with run_toy.py's own evaluation, beside the trained and the exact
+teacher's Euler samples.
 """
 
 import copy
+import dataclasses
 import math
 import os
 import sys
-import time
 
 import torch
 
@@ -97,7 +101,7 @@ def monte_carlo_x0_mean(x_t, t, n=1_000_000, seed=0):
 def check_exact_velocity(n_points=16, n_mc=1_000_000):
     """Two independent checks of E[x0 | x_t] at points of the path, t from 0.9 down to 0.02: (the largest deviation
     from Monte Carlo in its standard errors, for t >= 0.15; the largest deviation from Tweedie's formula
-    E[x0 | x_t] = (x_t + t^2 grad log p_t(x_t)) / (1 - t), the gradient by autograd of the closed-form density (D5))."""
+    E[x0 | x_t] = (x_t + t^2 grad log p_t(x_t)) / (1 - t), the gradient by autograd of the closed-form density (D3))."""
     g = torch.Generator().manual_seed(1)
     mc_z, tweedie = 0.0, 0.0
     for t in (0.9, 0.6, 0.3, 0.15, 0.05, 0.02):
@@ -125,34 +129,44 @@ class ExactTeacherBackbone(sf.ToyBackbone):
         return copy.deepcopy(self.init).to(dtype).requires_grad_(True).train()
 
 
-def main():
+def main(argv=None):
+    p = sf.Parser(prog="experiments/toy_exact_teacher.py", description=__doc__)
+    sf.add_config_flags(p, skip=run_toy.NOT_HERE + ("out", "eval_every"), presets={"toy": "toy"})
+    p.add_argument("--out", default=sf.PRESETS["toy"]["out"], help="run_toy.py's folder: its cached teacher, and the "
+                   "run under runs/ [default: %(default)s]")
+    args, overrides = run_toy.parse_flags(p, argv, run_toy.NOT_HERE)
     mc_z, tweedie = check_exact_velocity()
     print(f"exact E[x0 | x_t]: within {mc_z:.1f} standard errors of Monte Carlo (1e6 samples), within {tweedie:.0e} of "
           "Tweedie's formula on its closed-form density")
     assert mc_z < 5 and tweedie < 1e-8, (mc_z, tweedie)
-    cfg = sf.make_config("toy", out=os.path.join(sf.PRESETS["toy"]["out"], "exact-teacher"))
-    mlp, _ = run_toy.train_teacher("checkerboard", cfg.seed, os.path.join(sf.PRESETS["toy"]["out"],
-                                                                          "teacher-checkerboard.pt"))
-    backbone = ExactTeacherBackbone(mlp)
-    ev = run_toy.Evaluation("checkerboard", 16384 // run_toy.R, run_toy.R, cfg.seed)
+    cfg = sf.make_config("toy", **overrides)
+    mlp, _ = run_toy.train_teacher("checkerboard", cfg.seed, os.path.join(args.out, "teacher-checkerboard.pt"))
+    exact = ExactTeacherBackbone(mlp)
+    ev = run_toy.Evaluation("checkerboard", 16384 // run_toy.R, run_toy.R, cfg.seed, max_steps=max(4, cfg.steps))
     rows = {"trained teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(mlp, z, 128), 1),
-            "exact teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(backbone.teacher, z, 128), 1),
-            "exact teacher, 4 Euler steps": ev.samples(lambda z, d: sf.euler_sample(backbone.teacher, z, 4), 1)}
-    t0 = time.time()
-    res = sf.distill(cfg, backbone)
-    seconds = time.time() - t0
-    for kind in ("ema", "generator"):
-        net = res[kind]
-        rows[f"SiD student of the exact teacher ({kind})"] = ev.samples(
-            lambda z, d: sf.generate(net, z, cfg.steps, cfg.noise, d), cfg.steps)
+            "exact teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 128), 1),
+            "exact teacher, 4 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 4), 1)}
+    # the demo's student (run_toy.py with the same flags: its run is shared, reused when it has run) and the exact one
+    for name, backbone in (("SiD", sf.ToyBackbone(mlp)), ("SiD exact teacher", exact)):
+        vcfg = dataclasses.replace(cfg)
+        vcfg.out, done = run_toy.run_folder(args.out, name, vcfg, dataset="checkerboard", teacher=run_toy.TEACHER,
+                                            data_aided=False)
+        _, res, seconds = run_toy.distil_variant(vcfg, backbone, ev, done)
+        print(f"{name}: {vcfg.out}, {'reused' if seconds is None else f'{seconds:.0f} s'}")
+        for kind in ("ema", "generator"):
+            rows[f"{name} student ({kind})"] = ev.samples(
+                lambda z, d, net=res[kind]: sf.generate(net, z, cfg.steps, cfg.noise, d), cfg.steps)
     ed = {name: ev.distance(xs) for name, xs in rows.items()}
     ref = ed["trained teacher, 128 Euler steps"][0]
-    print(f"\nenergy distance to the checkerboard ({run_toy.R} replicates, as run_toy.py), {cfg.iters} iterations "
-          f"in {seconds:.0f} s")
-    print(f"{'sampler':<44} {'distance':>10} {'+-':>9} {'/ trained teacher-128':>22}")
+    print(f"\nenergy distance to the checkerboard (mean +- standard error over {run_toy.R} replicates, as run_toy.py)")
+    print(f"{'sampler':<38} {'distance':>10} {'+-':>9} {'/ trained teacher-128':>22}")
     for name, (d, se) in ed.items():
-        print(f"{name:<44} {d:10.6f} {se:9.6f} {d / ref:22.2f}")
+        print(f"{name:<38} {d:10.6f} {se:9.6f} {d / ref:22.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (sf.UserError, sf.Interrupted) as e:
+        print(e, file=sys.stderr)
+        sys.exit(2 if isinstance(e, sf.UserError) else 130)
