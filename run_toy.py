@@ -148,7 +148,7 @@ class Evaluation:
 # ------------------------------------------------------------------------------------------------------------------
 
 # the teacher's recipe, in one place: random Fourier features of x_t (frequencies ~ N(0, fourier_scale^2)) let the
-# MLP draw the squares' sharp edges in the time a plain MLP draws round blobs (README, "Toy results")
+# MLP draw the squares' sharp edges in the time a plain MLP draws round blobs (experiments/README.md, "The default run")
 TEACHER = dict(width=128, depth=4, fourier=32, fourier_scale=2.0, iters=2500, batch=2048, lr=3e-3)
 
 
