@@ -222,8 +222,9 @@ def train_teacher(dataset, seed, path):
 
 def run_folder(out, name, cfg, **teacher):
     """(OUT/runs/<name>-<hash>, the iterations its checkpoint holds): a folder per config (less the fields a resumed
-    run may change) and teacher, so the same command resumes or reuses its run and a changed one trains anew."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sf.RESUMABLE_FIELDS}
+    run may change, but --iters when a cosine schedule depends on it) and teacher: one command resumes or reuses it."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in sf.RESUMABLE_FIELDS or k == "iters" and cfg.lr_schedule != "constant"}
     key = json.dumps(dict(fields, **teacher), sort_keys=True)
     folder = os.path.join(out, "runs", f"{sf.slug(name)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     path = sf.Runtime().checkpoint_path(folder)
@@ -284,8 +285,7 @@ def main(argv=None):
     cfg = sf.make_config("toy", **overrides)
     if args.n_eval < 64 * R:
         raise sf.UserError(f"--n-eval must be at least {64 * R}, got {args.n_eval}")
-    t_start = time.time()
-    folder = os.path.join(cfg.out, run_name(args, overrides))
+    t_start, folder = time.time(), os.path.join(cfg.out, run_name(args, overrides))
     os.makedirs(folder, exist_ok=True)
     teacher, t_teacher = train_teacher(args.dataset, cfg.seed, os.path.join(cfg.out, f"teacher-{args.dataset}.pt"))
     ev = Evaluation(args.dataset, args.n_eval // R, R, cfg.seed, max_steps=max(4, cfg.steps))

@@ -90,17 +90,12 @@ def flow_to_vp(x_t, t):
     tau = (2 / math.pi) * torch.atan2(t, 1 - t)  # (B,) since tan(pi tau / 2) = s/a = t/(1-t)
     return x_t / _per_sample(norm, x_t), tau
 
-
 # --- 2. Times, weights and guidance used during distillation (D12), (D17) -----------------------------------------
 
-def sample_t(n, dist, rng, device, t_min=1e-3, t_max=1 - 1e-3):
-    """Times for both updates, (n,). 'logit-normal' (official): t = sigmoid(N(ln 2, 1.6^2)), median 2/3, skewed to
-    high noise; 'uniform': U(0, 1). Clamped away from 0 and 1, where the conversions divide by t or 1 - t."""
-    if dist not in ("logit-normal", "uniform"):
-        raise ValueError(f"unknown t distribution {dist!r}")
-    u = torch.rand(n, generator=rng, device=device) if dist == "uniform" else torch.sigmoid(
-        torch.randn(n, generator=rng, device=device) * 1.6 + math.log(2.0))
-    return u.clamp(t_min, t_max)  # (n,)
+def sample_t(n, rng, device, t_min=1e-3, t_max=1 - 1e-3):
+    """Times for both updates, (n,): logit-normal as the official code, t = sigmoid(N(ln 2, 1.6^2)), median 2/3, skewed
+    to high noise; clamped away from 0 and 1, where the conversions divide by t or 1 - t."""
+    return torch.sigmoid(torch.randn(n, generator=rng, device=device) * 1.6 + math.log(2.0)).clamp(t_min, t_max)
 
 # w(t) of the generator loss, per sample: the seven weightings of the official code; 'inv-l1' is original SiD's
 # 1 / mean|x_g - x0_teacher|. Stop-gradient: a weight scales the step, it is not part of the objective.       (D12)
@@ -127,7 +122,6 @@ def guidance_scale(w, t, t_min=0.0, t_max=1.0):
         return float(w)
     inside = (t >= t_min) & (t <= t_max)
     return torch.where(inside, torch.full_like(t, float(w)), torch.ones_like(t)).detach()  # (B,)
-
 
 # --- 3. Losses: pure functions of tensors, each returning a per-sample (B,) tensor --------------------------------
 
@@ -167,7 +161,6 @@ def gan_generator_loss(logits_fake, weight):
     """The generator's adversarial term w(t) BCE(D(x_t of x_g) -> real), (B,). Its gradient reaches x_g through the
     fake network's input, as SiD's does.                                                                    (D16)"""
     return weight * _bce(logits_fake, 1)  # (B,)
-
 
 # --- 4. The few-step generator (D13) -------------------------------------------------------------------------------
 
@@ -222,7 +215,6 @@ def euler_sample(velocity_fn, z, steps):
         for i in range(steps):
             x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(z.shape[0]))
     return x  # (B, *D)
-
 
 # --- 5. The teacher interface: every family quirk lives behind it (D8) ----------------------------------------------
 
@@ -291,7 +283,6 @@ class ToyBackbone(Backbone):
     def sample_batch(self, n, rng, rows=slice(None)):
         return None, (self.real(n, rng)[rows] if self.real else None)
 
-
 # --- 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample (D9)-(D16) --------
 
 def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
@@ -325,10 +316,10 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images
         x_g = generator_step(G, x_in, t_in).float()  # (B, *D); extra fake updates reuse it with fresh t and eps
     out = {"k": k, "nonfinite": []}
     for _ in range(cfg.fake_updates):
-        t, eps = sample_t(n, "logit-normal", rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        t, eps = sample_t(n, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
         out["nonfinite"] += fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime, out)
     if update_generator:
-        t, eps = sample_t(n, "logit-normal", rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
+        t, eps = sample_t(n, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
         out["nonfinite"] += generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond,
                                              gan_weight, runtime, out)
     return out
@@ -394,7 +385,6 @@ def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps
     runtime.average_grads(generator)
     opt_gen.step()
     return []
-
 
 # --- 7. The loop: optimizers, EMA, the runtime's one-process defaults, checkpoints, distill() ---------------------
 
@@ -556,7 +546,6 @@ def distill(cfg, backbone, on_eval=None, runtime=None):
     save()
     return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped, optimizers=(opt_gen, opt_fake))
 
-
 # ============================= PART II -- THE MACHINERY THAT SCALES IT (a first reading may stop here) =============
 
 import argparse
@@ -569,13 +558,13 @@ import warnings
 
 import diffusers
 import huggingface_hub
-import matplotlib
 import peft
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.utils.checkpoint
 import transformers
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from matplotlib.figure import Figure  # (no pyplot: no GUI backend, no global state)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -584,20 +573,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-
 
 # --- 8. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface ---------------------------------
 
-PREVIEW_PROMPTS, PREVIEW_SEED = 4, 1234  # previews: the first 4 prompts of the run's set
 PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
 
 def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates kept once (first occurrence order)
     if not os.path.isfile(path):
         raise UserError(f"--prompts {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        prompts = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    prompts = list(dict.fromkeys(line.strip() for line in open(path, encoding="utf-8") if line.strip()))
     if not prompts:
         raise UserError(f"--prompts {path}: the file has no prompts (one per line)")
     return prompts
@@ -605,19 +589,15 @@ def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates 
 DEFAULT_PROMPTS = read_prompts(os.path.join(HERE, "assets", "prompts.txt"))  # when no --prompts file is given
 
 def cfg_branches(w, embedded=False, per_sample=False):
-    """Batches of network work one call at CFG scale w costs in DiTBackbone.velocity: 1 for a guidance embedding,
-    for w = 1 (the prompt alone) and for a batch-wide w = 0 (the empty prompt alone); else 2."""
+    """Batches of work of a velocity call at CFG scale w: 1 if embedded, w = 1 or a batch-wide w = 0; else 2."""
     return 1 if embedded or w == 1 or (w == 0 and not per_sample) else 2
 
 def _cat(conds):  # conditioning dicts concatenated along the batch
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 class DiTBackbone(Backbone):
-    """A diffusers text-to-image pipeline behind the Backbone interface (teacher = pipe.transformer). What the three
-    families share is here: the prompt cache, classifier-free guidance in one batched call (D17), latent shapes,
-    decoding. A family provides encode(prompts) -> cond, a dict of batch-first tensors (prompt embeddings and the
-    like), and forward(net, x_t, t, cond, guidance): one call of `net` in our conventions, x_t (B, C, h, w) and t (B,)
-    in [0, 1] -> v (B, C, h, w). FLUX.1-dev, guidance-distilled, takes w as an input instead of a second branch."""
+    """A diffusers pipeline as a Backbone (teacher: pipe.transformer): prompt cache, CFG in one call (D17), decoding. A
+    family adds encode(prompts) -> cond, batch-first tensors, and forward(net, x_t, t, cond, guidance) -> v (D2)."""
 
     guidance_embedded = False
     packing = 1                       # FLUX packs 2x2 latent patches into tokens before the transformer
@@ -626,9 +606,8 @@ class DiTBackbone(Backbone):
 
     def __init__(self, pipe, resolution, device, teacher_dtype):
         self.pipe, self.device, self.resolution = pipe, device, resolution
-        # one placement policy for every component the run uses: all of them on the run's device, in the teacher's
-        # dtype. The text encoders too -- diffusers' encode_prompt sends token ids to `device`, and a T5-XXL left
-        # on the CPU of a GPU machine would take hours; set_prompts() frees them once the prompt bank is cached.
+        # every component on the device in the teacher's dtype, the text encoders too (a T5-XXL on a GPU machine's CPU
+        # would take hours): set_prompts() frees them once the prompts are cached
         self.teacher = pipe.transformer.to(device, teacher_dtype).requires_grad_(False).eval()
         for name in ("vae", *self.text_encoders()):
             if getattr(pipe, name, None) is not None:
@@ -639,12 +618,10 @@ class DiTBackbone(Backbone):
         self.prompts, self.bank, self.uncond, self.data = [], None, None, None
 
     def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
-        return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                if getattr(self.pipe, name, None) is not None]
+        return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(self.pipe, n, None)]
 
     def set_prompts(self, prompts):
-        """Encode the prompt set once, on the device. If the cache fits PROMPT_CACHE_BYTES it is kept on the CPU and
-        the text encoders are freed; otherwise prompts are encoded per batch, and the encoders stay."""
+        """Encode the prompts once, kept on the CPU, and free the text encoders -- if PROMPT_CACHE_BYTES holds them."""
         self.prompts = list(prompts)
         with torch.no_grad():
             self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
@@ -654,8 +631,7 @@ class DiTBackbone(Backbone):
                                   for i in range(0, len(self.prompts), 16)])
                 for name in self.text_encoders():
                     setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # (nothing to do without CUDA)
 
     def cond_for(self, idx):  # conditioning for prompt indices idx (list of int), on the device
         if self.bank is not None:
@@ -664,14 +640,12 @@ class DiTBackbone(Backbone):
             return self.encode([self.prompts[i] for i in idx])
 
     def sample_batch(self, n, rng, rows=slice(None)):
-        """(cond, x0_real) for `rows` of a batch of n random prompts (only those rows are encoded or moved); with a
-        data set (backbone.data), the prompts are its captions and x0_real its cached latents, row for row."""
+        """(cond, x0_real) of `rows` of n random prompts; with data: its captions, and as x0_real their latents."""
         idx = torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device)[rows].tolist()
         return self.cond_for(idx), (self.data[idx].to(self.device) if self.data is not None else None)
 
     def velocity(self, net, x_t, t, cond, guidance):
-        """v_u + w (v_c - v_u) (D17), w a float or a per-sample (B,) tensor (a guidance interval). A float 1 is the
-        conditional call alone, a float 0 the unconditional call alone: one branch each (cfg_branches)."""
+        """v_u + w (v_c - v_u) (D17), w a float or per-sample (B,); a float 1 or 0: one branch alone (cfg_branches)"""
         B, per_sample = x_t.shape[0], torch.is_tensor(guidance)
         if self.guidance_embedded or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond, guidance)
@@ -695,12 +669,9 @@ class DiTBackbone(Backbone):
         return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
 
     def students(self, cfg, runtime):
-        """Three LoRA adapters on the teacher itself ('lora' mode); or three full copies, which under torchrun are
-        built already sharded after the teacher (sharded_copy): no GPU ever holds an unsharded trainable copy."""
+        """Three LoRA adapters on the teacher itself, or three full copies (under torchrun: built sharded)."""
         if cfg.mode == "lora":
             nets = lora_students(self, cfg.lora_rank)
-            if runtime.world > 1:  # replicas must start equal (seeded alike): LoRA's A matrices are random
-                runtime.same_on_all_ranks(nets, "initial weights")
         elif runtime.world == 1:
             nets = super().students(cfg, runtime)
         else:  # compiled blocks, then sharded (section 12)
@@ -717,8 +688,7 @@ class DiTBackbone(Backbone):
         return nets
 
 class SanaBackbone(DiTBackbone):
-    """SANA: Gemma-2 text embeddings with an attention mask; the transformer takes t * 1000 * timestep_scale.
-    We encode without SANA's long complex_human_instruction and without resolution binning."""
+    """SANA: Gemma-2 embeddings and mask (no complex_human_instruction, no resolution binning); t * 1000 * scale."""
     pipeline_kwargs = {"complex_human_instruction": None, "use_resolution_binning": False}
 
     def encode(self, prompts):
@@ -734,8 +704,7 @@ class SanaBackbone(DiTBackbone):
         return v[:, :x_t.shape[1]]  # a learned-sigma head outputs 2C channels: the first C are the velocity
 
 class SD3Backbone(DiTBackbone):
-    """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000.
-    The stock pipeline draws its per-step noise from torch's global RNG, not from `generator`."""
+    """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000."""
     step_noise_from_generator = False
 
     def encode(self, prompts):
@@ -750,11 +719,9 @@ class SD3Backbone(DiTBackbone):
                    pooled_projections=cond["pooled"].to(dt), return_dict=False)[0]
 
 class FluxBackbone(DiTBackbone):
-    """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids; latents are packed 2x2 into tokens; t in [0, 1].
-    FLUX.1-dev is guidance-distilled: the guidance scale is an input embedding, never a second branch. Every CFG
-    scale of the config is fed to that embedding (0 is embedded guidance 0, not the empty prompt: no Zero-CFG here;
-    outside a guidance interval the embedding gets 1); the generator gets cfg.student_guidance (pass the same value as
-    guidance_scale to the stock FluxPipeline). Per-step noise: torch's global RNG, drawn in the packed layout."""
+    """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids, latents packed 2x2 into tokens, t in [0, 1]. FLUX.1-dev is
+    guidance-distilled: every CFG scale is fed to its guidance embedding, never a second branch (0 is not the empty
+    prompt: no Zero-CFG); the student gets cfg.student_guidance, the stock FluxPipeline the same guidance_scale."""
     guidance_embedded = True
     packing = 2
     step_noise_from_generator = False
@@ -765,27 +732,20 @@ class FluxBackbone(DiTBackbone):
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     @staticmethod
-    def pack(x):
-        B, C, h, w = x.shape
-        x = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
-        return x.reshape(B, (h // 2) * (w // 2), C * 4)  # (B, tokens, 4C)
+    def pack(x):  # (B, C, h, w) -> (B, h/2 * w/2 tokens, 4C), a token's channels ordered (C, 2, 2) as FluxPipeline's
+        return F.pixel_unshuffle(x, 2).flatten(2).transpose(1, 2)
 
     @staticmethod
-    def unpack(x, h, w):
-        B, _, D = x.shape
-        x = x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
-        return x.reshape(B, D // 4, h, w)  # (B, C, h, w)
+    def unpack(x, h, w):  # (B, tokens, 4C) -> (B, C, h, w)
+        return F.pixel_shuffle(x.transpose(1, 2).reshape(len(x), -1, h // 2, w // 2), 2)
 
     def forward(self, net, x_t, t, cond, guidance):
-        dt, (_, h, w) = self._dtype(net), self.sample_shape
-        ids = torch.zeros(h // 2, w // 2, 3, device=x_t.device)
-        ids[..., 1] += torch.arange(h // 2, device=x_t.device)[:, None]  # row index
-        ids[..., 2] += torch.arange(w // 2, device=x_t.device)[None, :]  # column index
+        dt, (_, h, w) = self._dtype(net), self.sample_shape  # img_ids: (tokens, 3), each (0, row, column)
+        ids = torch.cartesian_prod(*(torch.arange(n, device=x_t.device).float() for n in (1, h // 2, w // 2)))
         g = (torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])  # (B,)
              if net.config.guidance_embeds else None)
         v = net(hidden_states=self.pack(x_t).to(dt), timestep=t, guidance=g, pooled_projections=cond["pooled"].to(dt),
-                encoder_hidden_states=cond["embeds"].to(dt), txt_ids=self.txt_ids, img_ids=ids.reshape(-1, 3),
-                return_dict=False)[0]
+                encoder_hidden_states=cond["embeds"].to(dt), txt_ids=self.txt_ids, img_ids=ids, return_dict=False)[0]
         return self.unpack(v, h, w)
 
     def step_noise(self, shape, rng):
@@ -794,13 +754,11 @@ class FluxBackbone(DiTBackbone):
 
 FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
 
-
 # --- 9. LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base -----
-# Two peft pitfalls, handled here once: (1) peft's set_adapter() makes ONLY the active adapter trainable, so after every
-# switch the requires_grad flags are put back (generator and fake train, ema does not), otherwise a backward pass after
-# a switch would silently skip the other adapter; (2) gradient checkpointing recomputes a block during backward, when
-# another adapter may be active, so the checkpoint function records the adapter of the forward pass and replays it --
-# on that block's own LoRA layers only (a switch of the whole base would visit every module of it once per block).
+# Two peft pitfalls, handled here once: (1) set_adapter() makes ONLY the active adapter trainable: after each switch the
+# requires_grad flags are put back (generator and fake train, ema does not), or a backward pass after a switch would
+# silently skip the other adapter; (2) gradient checkpointing recomputes a block in backward, when another adapter may
+# be active: the checkpoint function records the forward pass's adapter and replays it on that block's LoRA layers.
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
 LORA_TRAINABLE = ("generator", "fake")
@@ -839,8 +797,7 @@ def blocks(net):  # the repeated blocks of a diffusers DiT: its ModuleLists' mem
     return [block for child in net.children() if isinstance(child, nn.ModuleList) for block in child]
 
 def checkpoint_blocks(net, share):
-    """Gradient checkpointing of a `share` of net's blocks, spread evenly (0.5: every second block, 1: all), whose
-    recompute replays the adapter of the forward pass (LoRA, pitfall 2; a full network has none to replay)."""
+    """Checkpoint a `share` of net's blocks, spread evenly (0.5: every second), replaying the forward's LoRA adapter."""
     chosen = {id(b) for i, b in enumerate(blocks(net)) if math.floor((i + 1) * share) > math.floor(i * share)}
 
     def checkpoint(block, *args):  # diffusers calls it for every block when checkpointing is enabled
@@ -854,16 +811,14 @@ def checkpoint_blocks(net, share):
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
     net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
-# torch.compile of each block alone (regional compilation: one compiled graph serves every block of a kind, so it
-# takes minutes, not tens of minutes). Per-sample guidance scales stay outside the blocks; the batch sizes (B, 2B
-# with CFG) and LoRA's four adapter states each compile once, within the cache limit raised here.
+# torch.compile of each block alone: one graph serves every block of a kind (minutes, not tens of minutes). Per-sample
+# guidance scales stay outside; the batch sizes (B, 2B with CFG) and LoRA's four adapter states each compile once.
 COMPILE = dict(dynamic=False)
 torch._dynamo.config.cache_size_limit = 64
 
 class AdapterView(nn.Module):
-    """The shared base seen through one adapter (`adapter=None`: the teacher, adapters off). The base is not a
-    submodule: parameters() and state_dict() are the adapter's tensors only (the base's frozen ones for the teacher),
-    so optimizers, EMA and checkpoints handle a few MB, not the whole DiT."""
+    """The shared base seen through one adapter (None: the teacher, adapters off). Not a submodule: parameters()
+    and state_dict() are the adapter's (the teacher's: the frozen base's): optimizers, EMA, checkpoints hold MBs."""
 
     def __init__(self, base, adapter):
         super().__init__()
@@ -877,9 +832,6 @@ class AdapterView(nn.Module):
         for n, p in self.base.named_parameters():
             if (self.adapter is None and "lora_" not in n) or (self.adapter and f".{self.adapter}." in n):
                 yield n, p
-
-    def parameters(self, recurse=True):
-        return (p for _, p in self.named_parameters())
 
     def _key(self, name):  # adapter-agnostic names, so generator and ema states are interchangeable
         return name.replace(f".{self.adapter}.", ".") if self.adapter else name
@@ -897,10 +849,8 @@ class AdapterView(nn.Module):
             return self.base(*args, **kwargs)
 
     def merged_state_dict(self):
-        """The base's state dict with this adapter's LoRA fused into its weights: W + delta, added in float32 (a
-        bf16 sum would drop every bit of delta below 2^-9 |W|), then stored in W's dtype."""
-        state = {n.replace(".base_layer", ""): p.detach()
-                 for n, p in self.base.state_dict().items() if "lora_" not in n}
+        """The base's state dict with this LoRA fused in: W + delta in float32 (bf16 drops delta < 2^-9 |W|), as W."""
+        state = {k.replace(".base_layer", ""): v.detach() for k, v in self.base.state_dict().items() if "lora" not in k}
         for name, module in self.base.named_modules():
             if isinstance(module, BaseTunerLayer) and self.adapter in module.lora_A:
                 w, delta = module.get_base_layer().weight.detach(), module.get_delta_weight(self.adapter).detach()
@@ -908,8 +858,7 @@ class AdapterView(nn.Module):
         return state
 
 def lora_students(backbone, rank):
-    """Adapters on the teacher itself: returns (generator, fake, ema) views and makes backbone.teacher the base
-    with adapters off. LoRA B starts at zero, so all three start as the teacher; ema starts equal to generator."""
+    """(generator, fake, ema) adapter views on the teacher, all starting as it (LoRA B = 0); teacher: adapters off."""
     base = backbone.teacher
     for name in ("generator", "fake", "ema"):
         with warnings.catch_warnings():  # peft warns that a model gets several adapters: that is the point here
@@ -924,57 +873,32 @@ def lora_students(backbone, rank):
     backbone.teacher = AdapterView(base, None)
     return views
 
-
 # --- 10. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE ------
 
-def read_image_captions(path):
-    """[(image path, caption)] and the number of entries without a usable caption. `path`: a folder of images with
-    same-name .txt captions, or a .jsonl of {"image": path relative to the file, "text": caption}."""
-    entries = []  # (image path, caption: "" when there is none)
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            stem, ext = os.path.splitext(name)
-            txt = os.path.join(path, stem + ".txt")
-            if ext.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-                caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
-                entries.append((os.path.join(path, name), caption))
-    elif os.path.isfile(path) and path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line in filter(str.strip, f):  # blank lines are no entries
-                try:
-                    rec = json.loads(line)
-                    entries.append((os.path.join(os.path.dirname(path), str(rec["image"])), str(rec["text"]).strip()))
-                except (ValueError, KeyError, TypeError):  # not JSON, or no image or text: an entry without caption
-                    entries.append(("", ""))
-    else:
-        raise UserError(f"--data {path}: not a folder of images with .txt captions, nor a .jsonl file")
-    pairs = [(image, caption) for image, caption in entries if caption]
-    return pairs, len(entries) - len(pairs)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-def load_image(path, resolution):
-    """An RGB image resized (shorter side) and center-cropped to a square: (1, 3, R, R) in [-1, 1]."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = resolution / min(im.size)
-        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
-                       Image.BICUBIC)
-        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    return (x.permute(2, 0, 1)[None].float() / 127.5 - 1.0)  # (1, 3, R, R)
+def read_image_captions(path):
+    """[(image path, caption)] of a folder of images with same-name .txt captions, and how many images have none."""
+    if not os.path.isdir(path):
+        raise UserError(f"--data {path}: not a folder of images with same-name .txt captions")
+    images = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    pairs = [(im, open(txt, encoding="utf-8").read().strip()) for im in images
+             if os.path.isfile(txt := os.path.splitext(im)[0] + ".txt")]
+    pairs = [(image, caption) for image, caption in pairs if caption]
+    return pairs, len(images) - len(pairs)
 
 def encode_data(backbone, path, cache_path):
-    """Latents (N, C, h, w) on the CPU and captions of a data set, encoded once and cached at `cache_path`
-    (reused while path and resolution match). Unreadable images and missing captions are skipped and counted."""
+    """(latents (N, C, h, w) on the CPU, captions, skipped counts) of a data set, encoded once, cached at cache_path."""
     key = dict(path=os.path.abspath(path), resolution=backbone.resolution, teacher=backbone.source)
     cache = torch.load(cache_path, weights_only=False) if os.path.isfile(cache_path) else {}
     if cache.get("key") == key:
         return cache["latents"], cache["captions"], cache["skipped"]
-    (pairs, no_caption), vae = read_image_captions(path), backbone.pipe.vae
+    (pairs, no_caption), vae, R = read_image_captions(path), backbone.pipe.vae, backbone.resolution
     latents, captions, unreadable = [], [], 0
     for image_path, caption in pairs:
-        try:
-            x = load_image(image_path, backbone.resolution)
+        try:  # resized (shorter side) and center-cropped to a square by the pipeline's own processor: (1, 3, R, R)
+            with Image.open(image_path) as im:
+                x = backbone.pipe.image_processor.preprocess(im.convert("RGB"), R, R, resize_mode="crop")
         except Exception:  # corrupt, truncated, missing, not an image: skip it, count it, go on
             unreadable += 1
             continue
@@ -986,24 +910,23 @@ def encode_data(backbone, path, cache_path):
         latents.append(z.cpu())
         captions.append(caption)
     if not latents:
-        raise UserError(f"--data {path}: no usable image-caption pairs ({unreadable} unreadable, "
-                        f"{no_caption} without caption)")
+        raise UserError(f"--data {path}: no usable image-caption pairs ({unreadable} unreadable, {no_caption} without "
+                        "caption)")
     latents, skipped = torch.cat(latents), dict(unreadable=unreadable, no_caption=no_caption)  # (N, C, h, w)
-    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
     atomic_save(dict(key=key, latents=latents, captions=captions, skipped=skipped), cache_path)
     return latents, captions, skipped
 
-
 # --- 11. A quality number for every run, with no extra download: the student's kernel distance to the teacher -----
-# At the start of a run the teacher draws a fixed reference set: QUALITY_SIZE prompts of the run's set with fixed seeds,
-# through its own REFERENCE_STEPS-step Euler sampler guided as in the losses (the run's guidance interval: the target
-# the student is distilled toward). At every evaluation the student (EMA) draws the same prompts and seeds in its K
-# steps. Both sets are seen through the teacher's own eyes --
-# its last hidden states (what the data-aided discriminator pools), mean over tokens, of each sample noised to
-# t = QUALITY_T with fixed noise, standardised by the reference's statistics -- and compared by the unbiased squared
-# MMD with KID's cubic kernel: no network to download, and unbiased with a few dozen samples (a Frechet distance
-# needs thousands). experiments/digits.py --metric-study validates it against a classifier's Frechet distance.
-QUALITY_SIZE, QUALITY_T, REFERENCE_STEPS = 64, 0.5, 32
+# At a run's start the teacher draws a reference set, QUALITY_SIZE of the run's prompts with fixed seeds, by its own
+# REFERENCE_STEPS-step Euler sampler guided as in the losses; each evaluation, the student (EMA) draws the same prompts
+# and seeds. The teacher's last hidden states at t = QUALITY_T, averaged over a 4 x 4 grid of image regions (not over
+# the whole image: the layout matters), see both, compared by KID's unbiased squared MMD: nothing to download, no bias
+# at any sample size. experiments/digits.py --metric-study validates it and chose these constants.
+QUALITY_SIZE, QUALITY_T, REFERENCE_STEPS = 256, 0.5, 32
+
+def grid_features(hidden, B, cells=4):  # captured (B, N, C) -> (B, cells^2 C); the toy's (B, C) as they are
+    h, side = hidden[-B:].float(), math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
+    return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), cells).flatten(1) if side else h
 
 def kernel_distance(f, g):
     """Unbiased squared MMD between feature sets f and g (n, C), cubic kernel k(a, b) = (a.b / C + 1)^3. The sets are
@@ -1013,78 +936,80 @@ def kernel_distance(f, g):
     return (off_diagonal(k(f, f)) + off_diagonal(k(g, g)) - 2 * off_diagonal(k(f, g))).item()
 
 class Quality:
-    """quality(net) -> the score of a generator's K-step samples (lower is better; ~0: the teacher's own). The
-    reference features and the teacher's own 4- and 8-step scores are cached in `cache` and reused on resume."""
+    """quality(net) -> the score of a generator's K-step samples (lower is better; ~0: the teacher's own), kept in
+    .samples (the run's preview). The reference and the teacher's 4- and 8-step scores are cached in `cache`."""
 
     def __init__(self, backbone, cfg, cache=None):
-        self.backbone, self.cfg, n = backbone, cfg, QUALITY_SIZE
-        prompts = [backbone.prompts[i % len(backbone.prompts)] for i in range(n)] if backbone.prompts else None
-        self.cond = backbone.cond_for([i % len(backbone.prompts) for i in range(n)]) if prompts else None
-        self.z = backbone.noise((n, *backbone.sample_shape), torch.Generator(backbone.device).manual_seed(0))
-        key = dict(prompts=prompts, size=n, t=QUALITY_T, steps=REFERENCE_STEPS, shape=backbone.sample_shape,
-                   guidance=(cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max))
+        self.backbone, self.cfg, n, bb = backbone, cfg, QUALITY_SIZE, backbone
+        idx = [i % len(bb.prompts) for i in range(n)] if bb.prompts else None
+        self.cond = idx and bb.cond_for(idx)  # (dict of (n, ...) tensors, or None: an unconditional teacher)
+        self.z = bb.noise((n, *bb.sample_shape), torch.Generator(bb.device).manual_seed(0))
+        key = dict(prompts=idx and [bb.prompts[i] for i in idx], size=n, t=QUALITY_T, steps=REFERENCE_STEPS,
+                   shape=bb.sample_shape, guidance=(cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max))
         saved = torch.load(cache, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
             self.mean, self.std, self.reference, self.teacher = saved["stats"]
             return
         w = lambda t: guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)  # noqa: E731  the run's
-        teacher = lambda x, t: backbone.velocity(backbone.teacher, x, t, self.cond, w(t))  # noqa: E731
-        with autocast(cfg, backbone.device):
-            reference = self.features(euler_sample(teacher, self.z, REFERENCE_STEPS))
+        teacher = lambda K: self.chunked(lambda z, c: euler_sample(  # noqa: E731  the teacher's K-step samples
+            lambda x, t: bb.velocity(bb.teacher, x, t, c, w(t)), z, K), self.z)
+        with autocast(cfg, bb.device):
+            reference = self.features(teacher(REFERENCE_STEPS))
             self.mean, self.std = reference.mean(0), reference.std(0) + 1e-6
             self.reference = (reference - self.mean) / self.std
-            self.teacher = {K: self.score(euler_sample(teacher, self.z, K)) for K in (4, 8)}  # for the plot
+            self.teacher = {K: self.score(teacher(K)) for K in (4, 8)}  # for the plot
         if cache and int(os.environ.get("RANK", 0)) == 0:
             atomic_save(dict(key=key, stats=(self.mean, self.std, self.reference, self.teacher)), cache)
 
+    def chunked(self, fn, x):  # fn(rows, their conditioning) over 16 rows at a time: no batch larger than that
+        return torch.cat([fn(x[i:i + 16], self.cond and {k: v[i:i + 16] for k, v in self.cond.items()})
+                          for i in range(0, len(x), 16)])
+
     def features(self, x):
-        """The teacher's pooled last hidden states of x (N, *D) noised to QUALITY_T: (N, C) in float64."""
-        bb, n = self.backbone, len(x)
-        t = torch.full((n,), QUALITY_T, device=x.device)
-        x_t = add_noise(x, bb.noise(x.shape, torch.Generator(bb.device).manual_seed(1)), t)
-        with torch.no_grad(), capture_features(bb.teacher) as hidden:
-            for i in range(0, n, 16):
-                cond = {k: v[i:i + 16] for k, v in self.cond.items()} if self.cond else None
-                bb.velocity(bb.teacher, x_t[i:i + 16], t[i:i + 16], cond, 1.0)
-        return torch.cat([pooled_logits(h, len(h)) for h in hidden]).double()
+        """The teacher's grid-averaged last hidden states of x (N, *D) noised to QUALITY_T: (N, 16 C) in float64."""
+        bb, t = self.backbone, torch.full((len(x),), QUALITY_T, device=x.device)
+
+        def pooled(x_t, cond):
+            with torch.no_grad(), capture_features(bb.teacher) as hidden:
+                bb.velocity(bb.teacher, x_t, t[:len(x_t)], cond, 1.0)
+            return grid_features(hidden[0], len(x_t))
+        eps = bb.noise(x.shape, torch.Generator(bb.device).manual_seed(1))  # the same noise at every evaluation
+        return self.chunked(pooled, add_noise(x, eps, t)).double()
 
     def score(self, x):
         return kernel_distance((self.features(x) - self.mean) / self.std, self.reference)
 
     def __call__(self, net):
-        bb, g = self.backbone, torch.Generator(self.backbone.device).manual_seed(2)  # the same draws every time
-        student = lambda x, t: bb.velocity(net, x, t, self.cond, self.cfg.student_guidance)  # noqa: E731
-        with autocast(self.cfg, bb.device):
-            return self.score(generate(student, self.z, self.cfg.steps, self.cfg.noise,
-                                       lambda x: bb.step_noise(x.shape, g)))
+        bb, g, cfg = self.backbone, torch.Generator(self.backbone.device).manual_seed(2), self.cfg  # the same draws
+        draw = lambda x: bb.step_noise(x.shape, g)  # noqa: E731
+        with autocast(cfg, bb.device):
+            self.samples = self.chunked(lambda z, c: generate(
+                lambda x, t: bb.velocity(net, x, t, c, cfg.student_guidance), z, cfg.steps, cfg.noise, draw), self.z)
+            return self.score(self.samples)
 
 def plot_quality(out, teacher, now):
     """OUT/quality.png: the student's number over the run (OUT/log.jsonl's, and `now`), the teacher's as lines."""
     log = os.path.join(out, "log.jsonl")
     points = [(m["step"], m["eval"]["quality"]) for m in map(json.loads, open(log) if os.path.exists(log) else [])
               if "quality" in (m.get("eval") or {}) and m["step"] < now[0]] + [now]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax = Figure(figsize=(6, 3.5)).subplots()
     ax.plot(*zip(*points), "o-", label="student (EMA)")
     for (K, q), ls in zip(teacher.items(), ("--", ":")):
         ax.axhline(q, color="gray", ls=ls, label=f"teacher, {K} Euler steps")
     ax.set(xlabel="iteration", ylabel="kernel distance to the teacher (lower is better)", yscale="symlog")
     ax.legend()
-    fig.savefig(os.path.join(out, "quality.png"), dpi=90, bbox_inches="tight")
-    plt.close(fig)
-
+    ax.figure.savefig(os.path.join(out, "quality.png"), dpi=90, bbox_inches="tight")
 
 # --- 12. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
 
-# cuDNN's fused attention, torch's first choice for scaled_dot_product_attention on Hopper GPUs, returned NaN in the
-# backward pass through FLUX's joint attention on an H200 (torch 2.11) where the flash, memory-efficient and math
-# kernels agreed and stayed finite: it is switched off, and flash attention serves instead.
+# cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through FLUX's joint
+# attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed finite: switched off.
 torch.backends.cuda.enable_cudnn_sdp(False)
 
 class Distributed(Runtime):
-    """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients inside
-    backward, and a checkpoint is a torch.distributed.checkpoint folder of every rank's shards (+ meta.pt). LoRA mode:
-    a replica of the adapters per rank, gradients averaged by an all-reduce -- DDP by hand, since DDP expects every
-    forward to be followed by a backward into its own weights, and SiD runs the fake network forward untrained."""
+    """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients in
+    backward, checkpoints a torch.distributed.checkpoint folder. LoRA mode: replicated adapters, gradients all-reduced
+    by hand (DDP expects a backward into the weights after every forward; SiD runs the fake network forward alone)."""
 
     def __init__(self, rank, world, device, sharded):
         super().__init__(device)
@@ -1101,14 +1026,6 @@ class Distributed(Runtime):
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
-
-    def same_on_all_ranks(self, nets, what):  # fail loudly unless all ranks hold the same weights (sums of p, p^2)
-        local = torch.stack([sum(p.detach().double().pow(k).sum() for n in nets for p in n.parameters())
-                             for k in (1, 2)]).to(self.device)
-        gathered = [torch.zeros_like(local) for _ in range(self.world)]
-        dist.all_gather(gathered, local)
-        if not all(torch.allclose(g, gathered[0], rtol=1e-9) for g in gathered):
-            raise RuntimeError(f"{what}: the ranks hold different weights")
 
     def checkpoint_path(self, out):
         return os.path.join(out, "checkpoint" if self.sharded else "checkpoint.pt")
@@ -1154,15 +1071,8 @@ def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE,
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(int(os.environ["RANK"]), world, device, sharded=cfg.mode == "full")
 
-def student_precision(cfg):
-    """FSDP2's mixed-precision policy for the trainable copies: with bf16 autocast over float32 masters, all-gather
-    the weights in bf16 (half the traffic and unsharded memory) and reduce-scatter gradients in float32."""
-    autocast_over_fp32 = cfg.precision == "bf16-autocast"
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if autocast_over_fp32 else None
-
 def shard(net, mp_policy=None, device_type=None, compiled=False):
-    """FSDP2: each transformer block its own unit (compiled first, with --compile), then the root, on a mesh of the
-    network's device type (FSDP2's default mesh is the accelerator's, which a CPU run on a GPU machine must not use)."""
+    """FSDP2: each block a unit (compiled first with --compile), then the root, on a mesh of the net's device type."""
     mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
     kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
     for block in blocks(net):
@@ -1172,9 +1082,11 @@ def shard(net, mp_policy=None, device_type=None, compiled=False):
     fully_shard(net, **kw)
     return net
 
+def student_precision(cfg):  # bf16 autocast over float32 masters: all-gather bf16 weights, reduce float32 gradients
+    return MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cfg.precision == "bf16-autocast" else None
+
 def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
-    """A copy of the sharded teacher, built shard by shard: the module is made on the meta device (no memory),
-    sharded like the teacher, allocated, and each rank fills its own shards from the teacher's, cast to `dtype`."""
+    """A copy of the sharded teacher in `dtype`: made on the meta device, sharded alike, each rank fills its shards."""
     with torch.device("meta"):
         net = type(teacher).from_config(teacher.config).to(dtype)
     device = next(teacher.parameters()).device
@@ -1189,7 +1101,7 @@ def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
             b.copy_(c)  # buffers are not sharded
     return net
 
-def remove_path(path):
+def remove_path(path):  # a file or a folder, if it is there
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
@@ -1203,7 +1115,6 @@ def replace_path(tmp, path):
     os.replace(tmp, path)
     remove_path(f"{path}.old")
 
-
 # --- 13. Config: one typed place for every default; presets by name override a few fields -------------------------
 
 def option(default, help, choices=None, const=None):
@@ -1213,7 +1124,6 @@ def option(default, help, choices=None, const=None):
 @dataclasses.dataclass
 class Config:
     teacher: str = option("toy", "the teacher: a preset (listed below), a local diffusers pipeline folder or a hub id")
-    # --- SiD (derivation.md) ---
     loss: str = option("sid", "the generator loss: SiD's (D11), or DMD's for contrast (D14)", ("sid", "dmd"))
     alpha: float = option(1.0, "weight of the fake-score term in SiD's generator loss (D11); original SiD: 1.2")
     weighting: str = option("1-t", "the generator loss's weight w(t) over noise levels (D12)", WEIGHTINGS)
@@ -1228,7 +1138,6 @@ class Config:
     cfg_eval_real: float = option(1.0, "guidance scale of the teacher inside the generator loss (D17)")
     cfg_t_min: float = option(0.0, "the guidance scales apply only for noise levels t >= this (D17)")
     cfg_t_max: float = option(1.0, "the guidance scales apply only for noise levels t <= this (D17)")
-    # --- optimisation ---
     iters: int = option(1000, "generator updates in the run")
     batch_size: int = option(256, "generated samples per update, per process")
     lr_gen: float = option(5e-6, "the generator's Adam learning rate")
@@ -1236,33 +1145,30 @@ class Config:
     lr_schedule: str = option("constant", "learning rates constant (official) or cosine to 0", ("constant", "cosine"))
     ema_decay: float = option(0.999, "decay of the generator's moving average: the student a run keeps")
     seed: int = option(0, "seed of every random draw of the run")
-    student_guidance: float = option(1.0, "guidance the generator is called with: 1 (none); FLUX: its embedded guidance")
+    student_guidance: float = option(1.0, "guidance the generator is called with: 1 (none); FLUX: embedded guidance")
     gan_weight: float = option(0.5, "data-aided runs: share of the adversarial term in the generator loss (D16)")
-    # --- data and I/O ---
     resolution: int = option(0, "image side in pixels (0: the teacher's native size)")
     prompts: str = option("", "a text file of prompts, one per line (none: a built-in list of 16)")
-    data: str = option("", "real images for data-aided SiD (D16): a folder of x.png + x.txt captions, or a .jsonl")
+    data: str = option("", "real images for data-aided SiD (D16): a folder of images, x.png with its caption x.txt")
     out: str = option("out/sid", "the run folder: checkpoint, log.jsonl, previews and the exported student")
     save_every: int = option(500, "iterations between checkpoints (0: only at the end)")
-    eval_every: int = option(0, "iterations between preview grids of the student (0: none)")
+    eval_every: int = option(0, "iterations between evaluations of the student: a quality number, a preview (0: none)")
     device: str = option("auto", "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
-    precision: str = option("fp32", "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or bf16 "
-                         "(pure bf16, the trainable weights too)", ("fp32", "bf16-autocast", "bf16"))
-    grad_checkpointing: float = option(0.0, "share of transformer blocks whose activations are recomputed in backward, "
-                                    "spread evenly: less memory, more time (0.5: every second block; no value: 1)",
-                                    const=1.0)
+    precision: str = option("fp32", "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or "
+                         "bf16 (pure bf16, the trainable weights too)", ("fp32", "bf16-autocast", "bf16"))
+    grad_checkpointing: float = option(0.0, "share of the transformer blocks recomputed in backward, spread evenly: "
+                                    "less memory, more time (0.5: every second block; no value: 1)", const=1.0)
     compile: bool = option(False, "torch.compile each transformer block: minutes of compilation, then faster steps")
     mode: str = option("full", "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on "
                     "one frozen DiT", ("full", "lora"))
     lora_rank: int = option(64, "rank of the LoRA adapters (--mode lora)")
 
-# Presets change only what differs from the Config defaults. The toy: 'last'-step training, larger learning rates
-# (derivation.md section 4). The DiT presets: the official SiD-DiT release's settings (Adam(0, 0.999), lr 5e-6, SANA's
-# CFG 4.5 for all three scales, bf16 autocast), batch_size per process (the paper's global batch: 256); SD3 reuses
-# SANA's CFG, FLUX its usual embedded 3.5 (starting points, not tuned here). One change from the paper, chosen by the
-# guidance study on digits (experiments/README.md): guidance only for t in [0.2, 0.6] (D17; --cfg-t-min 0 --cfg-t-max 1
-# restores it at every t). Batch and checkpointed share fill one 80 GB GPU, by the memory plan at most 69 GiB (15% under
-# to 18% over measured peaks): larger teachers train LoRA there; on several GPUs, --mode full (FSDP2) as the paper.
+# Presets change only what differs from the Config defaults. The toy: 'last'-step training (derivation.md section 4),
+# larger learning rates on a cosine (experiments/README.md). The DiT presets: the official SiD-DiT settings (Adam(0,
+# 0.999), lr 5e-6, SANA's CFG 4.5 for all three scales, bf16 autocast; SD3 the same, FLUX its usual embedded 3.5:
+# untuned), batch per process; one change, from the guidance study (experiments/README.md): guidance only for t in [0.2,
+# 0.6] (D17). Batch and checkpointed share fill one 80 GB GPU, at most 69 GiB by the memory plan: larger teachers train
+# LoRA there, on several GPUs full (FSDP2).
 _INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
 _CFG = lambda w: dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)  # noqa: E731  one CFG scale for all three
 _SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0,  # toy and digits
@@ -1275,8 +1181,8 @@ HUB_IDS = {"sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
            "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
            "flux-dev": "black-forest-labs/FLUX.1-dev"}
 PRESETS = {
-    "toy": dict(_SMALL, teacher="toy", iters=400, batch_size=2048, lr_gen=8e-4, lr_fake=2.4e-3, fake_updates=2,
-                out="out/toy"),
+    "toy": dict(_SMALL, teacher="toy", iters=2400, batch_size=2048, lr_gen=1.6e-3, lr_fake=2.4e-3, fake_updates=2,
+                weighting="1/t", noise="fixed", lr_schedule="cosine", out="out/toy"),
     # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
     "digits": dict(_SMALL, **_CFG(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4,
                    lr_fake=3e-4, out="out/digits"),
@@ -1299,14 +1205,15 @@ def check_config(cfg):  # fail loudly, with one line, on values the algorithm ca
     rules = ((("steps", "iters", "batch_size", "fake_updates", "lora_rank"), lambda v: v >= 1, "be at least 1"),
              (("lr_gen", "lr_fake"), lambda v: v > 0, "be positive"),
              (("resolution", "save_every", "eval_every"), lambda v: v >= 0, "not be negative"),
-             (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"))
+             (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"),
+             (("grad_checkpointing",), lambda v: 0 <= v <= 1, "be in [0, 1]"))
     for names, ok, rule in rules:
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise UserError(f"{flag(name)} must {rule}, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
-        raise UserError(f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, got "
-                        f"[{cfg.cfg_t_min}, {cfg.cfg_t_max}]")
+        raise UserError(f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, not {cfg.cfg_t_min} and "
+                        f"{cfg.cfg_t_max}")
     return cfg
 
 def make_config(preset=None, **overrides):  # Config defaults <- preset <- overrides (None ignored), then checked
@@ -1316,8 +1223,7 @@ def make_config(preset=None, **overrides):  # Config defaults <- preset <- overr
     return check_config(Config(**{**PRESETS.get(preset, {}), **{k: v for k, v in overrides.items() if v is not None}}))
 
 def add_config_flags(parser, skip=(), presets=None):
-    """One --flag per Config field, default None so that the preset fills the gaps; its help gives the default of each
-    of `presets` {label: preset name, or None for the Config defaults}."""
+    """A --flag per Config field (default None: the preset fills it), its help the defaults of presets {label: name}"""
     presets = presets or {"": None}
     for f in dataclasses.fields(Config):
         if f.name in skip:
@@ -1333,8 +1239,7 @@ def add_config_flags(parser, skip=(), presets=None):
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help.replace("%", "%%"), **kw)
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and exit status 2; negative numbers in any notation are values
-    (-1e-4 too); the description and epilog are printed as written."""
+    """argparse with a one-line error and exit status 2, negative numbers (-1e-4 too) as values, text as written."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
@@ -1344,24 +1249,19 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name):  # 'auto': CUDA if there is one
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for, but this machine has no CUDA device")
     try:
-        return torch.device(name)
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device torch knows")
 
-
-# --- 14. Teachers from disk or hub, the memory plan, export, sampling, and the command line -----------------------
+# --- 14. Teachers from disk or hub, the memory plan, export, and the command line ---------------------------------
 
 def resolve_teacher(name, configs_only=False):
-    """A preset name -> its hub id, or with `configs_only` the project's own copy of its configs in assets/hf (what
-    --dry-run and experiments/bench.py need, offline and without a hub token: FLUX.1-dev, SD3 and SD3.5 are gated);
-    an existing folder -> itself (it must hold model_index.json); 'owner/repo' -> a hub id. Returns (source, pipeline
-    class name), read from model_index.json -- never guessed from the name."""
+    """(source, pipeline class name read from its model_index.json) of a preset (its hub id; `configs_only`: its configs
+    in assets/hf, offline and without a token for the gated ones), an existing folder, or a hub id 'owner/repo'."""
     src = HUB_IDS.get(name, name)
     if configs_only and name in HUB_IDS:
         src = os.path.join(HERE, "assets", "hf", "hub", f"models--{src.replace('/', '--')}", "snapshots", "0" * 40)
@@ -1372,8 +1272,7 @@ def resolve_teacher(name, configs_only=False):
     elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
         index = _hub_file(name, src, "model_index.json")
     else:
-        raise UserError(f"--teacher {name}: not a preset ({', '.join(HUB_IDS)}), an existing folder, or a hub id "
-                        "owner/repo")
+        raise UserError(f"--teacher {name}: not a preset ({', '.join(HUB_IDS)}), a folder, or a hub id owner/repo")
     with open(index) as f:
         family = json.load(f).get("_class_name", "?")
     if family not in FAMILIES:
@@ -1381,31 +1280,26 @@ def resolve_teacher(name, configs_only=False):
     return src, family
 
 def _hub_file(name, repo, filename):
-    """hf_hub_download of one file, from the cache when it is there; otherwise it fails at once, in one line that says
-    why (offline, unreachable, gated, missing): a 5-second probe, not the hub client's half-minute of retries."""
+    """hf_hub_download of one file: the cache, else the hub after a 5-second probe (not half a minute of retries); or
+    a line that says why not: offline, unreachable, gated, missing."""
     hub, where = huggingface_hub.constants, f"--teacher {name}: cannot read {repo}/{filename}"
-    local, url = "or give --teacher a local pipeline folder", urllib.parse.urlparse(hub.ENDPOINT)
-    try:
+    local, url = "; or give --teacher a local pipeline folder", urllib.parse.urlparse(hub.ENDPOINT)
+    with contextlib.suppress(Exception):
         return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
-    except Exception:  # not cached: ask the hub below
-        pass
     if hub.HF_HUB_OFFLINE:
-        raise UserError(f"{where}: HF_HUB_OFFLINE is set and the file is not in the hub cache ({hub.HF_HUB_CACHE}); "
-                        f"download the model where the hub is reachable, {local}")
+        raise UserError(f"{where}: HF_HUB_OFFLINE is set and it is not in the hub cache ({hub.HF_HUB_CACHE}){local}")
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
-    except OSError as e:
-        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 with "
-                        f"the model in the hub cache, {local}")
-    try:
         return huggingface_hub.hf_hub_download(repo, filename)
     except GatedRepoError:
-        raise UserError(f"{where}: the model is gated: accept its licence at https://huggingface.co/{repo}, then log "
-                        "in with `hf auth login` (older clients: `huggingface-cli login`) or set HF_TOKEN")
+        why = f"the model is gated: accept its licence at https://huggingface.co/{repo}, log in (`hf auth login`)"
     except RepositoryNotFoundError:
-        raise UserError(f"{where}: no such model on the hub (or a private one: log in with `hf auth login`)")
+        why = "no such model on the hub (or a private one: log in with `hf auth login`)"
+    except OSError as e:  # (the probe's: no route to the hub)
+        why = f"the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 with the model cached"
     except Exception as e:
-        raise UserError(f"{where} ({type(e).__name__}: {' '.join(str(e).split())})")
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    raise UserError(f"{where}: {why}{local}")
 
 def teacher_dtype(cfg):  # the frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
@@ -1415,7 +1309,6 @@ def load_backbone(cfg, device, src=None, family=None):
     for lib in (diffusers, transformers, huggingface_hub):  # their notes and progress bars are noise; failures raise
         lib.utils.logging.set_verbosity(lib.utils.logging.CRITICAL)
     diffusers.utils.logging.disable_progress_bar(), transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
     if src is None:
         src, family = resolve_teacher(cfg.teacher)
     try:
@@ -1429,9 +1322,6 @@ def load_backbone(cfg, device, src=None, family=None):
     backbone.source, backbone.family = src, family
     return backbone
 
-
-# --- the memory plan (--dry-run): from the configs alone, before any weights load --------------------------------
-
 def _read_json(src, name):  # a file of a pipeline folder, or of a hub id (from the hub cache when it is there)
     with open(os.path.join(src, name) if os.path.isdir(src) else huggingface_hub.hf_hub_download(src, name)) as f:
         return json.load(f)
@@ -1442,23 +1332,18 @@ def meta_transformer(src):  # the teacher's transformer on the meta device from 
         return getattr(diffusers, index["transformer"][1]).from_config(config)
 
 
-# What the memory plan and the benchmark need to know of each family beyond its transformer config: the text tokens
-# its encoders produce (SANA: Gemma-2 at 300; SD3: 77 CLIP + 256 T5; FLUX: 512 T5), the VAE's spatial factor (DC-AE
-# 32, KL 8), and the text encoders' size (Gemma-2-2B; CLIP-L + CLIP-G + T5-XXL; CLIP-L + T5-XXL), which are alive
-# on the GPU while the prompt bank is encoded, before the students are built.
+# Per family, beyond its transformer config: text tokens (SANA: Gemma-2, 300; SD3: 77 CLIP + 256 T5; FLUX: 512 T5),
+# the VAE's factor (DC-AE 32, KL 8), and the text encoders' parameters, on the GPU while the prompts are encoded.
 TEXT_TOKENS = {"SanaPipeline": 300, "StableDiffusion3Pipeline": 77 + 256, "FluxPipeline": 512}
 VAE_FACTOR = {"SanaPipeline": 32, "StableDiffusion3Pipeline": 8, "FluxPipeline": 8}
 TEXT_ENCODER_PARAMS = {"SanaPipeline": 2.61e9, "StableDiffusion3Pipeline": 0.12e9 + 0.69e9 + 4.76e9,
                        "FluxPipeline": 0.12e9 + 4.76e9}
-# Activations a transformer block saves for backward, in elements per token and per channel of its width (flash
-# attention: no tokens^2 term), for a network whose weights train and for one whose weights are frozen (autograd
-# then keeps only what the input gradient needs: the teacher, and the LoRA base). With gradient checkpointing a
-# block keeps CHECKPOINTED_INPUTS instead (its inputs). Measured with saved-tensor hooks (SavedActivations) on small
-# configurations of each family (experiments/bench.py); test_memory_plan_matches_measured_bytes holds the plan to them.
+# Activations a block saves for backward, in elements per token and channel, when its weights train and when they are
+# frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed block keeps only its inputs,
+# CHECKPOINTED_INPUTS. Measured with saved-tensor hooks (experiments/bench.py); test_memory_plan_matches_measured_bytes.
 SAVED_PER_BLOCK = {"SanaPipeline": (41.0, 35.0), "StableDiffusion3Pipeline": (18.0, 10.0), "FluxPipeline": (24.0, 12.0)}
 CHECKPOINTED_INPUTS = {"SanaPipeline": (2.8, 1.1), "StableDiffusion3Pipeline": (2.0, 1.35), "FluxPipeline": (2.15, 1.6)}
-# What a text token costs inside a block, relative to an image token: SD3 and FLUX run text tokens through the whole
-# (joint) block; SANA's enter only its cross-attention, as keys and values.
+# A text token's cost in a block, relative to an image token's: SANA's enter only its cross-attention.
 TEXT_IN_BLOCKS = {"SanaPipeline": 0.1, "StableDiffusion3Pipeline": 1.0, "FluxPipeline": 1.0}
 
 def vae_factor(src, family):
@@ -1468,19 +1353,10 @@ def vae_factor(src, family):
     return 2 ** (len(blocks) - 1) if blocks else VAE_FACTOR[family]
 
 def memory_plan(cfg, net, world_size=1, factor=None):
-    """Bytes per GPU of weights, gradients, optimizer state and activations for cfg (mode, precision, batch,
-    resolution, gradient checkpointing) on `world_size` GPUs. `net`: the transformer (meta device is enough);
-    `factor`: the VAE's spatial factor (default: the family's).
-
-    full: a frozen teacher + trainable generator and fake (master weights fp32, or bf16 with --precision bf16) + EMA,
-          sharded over the GPUs by FSDP2 (divide by world_size).
-    lora: one frozen base per GPU (replicated) + three float32 adapters (generator, fake, ema), two of them trained.
-    Adam keeps two moments per trainable parameter. Activations peak in the generator update, where three graphs are
-    alive: the generator's (batch B) and the teacher's and fake network's (2B with two-branch CFG), each keeping
-    SAVED_PER_BLOCK per block -- or, with gradient checkpointing, the blocks' inputs plus one block recomputed at a
-    time. bf16 autocast over float32 masters (one process) also keeps the bf16 copies of the two trainable networks'
-    weights for backward; FSDP2 all-gathers bf16 weights instead. Start-up holds the teacher and the text encoders
-    ('startup'): the memory a run needs is the larger of 'total' and 'startup'."""
+    """Bytes per GPU of weights, gradients, Adam's moments and activations for cfg on `world_size` GPUs (`net` on the
+    meta device). full: teacher, generator, fake and EMA, sharded by FSDP2; lora: a frozen base + three float32
+    adapters. Activations peak in the generator update: the generator's graph (batch B), the teacher's and fake's (2B
+    with two-branch CFG), and on one GPU bf16 copies of trainable weights. A run needs max('total', 'startup')."""
     family = {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
         re.match("Sana|SD3|Flux", type(net).__name__).group()]  # from its transformer class: SanaTransformer2DModel...
     c, P = net.config, sum(p.numel() for p in net.parameters())
@@ -1517,22 +1393,30 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     plan["startup"] = P * base_bytes + TEXT_ENCODER_PARAMS[family] * base_bytes
     return plan
 
-def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
-    if cfg.prompts:
-        read_prompts(cfg.prompts)
-    src, family = resolve_teacher(cfg.teacher, configs_only=True)
+def check_inputs(cfg, configs_only=False):
+    """What the inputs and configs tell before any weights load: (prompts, src, family, meta-device net, VAE factor)."""
+    if cfg.data and cfg.prompts:
+        raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
+    if cfg.data and not os.path.isdir(cfg.data):
+        raise UserError(f"--data {cfg.data}: no such folder")
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS
+    src, family = resolve_teacher(cfg.teacher, configs_only)
     net, factor = meta_transformer(src), vae_factor(src, family)
+    if cfg.resolution:
+        check_resolution(cfg.resolution, factor, net.config.patch_size * FAMILIES[family].packing)
+    return prompts, src, family, net, factor
+
+def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
+    _, _, _, net, factor = check_inputs(cfg, configs_only=True)
     if not cfg.resolution:
         raise UserError(f"--dry-run needs --resolution for {cfg.teacher}, which is not a preset")
-    check_resolution(cfg.resolution, factor, net.config.patch_size * FAMILIES[family].packing)
     plan = memory_plan(cfg, net, world_size, factor)
     print(f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
           f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), batch {cfg.batch_size}/GPU at "
           f"{cfg.resolution} px, {cfg.grad_checkpointing:.0%} of the blocks checkpointed")
     print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
     for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
-        print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("   (teacher + text encoders, before training)"
-                                                              if key == "startup" else ""))
+        print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("  (teacher + text encoders)" * (key == "startup")))
     return plan
 
 def check_resolution(resolution, factor, patch):  # a whole number of latent patches, at most MAX_RESOLUTION
@@ -1541,22 +1425,18 @@ def check_resolution(resolution, factor, patch):  # a whole number of latent pat
                         f"(VAE factor {factor} x patch {patch}), at most {MAX_RESOLUTION}")
 
 MAX_RESOLUTION = 4096  # pixels: twice the largest side any supported teacher was trained at
-
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
 
 def plain_copy(net, state, dtype):
-    """A new module of net's class and config holding `state` (a state dict), in `dtype` on the CPU. Built on the
-    meta device first: no random initialisation, no memory beyond the copy returned."""
+    """A new module of net's class holding `state`, in `dtype` on the CPU (made on the meta device: no initialising)."""
     with torch.device("meta"):
         plain = type(net).from_config(net.config)
-    plain = plain.to(dtype).to_empty(device="cpu")
-    plain.load_state_dict(state)  # copies, casting to dtype
+    plain.to(dtype).to_empty(device="cpu").load_state_dict(state)  # (to_empty: in place; loading copies, casting)
     return plain.eval()
 
 def export_student(backbone, net, cfg, folder):
-    """A complete diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` as
-    the transformer (teacher's dtype, LoRA fused), and a FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-    without shift: exactly the 'fresh' re-noising step (D13) when called with sigmas = generator_times(K)."""
+    """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
+    and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D13)."""
     dtype, w = teacher_dtype(cfg), next(net.parameters())
     if isinstance(net, AdapterView):
         transformer = plain_copy(net.base, net.merged_state_dict(), dtype)
@@ -1568,7 +1448,6 @@ def export_student(backbone, net, cfg, folder):
         backbone.source, transformer=transformer, dtype=dtype, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True))
     tmp = f"{folder}.tmp{os.getpid()}"
-    remove_path(tmp)
     pipe.save_pretrained(tmp)
     if isinstance(net, AdapterView):  # the adapter alone too, loadable with load_lora_adapter()
         net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
@@ -1580,54 +1459,27 @@ def export_student(backbone, net, cfg, folder):
     replace_path(tmp, folder)
     return folder
 
-def student_images(backbone, net, prompts, seed, steps, guidance, cfg):
-    """The student's images (B, H, W, 3) for `prompts`, drawn as the stock pipeline draws them for one seed: initial
-    latents from torch.Generator(device).manual_seed(seed); per-step noise from that generator (SANA), or (SD3, FLUX:
-    their pipelines draw it from torch's global RNG after the user's torch.manual_seed(seed)) from a second generator
-    seeded the same way -- the same numbers, and the global RNG is left alone. Under the run's autocast."""
-    g = torch.Generator(backbone.device).manual_seed(seed)
-    g_steps = g if backbone.step_noise_from_generator else torch.Generator(backbone.device).manual_seed(seed)
-    cond = _cat([backbone.encode([p]) for p in prompts]) if backbone.bank is None else backbone.cond_for(
-        [backbone.prompts.index(p) for p in prompts])
-    z = backbone.noise((len(prompts), *backbone.sample_shape), g)
-    with autocast(cfg, backbone.device):
-        x = generate(lambda x, t: backbone.velocity(net, x, t, cond, guidance), z, steps, "fresh",
-                     lambda x: backbone.step_noise(x.shape, g_steps))
-    return backbone.decode(x.float())
-
-def save_grid(images, path):  # (B, H, W, 3) floats in [0, 1] -> one PNG row
-    row = (torch.as_tensor(images).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, H, W, 3)
-    Image.fromarray(torch.cat(list(row), dim=1).numpy()).save(path)
-
 def cmd_distill(cfg):
-    if cfg.data and cfg.prompts:
-        raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
-    if cfg.data and not os.path.exists(cfg.data):
-        raise UserError(f"--data {cfg.data}: no such file or folder")
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS  # bad input fails before any loading
-    src, family = resolve_teacher(cfg.teacher)
-    shapes, factor = meta_transformer(src), vae_factor(src, family)  # from the configs: no weights yet
-    if cfg.resolution:  # bad values that the configs can judge fail here, before any weights load
-        check_resolution(cfg.resolution, factor, shapes.config.patch_size * FAMILIES[family].packing)
+    prompts, src, family, shapes, factor = check_inputs(cfg)  # bad input fails here, before any weights load
     runtime = setup_runtime(cfg)
     check_fits(cfg, shapes, factor, runtime)
     backbone = load_backbone(cfg, runtime.device, src, family)
+    os.makedirs(cfg.out, exist_ok=True)
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
         backbone.data, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
         if runtime.rank == 0:
             print(f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
                   f"{skipped['no_caption']} without caption")
     backbone.set_prompts(prompts)
-    os.makedirs(cfg.out, exist_ok=True)
     quality = []  # built at the first evaluation: a run without evaluations draws no reference set
 
     def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
-        images = student_images(backbone, ema, backbone.prompts[:PREVIEW_PROMPTS], PREVIEW_SEED, cfg.steps,
-                                cfg.student_guidance, cfg)
         quality[:] = quality or [Quality(backbone, cfg, os.path.join(cfg.out, "reference.pt"))]
         q = quality[0](ema)
-        if runtime.rank == 0:
-            save_grid(images, os.path.join(cfg.out, f"preview_{step:07d}.png"))
+        if runtime.rank == 0:  # the preview, one PNG row: the first 4 samples it scored (the run's first 4 prompts)
+            row = torch.as_tensor(backbone.decode(quality[0].samples[:4].float())).clamp(0, 1)  # (4, H, W, 3)
+            path = os.path.join(cfg.out, f"preview_{step:07d}.png")
+            Image.fromarray((torch.cat(list(row), 1) * 255).round().byte().numpy()).save(path)
             plot_quality(cfg.out, quality[0].teacher, (step, q))
         return dict(quality=q)
 
@@ -1639,31 +1491,26 @@ def cmd_distill(cfg):
             net = shapes.to(teacher_dtype(cfg)).to_empty(device="cpu")
             load_checkpoint_weights(runtime.checkpoint_path(cfg.out), which, net)
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
-        print(f"student pipeline: {folder} (skipped non-finite iterations: {res['skipped']}; "
-              f"{runtime.world} process(es))")
+        print(f"student pipeline: {folder} ({res['skipped']} non-finite iterations skipped, {runtime.world} processes)")
     if runtime.world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 def check_fits(cfg, net, factor, runtime):
-    """On CUDA, before any weights load: stop in one line if the memory plan exceeds the device's free memory, and
-    name the first lighter setting that fits. `net`: the transformer on the meta device; `factor`: the VAE's."""
+    """On CUDA, before any weights load: one line if the memory plan exceeds the free memory, naming what would fit."""
     if runtime.device.type != "cuda":
         return
-    if not cfg.resolution:  # the teacher's native size, as load_backbone will choose it
-        cfg = dataclasses.replace(cfg, resolution=(net.config.get("sample_size") or 128) * factor)
+    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or (net.config.get("sample_size") or 128) * factor)
     need = lambda c: max(*(memory_plan(c, net, runtime.world, factor)[k] for k in ("total", "startup")))  # noqa
     free = torch.cuda.mem_get_info(runtime.device)[0]
-    if need(cfg) <= free:
-        return
-    lighter = [dict(grad_checkpointing=0.5), dict(grad_checkpointing=1.0), *(dict(mode="lora", grad_checkpointing=s)
-               for s in (0.0, 0.5, 1.0)), dict(mode="lora", grad_checkpointing=1.0, batch_size=1)]  # in this order
-    fits = next((d for d in lighter if need(dataclasses.replace(cfg, **d)) <= free), None)
-    hint = (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in fits.items() if v) if fits
-            else "more GPUs (torchrun) in full mode")
-    raise UserError(f"the memory plan needs {need(cfg) / 2**30:.1f} GiB per GPU ({cfg.mode} mode, batch "
-                    f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
-                    "(--dry-run prints the plan)")
+    if need(cfg) > free:
+        lighter = [dict(grad_checkpointing=s) for s in (0.5, 1.0)] + [dict(mode="lora", grad_checkpointing=s)
+                                                                      for s in (0.0, 0.5, 1.0)]  # in this order
+        fits = [d for d in lighter + [dict(lighter[-1], batch_size=1)] if need(dataclasses.replace(cfg, **d)) <= free]
+        hint = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fits[0].items()) if fits else "more GPUs (torchrun)"
+        raise UserError(f"the memory plan needs {need(cfg) / 2**30:.1f} GiB per GPU ({cfg.mode} mode, batch "
+                        f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
+                        "(--dry-run prints the plan)")
 
 def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folder (torchrun, full mode) or a file
     folder, file = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.pt")
@@ -1674,8 +1521,7 @@ def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folde
     return file, Runtime().read_meta(file)
 
 def load_checkpoint_weights(path, which, net):
-    """Load network `which` ('ema' or 'generator') of a checkpoint into `net` in place (its dtype and device), reading
-    only that network's tensors: from a sharded folder through DCP, from a file through a memory map."""
+    """Network `which` of a checkpoint into `net` in place, reading only its tensors (DCP folder, or a mapped file)."""
     if os.path.isdir(path):
         state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
         dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
@@ -1684,8 +1530,7 @@ def load_checkpoint_weights(path, which, net):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)[which])
 
 def cmd_export(out, weights, device):
-    """Export OUT/student from the run's checkpoint (any checkpoint, not only a finished run's), reading only the
-    exported network's weights. Full mode loads them into the teacher's own transformer: one copy in memory."""
+    """OUT/student from a run's checkpoint, finished or not; full mode loads it into the teacher's own transformer."""
     path, meta = find_checkpoint(out)
     if meta["config"]["teacher"] in ("toy", "digits"):
         raise UserError(f"--out {out}: a run of the {meta['config']['teacher']} teacher; export writes diffusers "
@@ -1702,69 +1547,29 @@ def cmd_export(out, weights, device):
     print(f"student pipeline ({weights}, iteration {meta['step']}):",
           export_student(backbone, net, cfg, os.path.join(out, "student")))
 
-def cmd_sample(student, prompt, seed, resolution, out, device):
-    meta_path = os.path.join(student, STUDENT_META)
-    if not os.path.isfile(meta_path):
-        raise UserError(f"--student {student}: not a sid_flow student folder (no {STUDENT_META})")
-    if not prompt.strip():
-        raise UserError("--prompt is empty")
-    if not out.lower().endswith(".png"):
-        raise UserError(f"--out {out}: give a .png file name")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    cfg = Config(teacher=student, resolution=resolution or meta["resolution"], device=device,
-                 precision=meta.get("precision", "fp32"))  # the dtype the student was trained and saved in
-    backbone = load_backbone(cfg, resolve_device(device), student, meta["family"])
-    with torch.no_grad():
-        save_grid(student_images(backbone, backbone.teacher, [prompt], seed, meta["steps"], meta["guidance_scale"],
-                                 cfg), out)
-    print(f"wrote {out}")
-
 EPILOG = f"""presets (--teacher NAME): {', '.join(HUB_IDS)}; a local diffusers pipeline folder or a hub id owner/repo
 works too ("a folder or hub id" in the defaults above). The 2-D toy: python run_toy.py --help
-
-other commands:
-  python sid_flow.py sample --student OUT/student --prompt "a fox" --seed 0 --out fox.png   # draw from a student
-  python sid_flow.py export --out OUT [--weights ema|generator]                          # OUT/checkpoint -> OUT/student
-"""
-DEVICE_FLAG = ("--device", dict(default="auto", help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N' "
-                                                     "[default: auto]"))
-COMMANDS = {  # sid_flow.py NAME: (the function, what it does, its flags: (flag, argparse keywords), named as its args)
-    "sample": (cmd_sample, "Draw one image from an exported student with sid_flow's own sampler.", [
-        ("--student", dict(required=True, help="an exported OUT/student folder")),
-        ("--prompt", dict(required=True, help="the text prompt")),
-        ("--seed", dict(type=int, default=0, help="seed of the initial and re-noising draws [default: 0]")),
-        ("--resolution", dict(type=int, default=0,
-                              help="image side in pixels [default: 0, the resolution the student was trained at]")),
-        ("--out", dict(required=True, help="the .png to write")), DEVICE_FLAG]),
-    "export": (cmd_export, "Write OUT/student, a stock diffusers pipeline, from a run's checkpoint, finished or not.", [
-        ("--out", dict(required=True, help="the run folder of sid_flow.py holding its checkpoint")),
-        ("--weights", dict(default="ema", choices=("ema", "generator"),
-                           help="which weights become the student [default: ema]")), DEVICE_FLAG]),
-}
+  python sid_flow.py export --out OUT [--weights ema|generator] [--device D]   # any checkpoint -> OUT/student
+The student is a stock diffusers pipeline: README.md, "The student in stock diffusers", samples it."""
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        command, description, flags = COMMANDS[argv[0]]
-        p = Parser(prog=f"sid_flow.py {argv[0]}", description=description)
-        for flag, kw in flags:
-            p.add_argument(flag, **kw)
-        return command(**vars(p.parse_args(argv[1:])))
+    if argv[:1] == ["export"]:  # OUT/checkpoint -> OUT/student, from any checkpoint (a finished run exports itself)
+        p = Parser(prog="sid_flow.py export", description="any OUT/checkpoint -> OUT/student, a diffusers pipeline")
+        p.add_argument("--out", required=True, help="the run folder of sid_flow.py holding its checkpoint")
+        p.add_argument("--weights", default="ema", choices=("ema", "generator"), help="the student's [default: ema]")
+        p.add_argument("--device", default="auto", help="auto (CUDA if any), cpu, cuda or cuda:N [default: auto]")
+        return cmd_export(**vars(p.parse_args(argv[1:])))
     p = Parser(prog="sid_flow.py", description=__doc__.split("\n")[0], epilog=EPILOG,
-               usage="python sid_flow.py --teacher NAME [options] | sid_flow.py sample ... | sid_flow.py export ...")
-    p.add_argument("--teacher", help="the teacher (required): a preset (listed below), a local diffusers pipeline "
-                                     "folder, or a hub id owner/repo")
-    p.add_argument("--out", help="the run folder: checkpoint, log.jsonl, previews and the exported student "
-                                 "[default: out/NAME, NAME the teacher's]")
+               usage="python sid_flow.py --teacher NAME [options] | python sid_flow.py export --out OUT ...")
+    p.add_argument("--teacher", help="the teacher (required): a preset (below), a pipeline folder, a hub id owner/repo")
+    p.add_argument("--out", help="the run folder: checkpoint, log, previews, student [default: out/TEACHER's name]")
     presets = {name: name for name in HUB_IDS} | {"a folder or hub id": None}  # the defaults its --help names
     add_config_flags(p, skip=("teacher", "out"), presets=presets)
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan per GPU from the teacher's configs "
-                                                          "(no weights are downloaded) and exit")
-    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
-                   help="GPUs for the --dry-run plan [default: $WORLD_SIZE, else 1]")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan per GPU ($WORLD_SIZE GPUs, else one) "
+                                                          "from the teacher's configs (no weights are downloaded)")
     a = vars(p.parse_args(argv))
-    dry_run, world_size = a.pop("dry_run"), a.pop("world_size")
+    dry_run = a.pop("dry_run")
     if a["teacher"] is None:
         raise UserError(f"--teacher is required: a preset ({', '.join(HUB_IDS)}), a pipeline folder or a hub id")
     if a["teacher"] in PRESETS and a["teacher"] not in HUB_IDS:
@@ -1772,11 +1577,10 @@ def main(argv=None):
         raise UserError(f"--teacher {a['teacher']}: that teacher is trained by {where.split()[1]}: run `{where}`")
     a["out"] = a["out"] or f"out/{slug(a['teacher'])}"
     cfg = make_config(a["teacher"] if a["teacher"] in PRESETS else None, **a)
-    return cmd_dry_run(cfg, world_size) if dry_run else cmd_distill(cfg)
+    return cmd_dry_run(cfg, int(os.environ.get("WORLD_SIZE", 1))) if dry_run else cmd_distill(cfg)
 
 def slug(name):
-    """A folder name from a teacher name, path or hub id (its last part; '.', '..' and './x/' resolved first), or from
-    a run's description: letters, digits, '.', '-' and '_' only, never '' or a dot name."""
+    """A folder name (letters, digits, '.-_'; never '' or a dot name) from the last part of a name, path or hub id."""
     base = os.path.basename(os.path.abspath(name)) if os.path.exists(name) else name.rstrip("/").split("/")[-1]
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in base).strip(".") or "run"
 

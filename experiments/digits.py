@@ -532,10 +532,9 @@ OTHER_SEEDS = 7  # the floor: the reference sampler itself on other noise than t
 def run_quality(quality, cfg, net):
     """quality(net) exactly as a run with config cfg evaluates it (its K, re-noising and student guidance) against
     quality's reference set, and the samples it scored: (number, samples (QUALITY_SIZE, 1, 8, 8))."""
-    q, drawn = copy.copy(quality), []
+    q = copy.copy(quality)
     q.cfg = cfg
-    q.score = lambda x: drawn.append(x) or quality.score(x)  # the run's own draw, kept on its way to the score
-    return q(net), drawn[0]
+    return q(net), q.samples
 
 
 def spearman(a, b):
