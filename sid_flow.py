@@ -458,7 +458,7 @@ class Runtime:
             if opt:
                 opt.load_state_dict(state[f"opt_{name}"])
 
-RESUMABLE_FIELDS = ("iters", "out", "save_every", "eval_every", "device")  # may change on resume; the rest must not
+RESUMABLE_FIELDS = ("iters", "out", "save_every", "eval_every", "device")  # may change on resume (iters: not by cosine)
 
 def resume(cfg, runtime, nets, rng):
     """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
@@ -470,7 +470,7 @@ def resume(cfg, runtime, nets, rng):
         return 0, 0
     meta = runtime.read_meta(path)
     diff = [f"{k}: {v} -> {getattr(cfg, k)}" for k, v in meta["config"].items()
-            if k not in RESUMABLE_FIELDS and getattr(cfg, k, v) != v]
+            if (k not in RESUMABLE_FIELDS or k == "iters" and cfg.lr_schedule == "cosine") and getattr(cfg, k, v) != v]
     if diff:
         raise UserError(f"{path} was written with a different config ({', '.join(diff)}); use another --out or the "
                         "same settings")
@@ -919,12 +919,13 @@ def encode_data(backbone, path, cache_path):
 # --- 11. A quality number for every run, with no extra download: the student's kernel distance to the teacher -----
 # At a run's start the teacher draws a reference set, QUALITY_SIZE of the run's prompts with fixed seeds, by its own
 # REFERENCE_STEPS-step Euler sampler guided as in the losses; each evaluation, the student (EMA) draws the same prompts
-# and seeds. The teacher's last hidden states at t = QUALITY_T, averaged over a 4 x 4 grid of image regions (not over
-# the whole image: the layout matters), see both, compared by KID's unbiased squared MMD: nothing to download, no bias
-# at any sample size. experiments/digits.py --metric-study validates it and chose these constants.
+# and seeds. Both are seen through the teacher's last hidden states at t = QUALITY_T, averaged over a 4 x 4 grid of
+# image regions (not over the whole image: the layout matters), and compared by KID's unbiased squared MMD: nothing to
+# download, no bias at any sample size. experiments/digits.py --metric-study validates it, and
+# experiments/metric_variants.py compares the alternatives.
 QUALITY_SIZE, QUALITY_T, REFERENCE_STEPS = 256, 0.5, 32
 
-def grid_features(hidden, B, cells=4):  # captured (B, N, C) -> (B, cells^2 C); the toy's (B, C) as they are
+def grid_features(hidden, B, cells=4):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
     h, side = hidden[-B:].float(), math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
     return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), cells).flatten(1) if side else h
 
@@ -1163,12 +1164,12 @@ class Config:
                     "one frozen DiT", ("full", "lora"))
     lora_rank: int = option(64, "rank of the LoRA adapters (--mode lora)")
 
-# Presets change only what differs from the Config defaults. The toy: 'last'-step training (derivation.md section 4),
-# larger learning rates on a cosine (experiments/README.md). The DiT presets: the official SiD-DiT settings (Adam(0,
-# 0.999), lr 5e-6, SANA's CFG 4.5 for all three scales, bf16 autocast; SD3 the same, FLUX its usual embedded 3.5:
-# untuned), batch per process; one change, from the guidance study (experiments/README.md): guidance only for t in [0.2,
-# 0.6] (D17). Batch and checkpointed share fill one 80 GB GPU, at most 69 GiB by the memory plan: larger teachers train
-# LoRA there, on several GPUs full (FSDP2).
+# Presets change only what differs from the Config defaults. The toy: the last step trained (derivation.md section 4),
+# re-noising with the initial noise, w = 1/t, larger learning rates on a cosine (experiments/README.md). The DiT
+# presets: the official SiD-DiT settings (Adam(0, 0.999), lr 5e-6, SANA's CFG 4.5 for all three scales, bf16 autocast;
+# SD3 the same, FLUX its usual embedded 3.5: untuned), batch per process; one change, from the guidance study
+# (experiments/README.md): guidance only for t in [0.2, 0.6] (D17). Batch and checkpointed share fill one 80 GB GPU, at
+# most 69 GiB by the memory plan: larger teachers train LoRA there, on several GPUs full (FSDP2).
 _INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
 _CFG = lambda w: dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)  # noqa: E731  one CFG scale for all three
 _SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0,  # toy and digits
@@ -1290,13 +1291,15 @@ def _hub_file(name, repo, filename):
         raise UserError(f"{where}: HF_HUB_OFFLINE is set and it is not in the hub cache ({hub.HF_HUB_CACHE}){local}")
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:  # no route to the hub: say so now, not after the client's retries
+        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 with "
+                        f"the model cached{local}")
+    try:
         return huggingface_hub.hf_hub_download(repo, filename)
     except GatedRepoError:
         why = f"the model is gated: accept its licence at https://huggingface.co/{repo}, log in (`hf auth login`)"
     except RepositoryNotFoundError:
         why = "no such model on the hub (or a private one: log in with `hf auth login`)"
-    except OSError as e:  # (the probe's: no route to the hub)
-        why = f"the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 with the model cached"
     except Exception as e:
         why = f"{type(e).__name__}: {' '.join(str(e).split())}"
     raise UserError(f"{where}: {why}{local}")
@@ -1448,6 +1451,7 @@ def export_student(backbone, net, cfg, folder):
         backbone.source, transformer=transformer, dtype=dtype, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True))
     tmp = f"{folder}.tmp{os.getpid()}"
+    remove_path(tmp)  # (a crashed export's leftovers: a process id comes back)
     pipe.save_pretrained(tmp)
     if isinstance(net, AdapterView):  # the adapter alone too, loadable with load_lora_adapter()
         net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)

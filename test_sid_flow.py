@@ -407,7 +407,8 @@ def test_ema_update_closed_form():
 
 def test_resume_equals_uninterrupted(tmp_path, capsys):
     """A run stopped after 3 iterations and resumed to 6 ends with the same weights, EMA and optimizer state as an
-    uninterrupted 6-iteration run with the same seed (uniform k, fresh noise: every RNG stream is restored)."""
+    uninterrupted 6-iteration run with the same seed (uniform k, fresh noise: every RNG stream is restored). Under a
+    cosine schedule, which --iters shapes, a resume with other --iters is refused."""
     bb = _tiny_backbone()  # constant rates: a cosine over --iters 3, then 6, is not the cosine over 6
     kw = dict(train_step="uniform", fake_updates=2, ema_decay=0.9, lr_schedule="constant")
     full = sf.distill(_cfg(tmp_path / "a", iters=6, **kw), bb)
@@ -426,6 +427,9 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert steps == sorted(set(steps))  # the resumed log has no duplicated iterations
+    sf.distill(_cfg(tmp_path / "c", iters=3), bb)  # the toy preset's cosine is shaped by --iters: no other on resume
+    with pytest.raises(sf.UserError, match="iters: 3 -> 6"):
+        sf.distill(_cfg(tmp_path / "c", iters=6), bb)
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -904,6 +908,26 @@ def _seeded_images(bb, prompt, seed, steps, guidance):
     x = sf.generate(lambda x, t: bb.velocity(bb.teacher, x, t, cond, guidance), bb.noise((1, *bb.sample_shape), g),
                     steps, "fresh", lambda x: bb.step_noise(x.shape, g_steps))
     return bb.decode(x.float())
+
+
+def test_hub_errors_say_why(monkeypatch):
+    """A hub file that cannot be read: one line saying why -- no route to the hub, or the hub's own answer (a missing
+    file is not called an unreachable hub, though the hub client raises it as an OSError too)."""
+    monkeypatch.setattr(sf.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def download(repo, filename, local_files_only=False):  # not cached; the hub says the file is missing
+        raise FileNotFoundError("not cached") if local_files_only else OSError("404 Client Error: Entry Not Found")
+
+    def no_route(*args, **kwargs):
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(sf.huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(sf.socket, "create_connection", no_route)
+    with pytest.raises(sf.UserError, match="the hub .* is unreachable .*Network is unreachable"):
+        sf._hub_file("owner/repo", "owner/repo", "model_index.json")
+    monkeypatch.setattr(sf.socket, "create_connection", lambda *args, **kwargs: open(os.devnull))  # a route: closed
+    with pytest.raises(sf.UserError, match="Entry Not Found") as e:
+        sf._hub_file("owner/repo", "owner/repo", "model_index.json")
+    assert "unreachable" not in str(e.value)
 
 
 def _bad_teacher_cases(tiny, tmp_path):
@@ -1731,7 +1755,8 @@ import sid_flow as sf
 torch.set_num_threads(1)
 torch.manual_seed(0)
 bb = sf.ToyBackbone(run_toy.ToyMLP(width=64, depth=3))
-cfg = sf.make_config("toy", out={str(tmp_path / 'run')!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1)
+cfg = sf.make_config("toy", out={str(tmp_path / 'run')!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1,
+                     lr_schedule="constant")  # (a cosine is shaped by --iters: a resume may not change it)
 print(sf.distill(cfg, bb)["step"])
 """)
     p = subprocess.Popen([sys.executable, str(script), "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
