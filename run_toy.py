@@ -222,9 +222,8 @@ def train_teacher(dataset, seed, path):
 
 def run_folder(out, name, cfg, **teacher):
     """(OUT/runs/<name>-<hash>, the iterations its checkpoint holds): a folder per config (less the fields a resumed
-    run may change, but --iters when a cosine schedule depends on it) and teacher: one command resumes or reuses it."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in sf.RESUMABLE_FIELDS or k == "iters" and cfg.lr_schedule != "constant"}
+    run may change: sf.resumable) and teacher: the same command resumes or reuses its run, a changed one trains anew."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sf.resumable(cfg)}
     key = json.dumps(dict(fields, **teacher), sort_keys=True)
     folder = os.path.join(out, "runs", f"{sf.slug(name)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     path = sf.Runtime().checkpoint_path(folder)

@@ -458,7 +458,8 @@ class Runtime:
             if opt:
                 opt.load_state_dict(state[f"opt_{name}"])
 
-RESUMABLE_FIELDS = ("iters", "out", "save_every", "eval_every", "device")  # may change on resume (iters: not by cosine)
+def resumable(cfg):  # the fields a resumed run may change, the rest must not: --iters too, unless a cosine spans it
+    return ("out", "save_every", "eval_every", "device") + (("iters",) if cfg.lr_schedule == "constant" else ())
 
 def resume(cfg, runtime, nets, rng):
     """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
@@ -470,7 +471,7 @@ def resume(cfg, runtime, nets, rng):
         return 0, 0
     meta = runtime.read_meta(path)
     diff = [f"{k}: {v} -> {getattr(cfg, k)}" for k, v in meta["config"].items()
-            if (k not in RESUMABLE_FIELDS or k == "iters" and cfg.lr_schedule == "cosine") and getattr(cfg, k, v) != v]
+            if k not in resumable(cfg) and getattr(cfg, k, v) != v]
     if diff:
         raise UserError(f"{path} was written with a different config ({', '.join(diff)}); use another --out or the "
                         "same settings")
@@ -1292,8 +1293,7 @@ def _hub_file(name, repo, filename):
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
     except OSError as e:  # no route to the hub: say so now, not after the client's retries
-        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1 with "
-                        f"the model cached{local}")
+        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1{local}")
     try:
         return huggingface_hub.hf_hub_download(repo, filename)
     except GatedRepoError:

@@ -223,8 +223,9 @@ def passes(cfg, embedded):
 def evaluation_share(cfg, embedded):
     """The share of a run's network work that its evaluations take, one every cfg.eval_every iterations: the quality
     number (QUALITY_SIZE K-step student samples, the first four decoded as the preview, and their teacher features,
-    sid_flow section 11); plus, once per run, the reference set (REFERENCE_STEPS-step guided teacher samples, the teacher's own 4- and
-    8-step ones and their features), spread over cfg.iters. All in forwards of one sample, as passes() counts."""
+    sid_flow section 11); plus, once per run, the reference set (REFERENCE_STEPS-step guided teacher samples, the
+    teacher's own 4- and 8-step ones and their features), spread over cfg.iters. All in forwards of one sample, as
+    passes() counts."""
     n, per_eval = sf.QUALITY_SIZE, sf.QUALITY_SIZE * (cfg.steps + 1)
     once = n * (sf.REFERENCE_STEPS + 4 + 8) * sf.cfg_branches(cfg.cfg_eval_real, embedded) + 3 * n
     work = passes(cfg, embedded) * cfg.batch_size
