@@ -249,6 +249,7 @@ class Backbone:
         sample_batch(n, rng, rows) -> (cond, x0_real)         `rows` of a batch of n: conditioning and real data,
                                                               each None when there is none (the toy: no prompts)
     and inherits students(), the trainable copies, and noise() / step_noise(), the N(0, I) draws."""
+    uncond, prompts = None, ()  # the empty prompt's conditioning (CFG's unconditional branch), the prompts: a DiT's
 
     def trainable_copy(self, dtype=torch.float32):  # (no cast that changes nothing: diffusers would warn)
         net = copy.deepcopy(self.teacher)
@@ -917,72 +918,74 @@ def encode_data(backbone, path, cache_path):
     atomic_save(dict(key=key, latents=latents, captions=captions, skipped=skipped), cache_path)
     return latents, captions, skipped
 
-# --- 11. A quality number for every run, with no extra download: the student's kernel distance to the teacher -----
-# At a run's start the teacher draws a reference set, QUALITY_SIZE of the run's prompts with fixed seeds, by its own
-# REFERENCE_STEPS-step Euler sampler guided as in the losses; each evaluation, the student (EMA) draws the same prompts
-# and seeds. Both are seen through the teacher's last hidden states at t = QUALITY_T, averaged over a 4 x 4 grid of
-# image regions (not over the whole image: the layout matters), and compared by KID's unbiased squared MMD: nothing to
-# download, no bias at any sample size. experiments/digits.py --metric-study validates it, and
-# experiments/metric_variants.py compares the alternatives.
-QUALITY_SIZE, QUALITY_T, REFERENCE_STEPS = 256, 0.5, 32
+# --- 11. A quality number for every run, with no extra download: the student's Frechet distance to the teacher ----
+# At a run's start the teacher draws a reference set, QUALITY_SIZE samples (the run's prompts in turn, fixed seeds), by
+# its own REFERENCE_STEPS-step Euler sampler guided as in the losses; each evaluation, the student (EMA) draws the same
+# prompts and seeds. The teacher sees both given the empty prompt (the image, not its fit to a prompt): its last hidden
+# states at t = QUALITY_T, averaged over a 4 x 4 grid of image regions, whitened on the reference's top QUALITY_DIMS
+# principal directions (there the reference is N(0, I)), then FID's Frechet distance to N(0, I). Validated by
+# experiments/digits.py --metric-study; the alternatives weighed by experiments/metric_variants.py.
+QUALITY_SIZE, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS = 512, 0.3, 8, 32
 
 def grid_features(hidden, B, cells=4):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
     h, side = hidden[-B:].float(), math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
     return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), cells).flatten(1) if side else h
 
-def kernel_distance(f, g):
-    """Unbiased squared MMD between feature sets f and g (n, C), cubic kernel k(a, b) = (a.b / C + 1)^3. The sets are
-    paired row for row (sample i of each drawn from the same noise), so every mean skips the pairs i = i."""
-    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
-    off_diagonal = lambda K: (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1))  # noqa: E731  i != j
-    return (off_diagonal(k(f, f)) + off_diagonal(k(g, g)) - 2 * off_diagonal(k(f, g))).item()
+def frechet_to_standard(f):
+    """FID's Frechet distance between a Gaussian fitted to f (n, d) and N(0, I): |mu|^2 + tr(C + I - 2 C^1/2), i.e.
+    |mu|^2 + sum_i (sqrt(lambda_i) - 1)^2 over the eigenvalues lambda_i of f's covariance C."""
+    lam = torch.linalg.eigvalsh(torch.cov(f.T)).clamp_min(0)  # (d,)
+    return (f.mean(0).square().sum() + (lam.sqrt() - 1).square().sum()).item()
 
 class Quality:
-    """quality(net) -> the score of a generator's K-step samples (lower is better; ~0: the teacher's own), kept in
-    .samples (the run's preview). The reference and the teacher's 4- and 8-step scores are cached in `cache`."""
+    """quality(net) -> the score of a generator's K-step samples, kept in .samples (the preview); lower is better.
+    Seeds: the reference's (seed), the features' (+1), re-noising (+2), the plot's teacher lines' (+3, a student's)."""
 
-    def __init__(self, backbone, cfg, cache=None):
-        self.backbone, self.cfg, n, bb = backbone, cfg, QUALITY_SIZE, backbone
+    def __init__(self, backbone, cfg, cache=None, seed=0):
+        self.backbone, self.cfg, self.seed, n, bb = backbone, cfg, seed, QUALITY_SIZE, backbone
         idx = [i % len(bb.prompts) for i in range(n)] if bb.prompts else None
         self.cond = idx and bb.cond_for(idx)  # (dict of (n, ...) tensors, or None: an unconditional teacher)
-        self.z = bb.noise((n, *bb.sample_shape), torch.Generator(bb.device).manual_seed(0))
-        key = dict(prompts=idx and [bb.prompts[i] for i in idx], size=n, t=QUALITY_T, steps=REFERENCE_STEPS,
-                   shape=bb.sample_shape, guidance=(cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max))
-        saved = torch.load(cache, weights_only=False) if cache and os.path.isfile(cache) else {}
+        self.z = bb.noise((n, *bb.sample_shape), torch.Generator(bb.device).manual_seed(seed))
+        key = dict(prompts=idx and [bb.prompts[i] for i in idx], shape=bb.sample_shape, seed=seed, settings=(
+            n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS, cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max))
+        saved = torch.load(cache, bb.device, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
-            self.mean, self.std, self.reference, self.teacher = saved["stats"]
+            self.mean, self.basis, self.teacher = saved["stats"]
             return
-        w = lambda t: guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)  # noqa: E731  the run's
-        teacher = lambda K: self.chunked(lambda z, c: euler_sample(  # noqa: E731  the teacher's K-step samples
-            lambda x, t: bb.velocity(bb.teacher, x, t, c, w(t)), z, K), self.z)
+        teacher = lambda K, z0: self.chunked(lambda z, c: euler_sample(lambda x, t: bb.velocity(  # noqa: E731
+            bb.teacher, x, t, c, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)), z, K), z0)
         with autocast(cfg, bb.device):
-            reference = self.features(teacher(REFERENCE_STEPS))
-            self.mean, self.std = reference.mean(0), reference.std(0) + 1e-6
-            self.reference = (reference - self.mean) / self.std
-            self.teacher = {K: self.score(teacher(K)) for K in (4, 8)}  # for the plot
+            f = self.features(teacher(REFERENCE_STEPS, self.z))  # (n, C)
+            self.mean, std = f.mean(0), f.std(0) + 1e-6
+            _, s, v = torch.linalg.svd((f - self.mean) / std, full_matrices=False)  # principal directions
+            d = min(QUALITY_DIMS, n - 1)  # directions kept (n - 1 at most: centred, the reference spans no more)
+            self.basis = v[:d].T * (n - 1) ** 0.5 / s[:d] / std[:, None]  # (C, d): the reference's covariance -> I
+            other = bb.noise(self.z.shape, torch.Generator(bb.device).manual_seed(seed + 3))
+            self.teacher = {K: self.score(teacher(K, other)) for K in (4, 8)}  # for the plot
         if cache and int(os.environ.get("RANK", 0)) == 0:
-            atomic_save(dict(key=key, stats=(self.mean, self.std, self.reference, self.teacher)), cache)
+            atomic_save(dict(key=key, stats=(self.mean, self.basis, self.teacher)), cache)
 
     def chunked(self, fn, x):  # fn(rows, their conditioning) over 16 rows at a time: no batch larger than that
         return torch.cat([fn(x[i:i + 16], self.cond and {k: v[i:i + 16] for k, v in self.cond.items()})
                           for i in range(0, len(x), 16)])
 
     def features(self, x):
-        """The teacher's grid-averaged last hidden states of x (N, *D) noised to QUALITY_T: (N, 16 C) in float64."""
+        """The teacher's grid-averaged last hidden states of x (N, *D) noised to QUALITY_T, prompt-free: (N, 16 C)."""
         bb, t = self.backbone, torch.full((len(x),), QUALITY_T, device=x.device)
 
-        def pooled(x_t, cond):
+        def pooled(x_t, _):
+            empty = bb.uncond and {k: v.expand(len(x_t), *v.shape[1:]) for k, v in bb.uncond.items()}
             with torch.no_grad(), capture_features(bb.teacher) as hidden:
-                bb.velocity(bb.teacher, x_t, t[:len(x_t)], cond, 1.0)
+                bb.velocity(bb.teacher, x_t, t[:len(x_t)], empty, 1.0)
             return grid_features(hidden[0], len(x_t))
-        eps = bb.noise(x.shape, torch.Generator(bb.device).manual_seed(1))  # the same noise at every evaluation
+        eps = bb.noise(x.shape, torch.Generator(bb.device).manual_seed(self.seed + 1))  # the same each time
         return self.chunked(pooled, add_noise(x, eps, t)).double()
 
-    def score(self, x):
-        return kernel_distance((self.features(x) - self.mean) / self.std, self.reference)
+    def score(self, x):  # whitened as the reference: (N, d)
+        return frechet_to_standard((self.features(x) - self.mean) @ self.basis)
 
     def __call__(self, net):
-        bb, g, cfg = self.backbone, torch.Generator(self.backbone.device).manual_seed(2), self.cfg  # the same draws
+        bb, g, cfg = self.backbone, torch.Generator(self.backbone.device).manual_seed(self.seed + 2), self.cfg
         draw = lambda x: bb.step_noise(x.shape, g)  # noqa: E731
         with autocast(cfg, bb.device):
             self.samples = self.chunked(lambda z, c: generate(
@@ -998,7 +1001,7 @@ def plot_quality(out, teacher, now):
     ax.plot(*zip(*points), "o-", label="student (EMA)")
     for (K, q), ls in zip(teacher.items(), ("--", ":")):
         ax.axhline(q, color="gray", ls=ls, label=f"teacher, {K} Euler steps")
-    ax.set(xlabel="iteration", ylabel="kernel distance to the teacher (lower is better)", yscale="symlog")
+    ax.set(xlabel="iteration", ylabel="Frechet distance to the teacher (lower is better)", yscale="symlog")
     ax.legend()
     ax.figure.savefig(os.path.join(out, "quality.png"), dpi=90, bbox_inches="tight")
 
@@ -1175,7 +1178,7 @@ _INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
 _CFG = lambda w: dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)  # noqa: E731  one CFG scale for all three
 _SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0,  # toy and digits
               gan_weight=0.01)  # the SiD term sums 2 (or 64) dims here, not 10^4+: the GAN term must weigh far less
-_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=500, **_INTERVAL)
+_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=1000, **_INTERVAL)
 HUB_IDS = {"sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
            "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
            "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
@@ -1334,7 +1337,6 @@ def meta_transformer(src):  # the teacher's transformer on the meta device from 
     with torch.device("meta"):
         return getattr(diffusers, index["transformer"][1]).from_config(config)
 
-
 # Per family, beyond its transformer config: text tokens (SANA: Gemma-2, 300; SD3: 77 CLIP + 256 T5; FLUX: 512 T5),
 # the VAE's factor (DC-AE 32, KL 8), and the text encoders' parameters, on the GPU while the prompts are encoded.
 TEXT_TOKENS = {"SanaPipeline": 300, "StableDiffusion3Pipeline": 77 + 256, "FluxPipeline": 512}
@@ -1363,8 +1365,7 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     family = {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
         re.match("Sana|SD3|Flux", type(net).__name__).group()]  # from its transformer class: SanaTransformer2DModel...
     c, P = net.config, sum(p.numel() for p in net.parameters())
-    base_bytes = 4 if cfg.precision == "fp32" else 2
-    train_bytes = 2 if cfg.precision == "bf16" else 4
+    base_bytes, train_bytes = (4 if cfg.precision == "fp32" else 2), (2 if cfg.precision == "bf16" else 4)
     if cfg.mode == "lora":
         lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for name, m in net.named_modules()
                    if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS))
@@ -1543,8 +1544,7 @@ def cmd_export(out, weights, device):
     cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     if cfg.mode == "lora":
-        generator, _, ema = lora_students(backbone, cfg.lora_rank)
-        net = ema if weights == "ema" else generator
+        net = dict(zip(("generator", "fake", "ema"), lora_students(backbone, cfg.lora_rank)))[weights]
     else:
         net = backbone.teacher  # export needs no teacher: its module takes the student's weights
     load_checkpoint_weights(path, weights, net)

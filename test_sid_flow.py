@@ -1721,9 +1721,11 @@ def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tm
 
 def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, monkeypatch):
     """The run's quality number (section 11) on a tiny SANA: finite; the teacher's own 32-step samples of other seeds
-    score near the reference's noise floor and below its 1-step samples; a run logs it at every evaluation and draws
-    OUT/quality.png; on resume the reference set comes from OUT/reference.pt, the teacher draws nothing again."""
-    monkeypatch.setattr(sf, "QUALITY_SIZE", 64)  # a quarter of the presets' set: the same code, a shorter test
+    score below its 1-step samples; the features are the empty prompt's (the samples' prompts change nothing), and on
+    the reference's top QUALITY_DIMS directions the reference is N(0, I); a run logs the number at every
+    evaluation and draws OUT/quality.png; on resume the reference set comes from OUT/reference.pt, the teacher draws
+    nothing again."""
+    monkeypatch.setattr(sf, "QUALITY_SIZE", 128)  # a quarter of the presets' set: the same code, a shorter test
     bb = _backbone(tiny["sana"], "sana")
     bb.set_prompts(TEST_PROMPTS)
     cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, cfg_eval_real=2.0)
@@ -1731,7 +1733,13 @@ def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, 
     teacher = lambda x, t: bb.velocity(bb.teacher, x, t, q.cond, 2.0)
     z = bb.noise(q.z.shape, torch.Generator(DEVICE).manual_seed(7))  # other seeds than the reference's
     many, one = q.score(sf.euler_sample(teacher, z, 32)), q.score(sf.euler_sample(teacher, z, 1))
-    assert math.isfinite(many) and math.isfinite(one) and abs(many) < 0.25 * one, (many, one)
+    assert math.isfinite(many) and 0 <= many < 0.85 * one, (many, one)  # (a random teacher: its steps differ little)
+    ref = (q.features(sf.euler_sample(teacher, q.z, 32)) - q.mean) @ q.basis  # the reference again, whitened
+    assert ref.shape == (128, sf.QUALITY_DIMS) and ref.mean(0).abs().max() < 1e-3 and torch.allclose(
+        torch.cov(ref.T), torch.eye(sf.QUALITY_DIMS, dtype=ref.dtype), atol=1e-3)  # N(0, I) there
+    x = sf.euler_sample(teacher, z, 4)
+    features, q.cond = q.features(x), bb.cond_for([1] * 128)  # other prompts for each sample: the features see none
+    assert torch.equal(q.features(x), features)
     run = dict(teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, batch_size=2, eval_every=1,
                out=str(tmp_path / "run"))
     sf.cmd_distill(sf.make_config(None, **run, iters=2))
@@ -1741,6 +1749,17 @@ def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, 
     monkeypatch.setattr(sf, "euler_sample", lambda *a: pytest.fail("the reference set was drawn again"))
     sf.cmd_distill(sf.make_config(None, **run, iters=3))
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
+
+
+def test_quality_number_runs_on_the_toy(monkeypatch):
+    """The toy's backbone takes the same number (no prompts, no image grid: the MLP's last hidden states): finite,
+    whitened to QUALITY_DIMS directions, exactly 0 for the reference's own samples."""
+    monkeypatch.setattr(sf, "QUALITY_SIZE", 64)
+    bb = _tiny_backbone()
+    q = sf.Quality(bb, sf.make_config("toy"))
+    reference = sf.euler_sample(lambda x, t: bb.velocity(bb.teacher, x, t, None, 1.0), q.z, sf.REFERENCE_STEPS)
+    assert q.basis.shape == (32, sf.QUALITY_DIMS) and math.isfinite(q(bb.teacher))  # (the MLP's 32 features)
+    assert q.score(reference) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_sigkill_mid_run_then_same_command_resumes(tmp_path):
@@ -1828,8 +1847,9 @@ def test_digits_metric_study_writes_every_row_and_its_samples(tmp_path, monkeypa
     """--metric-study at toy size: the benchmark's twelve teacher rows, six more guided as in the losses (the reference
     sampler among them), and its students' EMA and raw generators, each
     with the run's quality number, the classifier's FD to the one reference and the accuracy; the Spearman
-    correlation as scipy computes it; samples.npz holds every row's FD samples and the run's, and a fresh sf.Quality
-    of the digits preset scores the saved run's samples to each row's number."""
+    correlation as scipy computes it, on the run's draw and on each evaluation draw (other seeds, other numbers);
+    samples.npz holds every row's FD samples and the run's, and a fresh sf.Quality of the digits preset scores the
+    saved run's samples to each row's number."""
     import digits  # experiments/digits.py
     from scipy.stats import spearmanr  # the oracle (scipy comes with scikit-learn)
     for k, v in dict(teacher_iters=30, n_per_class=6, classifier_iters=50).items():
@@ -1843,7 +1863,11 @@ def test_digits_metric_study_writes_every_row_and_its_samples(tmp_path, monkeypa
     assert all(math.isfinite(r[k]) for r in saved["rows"] for k in ("metric", "fd_to_reference", "acc"))
     metric, fd = ([r[k] for r in saved["rows"]] for k in ("metric", "fd_to_reference"))
     assert saved["spearman"] == pytest.approx(spearmanr(metric, fd).statistic, abs=1e-9)
-    assert 0 < saved["cost"]["share_every_500"] < saved["cost"]["share_digits_run"] < 1
+    draws = [[r["metric_draws"][d] for r in saved["rows"]] for d in range(digits.DRAWS)]
+    assert draws[0] == metric and len({tuple(d) for d in draws}) == digits.DRAWS  # seed 0 is the run's; all differ
+    assert saved["spearman_draws"] == pytest.approx([spearmanr(d, fd).statistic for d in draws], abs=1e-9)
+    cost = saved["cost"]
+    assert 0 < cost["share_at_eval_every"] < cost["share_preset_run"] < cost["share_digits_run"] < 1
     npz = np.load(tmp_path / "samples.npz")
     assert set(npz.files) == set(names) | {f"quality: {n}" for n in names} | {"labels", "real", "quality_labels"}
     assert all(npz[n].shape == (60, 1, 8, 8) and npz[f"quality: {n}"].shape == (sf.QUALITY_SIZE, 1, 8, 8)

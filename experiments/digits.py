@@ -523,10 +523,13 @@ def plot_study(rows, samples, real, labels, path):
 # it stands for is the distance to that reference. Every sampler of the benchmark is scored against ONE reference, the
 # one sf.Quality draws for the digits preset: by the number exactly as a run computes it (sf.QUALITY_SIZE samples, the
 # run's prompts and seeds), and by the classifier's FD to the same reference sampler with DIGITS['n_per_class']
-# samples per class on each side (the benchmark's noise, which the teacher rows share with the reference).
+# samples per class on each side (the benchmark's noise, which the teacher rows share with the reference). A run's
+# number is one draw of a noisy estimate: the study repeats it on DRAWS evaluation draws (sf.Quality's seed: its
+# reference set's noise, the features' and the students' re-noising; the run's is seed 0), each with its own reference.
 # ------------------------------------------------------------------------------------------------------------------
 
 OTHER_SEEDS = 7  # the floor: the reference sampler itself on other noise than the reference's
+DRAWS = 8  # evaluation draws, at seeds 0, 4, 8, ... (sf.Quality takes seed to seed + 3)
 
 
 def run_quality(quality, cfg, net):
@@ -549,28 +552,36 @@ def spearman(a, b):
     return (ra @ rb / (ra.norm() * rb.norm())).item()
 
 
-def study_samples(cfg, overrides, bench, quality, data_aided):
-    """Each row's samples: {name: (the FD's (N, 1, 8, 8) from the benchmark's noise, the run's (QUALITY_SIZE, 1, 8, 8)
-    with its number)}, the teacher rows, then the benchmark's students (trained here if OUT/runs/ lacks them), and
-    the seconds each student's distillation took."""
-    bb = bench.bb
+def teacher_rows(cfg, bb, cond, z):
+    """Every teacher row from the noise z (N, 1, 8, 8): the benchmark's (unguided, and at CFG 2 at every t), then
+    guided as in the losses (the reference's sampler at 32 steps): {name: samples (N, 1, 8, 8)}."""
+    with sf.autocast(cfg, bb.device), torch.no_grad():
+        rows = {name: x for name, _, _, x in teacher_samples(bb, cond, z)}
+        for n in (1, 2, 4, 8, 16, 32):
+            rows[interval_row(cfg, n)] = sf.euler_sample(
+                lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, interval(cfg, tt)), z, n)
+    return rows
+
+
+def fd_samples(cfg, bb, students):
+    """Each row's samples for the classifier's FD, from the benchmark's noise: the teacher rows, then the students'
+    EMA and raw generators, {name: (N, 1, 8, 8)}."""
     _, cond, z = digits_inputs(bb)
-    rows, t_distill = {}, {}
-    for name, w, n, x in teacher_samples(bb, cond, z):  # quality.cond and .z: the run's prompts and noise
-        with sf.autocast(cfg, bb.device):
-            q_x = sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, quality.cond, w), quality.z, n)
-        rows[name] = x, q_x, quality.score(q_x)
-    for n in (1, 2, 4, 8, 16, 32):  # the teacher guided as in the losses, the reference's sampler at 32 steps
-        with sf.autocast(cfg, bb.device), torch.no_grad():
-            x, q_x = (sf.euler_sample(lambda xx, tt, c=c: bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt)),
-                                      zz, n) for c, zz in ((cond, z), (quality.cond, quality.z)))
-        rows[interval_row(cfg, n)] = x, q_x, quality.score(q_x)
-    for name, scfg, res, seconds in benchmark_students(cfg, overrides, bb, data_aided):
-        t_distill[name] = seconds
+    rows = teacher_rows(cfg, bb, cond, z)
+    for name, scfg, res in students:
         for kind in ("ema", "generator"):
-            number, q_x = run_quality(quality, scfg, res[kind])
-            rows[f"{name} ({kind})"] = student_samples(bb, res[kind], cond, z, scfg.steps), q_x, number
-    return rows, t_distill
+            rows[f"{name} ({kind})"] = student_samples(bb, res[kind], cond, z, scfg.steps)
+    return rows
+
+
+def run_numbers(cfg, bb, students, quality):
+    """Each row scored by `quality` exactly as a run would, on its prompts and noise (quality.cond, quality.z):
+    {name: (the number, the samples it scored (QUALITY_SIZE, 1, 8, 8))}, in fd_samples' order."""
+    out = {name: (quality.score(x), x) for name, x in teacher_rows(cfg, bb, quality.cond, quality.z).items()}
+    for name, scfg, res in students:
+        for kind in ("ema", "generator"):
+            out[f"{name} ({kind})"] = run_quality(quality, scfg, res[kind])
+    return out
 
 
 def interval(cfg, t):
@@ -606,71 +617,94 @@ def quality_cost(cfg, bb, quality, repeats=3):
 
 def metric_study(args, overrides, argv):
     """Every sampler of the benchmark scored by the run's quality number and by the classifier's FD to the same
-    reference; their Spearman correlation; what the number costs a run. The table, OUT/metric-study.json,
-    OUT/samples.npz (each row's FD samples under its name, the run's under 'quality: <name>', the requested classes
-    of both, the real digits)."""
+    reference; their Spearman correlation, on the run's draw and on DRAWS evaluation draws; what the number costs a
+    run. The table, OUT/metric-study.json, OUT/samples.npz (each row's FD samples under its name, the run's under
+    'quality: <name>', the requested classes of both, the real digits)."""
     t_start = time.time()
     cfg = sf.make_config("digits", **overrides)
     bench = DigitsBench(cfg, args.data_aided)
+    students, t_distill = [], {}
+    for name, scfg, res, seconds in benchmark_students(cfg, overrides, bench.bb, args.data_aided):
+        students.append((name, scfg, res))
+        t_distill[name] = seconds
     t0 = time.time()
     quality = sf.Quality(bench.bb, cfg)  # the reference set, drawn as a run of the digits preset draws it
     t_reference = time.time() - t0
     reference = interval_row(cfg, sf.REFERENCE_STEPS)
-    drawn, t_distill = study_samples(cfg, overrides, bench, quality, args.data_aided)
-    assert reference in drawn, f"{reference}: the reference sampler must be one of the teacher rows"
+    fd_x = fd_samples(cfg, bench.bb, students)
+    assert reference in fd_x, f"{reference}: the reference sampler must be one of the teacher rows"
+    draws = [run_numbers(cfg, bench.bb, students, q) for q in [quality] + [
+        sf.Quality(bench.bb, cfg, seed=4 * d) for d in range(1, DRAWS)]]  # draws[0]: the run's own
     labels = digits_inputs(bench.bb)[0]
     with torch.no_grad():
-        ref_f, ref_qf = (bench.clf.features(x) for x in drawn[reference][:2])
-        rows = [dict(row=name, metric=number, fd_to_reference=frechet_distance(bench.clf.features(x), ref_f),
+        ref_f, ref_qf = bench.clf.features(fd_x[reference]), bench.clf.features(draws[0][reference][1])
+        rows = [dict(row=name, metric=number, metric_draws=[d[name][0] for d in draws],
+                     fd_to_reference=frechet_distance(bench.clf.features(fd_x[name]), ref_f),
                      fd_run_samples=frechet_distance(bench.clf.features(q_x), ref_qf),
-                     acc=(bench.clf(x).argmax(1) == labels).float().mean().item())
-                for name, (x, q_x, number) in drawn.items()]
+                     acc=(bench.clf(fd_x[name]).argmax(1) == labels).float().mean().item())
+                for name, (number, q_x) in draws[0].items()]
     fd = [r["fd_to_reference"] for r in rows]
     others = [r for r in rows if r["row"] != reference]  # the reference row is the reference: it agrees trivially
-    result = dict(reference=reference, rows=rows, spearman=spearman([r["metric"] for r in rows], fd),
+    per_draw = [spearman([r["metric_draws"][d] for r in rows], fd) for d in range(DRAWS)]
+    result = dict(reference=reference, rows=rows, spearman=per_draw[0], spearman_draws=per_draw,
                   spearman_without_reference=spearman([r["metric"] for r in others],
                                                       [r["fd_to_reference"] for r in others]),
                   spearman_fd_run_samples=spearman([r["fd_run_samples"] for r in rows], fd),
                   floor=study_floor(cfg, bench, quality, ref_f),
-                  samples=dict(fd=len(labels), metric=sf.QUALITY_SIZE, quality_t=sf.QUALITY_T))
-    cost = quality_cost(cfg, bench.bb, quality)
-    evals = -(-cfg.iters // 500)  # a digits run with the presets' eval_every: one evaluation per 500, one at the end
-    cost.update(reference_set=t_reference, threads=torch.get_num_threads(),
-                share_every_500=cost["evaluation"] / (500 * cost["iteration"] + cost["evaluation"]),
-                share_digits_run=(t_reference + evals * cost["evaluation"]) / (
-                    cfg.iters * cost["iteration"] + t_reference + evals * cost["evaluation"]))
-    result.update(cost=cost, seconds=dict(teacher=bench.t_teacher, classifier=bench.t_clf, distill=t_distill,
-                                          wall=time.time() - t_start), command=command(argv))
+                  samples=dict(fd=len(labels), metric=sf.QUALITY_SIZE, quality_t=sf.QUALITY_T,
+                               quality_dims=sf.QUALITY_DIMS, draws=DRAWS))
+    result.update(cost=study_cost(cfg, bench.bb, quality, t_reference), command=command(argv), seconds=dict(
+        teacher=bench.t_teacher, classifier=bench.t_clf, distill=t_distill, wall=time.time() - t_start))
     print_metric_study(result, cfg)
     q_labels = [int(bench.bb.prompts[i % len(bench.bb.prompts)]) for i in range(sf.QUALITY_SIZE)]
     np.savez_compressed(os.path.join(cfg.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(),
-                        quality_labels=np.array(q_labels), **{k: v[0].numpy() for k, v in drawn.items()},
-                        **{f"quality: {k}": v[1].numpy() for k, v in drawn.items()})
+                        quality_labels=np.array(q_labels), **{k: v.numpy() for k, v in fd_x.items()},
+                        **{f"quality: {k}": v[1].numpy() for k, v in draws[0].items()})
     with open(os.path.join(cfg.out, "metric-study.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {cfg.out}/metric-study.json, samples.npz")
     return result
 
 
+def study_cost(cfg, bb, quality, t_reference):
+    """quality_cost's seconds, and the number's share of a run's time with these seconds: one evaluation per the DiT
+    presets' eval_every; a run of their length (the reference set once, an evaluation every eval_every and at the
+    end); a digits run (cfg.iters iterations, one evaluation at the end, the same reference set)."""
+    cost, dit = quality_cost(cfg, bb, quality), sf.PRESETS["flux-dev"]  # (eval_every, iters: every DiT preset's)
+    cost.update(reference_set=t_reference, threads=torch.get_num_threads(), eval_every=dit["eval_every"],
+                preset_iters=dit["iters"])
+
+    def share(iters, every):
+        evals = t_reference + -(-iters // every) * cost["evaluation"]
+        return evals / (iters * cost["iteration"] + evals)
+    cost.update(share_at_eval_every=cost["evaluation"] / (dit["eval_every"] * cost["iteration"] + cost["evaluation"]),
+                share_preset_run=share(dit["iters"], dit["eval_every"]), share_digits_run=share(cfg.iters, cfg.iters))
+    return cost
+
+
 def print_metric_study(m, cfg):
-    n, c = m["samples"], m["cost"]
+    n, c, rho = m["samples"], m["cost"], torch.tensor(m["spearman_draws"])
     print(f"\nmetric study: every sampler against one reference, {m['reference']} (sf.Quality of the digits preset)."
-          f"\nquality: the run's number on its {n['metric']} samples (t = {n['quality_t']:g}); FD: the classifier's "
+          f"\nquality: the run's number on its {n['metric']} samples (t = {n['quality_t']:g}, {n['quality_dims']} "
+          f"dimensions), on the run's draw and the mean (sd) over {n['draws']} evaluation draws; FD: the classifier's "
           f"Frechet distance to the reference sampler, {n['fd']} samples on each side; FD, run: the same on the run's "
           f"{n['metric']} samples and the reference set")
-    print(f"{'row':<34} {'quality':>9} {'FD':>9} {'FD, run':>9} {'accuracy':>9}")
+    print(f"{'row':<34} {'quality':>9} {'over draws':>18} {'FD':>9} {'FD, run':>9} {'accuracy':>9}")
     for r in m["rows"]:
-        print(f"{r['row']:<34} {r['metric']:9.4f} {r['fd_to_reference']:9.3f} {r['fd_run_samples']:9.2f} "
-              f"{r['acc']:9.3f}")
+        q = torch.tensor(r["metric_draws"])
+        print(f"{r['row']:<34} {r['metric']:9.4f} {f'{q.mean():.4f} ({q.std():.4f})':>18} {r['fd_to_reference']:9.3f} "
+              f"{r['fd_run_samples']:9.2f} {r['acc']:9.3f}")
     print(f"the reference sampler on other noise (the floor): quality {m['floor']['metric']:.4f}, FD "
           f"{m['floor']['fd_to_reference']:.3f}")
-    print(f"Spearman, quality vs FD: {m['spearman']:.3f} over all {len(m['rows'])} rows, "
-          f"{m['spearman_without_reference']:.3f} without the reference row; FD, run vs FD: "
-          f"{m['spearman_fd_run_samples']:.3f}")
+    print(f"Spearman, quality vs FD, over all {len(m['rows'])} rows: {m['spearman']:.3f} on the run's draw "
+          f"({m['spearman_without_reference']:.3f} without the reference row); over {n['draws']} evaluation draws "
+          f"{rho.mean():.3f} +- {rho.std():.3f} (sd), lowest {rho.min():.3f}, highest {rho.max():.3f} "
+          f"[{', '.join(f'{v:.3f}' for v in rho.tolist())}]; FD, run vs FD: {m['spearman_fd_run_samples']:.3f}")
     print(f"cost ({c['threads']} threads): the reference set {c['reference_set']:.2f} s once, one quality(ema) "
-          f"{c['evaluation']:.3f} s, one SiD iteration {c['iteration']:.3f} s: {100 * c['share_every_500']:.2f}% of "
-          f"a run evaluating every 500 iterations; {100 * c['share_digits_run']:.2f}% of a digits run "
-          f"({cfg.iters} iterations, reference set included)")
+          f"{c['evaluation']:.3f} s, one SiD iteration {c['iteration']:.3f} s: {100 * c['share_at_eval_every']:.2f}% "
+          f"of a run evaluating every {c['eval_every']} iterations, {100 * c['share_preset_run']:.2f}% of a run of "
+          f"{c['preset_iters']} (reference set included), {100 * c['share_digits_run']:.2f}% of a digits run "
+          f"({cfg.iters} iterations, one evaluation)")
     print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in m['seconds'].items() if not isinstance(v, dict))}")
 
 # ------------------------------------------------------------------------------------------------------------------
