@@ -938,8 +938,8 @@ def frechet_to_standard(f):
     return (f.mean(0).square().sum() + (lam.sqrt() - 1).square().sum()).item()
 
 class Quality:
-    """quality(net) -> the score of a generator's K-step samples, kept in .samples (the preview); lower is better.
-    Seeds: the reference's (seed), the features' (+1), re-noising (+2), the plot's teacher lines' (+3, a student's)."""
+    """quality(net) -> the score of a generator's K-step samples, kept in .samples (the preview); lower is better;
+    .lines: the teacher's own 4- and 8-step scores. `seed`: the initial noise's; the features' +1, re-noising's +2."""
 
     def __init__(self, backbone, cfg, cache=None, seed=0):
         self.backbone, self.cfg, self.seed, n, bb = backbone, cfg, seed, QUALITY_SIZE, backbone
@@ -950,20 +950,19 @@ class Quality:
             n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS, cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max))
         saved = torch.load(cache, bb.device, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
-            self.mean, self.basis, self.teacher = saved["stats"]
+            self.mean, self.basis, self.lines = saved["stats"]
             return
-        teacher = lambda K, z0: self.chunked(lambda z, c: euler_sample(lambda x, t: bb.velocity(  # noqa: E731
-            bb.teacher, x, t, c, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)), z, K), z0)
+        teacher = lambda K: self.chunked(lambda z, c: euler_sample(lambda x, t: bb.velocity(  # noqa: E731  K steps
+            bb.teacher, x, t, c, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)), z, K), self.z)
         with autocast(cfg, bb.device):
-            f = self.features(teacher(REFERENCE_STEPS, self.z))  # (n, C)
+            f = self.features(teacher(REFERENCE_STEPS))  # (n, C), float64 (as all that follows)
             self.mean, std = f.mean(0), f.std(0) + 1e-6
             _, s, v = torch.linalg.svd((f - self.mean) / std, full_matrices=False)  # principal directions
             d = min(QUALITY_DIMS, n - 1)  # directions kept (n - 1 at most: centred, the reference spans no more)
             self.basis = v[:d].T * (n - 1) ** 0.5 / s[:d] / std[:, None]  # (C, d): the reference's covariance -> I
-            other = bb.noise(self.z.shape, torch.Generator(bb.device).manual_seed(seed + 3))
-            self.teacher = {K: self.score(teacher(K, other)) for K in (4, 8)}  # for the plot
+            self.lines = {K: self.score(teacher(K)) for K in (4, 8)}  # the plot's: the same prompts and seeds
         if cache and int(os.environ.get("RANK", 0)) == 0:
-            atomic_save(dict(key=key, stats=(self.mean, self.basis, self.teacher)), cache)
+            atomic_save(dict(key=key, stats=(self.mean, self.basis, self.lines)), cache)
 
     def chunked(self, fn, x):  # fn(rows, their conditioning) over 16 rows at a time: no batch larger than that
         return torch.cat([fn(x[i:i + 16], self.cond and {k: v[i:i + 16] for k, v in self.cond.items()})
@@ -973,7 +972,7 @@ class Quality:
         """The teacher's grid-averaged last hidden states of x (N, *D) noised to QUALITY_T, prompt-free: (N, 16 C)."""
         bb, t = self.backbone, torch.full((len(x),), QUALITY_T, device=x.device)
 
-        def pooled(x_t, _):
+        def pooled(x_t, _):  # (the rows' prompts unused: the empty prompt's conditioning, or None for the toy)
             empty = bb.uncond and {k: v.expand(len(x_t), *v.shape[1:]) for k, v in bb.uncond.items()}
             with torch.no_grad(), capture_features(bb.teacher) as hidden:
                 bb.velocity(bb.teacher, x_t, t[:len(x_t)], empty, 1.0)
@@ -992,14 +991,14 @@ class Quality:
                 lambda x, t: bb.velocity(net, x, t, c, cfg.student_guidance), z, cfg.steps, cfg.noise, draw), self.z)
             return self.score(self.samples)
 
-def plot_quality(out, teacher, now):
+def plot_quality(out, lines, now):
     """OUT/quality.png: the student's number over the run (OUT/log.jsonl's, and `now`), the teacher's as lines."""
     log = os.path.join(out, "log.jsonl")
     points = [(m["step"], m["eval"]["quality"]) for m in map(json.loads, open(log) if os.path.exists(log) else [])
               if "quality" in (m.get("eval") or {}) and m["step"] < now[0]] + [now]
     ax = Figure(figsize=(6, 3.5)).subplots()
     ax.plot(*zip(*points), "o-", label="student (EMA)")
-    for (K, q), ls in zip(teacher.items(), ("--", ":")):
+    for (K, q), ls in zip(lines.items(), ("--", ":")):
         ax.axhline(q, color="gray", ls=ls, label=f"teacher, {K} Euler steps")
     ax.set(xlabel="iteration", ylabel="Frechet distance to the teacher (lower is better)", yscale="symlog")
     ax.legend()
@@ -1485,7 +1484,7 @@ def cmd_distill(cfg):
             row = torch.as_tensor(backbone.decode(quality[0].samples[:4].float())).clamp(0, 1)  # (4, H, W, 3)
             path = os.path.join(cfg.out, f"preview_{step:07d}.png")
             Image.fromarray((torch.cat(list(row), 1) * 255).round().byte().numpy()).save(path)
-            plot_quality(cfg.out, quality[0].teacher, (step, q))
+            plot_quality(cfg.out, quality[0].lines, (step, q))
         return dict(quality=q)
 
     res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)

@@ -529,7 +529,7 @@ def plot_study(rows, samples, real, labels, path):
 # ------------------------------------------------------------------------------------------------------------------
 
 OTHER_SEEDS = 7  # the floor: the reference sampler itself on other noise than the reference's
-DRAWS = 8  # evaluation draws, at seeds 0, 4, 8, ... (sf.Quality takes seed to seed + 3)
+DRAWS = 8  # evaluation draws, at seeds 0, 4, 8, ... (sf.Quality takes seed, seed + 1 and seed + 2)
 
 
 def run_quality(quality, cfg, net):

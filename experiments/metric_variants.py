@@ -5,7 +5,7 @@ judges the number: by its Spearman correlation with the classifier's FD to the r
 study's evaluation draws.
 
     python experiments/digits.py --metric-study     # first: out/digits/metric-study.json, the teacher, the students
-    python experiments/metric_variants.py           # then: about 9 minutes on 2 CPU cores
+    python experiments/metric_variants.py           # then: about 8 minutes on 2 CPU cores
     python experiments/metric_variants.py out/digits 100    # the same on 8 other draws (seeds 100, 104, ...)
 
 Every draw is drawn again as the study drew it (digits.run_numbers at sf.Quality's seeds 0, 4, 8, ...), and the run's
