@@ -63,8 +63,8 @@ def scores(feats, ref, dims, distance):
     if dims:
         _, s, v = torch.linalg.svd((ref - mean) / std, full_matrices=False)
         basis = v[:dims].T * (len(ref) - 1) ** 0.5 / s[:dims] / std[:, None]
-    dist = kernel_distance if distance == "MMD" else frechet_distance
-    return {row: dist((f - mean) @ basis, (ref - mean) @ basis) for row, f in feats.items()}
+    dist, projected = (kernel_distance if distance == "MMD" else frechet_distance), (ref - mean) @ basis
+    return {row: dist((f - mean) @ basis, projected) for row, f in feats.items()}
 
 
 def main(out="out/digits", first_seed="0"):
