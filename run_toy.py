@@ -65,14 +65,19 @@ def spiral(u):  # u: (n, 3)
     return pts + 0.08 * normal(u[:, 1:3])
 
 
-DATASETS = {"checkerboard": (checkerboard, 3), "8gaussians": (eight_gaussians, 3), "moons": (moons, 4),
-            "spiral": (spiral, 3)}  # name -> (map from uniforms, number of uniforms per sample)
+DATASETS = {
+    "checkerboard": (checkerboard, 3),
+    "8gaussians": (eight_gaussians, 3),
+    "moons": (moons, 4),
+    "spiral": (spiral, 3),
+}  # name -> (map from uniforms, number of uniforms per sample)
 
 
 def draw(dataset, n, generator):
     """n i.i.d. samples (n, 2) of a dataset, from a torch.Generator: the teacher's training data."""
     f, dims = DATASETS[dataset]
     return f(torch.rand(n, dims, generator=generator))
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # The metric: energy distance (D15) -- zero iff the two distributions are equal
@@ -108,8 +113,11 @@ def energy_distance(x, y, directions=128, independent=True):
     px, py = u @ x.double().T, u @ y.double().T  # (M, n), (M, m) projections
     pairs = (lambda k: k * (k - 1)) if independent else (lambda k: k * k)  # ordered pairs i != j, or all of them
     # (M,) the 1-D energy distances; within a set the pairs i = j add |x_i - x_i| = 0, so one count serves U and V
-    ed_1d = (2 * _sum_abs_diff(px, py) / (len(x) * len(y)) - _sum_abs_diff(px, px) / pairs(len(x))
-             - _sum_abs_diff(py, py) / pairs(len(y)))
+    ed_1d = (
+        2 * _sum_abs_diff(px, py) / (len(x) * len(y))
+        - _sum_abs_diff(px, px) / pairs(len(x))
+        - _sum_abs_diff(py, py) / pairs(len(y))
+    )
     return (math.pi / 2) * ed_1d.mean().item()
 
 
@@ -131,7 +139,7 @@ class Evaluation:
 
     def inputs(self, r, K):
         """(z, draw) of replicate r for a K-step sampler: z (n, 2), and draw(x) returns the next re-noising (n, 2)."""
-        later = iter(self.noise[r][:, 2 * k:2 * k + 2].contiguous() for k in range(1, K))  # (n, 2) for step k + 1
+        later = iter(self.noise[r][:, 2 * k : 2 * k + 2].contiguous() for k in range(1, K))  # (n, 2) for step k + 1
         return self.noise[r][:, :2].contiguous(), lambda x: next(later)
 
     def samples(self, sampler, K):
@@ -142,6 +150,7 @@ class Evaluation:
         """(mean, standard error) over the replicates of the energy distance of xs (R sets) to the data."""
         eds = torch.tensor([energy_distance(x, y, DIRECTIONS, independent=False) for x, y in zip(xs, self.data)])
         return eds.mean().item(), (eds.std() / math.sqrt(len(eds))).item()
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # The teacher: an MLP trained by flow matching (D8), cached in --out
@@ -173,12 +182,15 @@ class ToyMLP(torch.nn.Module):
         super().__init__()
         self.config = dict(dim=dim, width=width, depth=depth, tdim=tdim)  # saved with the weights
         self.embed_t = TimeEmbedding(tdim)
-        self.body = torch.nn.Sequential(*[m for i in range(depth) for m in (
-            torch.nn.Linear(width if i else dim + tdim, width), torch.nn.SiLU())])
+        self.body = torch.nn.Sequential(
+            *[m for i in range(depth) for m in (torch.nn.Linear(width if i else dim + tdim, width), torch.nn.SiLU())]
+        )
         self.head = torch.nn.Linear(width, dim)
         if fourier:  # widened last, so that every other layer starts from the weights it has without the features
             self.body[0] = torch.nn.Linear(dim + 2 * fourier + tdim, width)
-        self.register_buffer("B", fourier_scale * torch.randn(dim, fourier, generator=torch.Generator().manual_seed(0)))
+        self.register_buffer(
+            "B", fourier_scale * torch.randn(dim, fourier, generator=torch.Generator().manual_seed(0))
+        )
 
     def features(self, x_t, t):
         proj = x_t @ self.B  # (B, F), F = 0 without Fourier features
@@ -216,8 +228,10 @@ def train_teacher(dataset, seed, path):
         eps = torch.randn(x0.shape, generator=g)  # (B, 2)
         t = torch.rand(x0.shape[0], generator=g)  # (B,) uniform times for the teacher
         return sf.flow_matching_loss(net(sf.add_noise(x0, eps, t), t), x0, eps, t).mean()
-    return trained(net, path, dict(TEACHER, dataset=dataset, seed=seed), batch_loss, TEACHER["iters"], TEACHER["lr"],
-                   "teacher")
+
+    return trained(
+        net, path, dict(TEACHER, dataset=dataset, seed=seed), batch_loss, TEACHER["iters"], TEACHER["lr"], "teacher"
+    )
 
 
 def run_folder(out, name, cfg, **teacher):
@@ -229,16 +243,38 @@ def run_folder(out, name, cfg, **teacher):
     path = sf.Runtime().checkpoint_path(folder)
     return folder, sf.Runtime().read_meta(path)["step"] if os.path.exists(path) else 0
 
+
 # ------------------------------------------------------------------------------------------------------------------
 # The demo: its command line, the teacher's samplers, a student per variant, the table, the figure
 # ------------------------------------------------------------------------------------------------------------------
 
 # --compare: name -> Config overrides over the command line's; a name ending in "data-aided" gets the true data (D16)
-VARIANTS = {"SiD": {}, "DMD": dict(loss="dmd"), "SiD alpha=1.2": dict(alpha=1.2), "SiD 1 step": dict(steps=1),
-            "SiD uniform k": dict(train_step="uniform"), "SiD data-aided": {}}
-NOT_HERE = ("teacher", "device", "precision", "prompts", "resolution", "data", "mode", "lora_rank",  # sid_flow.py
-            "grad_checkpointing", "student_guidance", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "cfg_t_min",
-            "cfg_t_max", "compile")  # flags that mean nothing for the 2-D MLPs (unconditional, CPU): not offered
+VARIANTS = {
+    "SiD": {},
+    "DMD": dict(loss="dmd"),
+    "SiD alpha=1.2": dict(alpha=1.2),
+    "SiD 1 step": dict(steps=1),
+    "SiD uniform k": dict(train_step="uniform"),
+    "SiD data-aided": {},
+}
+NOT_HERE = (
+    "teacher",
+    "device",
+    "precision",
+    "prompts",
+    "resolution",
+    "data",
+    "mode",
+    "lora_rank",  # sid_flow.py
+    "grad_checkpointing",
+    "student_guidance",
+    "cfg_train_fake",
+    "cfg_eval_fake",
+    "cfg_eval_real",
+    "cfg_t_min",
+    "cfg_t_max",
+    "compile",
+)  # flags that mean nothing for the 2-D MLPs (unconditional, CPU): not offered
 
 
 def parse_flags(parser, argv, not_here):
@@ -255,17 +291,34 @@ def parse_flags(parser, argv, not_here):
 def parse_args(argv):
     p = sf.Parser(prog="run_toy.py", description=__doc__)
     p.add_argument("--dataset", default="checkerboard", choices=sorted(DATASETS), help="[default: checkerboard]")
-    p.add_argument("--compare", action="store_true",
-                   help="also distil the variants (DMD, alpha 1.2, one step, uniform k, data-aided) into one table")
-    p.add_argument("--data-aided", action="store_true",
-                   help="data-aided SiD (D16): the fake network also discriminates true samples from fakes")
-    p.add_argument("--n-eval", type=int, default=16384,
-                   help=f"samples per sampler for the energy distance, in {R} replicates [default: 16384]")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also distil the variants (DMD, alpha 1.2, one step, uniform k, data-aided) into one table",
+    )
+    p.add_argument(
+        "--data-aided",
+        action="store_true",
+        help="data-aided SiD (D16): the fake network also discriminates true samples from fakes",
+    )
+    p.add_argument(
+        "--n-eval",
+        type=int,
+        default=16384,
+        help=f"samples per sampler for the energy distance, in {R} replicates [default: 16384]",
+    )
     sf.add_config_flags(p, skip=NOT_HERE + ("out", "eval_every"), presets={"toy": "toy"})
-    p.add_argument("--out", help="the cached teacher, the runs (OUT/runs/) and one folder of results per command, "
-                   f"named after the dataset and the flags that change them [default: {sf.PRESETS['toy']['out']}]")
-    p.add_argument("--eval-every", type=int, help="iterations between points of the distance curve; 0 means every "
-                   "tenth of --iters (for sid_flow.py 0 means never) [default: 0]")
+    p.add_argument(
+        "--out",
+        help="the cached teacher, the runs (OUT/runs/) and one folder of results per command, "
+        f"named after the dataset and the flags that change them [default: {sf.PRESETS['toy']['out']}]",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        help="iterations between points of the distance curve; 0 means every "
+        "tenth of --iters (for sid_flow.py 0 means never) [default: 0]",
+    )
     return parse_flags(p, argv, NOT_HERE)
 
 
@@ -273,8 +326,11 @@ def run_name(args, overrides):
     """The folder of one command's results: the dataset, then every flag given that changes them, e.g.
     'moons', 'checkerboard-compare', 'checkerboard-alpha-1.2' -- so no run overwrites another's figure."""
     parts = [args.dataset] + ["compare"] * args.compare + ["data-aided"] * args.data_aided
-    parts += [f"{k.replace('_', '-')}-{v}" for k, v in sorted(overrides.items())
-              if v is not None and k not in ("out", "save_every", "eval_every")]  # these leave the results alone
+    parts += [
+        f"{k.replace('_', '-')}-{v}"
+        for k, v in sorted(overrides.items())
+        if v is not None and k not in ("out", "save_every", "eval_every")
+    ]  # these leave the results alone
     parts += [f"n-eval-{args.n_eval}"] if args.n_eval != 16384 else []
     return sf.slug("-".join(parts).replace("/", "_"))  # a '/' in a value ('1/t') would make a subfolder
 
@@ -306,11 +362,13 @@ def main(argv=None):
         curves[name], res, t_distill[name] = distil_variant(vcfg, backbone, ev, done)
         for kind, net in (("EMA", res["ema"]), ("raw", res["generator"])):
             samples[f"{name} ({vcfg.steps} step{'s' * (vcfg.steps > 1)}, {kind})"] = ev.samples(
-                lambda z, d, net=net: sf.generate(net, z, vcfg.steps, vcfg.noise, d), vcfg.steps)
+                lambda z, d, net=net: sf.generate(net, z, vcfg.steps, vcfg.noise, d), vcfg.steps
+            )
     t0 = time.time()
     ed = {name: ev.distance(xs) for name, xs in samples.items()}
-    seconds = dict(teacher=t_teacher, distill=t_distill, evaluation=t_eval + time.time() - t0,
-                   total=time.time() - t_start)
+    seconds = dict(
+        teacher=t_teacher, distill=t_distill, evaluation=t_eval + time.time() - t0, total=time.time() - t_start
+    )
     return report(args, cfg, folder, ev, samples, ed, curves, seconds, argv)
 
 
@@ -323,12 +381,15 @@ def distil_variant(vcfg, backbone, ev, done):
     def first_replicate(net):  # one point of the curve: replicate 0 only, cheap
         z, d = ev.inputs(0, vcfg.steps)
         return energy_distance(sf.generate(net, z, vcfg.steps, vcfg.noise, d), ev.data[0], DIRECTIONS, False)
+
     curve = curve or [dict(step=0, raw=(d0 := first_replicate(backbone.teacher)), ema=d0)]  # 0: it is the teacher
     vcfg.eval_every = vcfg.eval_every or max(1, vcfg.iters // 10)  # 0: every tenth of the run
+
     def on_eval(step, gen, ema):  # a point, saved at once: an interrupted run keeps the points up to its checkpoint
         curve.append(dict(step=step, raw=first_replicate(gen), ema=first_replicate(ema)))
         with open(curve_path, "w") as f:
             json.dump(curve, f)
+
     t0 = time.time()
     res = sf.distill(vcfg, backbone, on_eval=on_eval)
     return curve, res, None if done >= vcfg.iters else time.time() - t0
@@ -337,23 +398,39 @@ def distil_variant(vcfg, backbone, ev, done):
 def report(args, cfg, folder, ev, samples, ed, curves, seconds, argv):
     """Print the table and the times; write the samples (*.npy), metrics.json and toy.png to `folder`."""
     ref4, ref128 = ed["teacher 4 steps"][0], ed["teacher 128 steps"][0]
-    print(f"\nenergy distance to {args.dataset} (lower is better): mean +- standard error over {R} replicates of "
-          f"{args.n_eval // R} scrambled-Sobol samples each")
+    print(
+        f"\nenergy distance to {args.dataset} (lower is better): mean +- standard error over {R} replicates of "
+        f"{args.n_eval // R} scrambled-Sobol samples each"
+    )
     print(f"{'sampler':<36} {'distance':>10} {'+-':>8} {'/ teacher-128':>14} {'/ teacher-4':>12}")
     for name, (d, se) in ed.items():
         print(f"{name:<36} {d:10.6f} {se:8.6f} {d / ref128:14.3f} {d / ref4:12.4f}")
     runs = ", ".join(f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in seconds["distill"].items())
-    print(f"time: teacher {format(seconds['teacher'], '.1f') + ' s' if seconds['teacher'] else 'cached'}, {runs}, "
-          f"evaluation {seconds['evaluation']:.1f} s, total {seconds['total']:.1f} s before the figure")
+    print(
+        f"time: teacher {format(seconds['teacher'], '.1f') + ' s' if seconds['teacher'] else 'cached'}, {runs}, "
+        f"evaluation {seconds['evaluation']:.1f} s, total {seconds['total']:.1f} s before the figure"
+    )
 
     student = next(k for k in samples if k.startswith("SiD") and k.endswith("EMA)"))
-    for file, x in (("data", ev.data[0][:len(ev.twin[0])]), ("teacher_4", samples["teacher 4 steps"][0]),
-                    ("teacher_128", samples["teacher 128 steps"][0]), ("student", samples[student][0])):
+    for file, x in (
+        ("data", ev.data[0][: len(ev.twin[0])]),
+        ("teacher_4", samples["teacher 4 steps"][0]),
+        ("teacher_128", samples["teacher 128 steps"][0]),
+        ("student", samples[student][0]),
+    ):
         np.save(os.path.join(folder, f"{file}.npy"), x.numpy())
-    metrics = dict(dataset=args.dataset, n_eval=args.n_eval, replicates=R, curves=curves, seconds=seconds,
-                   energy_distance={k: v[0] for k, v in ed.items()}, standard_error={k: v[1] for k, v in ed.items()},
-                   config=dataclasses.asdict(cfg), folder=folder,
-                   command="python run_toy.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    metrics = dict(
+        dataset=args.dataset,
+        n_eval=args.n_eval,
+        replicates=R,
+        curves=curves,
+        seconds=seconds,
+        energy_distance={k: v[0] for k, v in ed.items()},
+        standard_error={k: v[1] for k, v in ed.items()},
+        config=dataclasses.asdict(cfg),
+        folder=folder,
+        command="python run_toy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     plot({k: v[0] for k, v in samples.items()}, ev.data[0], curves, ed, student, os.path.join(folder, "toy.png"))
@@ -364,10 +441,13 @@ def report(args, cfg, folder, ev, samples, ed, curves, seconds, argv):
 def plot(samples, data, curves, ed, student, path):
     """Data, the teacher at 4 and 128 Euler steps, the teacher as a 4-step generator (iteration 0), the student,
     and the distance during distillation (replicate 0) against the teacher's, with +- one standard error."""
-    panels = {"data": None, "teacher, 4 Euler steps": "teacher 4 steps",  # title -> the sampler shown (None: data)
-              "teacher, 128 Euler steps": "teacher 128 steps",
-              "teacher as 4-step generator (iteration 0)": "teacher as 4-step generator",
-              f"student: {student}": student}
+    panels = {
+        "data": None,
+        "teacher, 4 Euler steps": "teacher 4 steps",  # title -> the sampler shown (None: data)
+        "teacher, 128 Euler steps": "teacher 128 steps",
+        "teacher as 4-step generator (iteration 0)": "teacher as 4-step generator",
+        f"student: {student}": student,
+    }
     fig, axes = plt.subplots(1, 6, figsize=(25, 4.6))
     for ax, (title, name) in zip(axes, panels.items()):
         x = (samples[name] if name else data)[:4096].numpy()
@@ -377,7 +457,7 @@ def plot(samples, data, curves, ed, student, path):
     ax = axes[5]
     for name, c in curves.items():
         steps = [p["step"] for p in c]
-        line, = ax.plot(steps, [p["ema"] for p in c], marker=".", label=f"{name} (EMA)")
+        (line,) = ax.plot(steps, [p["ema"] for p in c], marker=".", label=f"{name} (EMA)")
         ax.plot(steps, [p["raw"] for p in c], ls=":", color=line.get_color(), label=f"{name} (raw)")
     for key, color in (("teacher 4 steps", "tab:red"), ("teacher 128 steps", "tab:green")):
         d, se = ed[key]

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 FLOW, VP = "flow", "vp"  # the two Gaussian paths x_t = a_t x0 + s_t eps this file knows
 
+
 def coefficients(path, t):
     """(a, s, da/dt, ds/dt) at time t: 'flow' a = 1 - t, s = t; 'vp' a = cos(pi t/2), s = sin(pi t/2), the cosine
     variance-preserving diffusion."""
@@ -43,19 +44,23 @@ def coefficients(path, t):
         return torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t)
     raise ValueError(f"unknown path {path!r}")
 
+
 def _per_sample(t, x):
     """View t (B,) as (B, 1, ..., 1) so it broadcasts against x (B, *D)."""
     return t.reshape(-1, *([1] * (x.dim() - 1)))
+
 
 def add_noise(x0, eps, t, path=FLOW):
     """x_t = a_t x0 + s_t eps.                                                                              (D1)"""
     a, s, _, _ = coefficients(path, _per_sample(t, x0))
     return a * x0 + s * eps  # (B, *D)
 
+
 def velocity_target(x0, eps, t, path=FLOW):
     """The conditional velocity d x_t / dt = a' x0 + s' eps; for flow matching eps - x0.                    (D2)"""
     _, _, da, ds = coefficients(path, _per_sample(t, x0))
     return da * x0 + ds * eps  # (B, *D)
+
 
 def velocity_to_x0(x_t, t, v, path=FLOW):
     """E[x0 | x_t] from a velocity prediction: solve [a s; a' s'] [x0; eps] = [x_t; v] for x0.
@@ -63,46 +68,61 @@ def velocity_to_x0(x_t, t, v, path=FLOW):
     a, s, da, ds = coefficients(path, _per_sample(t, x_t))
     return (ds * x_t - s * v) / (a * ds - s * da)  # (B, *D); the determinant is 1 for flow matching
 
+
 def velocity_to_eps(x_t, t, v, path=FLOW):
     """E[eps | x_t] from a velocity prediction. Flow matching: eps = x_t + (1 - t) v.                      (D4)"""
     a, s, da, ds = coefficients(path, _per_sample(t, x_t))
     return (a * v - da * x_t) / (a * ds - s * da)  # (B, *D)
+
 
 def velocity_to_score(x_t, t, v, path=FLOW):
     """grad_x log p_t(x_t) = -E[eps | x_t] / s_t (Tweedie). Flow matching: -(x_t + (1 - t) v) / t.         (D5)"""
     _, s, _, _ = coefficients(path, _per_sample(t, x_t))
     return -velocity_to_eps(x_t, t, v, path) / s  # (B, *D)
 
+
 def x0_to_velocity(x_t, t, x0, path=FLOW):
     """The inverse of velocity_to_x0: eps = (x_t - a x0) / s, then v = a' x0 + s' eps.                      (D4)"""
     a, s, da, ds = coefficients(path, _per_sample(t, x_t))
     return da * x0 + ds * (x_t - a * x0) / s  # (B, *D)
 
+
 def score_to_x0(x_t, t, score, path=FLOW):
     """Tweedie's formula: E[x0 | x_t] = (x_t + s_t^2 grad log p_t(x_t)) / a_t.                              (D3)"""
     a, s, _, _ = coefficients(path, _per_sample(t, x_t))
-    return (x_t + s ** 2 * score) / a  # (B, *D)
+    return (x_t + s**2 * score) / a  # (B, *D)
+
 
 def flow_to_vp(x_t, t):
     """The signal-to-noise map: a flow-matching state (x_t, t) is a VP-diffusion state (x_tau, tau) with the
     same SNR a/s = (1 - t)/t, rescaled so a^2 + s^2 = 1. Returns (x_tau (B, *D), tau (B,)).                 (D7)"""
-    norm = torch.sqrt((1 - t) ** 2 + t ** 2)  # (B,)
+    norm = torch.sqrt((1 - t) ** 2 + t**2)  # (B,)
     tau = (2 / math.pi) * torch.atan2(t, 1 - t)  # (B,) since tan(pi tau / 2) = s/a = t/(1-t)
     return x_t / _per_sample(norm, x_t), tau
 
+
 # --- 2. Times, weights and guidance used during distillation (D12), (D17) -----------------------------------------
+
 
 def sample_t(n, rng, device, t_min=1e-3, t_max=1 - 1e-3):
     """Times for both updates, (n,): logit-normal as the official code, t = sigmoid(N(ln 2, 1.6^2)), median 2/3, skewed
     to high noise; clamped away from 0 and 1, where the conversions divide by t or 1 - t."""
     return torch.sigmoid(torch.randn(n, generator=rng, device=device) * 1.6 + math.log(2.0)).clamp(t_min, t_max)
 
+
 # w(t) of the generator loss, per sample: the seven weightings of the official code; 'inv-l1' is original SiD's
 # 1 / mean|x_g - x0_teacher|. Stop-gradient: a weight scales the step, it is not part of the objective.       (D12)
-WEIGHTS = {"1-t": lambda t, l1: 1 - t, "(1-t)^2": lambda t, l1: (1 - t) ** 2, "inv-l1": lambda t, l1: 1 / l1,
-           "(1-t)/t": lambda t, l1: (1 - t) / t, "((1-t)/t)^2": lambda t, l1: ((1 - t) / t) ** 2,
-           "1/t": lambda t, l1: 1 / t, "1/t^2": lambda t, l1: 1 / t ** 2}
+WEIGHTS = {
+    "1-t": lambda t, l1: 1 - t,
+    "(1-t)^2": lambda t, l1: (1 - t) ** 2,
+    "inv-l1": lambda t, l1: 1 / l1,
+    "(1-t)/t": lambda t, l1: (1 - t) / t,
+    "((1-t)/t)^2": lambda t, l1: ((1 - t) / t) ** 2,
+    "1/t": lambda t, l1: 1 / t,
+    "1/t^2": lambda t, l1: 1 / t**2,
+}
 WEIGHTINGS = tuple(WEIGHTS)
+
 
 def sid_weight(name, t, x_g, x0_teacher):
     """Per-sample weight w (B,), computed without gradient."""
@@ -111,9 +131,11 @@ def sid_weight(name, t, x_g, x0_teacher):
     l1 = (x_g - x0_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-8)  # (B,)
     return WEIGHTS[name](t.detach(), l1)
 
+
 # Classifier-free guidance inside the losses (D17): a call with scale w evaluates v_u + w (v_c - v_u) (the empty
 # prompt's velocity v_u, the prompt's v_c); w = 1 is v_c alone, w = 0 v_u alone (Zero-CFG), w < 0 pushes away from the
 # prompt (Anti-CFG). Outside the guidance interval [cfg_t_min, cfg_t_max] of noise levels every call uses w = 1.
+
 
 def guidance_scale(w, t, t_min=0.0, t_max=1.0):
     """The CFG scale of one network call at times t (B,): `w` inside the guidance interval, 1 outside (D17). A float
@@ -123,15 +145,19 @@ def guidance_scale(w, t, t_min=0.0, t_max=1.0):
     inside = (t >= t_min) & (t <= t_max)
     return torch.where(inside, torch.full_like(t, float(w)), torch.ones_like(t)).detach()  # (B,)
 
+
 # --- 3. Losses: pure functions of tensors, each returning a per-sample (B,) tensor --------------------------------
+
 
 def _sum_pixels(x):  # (B, *D) -> (B,)
     return x.flatten(1).sum(1)
+
 
 def flow_matching_loss(v_pred, x0, eps, t, path=FLOW):
     """|v_pred - (a' x0 + s' eps)|^2 summed over pixels: trains the teacher on data and the fake network on
     generator samples (then x0 = x_g, detached by the caller). Its minimiser is E[v | x_t].                 (D8)"""
     return _sum_pixels((v_pred - velocity_target(x0, eps, t, path)) ** 2)  # (B,)
+
 
 def sid_generator_loss(x_g, x0_teacher, x0_fake, alpha, weight):
     """The SiD generator loss, per sample (B,):                                                            (D11)
@@ -143,34 +169,43 @@ def sid_generator_loss(x_g, x0_teacher, x0_fake, alpha, weight):
     gap = x0_teacher - x0_fake  # (B, *D)  teacher-minus-fake posterior means: the score difference in x0 units
     return weight * _sum_pixels(gap * ((x0_teacher - x_g) - alpha * gap))  # (B,)
 
+
 def dmd_generator_loss(x_g, x0_teacher, x0_fake, weight):
     """DMD for contrast: the gradient w (x0_fake - x0_teacher) is applied to x_g alone, no gradient through
     the networks' inputs. Written 0.5 |x_g - sg(x_g - grad)|^2 so d loss / d x_g = grad.                    (D14)"""
     grad = _per_sample(weight, x_g) * (x0_fake - x0_teacher).detach()  # (B, *D) stop-gradient: a fixed direction
     return 0.5 * _sum_pixels((x_g - (x_g - grad).detach()) ** 2)  # (B,)
 
+
 def _bce(logits, target):  # BCE of C logits per sample (B, C) against 1 (real) or 0 (fake), clamped: (B,)
-    return F.binary_cross_entropy_with_logits(logits.clamp(-10, 10), torch.full_like(logits, float(target)),
-                                              reduction="none").mean(1)
+    return F.binary_cross_entropy_with_logits(
+        logits.clamp(-10, 10), torch.full_like(logits, float(target)), reduction="none"
+    ).mean(1)
+
 
 def discriminator_loss(logits_real, logits_fake):
     """Data-aided: the fake network's pooled features (B, C) are C logits per sample; real -> 1, fake -> 0. (D16)"""
     return _bce(logits_real, 1) + _bce(logits_fake, 0)  # (B,)
+
 
 def gan_generator_loss(logits_fake, weight):
     """The generator's adversarial term w(t) BCE(D(x_t of x_g) -> real), (B,). Its gradient reaches x_g through the
     fake network's input, as SiD's does.                                                                    (D16)"""
     return weight * _bce(logits_fake, 1)  # (B,)
 
+
 # --- 4. The few-step generator (D13) -------------------------------------------------------------------------------
+
 
 def generator_times(K):
     """t_k = 1 - k/K for k = 0..K-1: (1, .75, .5, .25) for K = 4, (1,) for K = 1."""
     return [1.0 - k / K for k in range(K)]
 
+
 def gaussian(rng=None):
     """draw(x) -> fresh N(0, I) noise shaped like x, from `rng` (a torch.Generator; None: torch's global RNG)."""
     return lambda x: torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+
 
 def renoise(x0, x_t, t, t_next, z, mode, draw):
     """The next generator input x_{t_next} = (1 - t_next) x0 + t_next n, with n:
@@ -185,6 +220,7 @@ def renoise(x0, x_t, t, t_next, z, mode, draw):
         n = (x_t - _per_sample(1 - t, x0) * x0) / _per_sample(t, x0)
     return add_noise(x0, n, t_next)  # (B, *D)
 
+
 def generator_rollout(velocity_fn, z, K, k, noise, draw):
     """Run the first k-1 of the generator's K steps WITHOUT gradient and return the input of step k:
     (x_t (B, *D), t (B,)). `velocity_fn(x_t, t) -> v`. Backward simulation: earlier outputs are detached, so
@@ -198,15 +234,18 @@ def generator_rollout(velocity_fn, z, K, k, noise, draw):
             x_t, t = renoise(x0, x_t, t, t_next, z, noise, draw), t_next
     return x_t, t
 
+
 def generator_step(velocity_fn, x_t, t):
     """One generator step, x0 = x_t - t G(x_t, t) (D4): the sample x_g of the step being trained."""
     return velocity_to_x0(x_t, t, velocity_fn(x_t, t))  # (B, *D)
+
 
 def generate(velocity_fn, z, K, noise="fresh", draw=None):
     """K-step sample of the generator, no gradient: (B, *D). `draw` defaults to torch's global RNG."""
     x_t, t = generator_rollout(velocity_fn, z, K, K, noise, draw or gaussian())
     with torch.no_grad():
         return generator_step(velocity_fn, x_t, t)
+
 
 def euler_sample(velocity_fn, z, steps):
     """The teacher's own sampler: Euler on dx/dt = v from t = 1 to t = 0 on a uniform grid, no gradient."""
@@ -216,13 +255,17 @@ def euler_sample(velocity_fn, z, steps):
             x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(z.shape[0]))
     return x  # (B, *D)
 
+
 # --- 5. The teacher interface: every family quirk lives behind it (D8) ----------------------------------------------
+
 
 class UserError(Exception):
     """Bad input from the user: main() prints the message on one line and exits with status 2."""
 
+
 class Interrupted(Exception):
     """SIGTERM or Ctrl-C stopped the run after checkpointing its current iteration: main() says so in one line."""
+
 
 @contextlib.contextmanager
 def capture_features(net):
@@ -236,11 +279,13 @@ def capture_features(net):
     finally:
         handle.remove()
 
+
 def pooled_logits(hidden, B):
     """Discriminator logits (B, C) from captured hidden states: the last B rows (the conditional branch when CFG
     doubled the batch), mean-pooled over tokens when there are tokens ((B, N, C) -> (B, C))."""
     h = hidden[-B:]
     return (h.mean(1) if h.dim() == 3 else h).float()
+
 
 class Backbone:
     """The loop sees a Backbone and three plain nn.Modules (teacher, fake, generator), never the model family. The toy
@@ -249,6 +294,7 @@ class Backbone:
         sample_batch(n, rng, rows) -> (cond, x0_real)         `rows` of a batch of n: conditioning and real data,
                                                               each None when there is none (the toy: no prompts)
     and inherits students(), the trainable copies, and noise() / step_noise(), the N(0, I) draws."""
+
     uncond, prompts = None, ()  # the empty prompt's conditioning (CFG's unconditional branch), the prompts: a DiT's
 
     def trainable_copy(self, dtype=torch.float32):  # (no cast that changes nothing: diffusers would warn)
@@ -271,6 +317,7 @@ class Backbone:
         """The re-noising draw between generator steps, in the layout the stock scheduler draws it (B, *D)."""
         return self.noise(shape, rng)
 
+
 class ToyBackbone(Backbone):
     """The 2-D teacher: unconditional, no CFG, no latents. `real(n, rng)`, when given, draws true data (D16)."""
 
@@ -284,7 +331,9 @@ class ToyBackbone(Backbone):
     def sample_batch(self, n, rng, rows=slice(None)):
         return None, (self.real(n, rng)[rows] if self.real else None)
 
+
 # --- 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample (D9)-(D16) --------
+
 
 def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
     """One SiD iteration (derivation.md sections 3-4): cfg.fake_updates fake updates, then one generator update, on
@@ -321,9 +370,11 @@ def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images
         out["nonfinite"] += fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime, out)
     if update_generator:
         t, eps = sample_t(n, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
-        out["nonfinite"] += generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond,
-                                             gan_weight, runtime, out)
+        out["nonfinite"] += generator_update(
+            cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime, out
+        )
     return out
+
 
 def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime, out):
     """Flow matching of the fake network on the generator's (detached) samples x_g (D9); with real samples it is also
@@ -349,17 +400,21 @@ def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runti
     opt_fake.step()
     return []
 
+
 def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime, out):
     """The generator update (D11) through its step k (input x_in at time t_in), + the adversarial term if data-aided
     (D16). DMD (D14) makes the same calls with the networks as fixed critics. Returns ['generator'] if skipped."""
     B = x_in.shape[0]
     with autocast(cfg, x_in.device):
-        x_g = generator_step(lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance),
-                             x_in, t_in).float()  # (B, *D) the ONLY step that carries gradient into G
+        x_g = generator_step(
+            lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance), x_in, t_in
+        ).float()  # (B, *D) the ONLY step that carries gradient into G
         x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
         critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
-        w_real, w_fake = (guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
-                          for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake))
+        w_real, w_fake = (
+            guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
+            for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)
+        )
         with critic, capture_features(fake) as hidden:
             x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(backbone.teacher, x_t, t, cond, w_real).float())
             x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, w_fake).float())  # (B, *D)
@@ -387,26 +442,33 @@ def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps
     opt_gen.step()
     return []
 
+
 # --- 7. The loop: optimizers, EMA, the runtime's one-process defaults, checkpoints, distill() ---------------------
 
 MAX_NONFINITE, LOG_EVERY = 3, 10  # stop after 3 non-finite iterations in a row; a line of OUT/log.jsonl every 10
 GAN_FREEZE_IMAGES, GAN_START_IMAGES = 20_000, 40_000  # data-aided (D16): the generator waits, then the GAN term
 
+
 def trainable_dtype(cfg):
     """The generator's and fake network's weights: float32 masters, or bf16 with --precision bf16 (pure bf16)."""
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
+
 def autocast(cfg, device):
     """bf16 autocast (--precision bf16-autocast, bf16), on the CPU as on CUDA: the CPU tests run the GPU's path."""
     return contextlib.nullcontext() if cfg.precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+
 
 def make_optimizers(cfg, generator, fake):
     """Adam(0, 0.999) for the generator and the fake network (official: no momentum); eps 1e-4 for pure bf16."""
     # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
     # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
     adam = dict(betas=(0.0, 0.999), eps=1e-4 if cfg.precision == "bf16" else 1e-8, foreach=False)
-    return (torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
-            torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam))
+    return (
+        torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
+        torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam),
+    )
+
 
 @torch.no_grad()
 def ema_update(ema, net, decay, step):
@@ -416,15 +478,18 @@ def ema_update(ema, net, decay, step):
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
+
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a corrupt `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
+
 class Runtime:
     """Where the ranks live, so that the method never sees them: one process (rank 0 of 1), all the toy needs. Under
     torchrun, Part II's Distributed overrides each method. `nets`: {name: (network, its optimizer or None)}."""
+
     rank, world = 0, 1
 
     def __init__(self, device=None):
@@ -459,8 +524,10 @@ class Runtime:
             if opt:
                 opt.load_state_dict(state[f"opt_{name}"])
 
+
 def resumable(cfg):  # the fields a resumed run may change, the rest must not: --iters too, unless a cosine spans it
     return ("out", "save_every", "eval_every", "device") + (("iters",) if cfg.lr_schedule == "constant" else ())
+
 
 def resume(cfg, runtime, nets, rng):
     """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
@@ -471,11 +538,15 @@ def resume(cfg, runtime, nets, rng):
     if not os.path.exists(path):
         return 0, 0
     meta = runtime.read_meta(path)
-    diff = [f"{k}: {v} -> {getattr(cfg, k)}" for k, v in meta["config"].items()
-            if k not in resumable(cfg) and getattr(cfg, k, v) != v]
+    diff = [
+        f"{k}: {v} -> {getattr(cfg, k)}"
+        for k, v in meta["config"].items()
+        if k not in resumable(cfg) and getattr(cfg, k, v) != v
+    ]
     if diff:
-        raise UserError(f"{path} was written with a different config ({', '.join(diff)}); use another --out or the "
-                        "same settings")
+        raise UserError(
+            f"{path} was written with a different config ({', '.join(diff)}); use another --out or the same settings"
+        )
     if meta["step"] > cfg.iters:
         raise UserError(f"{path} is at iteration {meta['step']}, beyond --iters {cfg.iters}; use another --out")
     runtime.load(path, nets)
@@ -489,12 +560,14 @@ def resume(cfg, runtime, nets, rng):
             f.writelines(kept)
     return meta["step"], meta["skipped"]
 
+
 def log(cfg, bar, m):
     """The progress bar's numbers, and a line of OUT/log.jsonl."""
     bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss_fake", "score_gap", "loss_gen", "loss_d") if k in m})
     if cfg.out:
         with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
             f.write(json.dumps({k: v for k, v in m.items() if k != "nonfinite" and v is not None}) + "\n")
+
 
 def distill(cfg, backbone, on_eval=None, runtime=None):
     """Distil `backbone.teacher` into a K-step generator, resuming from cfg.out's checkpoint when there is one.
@@ -509,10 +582,23 @@ def distill(cfg, backbone, on_eval=None, runtime=None):
     rng = torch.Generator(runtime.device or next(generator.parameters()).device).manual_seed(cfg.seed)
     nets = dict(generator=(generator, opt_gen), fake=(fake, opt_fake), ema=(ema, None))
     step, skipped = resume(cfg, runtime, nets, rng)
-    save = lambda: cfg.out and runtime.save(runtime.checkpoint_path(cfg.out), nets, dict(  # noqa: E731
-        rng=rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(cfg)))
-    bar = tqdm(total=cfg.iters, initial=step, desc=cfg.loss.upper(), dynamic_ncols=True,
-               disable=True if runtime.rank or step >= cfg.iters else None)  # None: a bar only on a terminal
+    save = lambda: (
+        cfg.out
+        and runtime.save(
+            runtime.checkpoint_path(cfg.out),
+            nets,
+            dict(  # noqa: E731
+                rng=rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(cfg)
+            ),
+        )
+    )
+    bar = tqdm(
+        total=cfg.iters,
+        initial=step,
+        desc=cfg.loss.upper(),
+        dynamic_ncols=True,
+        disable=True if runtime.rank or step >= cfg.iters else None,
+    )  # None: a bar only on a terminal
     in_a_row, t0, stop = 0, time.time(), []
     # SIGTERM (a preempted job) or Ctrl-C: finish this iteration, checkpoint it, stop (the same command resumes)
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -522,13 +608,16 @@ def distill(cfg, backbone, on_eval=None, runtime=None):
             scale = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
             for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
                 opt.param_groups[0]["lr"] = lr * scale
-            m = sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng,
-                              step * cfg.batch_size * runtime.world, runtime)
+            m = sid_iteration(
+                cfg, backbone, fake, generator, opt_fake, opt_gen, rng, step * cfg.batch_size * runtime.world, runtime
+            )
             step += 1
             skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
             if in_a_row >= MAX_NONFINITE:
-                raise FloatingPointError(f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} "
-                                         f"({in_a_row} in a row, {skipped} skipped); the last good checkpoint is kept")
+                raise FloatingPointError(
+                    f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} "
+                    f"({in_a_row} in a row, {skipped} skipped); the last good checkpoint is kept"
+                )
             ema_update(ema, generator, cfg.ema_decay, step)
             if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
                 m["eval"] = on_eval(step, generator, ema)  # e.g. a quality number: logged with the losses
@@ -539,14 +628,17 @@ def distill(cfg, backbone, on_eval=None, runtime=None):
             bar.update(1)
             if runtime.any_rank(bool(stop)) and step < cfg.iters:
                 save()
-                raise Interrupted(f"stopped at iteration {step} of {cfg.iters}" + (
-                    f"; {cfg.out} holds it: run the same command to continue" if cfg.out else ""))
+                raise Interrupted(
+                    f"stopped at iteration {step} of {cfg.iters}"
+                    + (f"; {cfg.out} holds it: run the same command to continue" if cfg.out else "")
+                )
     finally:
         bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     save()
     return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped, optimizers=(opt_gen, opt_fake))
+
 
 # ============================= PART II -- THE MACHINERY THAT SCALES IT (a first reading may stop here) =============
 
@@ -569,8 +661,12 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from matplotlib.figure import Figure  # (no pyplot: no GUI backend, no global state)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -580,6 +676,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
 
+
 def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates kept once (first occurrence order)
     if not os.path.isfile(path):
         raise UserError(f"--prompts {path}: no such file")
@@ -588,23 +685,27 @@ def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates 
         raise UserError(f"--prompts {path}: the file has no prompts (one per line)")
     return prompts
 
+
 DEFAULT_PROMPTS = read_prompts(os.path.join(HERE, "assets", "prompts.txt"))  # when no --prompts file is given
+
 
 def cfg_branches(w, embedded=False, per_sample=False):
     """Batches of work of a velocity call at CFG scale w: 1 if embedded, w = 1 or a batch-wide w = 0; else 2."""
     return 1 if embedded or w == 1 or (w == 0 and not per_sample) else 2
 
+
 def _cat(conds):  # conditioning dicts concatenated along the batch
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
 
 class DiTBackbone(Backbone):
     """A diffusers pipeline as a Backbone (teacher: pipe.transformer): prompt cache, CFG in one call (D17), decoding. A
     family adds encode(prompts) -> cond, batch-first tensors, and forward(net, x_t, t, cond, guidance) -> v (D2)."""
 
     guidance_embedded = False
-    packing = 1                       # FLUX packs 2x2 latent patches into tokens before the transformer
+    packing = 1  # FLUX packs 2x2 latent patches into tokens before the transformer
     step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
-    pipeline_kwargs = {}              # what the stock pipeline must be told to condition as we do
+    pipeline_kwargs = {}  # what the stock pipeline must be told to condition as we do
 
     def __init__(self, pipe, resolution, device, teacher_dtype):
         self.pipe, self.device, self.resolution = pipe, device, resolution
@@ -616,7 +717,7 @@ class DiTBackbone(Backbone):
                 getattr(pipe, name).to(device, teacher_dtype).requires_grad_(False).eval()
         f, c = pipe.vae_scale_factor, self.teacher.config
         check_resolution(resolution, f, c.patch_size * self.packing)
-        self.sample_shape = (c.in_channels // self.packing ** 2, resolution // f, resolution // f)  # (C, h, w)
+        self.sample_shape = (c.in_channels // self.packing**2, resolution // f, resolution // f)  # (C, h, w)
         self.prompts, self.bank, self.uncond, self.data = [], None, None, None
 
     def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
@@ -629,8 +730,12 @@ class DiTBackbone(Backbone):
             self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
             per_prompt = sum(v.numel() * v.element_size() for v in self.encode(self.prompts[:1]).values())
             if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:  # encoded 16 at a time, each chunk to the CPU
-                self.bank = _cat([{k: v.cpu() for k, v in self.encode(self.prompts[i:i + 16]).items()}
-                                  for i in range(0, len(self.prompts), 16)])
+                self.bank = _cat(
+                    [
+                        {k: v.cpu() for k, v in self.encode(self.prompts[i : i + 16]).items()}
+                        for i in range(0, len(self.prompts), 16)
+                    ]
+                )
                 for name in self.text_encoders():
                     setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
                 torch.cuda.empty_cache()  # (nothing to do without CUDA)
@@ -654,8 +759,9 @@ class DiTBackbone(Backbone):
         uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
         if not per_sample and guidance == 0.0:  # Zero-CFG: the network sees the empty prompt only
             return self.forward(net, x_t, t, uncond, guidance)
-        v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]),
-                                        guidance).chunk(2)  # (B, C, h, w) each
+        v_uncond, v_cond = self.forward(
+            net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]), guidance
+        ).chunk(2)  # (B, C, h, w) each
         w = guidance.view(B, *[1] * (x_t.dim() - 1)) if per_sample else guidance  # (B, 1, 1, 1) or a float
         return v_uncond + w * (v_cond - v_uncond)
 
@@ -678,8 +784,10 @@ class DiTBackbone(Backbone):
             nets = super().students(cfg, runtime)
         else:  # compiled blocks, then sharded (section 12)
             shard(self.teacher, compiled=cfg.compile)
-            nets = [sharded_copy(self.teacher, trainable_dtype(cfg), student_precision(cfg), trains, cfg.compile)
-                    for trains in (True, True, False)]
+            nets = [
+                sharded_copy(self.teacher, trainable_dtype(cfg), student_precision(cfg), trains, cfg.compile)
+                for trains in (True, True, False)
+            ]
         # the networks that run: LoRA's one base, seen through four adapter states; else teacher, generator and fake
         for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
             if cfg.grad_checkpointing:
@@ -689,48 +797,75 @@ class DiTBackbone(Backbone):
                     block.compile(**COMPILE)
         return nets
 
+
 class SanaBackbone(DiTBackbone):
     """SANA: Gemma-2 embeddings and mask (no complex_human_instruction, no resolution binning); t * 1000 * scale."""
+
     pipeline_kwargs = {"complex_human_instruction": None, "use_resolution_binning": False}
 
     def encode(self, prompts):
         embeds, mask, _, _ = self.pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, device=self.device, clean_caption=False,
-            max_sequence_length=300, complex_human_instruction=None)
+            prompts,
+            do_classifier_free_guidance=False,
+            device=self.device,
+            clean_caption=False,
+            max_sequence_length=300,
+            complex_human_instruction=None,
+        )
         return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
 
     def forward(self, net, x_t, t, cond, guidance):
         dt = self._dtype(net)
-        v = net(x_t.to(dt), encoder_hidden_states=cond["embeds"].to(dt), encoder_attention_mask=cond["mask"],
-                timestep=t * 1000 * net.config.timestep_scale, return_dict=False)[0]
-        return v[:, :x_t.shape[1]]  # a learned-sigma head outputs 2C channels: the first C are the velocity
+        v = net(
+            x_t.to(dt),
+            encoder_hidden_states=cond["embeds"].to(dt),
+            encoder_attention_mask=cond["mask"],
+            timestep=t * 1000 * net.config.timestep_scale,
+            return_dict=False,
+        )[0]
+        return v[:, : x_t.shape[1]]  # a learned-sigma head outputs 2C channels: the first C are the velocity
+
 
 class SD3Backbone(DiTBackbone):
     """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000."""
+
     step_noise_from_generator = False
 
     def encode(self, prompts):
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=256)
+            prompt=prompts,
+            prompt_2=prompts,
+            prompt_3=prompts,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=256,
+        )
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     def forward(self, net, x_t, t, cond, guidance):
         dt = self._dtype(net)
-        return net(hidden_states=x_t.to(dt), timestep=t * 1000, encoder_hidden_states=cond["embeds"].to(dt),
-                   pooled_projections=cond["pooled"].to(dt), return_dict=False)[0]
+        return net(
+            hidden_states=x_t.to(dt),
+            timestep=t * 1000,
+            encoder_hidden_states=cond["embeds"].to(dt),
+            pooled_projections=cond["pooled"].to(dt),
+            return_dict=False,
+        )[0]
+
 
 class FluxBackbone(DiTBackbone):
     """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids, latents packed 2x2 into tokens, t in [0, 1]. FLUX.1-dev is
     guidance-distilled: every CFG scale is fed to its guidance embedding, never a second branch (0 is not the empty
     prompt: no Zero-CFG); the student gets cfg.student_guidance, the stock FluxPipeline the same guidance_scale."""
+
     guidance_embedded = True
     packing = 2
     step_noise_from_generator = False
 
     def encode(self, prompts):
         embeds, pooled, self.txt_ids = self.pipe.encode_prompt(  # txt_ids (L, 3), the same for every prompt
-            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=512)
+            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=512
+        )
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     @staticmethod
@@ -744,15 +879,27 @@ class FluxBackbone(DiTBackbone):
     def forward(self, net, x_t, t, cond, guidance):
         dt, (_, h, w) = self._dtype(net), self.sample_shape  # img_ids: (tokens, 3), each (0, row, column)
         ids = torch.cartesian_prod(*(torch.arange(n, device=x_t.device).float() for n in (1, h // 2, w // 2)))
-        g = (torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])  # (B,)
-             if net.config.guidance_embeds else None)
-        v = net(hidden_states=self.pack(x_t).to(dt), timestep=t, guidance=g, pooled_projections=cond["pooled"].to(dt),
-                encoder_hidden_states=cond["embeds"].to(dt), txt_ids=self.txt_ids, img_ids=ids, return_dict=False)[0]
+        g = (
+            torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])  # (B,)
+            if net.config.guidance_embeds
+            else None
+        )
+        v = net(
+            hidden_states=self.pack(x_t).to(dt),
+            timestep=t,
+            guidance=g,
+            pooled_projections=cond["pooled"].to(dt),
+            encoder_hidden_states=cond["embeds"].to(dt),
+            txt_ids=self.txt_ids,
+            img_ids=ids,
+            return_dict=False,
+        )[0]
         return self.unpack(v, h, w)
 
     def step_noise(self, shape, rng):
         B, C, h, w = shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
         return self.unpack(torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device), h, w)
+
 
 FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
 
@@ -765,16 +912,21 @@ FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbon
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
 LORA_TRAINABLE = ("generator", "fake")
 
+
 def _tuner_layers(module):  # [(peft LoRA layer, [(lora parameter, trains?)])] in `module`, found once, cached on it
     if "_sid_tuner_layers" not in module.__dict__:
-        module.__dict__["_sid_tuner_layers"] = [(m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in
-                                                     m.named_parameters() if n.startswith("lora_")])
-                                                for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        module.__dict__["_sid_tuner_layers"] = [
+            (m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")])
+            for m in module.modules()
+            if isinstance(m, BaseTunerLayer)
+        ]
     return module.__dict__["_sid_tuner_layers"]
+
 
 def _adapter_state(module):  # the adapter a forward pass of `module` runs with now: its name, or None (adapters off)
     layer = next((layer for layer, _ in _tuner_layers(module)), None)
     return None if layer is None or layer.disable_adapters else layer.active_adapters[0]
+
 
 def _set_adapter_state(module, name, force=False):
     if _adapter_state(module) == name and not force:
@@ -786,6 +938,7 @@ def _set_adapter_state(module, name, force=False):
         for p, trains in lora_params:  # pitfall (1): restore what trains, whatever set_adapter did
             p.requires_grad_(trains)
 
+
 @contextlib.contextmanager
 def use_adapter(module, name):
     previous = _adapter_state(module)
@@ -795,8 +948,10 @@ def use_adapter(module, name):
     finally:
         _set_adapter_state(module, previous)
 
+
 def blocks(net):  # the repeated blocks of a diffusers DiT: its ModuleLists' members (FLUX has two kinds)
     return [block for child in net.children() if isinstance(child, nn.ModuleList) for block in child]
+
 
 def checkpoint_blocks(net, share):
     """Checkpoint a `share` of net's blocks, spread evenly (0.5: every second), replaying the forward's LoRA adapter."""
@@ -810,13 +965,17 @@ def checkpoint_blocks(net, share):
         def run(*a):
             with use_adapter(block, state):
                 return block(*a)
+
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
     net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+
 
 # torch.compile of each block alone: one graph serves every block of a kind (minutes, not tens of minutes). Per-sample
 # guidance scales stay outside; the batch sizes (B, 2B with CFG) and LoRA's four adapter states each compile once.
 COMPILE = dict(dynamic=False)
 torch._dynamo.config.cache_size_limit = 64
+
 
 class AdapterView(nn.Module):
     """The shared base seen through one adapter (None: the teacher, adapters off). Not a submodule: parameters()
@@ -852,12 +1011,15 @@ class AdapterView(nn.Module):
 
     def merged_state_dict(self):
         """The base's state dict with this LoRA fused in: W + delta in float32 (bf16 drops delta < 2^-9 |W|), as W."""
-        state = {k.replace(".base_layer", ""): v.detach() for k, v in self.base.state_dict().items() if "lora" not in k}
+        state = {
+            k.replace(".base_layer", ""): v.detach() for k, v in self.base.state_dict().items() if "lora" not in k
+        }
         for name, module in self.base.named_modules():
             if isinstance(module, BaseTunerLayer) and self.adapter in module.lora_A:
                 w, delta = module.get_base_layer().weight.detach(), module.get_delta_weight(self.adapter).detach()
                 state[f"{name}.weight"] = (w.float() + delta.float()).to(w.dtype)
         return state
+
 
 def lora_students(backbone, rank):
     """(generator, fake, ema) adapter views on the teacher, all starting as it (LoRA B = 0); teacher: adapters off."""
@@ -875,19 +1037,25 @@ def lora_students(backbone, rank):
     backbone.teacher = AdapterView(base, None)
     return views
 
+
 # --- 10. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE ------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 def read_image_captions(path):
     """[(image path, caption)] of a folder of images with same-name .txt captions, and how many images have none."""
     if not os.path.isdir(path):
         raise UserError(f"--data {path}: not a folder of images with same-name .txt captions")
     images = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_EXTENSIONS)]
-    pairs = [(im, open(txt, encoding="utf-8").read().strip()) for im in images
-             if os.path.isfile(txt := os.path.splitext(im)[0] + ".txt")]
+    pairs = [
+        (im, open(txt, encoding="utf-8").read().strip())
+        for im in images
+        if os.path.isfile(txt := os.path.splitext(im)[0] + ".txt")
+    ]
     pairs = [(image, caption) for image, caption in pairs if caption]
     return pairs, len(images) - len(pairs)
+
 
 def encode_data(backbone, path, cache_path):
     """(latents (N, C, h, w) on the CPU, captions, skipped counts) of a data set, encoded once, cached at cache_path."""
@@ -912,11 +1080,13 @@ def encode_data(backbone, path, cache_path):
         latents.append(z.cpu())
         captions.append(caption)
     if not latents:
-        raise UserError(f"--data {path}: no usable image-caption pairs ({unreadable} unreadable, {no_caption} without "
-                        "caption)")
+        raise UserError(
+            f"--data {path}: no usable image-caption pairs ({unreadable} unreadable, {no_caption} without caption)"
+        )
     latents, skipped = torch.cat(latents), dict(unreadable=unreadable, no_caption=no_caption)  # (N, C, h, w)
     atomic_save(dict(key=key, latents=latents, captions=captions, skipped=skipped), cache_path)
     return latents, captions, skipped
+
 
 # --- 11. A quality number for every run, with no extra download: the student's Frechet distance to the teacher ----
 # At a run's start the teacher draws a reference set, QUALITY_SIZE samples (the run's prompts in turn, fixed seeds), by
@@ -927,15 +1097,18 @@ def encode_data(backbone, path, cache_path):
 # experiments/digits.py --metric-study; the alternatives weighed by experiments/metric_variants.py.
 QUALITY_SIZE, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS = 512, 0.3, 8, 32
 
+
 def grid_features(hidden, B, cells=4):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
     h, side = hidden[-B:].float(), math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
     return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), cells).flatten(1) if side else h
+
 
 def frechet_to_standard(f):
     """FID's Frechet distance between a Gaussian fitted to f (n, d) and N(0, I): |mu|^2 + tr(C + I - 2 C^1/2), i.e.
     |mu|^2 + sum_i (sqrt(lambda_i) - 1)^2 over the eigenvalues lambda_i of f's covariance C."""
     lam = torch.linalg.eigvalsh(torch.cov(f.T)).clamp_min(0)  # (d,)
     return (f.mean(0).square().sum() + (lam.sqrt() - 1).square().sum()).item()
+
 
 class Quality:
     """quality(net) -> the score of a generator's K-step samples, kept in .samples (the preview); lower is better;
@@ -946,14 +1119,26 @@ class Quality:
         idx = [i % len(bb.prompts) for i in range(n)] if bb.prompts else None
         self.cond = idx and bb.cond_for(idx)  # (dict of (n, ...) tensors, or None: an unconditional teacher)
         self.z = bb.noise((n, *bb.sample_shape), torch.Generator(bb.device).manual_seed(seed))
-        key = dict(prompts=idx and [bb.prompts[i] for i in idx], shape=bb.sample_shape, seed=seed, settings=(
-            n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS, cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max))
+        key = dict(
+            prompts=idx and [bb.prompts[i] for i in idx],
+            shape=bb.sample_shape,
+            seed=seed,
+            settings=(n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS, cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max),
+        )
         saved = torch.load(cache, bb.device, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
             self.mean, self.basis, self.lines = saved["stats"]
             return
-        teacher = lambda K: self.chunked(lambda z, c: euler_sample(lambda x, t: bb.velocity(  # noqa: E731  K steps
-            bb.teacher, x, t, c, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)), z, K), self.z)
+        teacher = lambda K: self.chunked(
+            lambda z, c: euler_sample(
+                lambda x, t: bb.velocity(  # noqa: E731  K steps
+                    bb.teacher, x, t, c, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)
+                ),
+                z,
+                K,
+            ),
+            self.z,
+        )
         with autocast(cfg, bb.device):
             f = self.features(teacher(REFERENCE_STEPS))  # (n, C), float64 (as all that follows)
             self.mean, std = f.mean(0), f.std(0) + 1e-6
@@ -965,8 +1150,12 @@ class Quality:
             atomic_save(dict(key=key, stats=(self.mean, self.basis, self.lines)), cache)
 
     def chunked(self, fn, x):  # fn(rows, their conditioning) over 16 rows at a time: no batch larger than that
-        return torch.cat([fn(x[i:i + 16], self.cond and {k: v[i:i + 16] for k, v in self.cond.items()})
-                          for i in range(0, len(x), 16)])
+        return torch.cat(
+            [
+                fn(x[i : i + 16], self.cond and {k: v[i : i + 16] for k, v in self.cond.items()})
+                for i in range(0, len(x), 16)
+            ]
+        )
 
     def features(self, x):
         """The teacher's grid-averaged last hidden states of x (N, *D) noised to QUALITY_T, prompt-free: (N, 16 C)."""
@@ -975,8 +1164,9 @@ class Quality:
         def pooled(x_t, _):  # (the rows' prompts unused: the empty prompt's conditioning, or None for the toy)
             empty = bb.uncond and {k: v.expand(len(x_t), *v.shape[1:]) for k, v in bb.uncond.items()}
             with torch.no_grad(), capture_features(bb.teacher) as hidden:
-                bb.velocity(bb.teacher, x_t, t[:len(x_t)], empty, 1.0)
+                bb.velocity(bb.teacher, x_t, t[: len(x_t)], empty, 1.0)
             return grid_features(hidden[0], len(x_t))
+
         eps = bb.noise(x.shape, torch.Generator(bb.device).manual_seed(self.seed + 1))  # the same each time
         return self.chunked(pooled, add_noise(x, eps, t)).double()
 
@@ -987,15 +1177,23 @@ class Quality:
         bb, g, cfg = self.backbone, torch.Generator(self.backbone.device).manual_seed(self.seed + 2), self.cfg
         draw = lambda x: bb.step_noise(x.shape, g)  # noqa: E731
         with autocast(cfg, bb.device):
-            self.samples = self.chunked(lambda z, c: generate(
-                lambda x, t: bb.velocity(net, x, t, c, cfg.student_guidance), z, cfg.steps, cfg.noise, draw), self.z)
+            self.samples = self.chunked(
+                lambda z, c: generate(
+                    lambda x, t: bb.velocity(net, x, t, c, cfg.student_guidance), z, cfg.steps, cfg.noise, draw
+                ),
+                self.z,
+            )
             return self.score(self.samples)
+
 
 def plot_quality(out, lines, now):
     """OUT/quality.png: the student's number over the run (OUT/log.jsonl's, and `now`), the teacher's as lines."""
     log = os.path.join(out, "log.jsonl")
-    points = [(m["step"], m["eval"]["quality"]) for m in map(json.loads, open(log) if os.path.exists(log) else [])
-              if "quality" in (m.get("eval") or {}) and m["step"] < now[0]] + [now]
+    points = [
+        (m["step"], m["eval"]["quality"])
+        for m in map(json.loads, open(log) if os.path.exists(log) else [])
+        if "quality" in (m.get("eval") or {}) and m["step"] < now[0]
+    ] + [now]
     ax = Figure(figsize=(6, 3.5)).subplots()
     ax.plot(*zip(*points), "o-", label="student (EMA)")
     for (K, q), ls in zip(lines.items(), ("--", ":")):
@@ -1004,11 +1202,13 @@ def plot_quality(out, lines, now):
     ax.legend()
     ax.figure.savefig(os.path.join(out, "quality.png"), dpi=90, bbox_inches="tight")
 
+
 # --- 12. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
 
 # cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through FLUX's joint
 # attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed finite: switched off.
 torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 class Distributed(Runtime):
     """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients in
@@ -1060,9 +1260,15 @@ class Distributed(Runtime):
             if opt:
                 set_optimizer_state_dict(net, opt, state[name]["optim"])
 
+
 def sharded_state(nets):  # DCP's sharded state dicts of every network and optimizer: to save, or to load into
-    return {name: dict(model=get_model_state_dict(net), optim=get_optimizer_state_dict(net, opt)) if opt
-            else dict(model=get_model_state_dict(net)) for name, (net, opt) in nets.items()}
+    return {
+        name: dict(model=get_model_state_dict(net), optim=get_optimizer_state_dict(net, opt))
+        if opt
+        else dict(model=get_model_state_dict(net))
+        for name, (net, opt) in nets.items()
+    }
+
 
 def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
     device, world = resolve_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
@@ -1075,6 +1281,7 @@ def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE,
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(int(os.environ["RANK"]), world, device, sharded=cfg.mode == "full")
 
+
 def shard(net, mp_policy=None, device_type=None, compiled=False):
     """FSDP2: each block a unit (compiled first with --compile), then the root, on a mesh of the net's device type."""
     mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
@@ -1086,8 +1293,10 @@ def shard(net, mp_policy=None, device_type=None, compiled=False):
     fully_shard(net, **kw)
     return net
 
+
 def student_precision(cfg):  # bf16 autocast over float32 masters: all-gather bf16 weights, reduce float32 gradients
     return MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cfg.precision == "bf16-autocast" else None
+
 
 def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
     """A copy of the sharded teacher in `dtype`: made on the meta device, sharded alike, each rank fills its shards."""
@@ -1105,11 +1314,13 @@ def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
             b.copy_(c)  # buffers are not sharded
     return net
 
+
 def remove_path(path):  # a file or a folder, if it is there
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
+
 
 def replace_path(tmp, path):
     """Move a finished file or folder onto `path`: the old one renamed away first, removed last (never half a one)."""
@@ -1119,11 +1330,14 @@ def replace_path(tmp, path):
     os.replace(tmp, path)
     remove_path(f"{path}.old")
 
+
 # --- 13. Config: one typed place for every default; presets by name override a few fields -------------------------
+
 
 def option(default, help, choices=None, const=None):
     """A Config field: its default, the help of its --flag, the values it allows, its value as a bare flag."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, const=const))
+
 
 @dataclasses.dataclass
 class Config:
@@ -1132,10 +1346,17 @@ class Config:
     alpha: float = option(1.0, "weight of the fake-score term in SiD's generator loss (D11); original SiD: 1.2")
     weighting: str = option("1-t", "the generator loss's weight w(t) over noise levels (D12)", WEIGHTINGS)
     steps: int = option(4, "K, the generator's number of steps, at t = 1, 1 - 1/K, ... (D13)")
-    noise: str = option("fresh", "the noise that re-noises between generator steps: new, the initial one, or the one "
-                     "the current state implies (a plain Euler step)", ("fresh", "fixed", "ddim"))
-    train_step: str = option("uniform", "which generator step each iteration trains: uniform over 1..K (the paper) or "
-                          "the last", ("uniform", "last"))
+    noise: str = option(
+        "fresh",
+        "the noise that re-noises between generator steps: new, the initial one, or the one "
+        "the current state implies (a plain Euler step)",
+        ("fresh", "fixed", "ddim"),
+    )
+    train_step: str = option(
+        "uniform",
+        "which generator step each iteration trains: uniform over 1..K (the paper) or the last",
+        ("uniform", "last"),
+    )
     fake_updates: int = option(1, "fake-network updates per generator update")
     cfg_train_fake: float = option(1.0, "guidance scale of the fake network in its own update (1: none; D17)")
     cfg_eval_fake: float = option(1.0, "guidance scale of the fake network inside the generator loss (D17)")
@@ -1158,14 +1379,26 @@ class Config:
     save_every: int = option(500, "iterations between checkpoints (0: only at the end)")
     eval_every: int = option(0, "iterations between evaluations of the student: a quality number, a preview (0: none)")
     device: str = option("auto", "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
-    precision: str = option("fp32", "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or "
-                         "bf16 (pure bf16, the trainable weights too)", ("fp32", "bf16-autocast", "bf16"))
-    grad_checkpointing: float = option(0.0, "share of the transformer blocks recomputed in backward, spread evenly: "
-                                    "less memory, more time (0.5: every second block; no value: 1)", const=1.0)
+    precision: str = option(
+        "fp32",
+        "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or "
+        "bf16 (pure bf16, the trainable weights too)",
+        ("fp32", "bf16-autocast", "bf16"),
+    )
+    grad_checkpointing: float = option(
+        0.0,
+        "share of the transformer blocks recomputed in backward, spread evenly: "
+        "less memory, more time (0.5: every second block; no value: 1)",
+        const=1.0,
+    )
     compile: bool = option(False, "torch.compile each transformer block: minutes of compilation, then faster steps")
-    mode: str = option("full", "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on "
-                    "one frozen DiT", ("full", "lora"))
+    mode: str = option(
+        "full",
+        "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on one frozen DiT",
+        ("full", "lora"),
+    )
     lora_rank: int = option(64, "rank of the LoRA adapters (--mode lora)")
+
 
 # Presets change only what differs from the Config defaults. The toy: the last step trained (derivation.md section 4),
 # re-noising with the initial noise, w = 1/t, larger learning rates on a cosine (experiments/README.md). The DiT
@@ -1175,21 +1408,48 @@ class Config:
 # most 69 GiB by the memory plan: larger teachers train LoRA there, on several GPUs full (FSDP2).
 _INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
 _CFG = lambda w: dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)  # noqa: E731  one CFG scale for all three
-_SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0,  # toy and digits
-              gan_weight=0.01)  # the SiD term sums 2 (or 64) dims here, not 10^4+: the GAN term must weigh far less
+_SMALL = dict(
+    train_step="last",
+    weighting="inv-l1",
+    ema_decay=0.99,
+    save_every=0,  # toy and digits
+    gan_weight=0.01,
+)  # the SiD term sums 2 (or 64) dims here, not 10^4+: the GAN term must weigh far less
 _DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=1000, **_INTERVAL)
-HUB_IDS = {"sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
-           "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
-           "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
-           "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
-           "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
-           "flux-dev": "black-forest-labs/FLUX.1-dev"}
+HUB_IDS = {
+    "sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
+    "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+}
 PRESETS = {
-    "toy": dict(_SMALL, teacher="toy", iters=2400, batch_size=2048, lr_gen=1.6e-3, lr_fake=2.4e-3, fake_updates=2,
-                weighting="1/t", noise="fixed", lr_schedule="cosine", out="out/toy"),
+    "toy": dict(
+        _SMALL,
+        teacher="toy",
+        iters=2400,
+        batch_size=2048,
+        lr_gen=1.6e-3,
+        lr_fake=2.4e-3,
+        fake_updates=2,
+        weighting="1/t",
+        noise="fixed",
+        lr_schedule="cosine",
+        out="out/toy",
+    ),
     # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
-    "digits": dict(_SMALL, **_CFG(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4,
-                   lr_fake=3e-4, out="out/digits"),
+    "digits": dict(
+        _SMALL,
+        **_CFG(2.0),
+        **_INTERVAL,
+        teacher="digits",
+        iters=300,
+        batch_size=128,
+        lr_gen=1e-4,
+        lr_fake=3e-4,
+        out="out/digits",
+    ),
     "sana-0.6b-512": dict(_DIT, **_CFG(4.5), resolution=512, batch_size=32, grad_checkpointing=0.75),
     "sana-1.6b-1024": dict(_DIT, **_CFG(4.5), resolution=1024, grad_checkpointing=1.0),
     "sd3-medium": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.2),
@@ -1197,6 +1457,7 @@ PRESETS = {
     "sd3.5-large": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.85),
     "flux-dev": dict(_DIT, **_CFG(3.5), student_guidance=3.5, mode="lora", resolution=1024, grad_checkpointing=1.0),
 }
+
 
 def check_config(cfg):  # fail loudly, with one line, on values the algorithm cannot use
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
@@ -1206,25 +1467,30 @@ def check_config(cfg):  # fail loudly, with one line, on values the algorithm ca
             raise UserError(f"{flag(f.name)} {value!r} is not one of: {', '.join(choices)}")
         if f.type is float and not math.isfinite(value):
             raise UserError(f"{flag(f.name)} must be finite, got {value}")
-    rules = ((("steps", "iters", "batch_size", "fake_updates", "lora_rank"), lambda v: v >= 1, "be at least 1"),
-             (("lr_gen", "lr_fake"), lambda v: v > 0, "be positive"),
-             (("resolution", "save_every", "eval_every"), lambda v: v >= 0, "not be negative"),
-             (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"),
-             (("grad_checkpointing",), lambda v: 0 <= v <= 1, "be in [0, 1]"))
+    rules = (
+        (("steps", "iters", "batch_size", "fake_updates", "lora_rank"), lambda v: v >= 1, "be at least 1"),
+        (("lr_gen", "lr_fake"), lambda v: v > 0, "be positive"),
+        (("resolution", "save_every", "eval_every"), lambda v: v >= 0, "not be negative"),
+        (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"),
+        (("grad_checkpointing",), lambda v: 0 <= v <= 1, "be in [0, 1]"),
+    )
     for names, ok, rule in rules:
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise UserError(f"{flag(name)} must {rule}, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
-        raise UserError(f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, not {cfg.cfg_t_min} and "
-                        f"{cfg.cfg_t_max}")
+        raise UserError(
+            f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, not {cfg.cfg_t_min} and {cfg.cfg_t_max}"
+        )
     return cfg
+
 
 def make_config(preset=None, **overrides):  # Config defaults <- preset <- overrides (None ignored), then checked
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     return check_config(Config(**{**PRESETS.get(preset, {}), **{k: v for k, v in overrides.items() if v is not None}}))
+
 
 def add_config_flags(parser, skip=(), presets=None):
     """A --flag per Config field (default None: the preset fills it), its help the defaults of presets {label: name}"""
@@ -1236,11 +1502,15 @@ def add_config_flags(parser, skip=(), presets=None):
         common = max(values.values(), key=list(values.values()).count)  # the value most presets share
         rest = "; ".join(f"{label}: {v}" for label, v in values.items() if v != common)
         help = f"{f.metadata['help']} [default: {common if common != '' else 'none'}{f' ({rest})' if rest else ''}]"
-        kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type,
-                                                                                     choices=f.metadata["choices"])
+        kw = (
+            dict(action=argparse.BooleanOptionalAction)
+            if f.type is bool
+            else dict(type=f.type, choices=f.metadata["choices"])
+        )
         if f.metadata["const"] is not None:
             kw.update(nargs="?", const=f.metadata["const"])
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help.replace("%", "%%"), **kw)
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit status 2, negative numbers (-1e-4 too) as values, text as written."""
@@ -1253,6 +1523,7 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
+
 def resolve_device(name):  # 'auto': CUDA if there is one
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for, but this machine has no CUDA device")
@@ -1261,7 +1532,9 @@ def resolve_device(name):  # 'auto': CUDA if there is one
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device torch knows")
 
+
 # --- 14. Teachers from disk or hub, the memory plan, export, and the command line ---------------------------------
+
 
 def resolve_teacher(name, configs_only=False):
     """(source, pipeline class name read from its model_index.json) of a preset (its hub id; `configs_only`: its configs
@@ -1283,6 +1556,7 @@ def resolve_teacher(name, configs_only=False):
         raise UserError(f"--teacher {name}: pipeline class {family} is not supported ({', '.join(FAMILIES)} are)")
     return src, family
 
+
 def _hub_file(name, repo, filename):
     """hf_hub_download of one file: the cache, else the hub after a 5-second probe (not half a minute of retries); or
     a line that says why not: offline, unreachable, gated, missing."""
@@ -1295,7 +1569,9 @@ def _hub_file(name, repo, filename):
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
     except OSError as e:  # no route to the hub: say so now, not after the client's retries
-        raise UserError(f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1{local}")
+        raise UserError(
+            f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1{local}"
+        )
     try:
         return huggingface_hub.hf_hub_download(repo, filename)
     except GatedRepoError:
@@ -1306,8 +1582,10 @@ def _hub_file(name, repo, filename):
         why = f"{type(e).__name__}: {' '.join(str(e).split())}"
     raise UserError(f"{where}: {why}{local}")
 
+
 def teacher_dtype(cfg):  # the frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+
 
 def load_backbone(cfg, device, src=None, family=None):
     """The teacher pipeline as a Backbone, at cfg.resolution (0: the transformer's native size)."""
@@ -1319,36 +1597,53 @@ def load_backbone(cfg, device, src=None, family=None):
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(cfg))
     except (OSError, ValueError) as e:  # missing weights (a configs-only cache or folder), a broken pipeline
-        raise UserError(f"cannot load the pipeline {src}: {' '.join(str(e).split())} (a cache or folder holding only "
-                        "configs, such as assets/hf, serves --dry-run alone)")
+        raise UserError(
+            f"cannot load the pipeline {src}: {' '.join(str(e).split())} (a cache or folder holding only "
+            "configs, such as assets/hf, serves --dry-run alone)"
+        )
     pipe.set_progress_bar_config(disable=True)
     native = (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
     backbone = FAMILIES[family](pipe, cfg.resolution or native, device, teacher_dtype(cfg))
     backbone.source, backbone.family = src, family
     return backbone
 
+
 def _read_json(src, name):  # a file of a pipeline folder, or of a hub id (from the hub cache when it is there)
     with open(os.path.join(src, name) if os.path.isdir(src) else huggingface_hub.hf_hub_download(src, name)) as f:
         return json.load(f)
+
 
 def meta_transformer(src):  # the teacher's transformer on the meta device from its config.json: shapes, no weights
     index, config = _read_json(src, "model_index.json"), _read_json(src, "transformer/config.json")
     with torch.device("meta"):
         return getattr(diffusers, index["transformer"][1]).from_config(config)
 
+
 # Per family, beyond its transformer config: text tokens (SANA: Gemma-2, 300; SD3: 77 CLIP + 256 T5; FLUX: 512 T5),
 # the VAE's factor (DC-AE 32, KL 8), and the text encoders' parameters, on the GPU while the prompts are encoded.
 TEXT_TOKENS = {"SanaPipeline": 300, "StableDiffusion3Pipeline": 77 + 256, "FluxPipeline": 512}
 VAE_FACTOR = {"SanaPipeline": 32, "StableDiffusion3Pipeline": 8, "FluxPipeline": 8}
-TEXT_ENCODER_PARAMS = {"SanaPipeline": 2.61e9, "StableDiffusion3Pipeline": 0.12e9 + 0.69e9 + 4.76e9,
-                       "FluxPipeline": 0.12e9 + 4.76e9}
+TEXT_ENCODER_PARAMS = {
+    "SanaPipeline": 2.61e9,
+    "StableDiffusion3Pipeline": 0.12e9 + 0.69e9 + 4.76e9,
+    "FluxPipeline": 0.12e9 + 4.76e9,
+}
 # Activations a block saves for backward, in elements per token and channel, when its weights train and when they are
 # frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed block keeps only its inputs,
 # CHECKPOINTED_INPUTS. Measured with saved-tensor hooks (experiments/bench.py); test_memory_plan_matches_measured_bytes.
-SAVED_PER_BLOCK = {"SanaPipeline": (41.0, 35.0), "StableDiffusion3Pipeline": (18.0, 10.0), "FluxPipeline": (24.0, 12.0)}
-CHECKPOINTED_INPUTS = {"SanaPipeline": (2.8, 1.1), "StableDiffusion3Pipeline": (2.0, 1.35), "FluxPipeline": (2.15, 1.6)}
+SAVED_PER_BLOCK = {
+    "SanaPipeline": (41.0, 35.0),
+    "StableDiffusion3Pipeline": (18.0, 10.0),
+    "FluxPipeline": (24.0, 12.0),
+}
+CHECKPOINTED_INPUTS = {
+    "SanaPipeline": (2.8, 1.1),
+    "StableDiffusion3Pipeline": (2.0, 1.35),
+    "FluxPipeline": (2.15, 1.6),
+}
 # A text token's cost in a block, relative to an image token's: SANA's enter only its cross-attention.
 TEXT_IN_BLOCKS = {"SanaPipeline": 0.1, "StableDiffusion3Pipeline": 1.0, "FluxPipeline": 1.0}
+
 
 def vae_factor(src, family):
     """The VAE's spatial factor: 2^(blocks - 1) by the pipeline's vae/config.json (as diffusers), else the family's."""
@@ -1356,18 +1651,23 @@ def vae_factor(src, family):
     blocks = c.get("encoder_block_out_channels") or c.get("block_out_channels")
     return 2 ** (len(blocks) - 1) if blocks else VAE_FACTOR[family]
 
+
 def memory_plan(cfg, net, world_size=1, factor=None):
     """Bytes per GPU of weights, gradients, Adam's moments and activations for cfg on `world_size` GPUs (`net` on the
     meta device). full: teacher, generator, fake and EMA, sharded by FSDP2; lora: a frozen base + three float32
     adapters. Activations peak in the generator update: the generator's graph (batch B), the teacher's and fake's (2B
     with two-branch CFG), and on one GPU bf16 copies of trainable weights. A run needs max('total', 'startup')."""
     family = {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
-        re.match("Sana|SD3|Flux", type(net).__name__).group()]  # from its transformer class: SanaTransformer2DModel...
+        re.match("Sana|SD3|Flux", type(net).__name__).group()
+    ]  # from its transformer class: SanaTransformer2DModel...
     c, P = net.config, sum(p.numel() for p in net.parameters())
     base_bytes, train_bytes = (4 if cfg.precision == "fp32" else 2), (2 if cfg.precision == "bf16" else 4)
     if cfg.mode == "lora":
-        lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for name, m in net.named_modules()
-                   if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS))
+        lora = sum(
+            cfg.lora_rank * (m.in_features + m.out_features)
+            for name, m in net.named_modules()
+            if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS)
+        )
         trainable, shard, weights, grad_bytes, copies = 2 * lora, 1, P * base_bytes + 3 * lora * 4, 4, 0
     else:
         trainable, shard, grad_bytes = 2 * P, world_size, train_bytes
@@ -1380,7 +1680,11 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     tokens = image_tokens + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
     per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
     cfg_batch = [cfg_branches(w, family == "FluxPipeline", per_sample) for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)]
-    batches = (cfg.batch_size, cfg.batch_size * cfg_batch[0], cfg.batch_size * cfg_batch[1])  # generator, teacher, fake
+    batches = (
+        cfg.batch_size,
+        cfg.batch_size * cfg_batch[0],
+        cfg.batch_size * cfg_batch[1],
+    )  # generator, teacher, fake
     trains = (cfg.mode == "full", False, cfg.mode == "full")  # whose weights take gradients in the generator update
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
     per_block = [b * SAVED_PER_BLOCK[family][0 if t else 1] * unit for b, t in zip(batches, trains)]
@@ -1389,12 +1693,19 @@ def memory_plan(cfg, net, world_size=1, factor=None):
     unit_in = (image_tokens + TEXT_TOKENS[family]) * width * base_bytes
     inputs = sum(b * CHECKPOINTED_INPUTS[family][0 if t else 1] * unit_in for b, t in zip(batches, trains))
     stored, recompute = n_ck * inputs + (layers - n_ck) * sum(per_block), (max(per_block) if n_ck else 0)
-    plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=trainable * grad_bytes / shard,
-                optimizer=2 * trainable * grad_bytes / shard, activations=stored + recompute + copies,
-                recompute=recompute)
+    plan = dict(
+        parameters=P,
+        trainable=trainable,
+        weights=weights / shard,
+        gradients=trainable * grad_bytes / shard,
+        optimizer=2 * trainable * grad_bytes / shard,
+        activations=stored + recompute + copies,
+        recompute=recompute,
+    )
     plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + plan["activations"]
     plan["startup"] = P * base_bytes + TEXT_ENCODER_PARAMS[family] * base_bytes
     return plan
+
 
 def check_inputs(cfg, configs_only=False):
     """What the inputs and configs tell before any weights load: (prompts, src, family, meta-device net, VAE factor)."""
@@ -1409,26 +1720,34 @@ def check_inputs(cfg, configs_only=False):
         check_resolution(cfg.resolution, factor, net.config.patch_size * FAMILIES[family].packing)
     return prompts, src, family, net, factor
 
+
 def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
     _, _, _, net, factor = check_inputs(cfg, configs_only=True)
     if not cfg.resolution:
         raise UserError(f"--dry-run needs --resolution for {cfg.teacher}, which is not a preset")
     plan = memory_plan(cfg, net, world_size, factor)
-    print(f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
-          f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), batch {cfg.batch_size}/GPU at "
-          f"{cfg.resolution} px, {cfg.grad_checkpointing:.0%} of the blocks checkpointed")
+    print(
+        f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
+        f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), batch {cfg.batch_size}/GPU at "
+        f"{cfg.resolution} px, {cfg.grad_checkpointing:.0%} of the blocks checkpointed"
+    )
     print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
     for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
         print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("  (teacher + text encoders)" * (key == "startup")))
     return plan
 
+
 def check_resolution(resolution, factor, patch):  # a whole number of latent patches, at most MAX_RESOLUTION
     if not 0 < resolution <= MAX_RESOLUTION or resolution % (factor * patch):
-        raise UserError(f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
-                        f"(VAE factor {factor} x patch {patch}), at most {MAX_RESOLUTION}")
+        raise UserError(
+            f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
+            f"(VAE factor {factor} x patch {patch}), at most {MAX_RESOLUTION}"
+        )
+
 
 MAX_RESOLUTION = 4096  # pixels: twice the largest side any supported teacher was trained at
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
+
 
 def plain_copy(net, state, dtype):
     """A new module of net's class holding `state`, in `dtype` on the CPU (made on the meta device: no initialising)."""
@@ -1436,6 +1755,7 @@ def plain_copy(net, state, dtype):
         plain = type(net).from_config(net.config)
     plain.to(dtype).to_empty(device="cpu").load_state_dict(state)  # (to_empty: in place; loading copies, casting)
     return plain.eval()
+
 
 def export_student(backbone, net, cfg, folder):
     """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
@@ -1448,20 +1768,34 @@ def export_student(backbone, net, cfg, folder):
     else:
         transformer = plain_copy(net, net.state_dict(), dtype)
     pipe = diffusers.DiffusionPipeline.from_pretrained(
-        backbone.source, transformer=transformer, dtype=dtype, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-            shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True))
+        backbone.source,
+        transformer=transformer,
+        dtype=dtype,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True
+        ),
+    )
     tmp = f"{folder}.tmp{os.getpid()}"
     remove_path(tmp)  # (a crashed export's leftovers: a process id comes back)
     pipe.save_pretrained(tmp)
     if isinstance(net, AdapterView):  # the adapter alone too, loadable with load_lora_adapter()
         net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
-    meta = dict(family=backbone.family, teacher=backbone.source, resolution=backbone.resolution, steps=cfg.steps,
-                sigmas=generator_times(cfg.steps), guidance_scale=cfg.student_guidance, precision=cfg.precision,
-                pipeline_kwargs=backbone.pipeline_kwargs, global_rng_step_noise=not backbone.step_noise_from_generator)
+    meta = dict(
+        family=backbone.family,
+        teacher=backbone.source,
+        resolution=backbone.resolution,
+        steps=cfg.steps,
+        sigmas=generator_times(cfg.steps),
+        guidance_scale=cfg.student_guidance,
+        precision=cfg.precision,
+        pipeline_kwargs=backbone.pipeline_kwargs,
+        global_rng_step_noise=not backbone.step_noise_from_generator,
+    )
     with open(os.path.join(tmp, STUDENT_META), "w") as f:
         json.dump(meta, f, indent=1)
     replace_path(tmp, folder)
     return folder
+
 
 def cmd_distill(cfg):
     prompts, src, family, shapes, factor = check_inputs(cfg)  # bad input fails here, before any weights load
@@ -1472,8 +1806,10 @@ def cmd_distill(cfg):
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
         backbone.data, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
         if runtime.rank == 0:
-            print(f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
-                  f"{skipped['no_caption']} without caption")
+            print(
+                f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
+                f"{skipped['no_caption']} without caption"
+            )
     backbone.set_prompts(prompts)
     quality = []  # built at the first evaluation: a run without evaluations draws no reference set
 
@@ -1495,10 +1831,13 @@ def cmd_distill(cfg):
             net = shapes.to(teacher_dtype(cfg)).to_empty(device="cpu")
             load_checkpoint_weights(runtime.checkpoint_path(cfg.out), which, net)
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
-        print(f"student pipeline: {folder} ({res['skipped']} non-finite iterations skipped, {runtime.world} processes)")
+        print(
+            f"student pipeline: {folder} ({res['skipped']} non-finite iterations skipped, {runtime.world} processes)"
+        )
     if runtime.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
 
 def check_fits(cfg, net, factor, runtime):
     """On CUDA, before any weights load: one line if the memory plan exceeds the free memory, naming what would fit."""
@@ -1508,13 +1847,17 @@ def check_fits(cfg, net, factor, runtime):
     need = lambda c: max(*(memory_plan(c, net, runtime.world, factor)[k] for k in ("total", "startup")))  # noqa
     free = torch.cuda.mem_get_info(runtime.device)[0]
     if need(cfg) > free:
-        lighter = [dict(grad_checkpointing=s) for s in (0.5, 1.0)] + [dict(mode="lora", grad_checkpointing=s)
-                                                                      for s in (0.0, 0.5, 1.0)]  # in this order
+        lighter = [dict(grad_checkpointing=s) for s in (0.5, 1.0)] + [
+            dict(mode="lora", grad_checkpointing=s) for s in (0.0, 0.5, 1.0)
+        ]  # in this order
         fits = [d for d in lighter + [dict(lighter[-1], batch_size=1)] if need(dataclasses.replace(cfg, **d)) <= free]
         hint = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fits[0].items()) if fits else "more GPUs (torchrun)"
-        raise UserError(f"the memory plan needs {need(cfg) / 2**30:.1f} GiB per GPU ({cfg.mode} mode, batch "
-                        f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
-                        "(--dry-run prints the plan)")
+        raise UserError(
+            f"the memory plan needs {need(cfg) / 2**30:.1f} GiB per GPU ({cfg.mode} mode, batch "
+            f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
+            "(--dry-run prints the plan)"
+        )
+
 
 def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folder (torchrun, full mode) or a file
     folder, file = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.pt")
@@ -1523,6 +1866,7 @@ def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folde
     if not os.path.isfile(file):
         raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
     return file, Runtime().read_meta(file)
+
 
 def load_checkpoint_weights(path, which, net):
     """Network `which` of a checkpoint into `net` in place, reading only its tensors (DCP folder, or a mapped file)."""
@@ -1533,12 +1877,15 @@ def load_checkpoint_weights(path, which, net):
     else:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)[which])
 
+
 def cmd_export(out, weights, device):
     """OUT/student from a run's checkpoint, finished or not; full mode loads it into the teacher's own transformer."""
     path, meta = find_checkpoint(out)
     if meta["config"]["teacher"] in ("toy", "digits"):
-        raise UserError(f"--out {out}: a run of the {meta['config']['teacher']} teacher; export writes diffusers "
-                        "pipelines of image teachers, and this student's weights are already in its checkpoint.pt")
+        raise UserError(
+            f"--out {out}: a run of the {meta['config']['teacher']} teacher; export writes diffusers "
+            "pipelines of image teachers, and this student's weights are already in its checkpoint.pt"
+        )
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
@@ -1547,13 +1894,17 @@ def cmd_export(out, weights, device):
     else:
         net = backbone.teacher  # export needs no teacher: its module takes the student's weights
     load_checkpoint_weights(path, weights, net)
-    print(f"student pipeline ({weights}, iteration {meta['step']}):",
-          export_student(backbone, net, cfg, os.path.join(out, "student")))
+    print(
+        f"student pipeline ({weights}, iteration {meta['step']}):",
+        export_student(backbone, net, cfg, os.path.join(out, "student")),
+    )
 
-EPILOG = f"""presets (--teacher NAME): {', '.join(HUB_IDS)}; a local diffusers pipeline folder or a hub id owner/repo
+
+EPILOG = f"""presets (--teacher NAME): {", ".join(HUB_IDS)}; a local diffusers pipeline folder or a hub id owner/repo
 works too ("a folder or hub id" in the defaults above). The 2-D toy: python run_toy.py --help
   python sid_flow.py export --out OUT [--weights ema|generator] [--device D]   # any checkpoint -> OUT/student
 The student is a stock diffusers pipeline: README.md, "The student in stock diffusers", samples it."""
+
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1563,14 +1914,24 @@ def main(argv=None):
         p.add_argument("--weights", default="ema", choices=("ema", "generator"), help="the student's [default: ema]")
         p.add_argument("--device", default="auto", help="auto (CUDA if any), cpu, cuda or cuda:N [default: auto]")
         return cmd_export(**vars(p.parse_args(argv[1:])))
-    p = Parser(prog="sid_flow.py", description=__doc__.split("\n")[0], epilog=EPILOG,
-               usage="python sid_flow.py --teacher NAME [options] | python sid_flow.py export --out OUT ...")
-    p.add_argument("--teacher", help="the teacher (required): a preset (below), a pipeline folder, a hub id owner/repo")
+    p = Parser(
+        prog="sid_flow.py",
+        description=__doc__.split("\n")[0],
+        epilog=EPILOG,
+        usage="python sid_flow.py --teacher NAME [options] | python sid_flow.py export --out OUT ...",
+    )
+    p.add_argument(
+        "--teacher", help="the teacher (required): a preset (below), a pipeline folder, a hub id owner/repo"
+    )
     p.add_argument("--out", help="the run folder: checkpoint, log, previews, student [default: out/TEACHER's name]")
     presets = {name: name for name in HUB_IDS} | {"a folder or hub id": None}  # the defaults its --help names
     add_config_flags(p, skip=("teacher", "out"), presets=presets)
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan per GPU ($WORLD_SIZE GPUs, else one) "
-                                                          "from the teacher's configs (no weights are downloaded)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan per GPU ($WORLD_SIZE GPUs, else one) "
+        "from the teacher's configs (no weights are downloaded)",
+    )
     a = vars(p.parse_args(argv))
     dry_run = a.pop("dry_run")
     if a["teacher"] is None:
@@ -1582,10 +1943,12 @@ def main(argv=None):
     cfg = make_config(a["teacher"] if a["teacher"] in PRESETS else None, **a)
     return cmd_dry_run(cfg, int(os.environ.get("WORLD_SIZE", 1))) if dry_run else cmd_distill(cfg)
 
+
 def slug(name):
     """A folder name (letters, digits, '.-_'; never '' or a dot name) from the last part of a name, path or hub id."""
     base = os.path.basename(os.path.abspath(name)) if os.path.exists(name) else name.rstrip("/").split("/")[-1]
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in base).strip(".") or "run"
+
 
 if __name__ == "__main__":
     try:

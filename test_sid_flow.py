@@ -50,6 +50,7 @@ def small_quality_sets(request, monkeypatch):
 # An analytic teacher: a Gaussian mixture, whose diffused density, score and E[x0 | x_t] are closed-form
 # ------------------------------------------------------------------------------------------------------------------
 
+
 class Mixture:
     """x0 ~ sum_k pi_k N(mu_k, sigma_k^2 I). Under x_t = a x0 + s eps each component stays Gaussian:
     N(a mu_k, (a^2 sigma_k^2 + s^2) I), with per-component posterior mean mu_k + a sigma_k^2 / var_k (x_t - a mu_k)."""
@@ -63,10 +64,10 @@ class Mixture:
 
     def _parts(self, x_t, t, path):
         a, s, _, _ = sf.coefficients(path, t[:, None])  # (B, 1)
-        var = a ** 2 * self.sigma[None] ** 2 + s ** 2  # (B, K)
+        var = a**2 * self.sigma[None] ** 2 + s**2  # (B, K)
         diff = x_t[:, None, :] - a[:, :, None] * self.mu[None]  # (B, K, D)
         d = self.mu.shape[1]
-        logp = (torch.log(self.pi)[None] - 0.5 * (diff ** 2).sum(-1) / var - 0.5 * d * torch.log(2 * math.pi * var))
+        logp = torch.log(self.pi)[None] - 0.5 * (diff**2).sum(-1) / var - 0.5 * d * torch.log(2 * math.pi * var)
         return a, var, diff, logp  # logp: (B, K) log of pi_k N(x_t; a mu_k, var_k)
 
     def log_p(self, x_t, t, path):
@@ -98,6 +99,7 @@ def _noised(n=512, seed=0, path=sf.FLOW, mix=MIX):
 # ------------------------------------------------------------------------------------------------------------------
 # 1. Conventions and path algebra (D1)-(D7)
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def test_conventions():
     """(D1), (D2), (D13): t = 1 is noise, t = 0 is data, v = eps - x0, generator times 1, .75, .5, .25."""
@@ -150,7 +152,7 @@ def test_loss_weighting():
     x0, eps, t, x_t = _noised()
     v_hat = torch.randn_like(x0)
     lhs = sf.flow_matching_loss(v_hat, x0, eps, t)
-    rhs = ((sf.velocity_to_x0(x_t, t, v_hat) - x0) ** 2).sum(1) / t ** 2
+    rhs = ((sf.velocity_to_x0(x_t, t, v_hat) - x0) ** 2).sum(1) / t**2
     assert torch.allclose(lhs, rhs)
 
 
@@ -162,7 +164,7 @@ def test_fake_loss_minimiser():
     v_star = MIX.velocity(x_t, t, sf.FLOW)
     delta = 0.1 * torch.sin(3 * x_t)  # any perturbation, a function of x_t only
     excess = sf.flow_matching_loss(v_star + delta, x0, eps, t) - sf.flow_matching_loss(v_star, x0, eps, t)
-    cross = excess - (delta ** 2).sum(1)  # 2 delta . (v* - target): zero mean because v* = E[target | x_t]
+    cross = excess - (delta**2).sum(1)  # 2 delta . (v* - target): zero mean because v* = E[target | x_t]
     assert abs(cross.mean()) < 4 * cross.std() / math.sqrt(n)
     assert excess.mean() > 10 * cross.std() / math.sqrt(n)  # the perturbation is measurably worse
 
@@ -170,6 +172,7 @@ def test_fake_loss_minimiser():
 # ------------------------------------------------------------------------------------------------------------------
 # 2. SiD: the score identity and the generator loss (D10)-(D14)
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def test_score_identity_monte_carlo():
     """(D10) by Monte Carlo: E[u(x_t)^T E_g[x0|x_t]] = E[u(x_t)^T x_g] for a nonlinear u, and the rewritten Fisher
@@ -234,6 +237,7 @@ def test_weightings_and_times():
 # 3. The few-step generator (D13)
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_backward_simulation(k):
     """Steps 1..k-1 run without gradient; only step k carries gradient into the generator."""
@@ -259,7 +263,9 @@ def test_renoise_modes():
     x0, eps, z = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
     t, t_next = torch.full((5,), 0.75), torch.full((5,), 0.5)
     x_t = sf.add_noise(x0, eps, t)
-    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "ddim", sf.gaussian(g)), sf.add_noise(x0, eps, t_next), atol=1e-6)
+    assert torch.allclose(
+        sf.renoise(x0, x_t, t, t_next, z, "ddim", sf.gaussian(g)), sf.add_noise(x0, eps, t_next), atol=1e-6
+    )
     assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "fixed", sf.gaussian(g)), sf.add_noise(x0, z, t_next))
     fresh = sf.renoise(x0, x_t, t, t_next, z, "fresh", sf.gaussian(g))
     assert not torch.allclose(fresh, sf.add_noise(x0, z, t_next)) and not torch.allclose(fresh, x_t)
@@ -276,6 +282,7 @@ def test_one_step_generator_is_x0_prediction():
 # ------------------------------------------------------------------------------------------------------------------
 # 4. The iteration and the loop
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def _tiny_backbone(seed=0):
     torch.manual_seed(seed)
@@ -385,7 +392,9 @@ def test_data_aided_zero_cfg_scores_real_and_fake_alike():
     for w, real_scale in ((0.0, 0.0), (2.0, 1.0)):
         bb = GuidanceSpy(run_toy.ToyMLP(width=16, depth=2), real=lambda n, g: torch.randn(n, 2, generator=g))
         gen, fake = bb.trainable_copy(), bb.trainable_copy()
-        cfg = _cfg(batch_size=32, cfg_train_fake=w, fake_updates=1)  # images_seen 0 < GAN_FREEZE_IMAGES: fake update only
+        cfg = _cfg(
+            batch_size=32, cfg_train_fake=w, fake_updates=1
+        )  # images_seen 0 < GAN_FREEZE_IMAGES: fake update only
         opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
         sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
         assert [g for net, _, g in bb.calls if net is fake] == [w, real_scale]
@@ -396,7 +405,7 @@ def test_ema_update_closed_form():
     against that closed form early (warm-up active), late (the configured decay), and with decay 0 (a copy)."""
     torch.manual_seed(0)
     ema, net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    for decay, step in ((0.99, 5), (0.9, 10 ** 6), (0.0, 7)):
+    for decay, step in ((0.99, 5), (0.9, 10**6), (0.0, 7)):
         before = [p.detach().clone() for p in ema.parameters()]
         d = min(decay, (1 + step) / (10 + step))
         sf.ema_update(ema, net, decay, step)
@@ -464,6 +473,7 @@ def test_nonfinite_loss_stops_with_step_and_phase(tmp_path):
 # 5. The toy demo end to end, the metric and the command line
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def test_energy_distance():
     """(D15): the projection formula equals the brute-force pairwise U- and V-statistics; ~0 for equal laws."""
     g = torch.Generator().manual_seed(0)
@@ -473,7 +483,7 @@ def test_energy_distance():
         return torch.cdist(a.double(), b.double()).sum().item() / pairs
 
     brute_u = 2 * mean_dist(x, y, 700 * 500) - mean_dist(x, x, 700 * 699) - mean_dist(y, y, 500 * 499)
-    brute_v = 2 * mean_dist(x, y, 700 * 500) - mean_dist(x, x, 700 ** 2) - mean_dist(y, y, 500 ** 2)
+    brute_v = 2 * mean_dist(x, y, 700 * 500) - mean_dist(x, x, 700**2) - mean_dist(y, y, 500**2)
     assert abs(run_toy.energy_distance(x, y) - brute_u) < 5e-5 * brute_u  # 128-direction quadrature
     assert abs(run_toy.energy_distance(x, y, independent=False) - brute_v) < 5e-5 * brute_v
     same = run_toy.draw("checkerboard", 4000, g), run_toy.draw("checkerboard", 4000, g)
@@ -484,8 +494,12 @@ def test_qmc_estimate_is_far_less_noisy_than_iid():
     """The demo's randomised QMC estimate: independently scrambled Sobol replicates spread >= 30x less than the
     estimate from independent draws of the same size, and its bias (the V-statistic's) is below 2e-5 at 4096 points."""
     g = torch.Generator().manual_seed(0)
-    iid = torch.tensor([run_toy.energy_distance(run_toy.draw("checkerboard", 4096, g),
-                                                run_toy.draw("checkerboard", 4 * 4096, g)) for _ in range(6)])
+    iid = torch.tensor(
+        [
+            run_toy.energy_distance(run_toy.draw("checkerboard", 4096, g), run_toy.draw("checkerboard", 4 * 4096, g))
+            for _ in range(6)
+        ]
+    )
     ev = run_toy.Evaluation("checkerboard", 4096, replicates=6)
     mean, se = ev.distance(ev.twin)  # another Sobol draw of the data against the reference: the floor
     assert 0 <= mean < 2e-5 and se * math.sqrt(6) * 30 < iid.std().item()
@@ -528,8 +542,20 @@ def test_toy_interrupt_then_same_command_continues(tmp_path):
     recipe = dict(run_toy.TEACHER, dataset="checkerboard", seed=0)  # a cached teacher (untrained): no teacher training
     net = run_toy.ToyMLP(**{k: run_toy.TEACHER[k] for k in ("width", "depth", "fourier", "fourier_scale")})
     sf.atomic_save(dict(recipe=recipe, state=net.state_dict()), str(out / "teacher-checkerboard.pt"))
-    cmd = [sys.executable, os.path.join(HERE, "run_toy.py"), "--out", str(out), "--iters", "600", "--batch-size", "32",
-           "--n-eval", "256", "--eval-every", "5"]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "run_toy.py"),
+        "--out",
+        str(out),
+        "--iters",
+        "600",
+        "--batch-size",
+        "32",
+        "--n-eval",
+        "256",
+        "--eval-every",
+        "5",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
@@ -540,8 +566,9 @@ def test_toy_interrupt_then_same_command_continues(tmp_path):
     run = next(out.glob("runs/*"))
     step = sf.Runtime().read_meta(str(run / "checkpoint.pt"))["step"]
     assert p.returncode == 130 and 5 <= step < 600, (p.returncode, err[-2000:])
-    assert err.strip().splitlines() == [f"stopped at iteration {step} of 600; {run} holds it: run the same command to "
-                                        "continue"], err[-2000:]
+    assert err.strip().splitlines() == [
+        f"stopped at iteration {step} of 600; {run} holds it: run the same command to continue"
+    ], err[-2000:]
     assert [q["step"] for q in json.load(open(run / "curve.json"))] == list(range(0, step + 1, 5))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and f"resumed from {run / 'checkpoint.pt'} at iteration {step}" in r.stdout, r.stderr
@@ -554,6 +581,7 @@ def test_toy_exact_teacher_velocity():
     mean within 5 of its standard errors and with Tweedie's formula (D3) on its closed-form density to 1e-10; the
     velocity (x_t - E[x0 | x_t]) / t is differentiable in x_t, as SiD's generator loss needs."""
     import toy_exact_teacher  # experiments/toy_exact_teacher.py
+
     mc_z, tweedie = toy_exact_teacher.check_exact_velocity(n_points=8, n_mc=200_000)
     assert mc_z < 5 and tweedie < 1e-10, (mc_z, tweedie)
     x_t = torch.randn(16, 2, requires_grad=True)
@@ -564,31 +592,48 @@ def test_toy_exact_teacher_velocity():
 
 def test_toy_output_folders_do_not_collide():
     """Every dataset, comparison and result-changing flag has its own results folder; I/O flags do not change it."""
+
     def name(*argv):
         return run_toy.run_name(*run_toy.parse_args(list(argv)))  # (args, the Config fields they set)
-    names = [name(), name("--dataset", "moons"), name("--compare"), name("--data-aided"), name("--alpha", "1.2"),
-             name("--weighting", "1/t"), name("--weighting", "1/t^2"), name("--n-eval", "4096")]
+
+    names = [
+        name(),
+        name("--dataset", "moons"),
+        name("--compare"),
+        name("--data-aided"),
+        name("--alpha", "1.2"),
+        name("--weighting", "1/t"),
+        name("--weighting", "1/t^2"),
+        name("--n-eval", "4096"),
+    ]
     assert len(set(names)) == len(names) and all("/" not in n and n not in (".", "..") for n in names)
     assert name() == "checkerboard" and name("--out", "x", "--save-every", "5", "--eval-every", "5") == "checkerboard"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dataset", "rings"], "invalid choice"),
-    (["--alpha", "nan"], "--alpha must be finite"),
-    (["--iters", "0"], "--iters must be at least 1"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--loss", "kl"], "invalid choice"),
-    (["--mode", "lora"], "--mode is a sid_flow.py flag for image teachers"),
-    (["--prompts", "p.txt"], "--prompts is a sid_flow.py flag for image teachers"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--dataset", "digits"], "invalid choice: 'digits'"),  # the digits benchmark is experiments/digits.py
-    (["--guidance-study"], "unrecognized arguments: --guidance-study"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "rings"], "invalid choice"),
+        (["--alpha", "nan"], "--alpha must be finite"),
+        (["--iters", "0"], "--iters must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--loss", "kl"], "invalid choice"),
+        (["--mode", "lora"], "--mode is a sid_flow.py flag for image teachers"),
+        (["--prompts", "p.txt"], "--prompts is a sid_flow.py flag for image teachers"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--dataset", "digits"], "invalid choice: 'digits'"),  # the digits benchmark is experiments/digits.py
+        (["--guidance-study"], "unrecognized arguments: --guidance-study"),
+    ],
+)
 def test_toy_cli_bad_values(tmp_path, args, message):
     """Bad flags: one line on stderr, exit status 2, nothing written (no teacher was trained)."""
     out = tmp_path / "o"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "run_toy.py"), "--out", str(out), *args],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "run_toy.py"), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
 
@@ -616,8 +661,13 @@ def test_cli_help_gives_every_flag_its_meaning_and_real_default():
     helps = {f.name: f.metadata["help"] for f in sf.dataclasses.fields(sf.Config)}
     assert all(len(h.split()) >= 4 and "WEIGHTINGS" not in h for h in helps.values()), helps
     wide = dict(os.environ, COLUMNS="400")  # argparse wraps help at hyphens otherwise ("SiD- LSG")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--help"], capture_output=True, text=True,
-                       timeout=120, env=wide)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sid_flow.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=wide,
+    )
     blocks = _help_blocks(r.stdout)
     assert r.returncode == 0 and all(p in r.stdout for p in sf.HUB_IDS) and "sid_flow.py export" in r.stdout
     assert "(required)" in blocks["--teacher"] and "[default: required]" not in r.stdout
@@ -631,8 +681,13 @@ def test_cli_help_gives_every_flag_its_meaning_and_real_default():
                 value = str(sf.PRESETS.get(preset, {}).get(f.name, f.default)) or "none"
                 assert shown.get(preset or "a folder or hub id", common) == value, (f.name, preset, help)
     toy = sf.PRESETS["toy"]
-    r = subprocess.run([sys.executable, os.path.join(HERE, "run_toy.py"), "--help"], capture_output=True, text=True,
-                       timeout=120, env=wide)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "run_toy.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=wide,
+    )
     blocks = _help_blocks(r.stdout)
     assert r.returncode == 0 and "(default: None)" not in r.stdout
     for f in dataclasses.fields(sf.Config):
@@ -646,8 +701,14 @@ def test_cli_help_gives_every_flag_its_meaning_and_real_default():
     assert "every tenth of --iters" in blocks["--eval-every"] and "never" in blocks["--eval-every"]
     # experiments/digits.py: the digits preset's defaults; neither the image-teacher, guidance nor preview flags
     import digits  # experiments/digits.py
-    r = subprocess.run([sys.executable, os.path.join(HERE, "experiments", "digits.py"), "--help"],
-                       capture_output=True, text=True, timeout=120, env=wide)
+
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "experiments", "digits.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=wide,
+    )
     blocks = _help_blocks(r.stdout)
     assert r.returncode == 0 and "(default: None)" not in r.stdout and "--guidance-study" in blocks
     assert digits.SKIP == run_toy.NOT_HERE + ("eval_every",) and "exported student" not in blocks["--out"]
@@ -672,15 +733,19 @@ def test_config_presets():
 # 6. The code and the derivation agree
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def test_derivation_labels():
     """Every (Dk) cited in the code exists in derivation.md; every function of its symbol table exists in
     sid_flow.py; every test it names exists here."""
     doc = open(os.path.join(HERE, "derivation.md")).read()
-    code = "".join(open(os.path.join(HERE, f)).read() for f in ("sid_flow.py", "run_toy.py", "experiments/digits.py",
-                                                                  "experiments/bench.py") if os.path.exists(os.path.join(HERE, f)))
+    code = "".join(
+        open(os.path.join(HERE, f)).read()
+        for f in ("sid_flow.py", "run_toy.py", "experiments/digits.py", "experiments/bench.py")
+        if os.path.exists(os.path.join(HERE, f))
+    )
     cited = set(re.findall(r"\(D\d+\)", code))
     assert cited and cited <= set(re.findall(r"\(D\d+\)", doc)), cited - set(re.findall(r"\(D\d+\)", doc))
-    table = doc[doc.index("## Symbol table"):]
+    table = doc[doc.index("## Symbol table") :]
     for row in table.splitlines()[3:]:
         for name in re.findall(r"`([A-Za-z_][\w.]*)`", row.split("|")[2]):
             assert re.search(rf"\b{re.escape(name.split('.')[-1])}\b", code), name
@@ -701,78 +766,167 @@ def _tokenizer(max_len):
     """A word-level tokenizer built offline (no hub): lowercase words of the prompts, <s> ... </s> around them."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     words = sorted({w for p in sf.DEFAULT_PROMPTS + TEST_PROMPTS for w in re.findall(r"\w+", p.lower())})
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=max_len)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_len,
+    )
 
 
 def _clip(cls):
     from transformers import CLIPTextConfig
-    return cls(CLIPTextConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32, intermediate_size=37,
-                              num_attention_heads=4, num_hidden_layers=2, vocab_size=1000, projection_dim=32))
+
+    return cls(
+        CLIPTextConfig(
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            projection_dim=32,
+        )
+    )
 
 
 def _t5():
     from transformers import T5Config, T5EncoderModel
-    return T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                   pad_token_id=0, eos_token_id=2))
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2
+        )
+    )
 
 
 def _kl_vae(channels):
     from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
-                         latent_channels=channels, norm_num_groups=2, shift_factor=0.0609, scaling_factor=1.5035)
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=channels,
+        norm_num_groups=2,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
 
 
 def build_tiny_pipeline(family, folder):
     """A random-weight pipeline of the family, written with save_pretrained (the path a hub id resolves to)."""
     import diffusers as d
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model
+
     torch.manual_seed(0)
     sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0)
     if family == "sana":
         pipe = d.SanaPipeline(
             tokenizer=_tokenizer(300),
-            text_encoder=Gemma2Model(Gemma2Config(head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                                  num_hidden_layers=1, num_key_value_heads=2, vocab_size=1000,
-                                                  attn_implementation="eager")),
-            vae=d.AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
-                                encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                                decoder_block_types=("ResBlock", "EfficientViTBlock"),
-                                encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                                encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-                                encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-                                downsample_block_type="conv", upsample_block_type="interpolate",
-                                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
-            transformer=d.SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
-                                                 num_attention_heads=2, attention_head_dim=8,
-                                                 num_cross_attention_heads=2, cross_attention_head_dim=8,
-                                                 cross_attention_dim=16, caption_channels=16, sample_size=16),
-            scheduler=sched)
+            text_encoder=Gemma2Model(
+                Gemma2Config(
+                    head_dim=8,
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_attention_heads=2,
+                    num_hidden_layers=1,
+                    num_key_value_heads=2,
+                    vocab_size=1000,
+                    attn_implementation="eager",
+                )
+            ),
+            vae=d.AutoencoderDC(
+                in_channels=3,
+                latent_channels=4,
+                attention_head_dim=2,
+                encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                encoder_block_out_channels=(8, 8),
+                decoder_block_out_channels=(8, 8),
+                encoder_qkv_multiscales=((), (5,)),
+                decoder_qkv_multiscales=((), (5,)),
+                encoder_layers_per_block=(1, 1),
+                decoder_layers_per_block=(1, 1),
+                downsample_block_type="conv",
+                upsample_block_type="interpolate",
+                decoder_norm_types="rms_norm",
+                decoder_act_fns="silu",
+                scaling_factor=0.41407,
+            ),
+            transformer=d.SanaTransformer2DModel(
+                patch_size=1,
+                in_channels=4,
+                out_channels=4,
+                num_layers=2,
+                num_attention_heads=2,
+                attention_head_dim=8,
+                num_cross_attention_heads=2,
+                cross_attention_head_dim=8,
+                cross_attention_dim=16,
+                caption_channels=16,
+                sample_size=16,
+            ),
+            scheduler=sched,
+        )
     elif family in ("sd3", "sd35"):
         extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if family == "sd35" else {}
         pipe = d.StableDiffusion3Pipeline(
-            transformer=d.SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4,
-                                                num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                                caption_projection_dim=32, joint_attention_dim=32,
-                                                pooled_projection_dim=64, **extra),
-            scheduler=sched, vae=_kl_vae(4),
-            text_encoder=_clip(CLIPTextModelWithProjection), tokenizer=_tokenizer(77),
-            text_encoder_2=_clip(CLIPTextModelWithProjection), tokenizer_2=_tokenizer(77),
-            text_encoder_3=_t5(), tokenizer_3=_tokenizer(512))
+            transformer=d.SD3Transformer2DModel(
+                sample_size=32,
+                patch_size=2,
+                in_channels=4,
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=4,
+                caption_projection_dim=32,
+                joint_attention_dim=32,
+                pooled_projection_dim=64,
+                **extra,
+            ),
+            scheduler=sched,
+            vae=_kl_vae(4),
+            text_encoder=_clip(CLIPTextModelWithProjection),
+            tokenizer=_tokenizer(77),
+            text_encoder_2=_clip(CLIPTextModelWithProjection),
+            tokenizer_2=_tokenizer(77),
+            text_encoder_3=_t5(),
+            tokenizer_3=_tokenizer(512),
+        )
     elif family == "flux":
         pipe = d.FluxPipeline(
-            scheduler=sched, vae=_kl_vae(4), text_encoder=_clip(CLIPTextModel), tokenizer=_tokenizer(77),
-            text_encoder_2=_t5(), tokenizer_2=_tokenizer(512),
-            transformer=d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                                 pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-                                                 guidance_embeds=True))
+            scheduler=sched,
+            vae=_kl_vae(4),
+            text_encoder=_clip(CLIPTextModel),
+            tokenizer=_tokenizer(77),
+            text_encoder_2=_t5(),
+            tokenizer_2=_tokenizer(512),
+            transformer=d.FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=16,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                pooled_projection_dim=32,
+                axes_dims_rope=[4, 4, 8],
+                guidance_embeds=True,
+            ),
+        )
     pipe.save_pretrained(folder)
     return str(folder)
 
@@ -791,6 +945,7 @@ def _backbone(path, family, device=DEVICE, **kw):
 def _euler_pipe(path, stochastic=False):
     """The stock pipeline with a plain (or stochastic) unshifted flow-matching Euler scheduler."""
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
     sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic)
     pipe = DiffusionPipeline.from_pretrained(path, scheduler=sched)
     pipe.to(DEVICE).set_progress_bar_config(disable=True)
@@ -812,8 +967,16 @@ def test_adapter_velocity_matches_stock_pipeline(tiny, family):
         with torch.no_grad():
             v = bb.velocity(bb.teacher, x, torch.full((1,), t, device=DEVICE), bb.cond_for([0]), w)
         latents = sf.FluxBackbone.pack(x) if family == "flux" else x
-        out = pipe(TEST_PROMPTS[0], height=res, width=res, sigmas=[t], latents=latents.clone(), guidance_scale=w,
-                   output_type="latent", **bb.pipeline_kwargs).images
+        out = pipe(
+            TEST_PROMPTS[0],
+            height=res,
+            width=res,
+            sigmas=[t],
+            latents=latents.clone(),
+            guidance_scale=w,
+            output_type="latent",
+            **bb.pipeline_kwargs,
+        ).images
         if family == "flux":
             out = sf.FluxBackbone.unpack(out, *bb.sample_shape[1:])
         assert torch.allclose(v, (x - out) / t, atol=2e-5), (w, (v - (x - out) / t).abs().max())
@@ -848,6 +1011,7 @@ def test_guided_velocity_per_sample_and_zero_cfg(tiny, family, monkeypatch):
 
 def test_flux_packing_matches_pipeline():
     from diffusers import FluxPipeline
+
     x = torch.randn(2, 16, 8, 6)
     packed = FluxPipeline._pack_latents(x, 2, 16, 8, 6)
     assert torch.equal(sf.FluxBackbone.pack(x), packed)
@@ -857,6 +1021,7 @@ def test_flux_packing_matches_pipeline():
 def test_family_is_read_from_model_index(tiny, tmp_path):
     """A SANA pipeline saved under a FLUX-looking name is still SANA: the name is never used."""
     import shutil
+
     fake_name = tmp_path / "FLUX.1-dev"
     shutil.copytree(tiny["sana"], fake_name)
     assert sf.resolve_teacher(str(fake_name)) == (str(fake_name), "SanaPipeline")
@@ -866,12 +1031,27 @@ def test_family_is_read_from_model_index(tiny, tmp_path):
 def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_path):
     """A few SiD iterations on each family: the generator moves, the teacher does not. The exported OUT/student
     loads in the stock pipeline, whose 4-step images equal sid_flow's sampler's within 1e-4 (same prompt, seed)."""
-    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, iters=2,
-                         batch_size=2, lr_gen=1e-3, lr_fake=1e-3, cfg_eval_real=2.0, cfg_eval_fake=2.0,
-                         cfg_train_fake=2.0, out=str(tmp_path / "run"), save_every=0, ema_decay=0.0, eval_every=2,
-                         student_guidance=3.5 if family == "flux" else 1.0)
+    cfg = sf.make_config(
+        None,
+        teacher=tiny[family],
+        resolution=FAMILY_RES[family],
+        device=DEVICE,
+        iters=2,
+        batch_size=2,
+        lr_gen=1e-3,
+        lr_fake=1e-3,
+        cfg_eval_real=2.0,
+        cfg_eval_fake=2.0,
+        cfg_train_fake=2.0,
+        out=str(tmp_path / "run"),
+        save_every=0,
+        ema_decay=0.0,
+        eval_every=2,
+        student_guidance=3.5 if family == "flux" else 1.0,
+    )
     sf.cmd_distill(cfg)
     from diffusers import DiffusionPipeline
+
     teacher_disk = DiffusionPipeline.from_pretrained(tiny[family]).transformer.state_dict()
     student_dir = tmp_path / "run" / "student"
     student = DiffusionPipeline.from_pretrained(str(student_dir))
@@ -886,8 +1066,16 @@ def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_
     # stock diffusers, seeded as the README says: generator for the initial noise, torch.manual_seed for SD3/FLUX steps
     seed, prompt, res = 7, TEST_PROMPTS[2], FAMILY_RES[family]
     torch.manual_seed(seed)
-    stock = student(prompt, sigmas=meta["sigmas"], guidance_scale=meta["guidance_scale"], height=res, width=res,
-                    generator=torch.Generator(DEVICE).manual_seed(seed), output_type="np", **meta["pipeline_kwargs"]).images
+    stock = student(
+        prompt,
+        sigmas=meta["sigmas"],
+        guidance_scale=meta["guidance_scale"],
+        height=res,
+        width=res,
+        generator=torch.Generator(DEVICE).manual_seed(seed),
+        output_type="np",
+        **meta["pipeline_kwargs"],
+    ).images
     bb = _backbone(str(student_dir), family)
     ours = _seeded_images(bb, prompt, seed, meta["steps"], meta["guidance_scale"])
     assert stock.shape == ours.shape == (1, res, res, 3)
@@ -905,8 +1093,13 @@ def _seeded_images(bb, prompt, seed, steps, guidance):
     g = torch.Generator(bb.device).manual_seed(seed)
     g_steps = g if bb.step_noise_from_generator else torch.Generator(bb.device).manual_seed(seed)
     cond = bb.encode([prompt])
-    x = sf.generate(lambda x, t: bb.velocity(bb.teacher, x, t, cond, guidance), bb.noise((1, *bb.sample_shape), g),
-                    steps, "fresh", lambda x: bb.step_noise(x.shape, g_steps))
+    x = sf.generate(
+        lambda x, t: bb.velocity(bb.teacher, x, t, cond, guidance),
+        bb.noise((1, *bb.sample_shape), g),
+        steps,
+        "fresh",
+        lambda x: bb.step_noise(x.shape, g_steps),
+    )
     return bb.decode(x.float())
 
 
@@ -920,6 +1113,7 @@ def test_hub_errors_say_why(monkeypatch):
 
     def no_route(*args, **kwargs):
         raise OSError("Network is unreachable")
+
     monkeypatch.setattr(sf.huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(sf.socket, "create_connection", no_route)
     with pytest.raises(sf.UserError, match="the hub .* is unreachable .*Network is unreachable"):
@@ -949,8 +1143,10 @@ def _bad_teacher_cases(tiny, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["unknown preset", "no model_index", "unsupported", "bad resolution",
-                                  "empty prompts", "missing prompts", "cuda"])
+@pytest.mark.parametrize(
+    "case",
+    ["unknown preset", "no model_index", "unsupported", "bad resolution", "empty prompts", "missing prompts", "cuda"],
+)
 def test_bad_input_is_one_clear_error(tiny, tmp_path, case):
     """Bad input stops before anything is written; an existing output folder is left byte-for-byte as it was."""
     if case == "cuda" and torch.cuda.is_available():
@@ -966,18 +1162,34 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, case):
 
 def test_bad_resolution_fails_before_any_weights_load(tiny, tmp_path, monkeypatch):
     """A resolution the configs can judge (not a whole number of latent patches) stops before the pipeline loads."""
+
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the resolution was checked")
+
     monkeypatch.setattr(sf, "load_backbone", no_loading)
     for family, bad in (("sana", 33), ("sd3", 31), ("flux", 31)):
         with pytest.raises(sf.UserError, match="--resolution .*: must be a positive multiple of"):
-            sf.main(["--teacher", tiny[family], "--resolution", str(bad), "--device", "cpu",
-                     "--out", str(tmp_path / family)])
+            sf.main(
+                [
+                    "--teacher",
+                    tiny[family],
+                    "--resolution",
+                    str(bad),
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(tmp_path / family),
+                ]
+            )
 
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "nope-model"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "nope-model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: --teacher nope-model: not a preset")
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -986,6 +1198,7 @@ def test_misleading_inputs_get_one_clear_line(tmp_path, monkeypatch):
     """Each of these once said something wrong or long; now each is one line that names the way out, and fast."""
     import time
     from huggingface_hub import constants as hub_constants
+
     cases = {  # argv -> what the line must say
         (): "--teacher is required: a preset (sana-0.6b-512",
         ("--teacher", "toy"): "run `python run_toy.py`",
@@ -1012,20 +1225,49 @@ def test_misleading_inputs_get_one_clear_line(tmp_path, monkeypatch):
 def test_dry_run_judges_what_a_run_judges(tmp_path):
     """--dry-run stops with a run's one-line error on a resolution that is no whole number of latent patches or is
     too large, and on a missing prompts file; a negative number is a value (the range error, not argparse's)."""
-    for argv, message in ((["--resolution", "100000"], "at most 4096"), (["--resolution", "520"], "multiple of 32"),
-                          (["--prompts", str(tmp_path / "none.txt")], "no such file")):
+    for argv, message in (
+        (["--resolution", "100000"], "at most 4096"),
+        (["--resolution", "520"], "multiple of 32"),
+        (["--prompts", str(tmp_path / "none.txt")], "no such file"),
+    ):
         with pytest.raises(sf.UserError, match=message):
             sf.main(["--teacher", "sana-0.6b-512", "--dry-run", *argv])
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "sana-0.6b-512", "--lr-gen",
-                        "-1e-4", "--dry-run"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "sid_flow.py"),
+            "--teacher",
+            "sana-0.6b-512",
+            "--lr-gen",
+            "-1e-4",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: --lr-gen must be positive, got -0.0001", r.stderr
 
 
 def test_configs_only_cache_fails_in_one_line(tmp_path):
     """A training run on the configs-only hub cache (assets/hf: --dry-run's) stops with one line, not a traceback."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=os.path.join(HERE, "assets", "hf"))
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sid_flow.py"), "--teacher", "sana-0.6b-512", "--iters",
-                        "1", "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "sid_flow.py"),
+            "--teacher",
+            "sana-0.6b-512",
+            "--iters",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: cannot load the pipeline"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -1033,6 +1275,7 @@ def test_configs_only_cache_fails_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # 8. Data-aided SiD (D16): the fake network as the discriminator
 # ------------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", list(FAMILY_RES))
 def test_discriminator_per_family(tiny, family):
@@ -1060,6 +1303,7 @@ def test_discriminator_per_family(tiny, family):
 def _image_folder(folder, n=4, res=40):
     """n random images with captions, plus one corrupt image and one image without a caption."""
     from PIL import Image
+
     folder.mkdir()
     g = np.random.default_rng(0)
     for i in range(n):
@@ -1078,8 +1322,17 @@ def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys, monkeyp
     monkeypatch.setattr(sf, "GAN_FREEZE_IMAGES", 0)
     monkeypatch.setattr(sf, "GAN_START_IMAGES", 0)
     data = _image_folder(tmp_path / "data")
-    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, iters=1,
-                         batch_size=2, data=str(data), out=str(tmp_path / "run"), save_every=0)
+    cfg = sf.make_config(
+        None,
+        teacher=tiny[family],
+        resolution=FAMILY_RES[family],
+        device=DEVICE,
+        iters=1,
+        batch_size=2,
+        data=str(data),
+        out=str(tmp_path / "run"),
+        save_every=0,
+    )
     sf.cmd_distill(cfg)
     assert "4 image-caption pairs; skipped 1 unreadable images and 1 without caption" in capsys.readouterr().out
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
@@ -1133,11 +1386,21 @@ def test_data_aided_toy_schedule():
 # 9. Scale: LoRA mode
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def _lora_setup(tiny, family, checkpointing=0.0, seed=0):
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS)
-    cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, mode="lora",
-                         lora_rank=4, batch_size=2, cfg_eval_real=2.0, grad_checkpointing=checkpointing)
+    cfg = sf.make_config(
+        None,
+        teacher=tiny[family],
+        resolution=FAMILY_RES[family],
+        device=DEVICE,
+        mode="lora",
+        lora_rank=4,
+        batch_size=2,
+        cfg_eval_real=2.0,
+        grad_checkpointing=checkpointing,
+    )
     torch.manual_seed(seed)
     gen, fake, ema = bb.students(cfg, sf.Runtime())
     g = torch.Generator(DEVICE).manual_seed(seed)
@@ -1154,6 +1417,7 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
     not train. With gradient checkpointing of every block or of every second one the result is the same (the adapter
     of each forward is replayed)."""
     from diffusers import DiffusionPipeline
+
     bb, cfg, gen, fake, ema = _lora_setup(tiny, family)
     plain = DiffusionPipeline.from_pretrained(tiny[family]).transformer.to(DEVICE)
     x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.4, device=DEVICE)
@@ -1167,9 +1431,12 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
     base0 = {n: p.clone() for n, p in bb.teacher.named_parameters()}
     gen0 = {n: p.clone() for n, p in gen.named_parameters()}
     results = []
+
     def no_replay(net, share):
-        net.enable_gradient_checkpointing(lambda block, *a: torch.utils.checkpoint.checkpoint(block, *a,
-                                                                                               use_reentrant=False))
+        net.enable_gradient_checkpointing(
+            lambda block, *a: torch.utils.checkpoint.checkpoint(block, *a, use_reentrant=False)
+        )
+
     for checkpointing, replay in ((0.0, True), (1.0, True), (0.5, True), (1.0, False)):
         if not replay:
             monkeypatch.setattr(sf, "checkpoint_blocks", no_replay)
@@ -1199,8 +1466,15 @@ def test_partial_checkpointing_same_gradients_less_memory(tiny, family):
     for share in (0.0, 0.5, 1.0):
         bb = _backbone(tiny[family], family)
         bb.set_prompts(TEST_PROMPTS)
-        cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, batch_size=2,
-                             cfg_eval_real=2.0, grad_checkpointing=share)
+        cfg = sf.make_config(
+            None,
+            teacher=tiny[family],
+            resolution=FAMILY_RES[family],
+            device=DEVICE,
+            batch_size=2,
+            cfg_eval_real=2.0,
+            grad_checkpointing=share,
+        )
         torch.manual_seed(0)
         gen, fake, ema = bb.students(cfg, sf.Runtime())
         opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
@@ -1220,14 +1494,27 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, mode, monkeypatch):
     guidance interval (per-sample CFG scales) and, in LoRA mode, four adapter states: the losses equal the eager
     run's, and after the first iteration no call compiles again."""
     from torch._dynamo.utils import counters
+
     monkeypatch.setitem(sf.COMPILE, "backend", "aot_eager")
     losses = {}
     for compiled in (False, True):
         bb = _backbone(tiny["sana"], "sana")
         bb.set_prompts(TEST_PROMPTS)
-        cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, batch_size=2,
-                             mode=mode, lora_rank=4, cfg_eval_real=2.0, cfg_t_min=0.2, cfg_t_max=0.6,
-                             train_step="uniform", precision="bf16-autocast", compile=compiled)
+        cfg = sf.make_config(
+            None,
+            teacher=tiny["sana"],
+            resolution=FAMILY_RES["sana"],
+            device=DEVICE,
+            batch_size=2,
+            mode=mode,
+            lora_rank=4,
+            cfg_eval_real=2.0,
+            cfg_t_min=0.2,
+            cfg_t_max=0.6,
+            train_step="uniform",
+            precision="bf16-autocast",
+            compile=compiled,
+        )
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
@@ -1241,17 +1528,32 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, mode, monkeypatch):
     assert len({k for k, _, _ in losses[True]}) > 1  # several trained steps k: the roll-outs differ in length
     assert graphs[0] > 0 and graphs == [graphs[0]] * 4, graphs
     for eager, compiled in zip(losses[False], losses[True]):
-        assert eager[0] == compiled[0] and all(abs(a - b) <= 1e-4 * abs(a) + 1e-5 for a, b in zip(eager[1:], compiled[1:]))
+        assert eager[0] == compiled[0] and all(
+            abs(a - b) <= 1e-4 * abs(a) + 1e-5 for a, b in zip(eager[1:], compiled[1:])
+        )
 
 
 def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     """A LoRA run exports a plain transformer with the EMA adapter fused (same outputs as the adapter view), and the
     adapter alone beside it."""
-    cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, mode="lora",
-                         lora_rank=4, iters=2, batch_size=2, lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.5,
-                         out=str(tmp_path / "run"), save_every=0)
+    cfg = sf.make_config(
+        None,
+        teacher=tiny["sana"],
+        resolution=FAMILY_RES["sana"],
+        device=DEVICE,
+        mode="lora",
+        lora_rank=4,
+        iters=2,
+        batch_size=2,
+        lr_gen=1e-2,
+        lr_fake=1e-2,
+        ema_decay=0.5,
+        out=str(tmp_path / "run"),
+        save_every=0,
+    )
     sf.cmd_distill(cfg)
     from diffusers import DiffusionPipeline
+
     student = DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "student")).transformer.to(DEVICE)
     assert not any("lora" in n for n in student.state_dict())
     assert (tmp_path / "run" / "student" / "lora").is_dir()
@@ -1261,19 +1563,40 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     ema.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False, map_location="cpu")["ema"])
     x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.7, device=DEVICE)
     with torch.no_grad():
-        assert torch.allclose(bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
-                              bb.velocity(ema, x, t, bb.cond_for([0, 1]), 1.0), atol=1e-5)
-        assert not torch.allclose(bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
-                                  bb.velocity(bb.teacher, x, t, bb.cond_for([0, 1]), 1.0), atol=1e-5)
+        assert torch.allclose(
+            bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
+            bb.velocity(ema, x, t, bb.cond_for([0, 1]), 1.0),
+            atol=1e-5,
+        )
+        assert not torch.allclose(
+            bb.forward(student, x, t, bb.cond_for([0, 1]), 1.0),
+            bb.velocity(bb.teacher, x, t, bb.cond_for([0, 1]), 1.0),
+            atol=1e-5,
+        )
 
 
 def test_lora_export_reads_the_weights_it_names(tiny, tmp_path):
     """LoRA mode: `export --weights ema` fuses the checkpoint's EMA adapter into the base, `--weights generator` the
     generator's (fused here independently, by peft, from the checkpoint), and the two differ."""
     from diffusers import DiffusionPipeline
+
     out = tmp_path / "run"
-    sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], resolution=32, device=DEVICE, mode="lora", lora_rank=4,
-                                  iters=3, batch_size=2, lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.9, out=str(out)))
+    sf.cmd_distill(
+        sf.make_config(
+            None,
+            teacher=tiny["sana"],
+            resolution=32,
+            device=DEVICE,
+            mode="lora",
+            lora_rank=4,
+            iters=3,
+            batch_size=2,
+            lr_gen=1e-2,
+            lr_fake=1e-2,
+            ema_decay=0.9,
+            out=str(out),
+        )
+    )
     ck = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
     assert any(not torch.equal(ck["ema"][k], ck["generator"][k]) for k in ck["ema"])
     for which in ("ema", "generator"):
@@ -1286,8 +1609,9 @@ def test_lora_export_reads_the_weights_it_names(tiny, tmp_path):
 def _measured(nets, opts):
     weights = sum(p.numel() * p.element_size() for n in nets for p in n.parameters())
     grads = sum(p.grad.numel() * p.grad.element_size() for n in nets for p in n.parameters() if p.grad is not None)
-    optim = sum(v.numel() * v.element_size() for o in opts for st in o.state.values() for k, v in st.items()
-                if k != "step")
+    optim = sum(
+        v.numel() * v.element_size() for o in opts for st in o.state.values() for k, v in st.items() if k != "step"
+    )
     return weights, grads, optim
 
 
@@ -1309,8 +1633,23 @@ def test_dry_run_plan_matches_measured_tensors(tiny, mode):
     assert plan["trainable"] == sum(p.numel() for n in (gen, fake) for p in n.parameters())
 
 
-BENCH_FIELDS = {"teacher", "mode", "precision", "device", "world_size", "batch_size", "resolution", "step_s",
-                "passes_s", "loop_overhead", "compile", "images_per_s", "measured", "planned", "flops_per_step"}
+BENCH_FIELDS = {
+    "teacher",
+    "mode",
+    "precision",
+    "device",
+    "world_size",
+    "batch_size",
+    "resolution",
+    "step_s",
+    "passes_s",
+    "loop_overhead",
+    "compile",
+    "images_per_s",
+    "measured",
+    "planned",
+    "flops_per_step",
+}
 MEMORY_KEYS = {"weights", "gradients", "optimizer", "activations", "total"}
 
 
@@ -1320,8 +1659,26 @@ def test_bench_runs_the_loop_and_writes_every_field(tiny, tmp_path, mode):
     transformer/config.json alone; bench.json has every field, with measured weights, gradients and Adam state equal
     to the plan's (exact) and FLOPs counted."""
     out = tmp_path / mode
-    r = bench.main(["--teacher", tiny["sd3"], "--resolution", "32", "--device", DEVICE, "--batch-size", "2", "--mode",
-                    mode, "--lora-rank", "4", "--timed", "2", "--out", str(out)])
+    r = bench.main(
+        [
+            "--teacher",
+            tiny["sd3"],
+            "--resolution",
+            "32",
+            "--device",
+            DEVICE,
+            "--batch-size",
+            "2",
+            "--mode",
+            mode,
+            "--lora-rank",
+            "4",
+            "--timed",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.load(open(out / "bench.json"))
     assert BENCH_FIELDS <= set(saved) and set(saved["measured"]) == set(saved["planned"]) == MEMORY_KEYS
     assert saved["step_s"] > 0 and saved["images_per_s"] == pytest.approx(2 / saved["step_s"])
@@ -1332,13 +1689,22 @@ def test_bench_runs_the_loop_and_writes_every_field(tiny, tmp_path, mode):
     assert ("mfu" in saved) == DEVICE.startswith("cuda")
 
 
-LADDER_ARCH = {"sana": [{"num_attention_heads": 4, "num_cross_attention_heads": 4, "cross_attention_dim": 32},
-                        {"num_layers": 3}],
-               "sd3": [{"num_attention_heads": 8, "caption_projection_dim": 64}, {"num_layers": 3}],
-               "flux": [{"num_attention_heads": 4}, {"num_layers": 2}]}
-LADDER_RUNS = [{}, dict(resolution=48), dict(batch_size=3), dict(mode="lora"), dict(precision="bf16-autocast"),
-               dict(cfg_eval_real=2.0, cfg_eval_fake=2.0), dict(grad_checkpointing=1.0),
-               dict(grad_checkpointing=0.5), dict(mode="lora", grad_checkpointing=1.0)]
+LADDER_ARCH = {
+    "sana": [{"num_attention_heads": 4, "num_cross_attention_heads": 4, "cross_attention_dim": 32}, {"num_layers": 3}],
+    "sd3": [{"num_attention_heads": 8, "caption_projection_dim": 64}, {"num_layers": 3}],
+    "flux": [{"num_attention_heads": 4}, {"num_layers": 2}],
+}
+LADDER_RUNS = [
+    {},
+    dict(resolution=48),
+    dict(batch_size=3),
+    dict(mode="lora"),
+    dict(precision="bf16-autocast"),
+    dict(cfg_eval_real=2.0, cfg_eval_fake=2.0),
+    dict(grad_checkpointing=1.0),
+    dict(grad_checkpointing=0.5),
+    dict(mode="lora", grad_checkpointing=1.0),
+]
 
 
 @pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
@@ -1348,6 +1714,7 @@ def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
     CPU measures activations as the peak of the tensors saved for backward, which does not see a checkpointed
     block's recompute; with checkpointing the plan less its recompute term is held to the 25%."""
     import shutil
+
     ladder = [(arch, {}) for arch in LADDER_ARCH[family]] + [({}, run) for run in LADDER_RUNS]
     for i, (arch, run) in enumerate(ladder):
         folder = tmp_path / f"c{i}"
@@ -1357,8 +1724,11 @@ def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
         shutil.copy(os.path.join(tiny[family], "model_index.json"), folder)
         config = json.load(open(folder / "transformer" / "config.json"))
         json.dump({**config, **arch}, open(folder / "transformer" / "config.json", "w"))
-        cfg = sf.make_config(None, teacher=str(folder), **{**dict(resolution=32, batch_size=2, lora_rank=4,
-                             device="cpu", out=str(folder / "out")), **run})
+        cfg = sf.make_config(
+            None,
+            teacher=str(folder),
+            **{**dict(resolution=32, batch_size=2, lora_rank=4, device="cpu", out=str(folder / "out")), **run},
+        )
         r = bench.bench(cfg, 1)
         plan = sf.memory_plan(cfg, sf.meta_transformer(str(folder)), 1, sf.vae_factor(str(folder), r["family"]))
         planned = plan["total"] - plan["recompute"]
@@ -1384,8 +1754,9 @@ def test_fit_check_stops_before_loading_and_names_what_fits(monkeypatch):
     net, factor = sf.meta_transformer(src), sf.vae_factor(src, family)
     runtime = sf.Runtime(device=torch.device("cuda"))
     with pytest.raises(sf.UserError, match="try --mode lora --grad-checkpointing") as e:
-        sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev", mode="full", grad_checkpointing=0.0), net,
-                      factor, runtime)
+        sf.check_fits(
+            sf.make_config("flux-dev", teacher="flux-dev", mode="full", grad_checkpointing=0.0), net, factor, runtime
+        )
     assert len(str(e.value).splitlines()) == 1
     sf.check_fits(sf.make_config("flux-dev", teacher="flux-dev"), net, factor, runtime)  # its defaults fit: no error
 
@@ -1393,6 +1764,7 @@ def test_fit_check_stops_before_loading_and_names_what_fits(monkeypatch):
 def test_dry_run_cli_prints_a_plan_without_weights(tiny, tmp_path, capsys, monkeypatch):
     """--dry-run needs only model_index.json and transformer/config.json: a folder without any weights works."""
     import shutil
+
     folder = tmp_path / "configs_only"
     (folder / "transformer").mkdir(parents=True)
     shutil.copy(os.path.join(tiny["flux"], "model_index.json"), folder)
@@ -1409,6 +1781,7 @@ def test_dry_run_cli_prints_a_plan_without_weights(tiny, tmp_path, capsys, monke
 # 9b. The GPU's code paths, run here: bf16 autocast, device placement, random-number streams
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
 def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path):
@@ -1418,16 +1791,35 @@ def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path)
     images; the exported bf16 student loads in the stock pipeline and differs from the teacher."""
     from diffusers import DiffusionPipeline
     from PIL import Image
-    teacher = {k: v.to(torch.bfloat16) for k, v in
-               DiffusionPipeline.from_pretrained(tiny[family]).transformer.state_dict().items()}
+
+    teacher = {
+        k: v.to(torch.bfloat16)
+        for k, v in DiffusionPipeline.from_pretrained(tiny[family]).transformer.state_dict().items()
+    }
     for checkpointing in (0.0, 1.0):
         out = tmp_path / f"checkpointing{int(checkpointing)}"
-        cfg = sf.make_config(None, teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, mode=mode,
-                             lora_rank=4, precision="bf16-autocast", grad_checkpointing=checkpointing, iters=2,
-                             batch_size=2, lr_gen=1e-2, lr_fake=1e-2, cfg_eval_real=2.0, ema_decay=0.5,
-                             cfg_t_min=0.2, cfg_t_max=0.6,  # the DiT presets' guidance interval: per-sample scales
-                             student_guidance=3.5 if family == "flux" else 1.0, out=str(out),
-                             save_every=0, eval_every=1)
+        cfg = sf.make_config(
+            None,
+            teacher=tiny[family],
+            resolution=FAMILY_RES[family],
+            device=DEVICE,
+            mode=mode,
+            lora_rank=4,
+            precision="bf16-autocast",
+            grad_checkpointing=checkpointing,
+            iters=2,
+            batch_size=2,
+            lr_gen=1e-2,
+            lr_fake=1e-2,
+            cfg_eval_real=2.0,
+            ema_decay=0.5,
+            cfg_t_min=0.2,
+            cfg_t_max=0.6,  # the DiT presets' guidance interval: per-sample scales
+            student_guidance=3.5 if family == "flux" else 1.0,
+            out=str(out),
+            save_every=0,
+            eval_every=1,
+        )
         sf.cmd_distill(cfg)
         generator = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")["generator"]
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in generator.values())
@@ -1455,8 +1847,10 @@ def test_every_component_runs_on_the_runs_device(tiny, family, monkeypatch):
         if isinstance(module, torch.nn.Module):
             assert all(p.device.type == "meta" for p in [*module.parameters(), *module.buffers()]), name
     if family == "sana":  # some transformers versions read Gemma-2's mask values (.item()), which meta cannot give:
-        bb.encode = lambda prompts: {"embeds": torch.zeros(len(prompts), 300, 16, device="meta"),  # the placement
-                                     "mask": torch.ones(len(prompts), 300, device="meta")}  # is asserted above
+        bb.encode = lambda prompts: {
+            "embeds": torch.zeros(len(prompts), 300, 16, device="meta"),  # the placement
+            "mask": torch.ones(len(prompts), 300, device="meta"),
+        }  # is asserted above
     bb.set_prompts(TEST_PROMPTS)
     assert bb.bank is None and bb.text_encoders()
     cond = bb.cond_for([0, 1])
@@ -1474,8 +1868,18 @@ def test_iterations_and_previews_leave_the_global_rng_alone(tiny, family, tmp_pa
     between -- equals an uninterrupted one exactly."""
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS)
-    kw = dict(teacher=tiny[family], resolution=FAMILY_RES[family], device=DEVICE, train_step="uniform", batch_size=2,
-              lr_gen=1e-3, lr_fake=1e-3, ema_decay=0.5, save_every=0, eval_every=1)
+    kw = dict(
+        teacher=tiny[family],
+        resolution=FAMILY_RES[family],
+        device=DEVICE,
+        train_step="uniform",
+        batch_size=2,
+        lr_gen=1e-3,
+        lr_fake=1e-3,
+        ema_decay=0.5,
+        save_every=0,
+        eval_every=1,
+    )
 
     def global_rng():  # the CPU generator's state, and the CUDA generators' when there are any
         return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])]
@@ -1489,24 +1893,40 @@ def test_iterations_and_previews_leave_the_global_rng_alone(tiny, family, tmp_pa
     opt_gen, opt_fake = sf.make_optimizers(sf.make_config(None, **kw), gen, fake)
     before = global_rng()
     rng = torch.Generator(DEVICE).manual_seed(0)
-    ks = {sf.sid_iteration(sf.make_config(None, **kw), bb, fake, gen, opt_fake, opt_gen, rng, 2 * i)["k"]
-          for i in range(6)}
+    ks = {
+        sf.sid_iteration(sf.make_config(None, **kw), bb, fake, gen, opt_fake, opt_gen, rng, 2 * i)["k"]
+        for i in range(6)
+    }
     assert all(torch.equal(a, b) for a, b in zip(before, global_rng())) and max(ks) > 1  # k > 1: re-noising
     full = sf.distill(sf.make_config(None, **kw, iters=4, out=str(tmp_path / "a")), bb, on_eval=preview)
     sf.distill(sf.make_config(None, **kw, iters=2, out=str(tmp_path / "b")), bb, on_eval=preview)
     torch.manual_seed(12345)
     resumed = sf.distill(sf.make_config(None, **kw, iters=4, out=str(tmp_path / "b")), bb, on_eval=preview)
     for key in ("generator", "fake", "ema"):
-        assert all(torch.equal(a, b) for a, b in zip(full[key].state_dict().values(),
-                                                      resumed[key].state_dict().values())), key
+        assert all(
+            torch.equal(a, b) for a, b in zip(full[key].state_dict().values(), resumed[key].state_dict().values())
+        ), key
 
 
 def test_export_reads_the_weights_it_names(tiny, tmp_path):
     """`export --weights ema` writes the checkpoint's EMA, `--weights generator` its generator, and the two differ."""
     from diffusers import DiffusionPipeline
+
     out = tmp_path / "run"
-    sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], resolution=32, device=DEVICE, iters=3, batch_size=2,
-                                  lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.9, out=str(out)))
+    sf.cmd_distill(
+        sf.make_config(
+            None,
+            teacher=tiny["sana"],
+            resolution=32,
+            device=DEVICE,
+            iters=3,
+            batch_size=2,
+            lr_gen=1e-2,
+            lr_fake=1e-2,
+            ema_decay=0.9,
+            out=str(out),
+        )
+    )
     ck = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
     for which in ("ema", "generator"):
         sf.cmd_export(str(out), which, DEVICE)
@@ -1519,10 +1939,16 @@ def test_export_reads_the_weights_it_names(tiny, tmp_path):
 # 10. Scale: two processes under torchrun (gloo on the CPU), resume, export from a sharded checkpoint
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def _torchrun_script(args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def _torchrun(args, timeout=300):
@@ -1599,8 +2025,11 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
 
 def _sana_blocks_changed(state, teacher):
     """Indices of SANA transformer blocks with at least one weight different from the teacher's."""
-    return {int(k.split(".")[1]) for k, v in state.items()
-            if k.startswith("transformer_blocks.") and not torch.equal(v.float(), teacher[k].float())}
+    return {
+        int(k.split(".")[1])
+        for k, v in state.items()
+        if k.startswith("transformer_blocks.") and not torch.equal(v.float(), teacher[k].float())
+    }
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -1611,8 +2040,19 @@ def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
     tolerance, every transformer block trained, and the exported student (written by rank 0 from the checkpoint,
     and again by `export`) is the checkpoint's EMA in a stock-loadable pipeline."""
     from diffusers import DiffusionPipeline
-    common = dict(resolution=32, device="cpu", mode=mode, lora_rank=4, train_step="uniform", lr_gen=1e-2,
-                  lr_fake=1e-2, ema_decay=0.5, cfg_eval_real=2.0, save_every=2)
+
+    common = dict(
+        resolution=32,
+        device="cpu",
+        mode=mode,
+        lora_rank=4,
+        train_step="uniform",
+        lr_gen=1e-2,
+        lr_fake=1e-2,
+        ema_decay=0.5,
+        cfg_eval_real=2.0,
+        save_every=2,
+    )
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     out = tmp_path / "run"
     # Adam with eps 1e-2 >> |grad|, in both runs: its step is then ~ proportional to the gradient, so float noise in
@@ -1651,8 +2091,11 @@ def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
             sf.cmd_export(str(out), "ema", "cpu")
         student = DiffusionPipeline.from_pretrained(str(out / "student")).transformer.state_dict()
         assert not any("lora" in n for n in student)
-        ema = (sf.AdapterView(_lora_base(tiny, ck_one["ema"]), "ema").merged_state_dict() if mode == "lora"
-               else ck_one["ema"])
+        ema = (
+            sf.AdapterView(_lora_base(tiny, ck_one["ema"]), "ema").merged_state_dict()
+            if mode == "lora"
+            else ck_one["ema"]
+        )
         assert all(torch.allclose(student[k], ema[k], atol=1e-5, rtol=1e-4) for k in student), source
 
 
@@ -1662,17 +2105,22 @@ def _with_adam_eps(make_optimizers, eps=1e-2):
         for group in (g for opt in opts for g in opt.param_groups):
             group["eps"] = eps
         return opts
+
     return patched
 
 
-ADAM_EPS_WRAPPER = """
+ADAM_EPS_WRAPPER = (
+    """
 import inspect, sys
 sys.path.insert(0, {here!r})
 import sid_flow as sf
-""" + inspect.getsource(_with_adam_eps) + """
+"""
+    + inspect.getsource(_with_adam_eps)
+    + """
 sf.make_optimizers = _with_adam_eps(sf.make_optimizers)
 sf.main()
 """
+)
 
 
 def _lora_base(tiny, adapter_state):
@@ -1689,13 +2137,32 @@ def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tm
     finishes its iteration and checkpoints it on every rank (there is no periodic checkpoint to fall back on), one
     line says where it stopped, the exit status is non-zero; the same command resumes from that iteration, the log
     holds no step twice, and the run ends with exactly the weights of the same command run without interruption."""
-    common = dict(resolution=32, device="cpu", train_step="uniform", lr_gen=1e-2, lr_fake=1e-2, ema_decay=0.5,
-                  save_every=0, iters=100)
+    common = dict(
+        resolution=32,
+        device="cpu",
+        train_step="uniform",
+        lr_gen=1e-2,
+        lr_fake=1e-2,
+        ema_decay=0.5,
+        save_every=0,
+        iters=100,
+    )
     out = tmp_path / "run"
-    args = [os.path.join(HERE, "sid_flow.py"), "--teacher", tiny["sana"],
-            *[f"--{k.replace('_', '-')}={v}" for k, v in common.items()], "--batch-size", str(2 // procs)]
-    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] * (procs > 1)),
-           *args, "--out", str(out)]
+    args = [
+        os.path.join(HERE, "sid_flow.py"),
+        "--teacher",
+        tiny["sana"],
+        *[f"--{k.replace('_', '-')}={v}" for k, v in common.items()],
+        "--batch-size",
+        str(2 // procs),
+    ]
+    cmd = [
+        sys.executable,
+        *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] * (procs > 1)),
+        *args,
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
@@ -1735,13 +2202,22 @@ def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, 
     many, one = q.score(sf.euler_sample(teacher, z, 32)), q.score(sf.euler_sample(teacher, z, 1))
     assert math.isfinite(many) and 0 <= many < 0.85 * one, (many, one)  # (a random teacher: its steps differ little)
     ref = (q.features(sf.euler_sample(teacher, q.z, 32)) - q.mean) @ q.basis  # the reference again, whitened
-    assert ref.shape == (128, sf.QUALITY_DIMS) and ref.mean(0).abs().max() < 1e-3 and torch.allclose(
-        torch.cov(ref.T), torch.eye(sf.QUALITY_DIMS, dtype=ref.dtype), atol=1e-3)  # N(0, I) there
+    assert (
+        ref.shape == (128, sf.QUALITY_DIMS)
+        and ref.mean(0).abs().max() < 1e-3
+        and torch.allclose(torch.cov(ref.T), torch.eye(sf.QUALITY_DIMS, dtype=ref.dtype), atol=1e-3)
+    )  # N(0, I) there
     x = sf.euler_sample(teacher, z, 4)
     features, q.cond = q.features(x), bb.cond_for([1] * 128)  # other prompts for each sample: the features see none
     assert torch.equal(q.features(x), features)
-    run = dict(teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, batch_size=2, eval_every=1,
-               out=str(tmp_path / "run"))
+    run = dict(
+        teacher=tiny["sana"],
+        resolution=FAMILY_RES["sana"],
+        device=DEVICE,
+        batch_size=2,
+        eval_every=1,
+        out=str(tmp_path / "run"),
+    )
     sf.cmd_distill(sf.make_config(None, **run, iters=2))
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [m["step"] for m in log] == [1, 2] and all(math.isfinite(m["eval"]["quality"]) for m in log)
@@ -1774,14 +2250,16 @@ import sid_flow as sf
 torch.set_num_threads(1)
 torch.manual_seed(0)
 bb = sf.ToyBackbone(run_toy.ToyMLP(width=64, depth=3))
-cfg = sf.make_config("toy", out={str(tmp_path / 'run')!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1,
+cfg = sf.make_config("toy", out={str(tmp_path / "run")!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1,
                      lr_schedule="constant")  # (a cosine is shaped by --iters: a resume may not change it)
 print(sf.distill(cfg, bb)["step"])
 """)
     p = subprocess.Popen([sys.executable, str(script), "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     deadline = time.time() + 60
-    while time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=False, map_location="cpu")["step"] >= 3):
+    while time.time() < deadline and not (
+        ckpt.exists() and torch.load(ckpt, weights_only=False, map_location="cpu")["step"] >= 3
+    ):
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -1796,10 +2274,12 @@ print(sf.distill(cfg, bb)["step"])
 # 11. The digits benchmark runs (a few iterations; the benchmark itself is `python experiments/digits.py`)
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def test_digits_mode_runs(tmp_path, monkeypatch):
     """The DiT-on-digits mode end to end at toy size: teacher, classifier, teacher rows at every step count with and
     without guidance, three SiD students through the same loop and SANA adapter, the step-cost ratio, the figure."""
     import digits  # experiments/digits.py
+
     for k, v in dict(teacher_iters=30, n_per_class=10, classifier_iters=50, cost_iters=1).items():
         monkeypatch.setitem(digits.DIGITS, k, v)
     m = digits.main(["--out", str(tmp_path), "--iters", "2"])
@@ -1811,7 +2291,9 @@ def test_digits_mode_runs(tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "metrics.json"))["rows"] == m["rows"]
     # the Frechet distance is a distance: zero for identical features, positive for shifted ones
     f = torch.randn(500, 8, dtype=torch.float64)
-    assert abs(digits.frechet_distance(f, f)) < 1e-6 and digits.frechet_distance(f, f + 1.0) == pytest.approx(8.0, rel=1e-6)
+    assert abs(digits.frechet_distance(f, f)) < 1e-6 and digits.frechet_distance(f, f + 1.0) == pytest.approx(
+        8.0, rel=1e-6
+    )
 
 
 def test_guidance_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
@@ -1819,6 +2301,7 @@ def test_guidance_study_writes_every_row_and_its_samples(tmp_path, monkeypatch):
     diagnostic in one table; samples.npz holds each row's samples under the row's name (N x 1 x 8 x 8), the
     requested labels and the real digits, and re-scoring those arrays gives the table's accuracy."""
     import digits  # experiments/digits.py
+
     small = dict(teacher_iters=30, n_per_class=6, classifier_iters=50)
     for k, v in small.items():
         monkeypatch.setitem(digits.DIGITS, k, v)
@@ -1852,6 +2335,7 @@ def test_digits_metric_study_writes_every_row_and_its_samples(tmp_path, monkeypa
     saved run's samples to each row's number."""
     import digits  # experiments/digits.py
     from scipy.stats import spearmanr  # the oracle (scipy comes with scikit-learn)
+
     for k, v in dict(teacher_iters=30, n_per_class=6, classifier_iters=50).items():
         monkeypatch.setitem(digits.DIGITS, k, v)
     m = digits.main(["--metric-study", "--out", str(tmp_path), "--iters", "2"])
@@ -1870,8 +2354,9 @@ def test_digits_metric_study_writes_every_row_and_its_samples(tmp_path, monkeypa
     assert 0 < cost["share_at_eval_every"] < cost["share_preset_run"] < cost["share_digits_run"] < 1
     npz = np.load(tmp_path / "samples.npz")
     assert set(npz.files) == set(names) | {f"quality: {n}" for n in names} | {"labels", "real", "quality_labels"}
-    assert all(npz[n].shape == (60, 1, 8, 8) and npz[f"quality: {n}"].shape == (sf.QUALITY_SIZE, 1, 8, 8)
-               for n in names)
+    assert all(
+        npz[n].shape == (60, 1, 8, 8) and npz[f"quality: {n}"].shape == (sf.QUALITY_SIZE, 1, 8, 8) for n in names
+    )
     bench = digits.DigitsBench(sf.make_config("digits", out=str(tmp_path)))  # the cached tiny teacher
     quality = sf.Quality(bench.bb, sf.make_config("digits"))
     for r in saved["rows"]:

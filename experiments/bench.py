@@ -8,6 +8,7 @@ It runs sid_flow.distill() itself on the preset's transformer built from its con
 with random tensors in place of the text encoders' output: no weights are downloaded and no token is needed.
 On the CPU it counts the activations autograd saves instead of reading the allocator (tests use this).
 """
+
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sid_flow as sf  # noqa: E402
+
 
 def random_transformer(src, dtype, device):
     """The teacher's transformer at full size with random weights, made directly on `device` (no download, no CPU
@@ -120,8 +122,7 @@ def bench(cfg, iters, warmup=1):
     runtime = sf.setup_runtime(cfg)
     # every iteration trains the last step (k = K, the most expensive: K - 1 roll-out forwards), so that the timed
     # iterations and the one whose FLOPs are counted do the same work
-    run = dataclasses.replace(cfg, iters=warmup + iters, out="", eval_every=1, save_every=0,
-                              train_step="last")
+    run = dataclasses.replace(cfg, iters=warmup + iters, out="", eval_every=1, save_every=0, train_step="last")
     backbone = bench_backbone(run, src, family, runtime.device)
     run = dataclasses.replace(run, resolution=backbone.resolution)
     backbone.set_prompts(sf.DEFAULT_PROMPTS)
@@ -136,12 +137,15 @@ def bench(cfg, iters, warmup=1):
     if cuda:
         torch.cuda.reset_peak_memory_stats(runtime.device)
     res = sf.distill(run, backbone, on_eval=on_eval, runtime=runtime)
-    step_s = sorted(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))[iters // 2]  # the median
+    step_s = sorted(b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:]))[iters // 2]  # the median
     nets = [backbone.teacher, res["generator"], res["fake"], res["ema"]]
-    measured = dict(weights=tensor_bytes(p for n in nets for p in n.parameters()),
-                    gradients=tensor_bytes(p.grad for n in nets for p in n.parameters() if p.grad is not None),
-                    optimizer=tensor_bytes(v for opt in res["optimizers"] for st in opt.state.values()
-                                           for k, v in st.items() if k != "step"))
+    measured = dict(
+        weights=tensor_bytes(p for n in nets for p in n.parameters()),
+        gradients=tensor_bytes(p.grad for n in nets for p in n.parameters() if p.grad is not None),
+        optimizer=tensor_bytes(
+            v for opt in res["optimizers"] for st in opt.state.values() for k, v in st.items() if k != "step"
+        ),
+    )
     static = measured["weights"] + measured["gradients"] + measured["optimizer"]
     if cuda:  # the allocator's peak over the timed run (before anything below adds its own)
         measured["total"] = torch.cuda.max_memory_allocated(runtime.device)
@@ -149,19 +153,39 @@ def bench(cfg, iters, warmup=1):
     else:  # one more iteration, untimed, with the saved tensors counted
         meter = SavedActivations(nets)
         with meter.hooks():
-            sf.sid_iteration(run, backbone, res["fake"], res["generator"], *res["optimizers"][::-1],
-                          torch.Generator(runtime.device).manual_seed(1), 0, runtime)
+            sf.sid_iteration(
+                run,
+                backbone,
+                res["fake"],
+                res["generator"],
+                *res["optimizers"][::-1],
+                torch.Generator(runtime.device).manual_seed(1),
+                0,
+                runtime,
+            )
         measured["activations"], measured["total"] = meter.peak, static + meter.peak
     passes_s = sorted(time_passes(run, backbone, res["generator"], res["fake"], sync) for _ in range(3))[1]
     plan = sf.memory_plan(run, sf.meta_transformer(src), runtime.world, sf.vae_factor(src, family))
     name = torch.cuda.get_device_name(runtime.device) if cuda else "cpu"
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
-    out = dict(teacher=cfg.teacher, family=family, mode=run.mode, precision=run.precision,
-               grad_checkpointing=run.grad_checkpointing,
-               device=name, world_size=runtime.world, batch_size=run.batch_size, resolution=run.resolution,
-               step_s=step_s, passes_s=passes_s, loop_overhead=step_s / passes_s - 1, compile=run.compile,
-               images_per_s=run.batch_size * runtime.world / step_s, measured=measured,
-               planned={k: plan[k] for k in measured})
+    out = dict(
+        teacher=cfg.teacher,
+        family=family,
+        mode=run.mode,
+        precision=run.precision,
+        grad_checkpointing=run.grad_checkpointing,
+        device=name,
+        world_size=runtime.world,
+        batch_size=run.batch_size,
+        resolution=run.resolution,
+        step_s=step_s,
+        passes_s=passes_s,
+        loop_overhead=step_s / passes_s - 1,
+        compile=run.compile,
+        images_per_s=run.batch_size * runtime.world / step_s,
+        measured=measured,
+        planned={k: plan[k] for k in measured},
+    )
     out["flops_per_step"] = iteration_flops(run, backbone, res["generator"])
     out["evaluation_share"] = evaluation_share(cfg, backbone.guidance_embedded)  # at the run's eval_every and iters
     if peak:
@@ -206,8 +230,12 @@ def iteration_flops(cfg, backbone, net):
     CFG doubles the batch. Recomputation under gradient checkpointing is not counted: MFU counts the model's work."""
     x = torch.zeros(1, *backbone.sample_shape, device=backbone.device)
     t = torch.full((1,), 0.5, device=backbone.device)
-    with torch.no_grad(), sf.autocast(cfg, backbone.device), torch.compiler.set_stance("force_eager"), \
-            FlopCounterMode(display=False) as counter:  # (counted on the eager forward: the same model FLOPs)
+    with (
+        torch.no_grad(),
+        sf.autocast(cfg, backbone.device),
+        torch.compiler.set_stance("force_eager"),
+        FlopCounterMode(display=False) as counter,
+    ):  # (counted on the eager forward: the same model FLOPs)
         backbone.forward(net, x, t, backbone.cond_for([0]), cfg.student_guidance)
     return counter.get_total_flops() * passes(cfg, backbone.guidance_embedded) * cfg.batch_size
 
@@ -216,8 +244,13 @@ def passes(cfg, embedded):
     """One iteration's network work (k = K) in forwards of one sample, per sample of the batch."""
     interval = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
     branches = lambda w: sf.cfg_branches(w, embedded, interval)  # noqa: E731
-    return (cfg.steps + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake) + 3
-            + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake))
+    return (
+        cfg.steps
+        + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake)
+        + 3
+        + 2 * branches(cfg.cfg_eval_real)
+        + 2 * branches(cfg.cfg_eval_fake)
+    )
 
 
 def evaluation_share(cfg, embedded):
@@ -234,33 +267,44 @@ def evaluation_share(cfg, embedded):
 
 def print_bench(r):
     gib = 1 << 30
-    print(f"bench: {r['teacher']} {r['mode']} {r['precision']}{' ckpt' if r['grad_checkpointing'] else ''} on "
-          f"{r['world_size']} x {r['device']}, batch {r['batch_size']} at {r['resolution']} px: "
-          f"{r['step_s']:.3f} s/step ({r['passes_s']:.3f} s of network passes alone: loop overhead "
-          f"{r['loop_overhead']:+.0%}), {r['images_per_s']:.2f} images/s, {r['flops_per_step'] / 1e12:.1f} TFLOP/step, "
-          f"evaluations {r['evaluation_share']:.1%} of the run's FLOPs"
-          + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""))
+    print(
+        f"bench: {r['teacher']} {r['mode']} {r['precision']}{' ckpt' if r['grad_checkpointing'] else ''} on "
+        f"{r['world_size']} x {r['device']}, batch {r['batch_size']} at {r['resolution']} px: "
+        f"{r['step_s']:.3f} s/step ({r['passes_s']:.3f} s of network passes alone: loop overhead "
+        f"{r['loop_overhead']:+.0%}), {r['images_per_s']:.2f} images/s, {r['flops_per_step'] / 1e12:.1f} TFLOP/step, "
+        f"evaluations {r['evaluation_share']:.1%} of the run's FLOPs" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else "")
+    )
     print(f"  {'GiB':<12}" + "".join(f"{k:>13}" for k in r["measured"]))
     for row in ("measured", "planned"):
         print(f"  {row:<12}" + "".join(f"{r[row][k] / gib:13.3f}" for k in r["measured"]))
+
 
 def main(argv=None):
     p = sf.Parser(prog="experiments/bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", help="a preset, or a diffusers pipeline folder (its transformer config is enough)")
     p.add_argument("--out", help="where bench.json goes [default: out/bench/NAME]")
     p.add_argument("--timed", type=int, default=1, help="iterations timed after one warm-up [default: 1]")
-    p.add_argument("--all", action="store_true", help="bench every preset at its defaults, one process each, and "
-                                                      "print the README's table")
-    p.add_argument("--evaluation-share", action="store_true", help="print the share of each preset's network work "
-                   "that its evaluations (quality number, previews) take, from the passes counted: no GPU needed")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="bench every preset at its defaults, one process each, and print the README's table",
+    )
+    p.add_argument(
+        "--evaluation-share",
+        action="store_true",
+        help="print the share of each preset's network work "
+        "that its evaluations (quality number, previews) take, from the passes counted: no GPU needed",
+    )
     sf.add_config_flags(p, skip=("teacher", "out"), presets={name: name for name in sf.HUB_IDS})
     a = vars(p.parse_args(argv))
     timed, every, share = a.pop("timed"), a.pop("all"), a.pop("evaluation_share")
     if share:
         for name in sf.HUB_IDS:
             embedded = sf.FAMILIES[sf.resolve_teacher(name, configs_only=True)[1]].guidance_embedded
-            print(f"{name:<16} evaluations every {sf.PRESETS[name]['eval_every']} iterations: "
-                  f"{evaluation_share(sf.make_config(name), embedded):.2%} of the run's network work")
+            print(
+                f"{name:<16} evaluations every {sf.PRESETS[name]['eval_every']} iterations: "
+                f"{evaluation_share(sf.make_config(name), embedded):.2%} of the run's network work"
+            )
         return
     if timed < 1:
         raise sf.UserError(f"--timed must be at least 1, got {timed}")
@@ -278,23 +322,32 @@ def bench_all(timed, argv):
     rows = []
     for name in sf.HUB_IDS:
         out = os.path.join("out", "bench", name)
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--teacher", name, "--timed", str(timed),
-                            "--out", out], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--teacher", name, "--timed", str(timed), "--out", out],
+            capture_output=True,
+            text=True,
+        )
         print(r.stdout + r.stderr[-2000:] if r.returncode else r.stdout, flush=True)
         rows.append(json.load(open(os.path.join(out, "bench.json"))) if r.returncode == 0 else dict(teacher=name))
-    print("| preset (its defaults) | s/iteration | images/s | TFLOP/iteration | MFU | loop overhead | peak allocated GiB "
-          "| planned GiB |")
+    print(
+        "| preset (its defaults) | s/iteration | images/s | TFLOP/iteration | MFU | loop overhead | peak allocated GiB "
+        "| planned GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "step_s" not in r:
             print(f"| {r['teacher']} | failed | | | | | | |")
             continue
-        setting = (f"{r['mode']}, ckpt {r['grad_checkpointing']:g}{', compiled' if r['compile'] else ''}, "
-                   f"b{r['batch_size']}, {r['resolution']} px")
-        print(f"| {r['teacher']} ({setting}) | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "
-              f"{r['flops_per_step'] / 1e12:.1f} | {r.get('mfu', 0):.1%} | {r['loop_overhead']:+.0%} | "
-              f"{r['measured']['total'] / 2**30:.1f} | "
-              f"{r['planned']['total'] / 2**30:.1f} |")
+        setting = (
+            f"{r['mode']}, ckpt {r['grad_checkpointing']:g}{', compiled' if r['compile'] else ''}, "
+            f"b{r['batch_size']}, {r['resolution']} px"
+        )
+        print(
+            f"| {r['teacher']} ({setting}) | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "
+            f"{r['flops_per_step'] / 1e12:.1f} | {r.get('mfu', 0):.1%} | {r['loop_overhead']:+.0%} | "
+            f"{r['measured']['total'] / 2**30:.1f} | "
+            f"{r['planned']['total'] / 2**30:.1f} |"
+        )
     return rows
 
 

@@ -41,8 +41,20 @@ SKIP = NOT_HERE + ("eval_every",)  # sid_flow.py's flags not offered here: run_t
 # The teacher: a class-conditional SANA DiT on 8x8 digits, behind sid_flow's SANA adapter
 # ------------------------------------------------------------------------------------------------------------------
 
-DIGITS = dict(layers=3, heads=4, head_dim=16, patch=2, teacher_iters=2500, batch=128, lr=1e-3, p_uncond=0.1,
-              guidance=2.0, n_per_class=200, classifier_iters=1500, cost_iters=10)  # teacher, metric, timing
+DIGITS = dict(
+    layers=3,
+    heads=4,
+    head_dim=16,
+    patch=2,
+    teacher_iters=2500,
+    batch=128,
+    lr=1e-3,
+    p_uncond=0.1,
+    guidance=2.0,
+    n_per_class=200,
+    classifier_iters=1500,
+    cost_iters=10,
+)  # teacher, metric, timing
 TEACHER_KEYS = ("layers", "heads", "head_dim", "patch", "teacher_iters", "batch", "lr", "p_uncond")  # its recipe
 TEACHER_SPLIT = 1200  # digits the teacher is trained on; the classifier learns from the other 597
 NULL_CLASS = 10  # the "empty prompt": the CFG unconditional branch
@@ -85,10 +97,18 @@ def digits_teacher(x, y, path):
     Returns (transformer, seconds spent training: 0 when loaded)."""
     torch.manual_seed(0)  # its initial weights
     net = SanaTransformer2DModel(
-        patch_size=DIGITS["patch"], in_channels=1, out_channels=1, num_layers=DIGITS["layers"],
-        num_attention_heads=DIGITS["heads"], attention_head_dim=DIGITS["head_dim"],
-        num_cross_attention_heads=DIGITS["heads"], cross_attention_head_dim=DIGITS["head_dim"],
-        cross_attention_dim=DIGITS["heads"] * DIGITS["head_dim"], caption_channels=16, sample_size=8)
+        patch_size=DIGITS["patch"],
+        in_channels=1,
+        out_channels=1,
+        num_layers=DIGITS["layers"],
+        num_attention_heads=DIGITS["heads"],
+        attention_head_dim=DIGITS["head_dim"],
+        num_cross_attention_heads=DIGITS["heads"],
+        cross_attention_head_dim=DIGITS["head_dim"],
+        cross_attention_dim=DIGITS["heads"] * DIGITS["head_dim"],
+        caption_channels=16,
+        sample_size=8,
+    )
     bb = DigitsBackbone(net, torch.device("cpu"))  # for its forward() and encode(); the net is trained below
     net.requires_grad_(True).train()
     g = torch.Generator().manual_seed(0)
@@ -101,7 +121,9 @@ def digits_teacher(x, y, path):
         x0, t = x[idx], torch.rand(len(idx), generator=g)  # (B, 1, 8, 8), (B,) uniform times
         eps = torch.randn(x0.shape, generator=g)
         return sf.flow_matching_loss(bb.forward(net, sf.add_noise(x0, eps, t), t, cond, 1.0), x0, eps, t).mean()
+
     return trained(net, path, teacher_recipe(), batch_loss, DIGITS["teacher_iters"], DIGITS["lr"], "digit teacher")
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # The metric: FID -> a Frechet distance in a digit classifier's features; CLIP score -> its accuracy on the class
@@ -113,8 +135,9 @@ class DigitClassifier(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.SiLU(),
-                                        torch.nn.Linear(256, 128), torch.nn.SiLU())
+        self.body = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.SiLU(), torch.nn.Linear(256, 128), torch.nn.SiLU()
+        )
         self.head = torch.nn.Linear(128, 10)
 
     def features(self, x):
@@ -175,8 +198,10 @@ class DigitsBench:
 
     def measure(self, x, labels):
         with torch.no_grad():
-            return dict(fd=frechet_distance(self.clf.features(x), self.ref),
-                        acc=(self.clf(x).argmax(1) == labels).float().mean().item())
+            return dict(
+                fd=frechet_distance(self.clf.features(x), self.ref),
+                acc=(self.clf(x).argmax(1) == labels).float().mean().item(),
+            )
 
 
 def digits_inputs(bb):
@@ -190,20 +215,29 @@ def digits_inputs(bb):
 def student_samples(bb, net, cond, z, K):
     """A distilled generator's K-step samples from the shared noise z (re-noising draws from seed 1); the student is
     called unguided, as SiD's students are sampled."""
-    return sf.generate(lambda xx, tt: bb.velocity(net, xx, tt, cond, 1.0), z, K, "fresh",
-                       sf.gaussian(torch.Generator().manual_seed(1)))
+    return sf.generate(
+        lambda xx, tt: bb.velocity(net, xx, tt, cond, 1.0),
+        z,
+        K,
+        "fresh",
+        sf.gaussian(torch.Generator().manual_seed(1)),
+    )
 
 
 def run_key(data_aided=False):
     """What a student's run folder is keyed on beside its config (run_toy.run_folder)."""
     return dict(dataset="digits", teacher=teacher_recipe(), data_aided=data_aided)
 
+
 # ------------------------------------------------------------------------------------------------------------------
 # The benchmark: the teacher's Euler sampler against three SiD students, and what one SiD iteration costs
 # ------------------------------------------------------------------------------------------------------------------
 
-STUDENTS = {"SiD, w=2": dict(), "SiD, w=2, 1 step": dict(steps=1),  # name -> Config fields over the command line's
-            "SiD, w=1": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.0)}
+STUDENTS = {
+    "SiD, w=2": dict(),
+    "SiD, w=2, 1 step": dict(steps=1),  # name -> Config fields over the command line's
+    "SiD, w=1": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.0),
+}
 
 
 def mean_seconds(fn, n):
@@ -220,8 +254,12 @@ def teacher_samples(bb, cond, z):
     Euler at 1-32 steps, unguided and at CFG DIGITS['guidance'] (at every t)."""
     for w in (1.0, DIGITS["guidance"]):
         for n in (1, 2, 4, 8, 16, 32):
-            yield teacher_row(n, w), w, n, sf.euler_sample(
-                lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, w), z, n)
+            yield (
+                teacher_row(n, w),
+                w,
+                n,
+                sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, w), z, n),
+            )
 
 
 def teacher_row(steps, w):
@@ -262,11 +300,16 @@ def step_cost(cfg, bb, iters=10):
         def run():
             xi = x.clone().requires_grad_(True)
             bb.velocity(net, xi, t, cond, guidance).sum().backward(inputs=[xi])
+
         return run
 
-    passes = (cfg.steps * timed(fwd) + cfg.fake_updates * timed(fwd_bwd(fake, cfg.cfg_train_fake))
-              + timed(fwd_bwd(gen, 1.0)) + timed(input_bwd(bb.teacher, cfg.cfg_eval_real))
-              + timed(input_bwd(fake, cfg.cfg_eval_fake)))
+    passes = (
+        cfg.steps * timed(fwd)
+        + cfg.fake_updates * timed(fwd_bwd(fake, cfg.cfg_train_fake))
+        + timed(fwd_bwd(gen, 1.0))
+        + timed(input_bwd(bb.teacher, cfg.cfg_eval_real))
+        + timed(input_bwd(fake, cfg.cfg_eval_fake))
+    )
     iteration = timed(lambda: sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng))
     return dict(iteration=iteration, passes=passes, ratio=iteration / passes)
 
@@ -289,24 +332,45 @@ def benchmark(args, overrides, argv):
         t_distill[name] = seconds
         for kind in ("ema", "generator"):
             x = student_samples(bb, res[kind], cond, z, scfg.steps)
-            rows.append(dict(sampler=f"{name} ({kind})", guidance=scfg.cfg_eval_real, steps=scfg.steps,
-                             **bench.measure(x, labels)))
+            rows.append(
+                dict(
+                    sampler=f"{name} ({kind})",
+                    guidance=scfg.cfg_eval_real,
+                    steps=scfg.steps,
+                    **bench.measure(x, labels),
+                )
+            )
             samples[f"{name} ({kind})"] = x
     cost = step_cost(cfg, bb, DIGITS["cost_iters"])
-    seconds = dict(teacher=bench.t_teacher, classifier=bench.t_clf, teacher_eval=t_teacher_eval, distill=t_distill,
-                   total=time.time() - t_start)
+    seconds = dict(
+        teacher=bench.t_teacher,
+        classifier=bench.t_clf,
+        teacher_eval=t_teacher_eval,
+        distill=t_distill,
+        total=time.time() - t_start,
+    )
 
-    print(f"\ndigits: Frechet distance in the classifier's features to the {len(bench.ref)} real teacher-split "
-          f"digits, and class accuracy (classifier accuracy on real digits: {bench.clf_acc:.3f})")
+    print(
+        f"\ndigits: Frechet distance in the classifier's features to the {len(bench.ref)} real teacher-split "
+        f"digits, and class accuracy (classifier accuracy on real digits: {bench.clf_acc:.3f})"
+    )
     print(f"{'sampler':<32} {'guidance':>8} {'steps':>5} {'FD':>9} {'accuracy':>9}")
     for r in rows:
         print(f"{r['sampler']:<32} {r['guidance']:8.1f} {r['steps']:5d} {r['fd']:9.3f} {r['acc']:9.3f}")
-    print(f"step cost: one SiD iteration {cost['iteration'] * 1e3:.0f} ms, its network passes alone "
-          f"{cost['passes'] * 1e3:.0f} ms, ratio {cost['ratio']:.3f}")
-    print("time: " + ", ".join(f"{k} {v:.1f} s" if not isinstance(v, dict) else
-                               ", ".join(f"{kk} {vv:.1f} s" for kk, vv in v.items()) for k, v in seconds.items()))
-    metrics = dict(rows=rows, step_cost=cost, seconds=seconds, classifier_accuracy=bench.clf_acc,
-                   command=command(argv))
+    print(
+        f"step cost: one SiD iteration {cost['iteration'] * 1e3:.0f} ms, its network passes alone "
+        f"{cost['passes'] * 1e3:.0f} ms, ratio {cost['ratio']:.3f}"
+    )
+    print(
+        "time: "
+        + ", ".join(
+            f"{k} {v:.1f} s" if not isinstance(v, dict) else ", ".join(f"{kk} {vv:.1f} s" for kk, vv in v.items())
+            for k, v in seconds.items()
+        )
+    )
+    metrics = dict(
+        rows=rows, step_cost=cost, seconds=seconds, classifier_accuracy=bench.clf_acc, command=command(argv)
+    )
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     plot_digits(samples, bench.x, labels, os.path.join(cfg.out, "digits.png"))
@@ -316,9 +380,11 @@ def benchmark(args, overrides, argv):
 
 def plot_digits(samples, real, labels, path):
     """Real digits, then the guided teacher at 4 and 32 steps and every student's EMA: 8 samples of each class."""
-    panels = [("real", real[:80])] + [(k, v) for k, v in samples.items()
-                                        if k.startswith(("teacher, 4 steps, w=2", "teacher, 32 steps, w=2"))
-                                        or k.endswith("(ema)")]
+    panels = [("real", real[:80])] + [
+        (k, v)
+        for k, v in samples.items()
+        if k.startswith(("teacher, 4 steps, w=2", "teacher, 32 steps, w=2")) or k.endswith("(ema)")
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
     for ax, (title, x) in zip(axes, panels):
         if title != "real":  # 8 samples of each class, one class per column
@@ -331,6 +397,7 @@ def plot_digits(samples, real, labels, path):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # --guidance-study: ways to distil a guided teacher, side by side (derivation.md, section 7, D17).
@@ -374,14 +441,26 @@ def langevin_corrected_sample(velocity_fn, z, steps, snr, rng):
 def study_tasks(overrides):
     """(row name, what to run, its arguments), slowest first so that the workers finish together."""
     w = DIGITS["guidance"]
-    tasks = [(f"{name}, {K} step{'s' * (K > 1)}", "student", dict(name=name, K=K, fields={
-              **overrides, **STUDY, **fields, "steps": K})) for K in (4, 1) for name, fields in STRATEGIES.items()]
-    tasks += [(f"teacher, 32 Euler steps + Langevin snr {r}, w={w:g}", "langevin", dict(w=w, snr=r))
-              for r in LANGEVIN_SNR]
-    tasks += [(f"teacher, {n} Euler step{'s' * (n > 1)}, w={w:g}", "euler", dict(w=w, n=n, interval=(0.0, 1.0)))
-              for n in (32, 4, 1)]
-    tasks += [(f"teacher, 32 Euler steps, w={w:g} in t [0.2, 0.6]", "euler", dict(w=w, n=32, interval=(0.2, 0.6))),
-              ("teacher, 32 Euler steps, w=1", "euler", dict(w=1.0, n=32, interval=(0.0, 1.0)))]
+    tasks = [
+        (
+            f"{name}, {K} step{'s' * (K > 1)}",
+            "student",
+            dict(name=name, K=K, fields={**overrides, **STUDY, **fields, "steps": K}),
+        )
+        for K in (4, 1)
+        for name, fields in STRATEGIES.items()
+    ]
+    tasks += [
+        (f"teacher, 32 Euler steps + Langevin snr {r}, w={w:g}", "langevin", dict(w=w, snr=r)) for r in LANGEVIN_SNR
+    ]
+    tasks += [
+        (f"teacher, {n} Euler step{'s' * (n > 1)}, w={w:g}", "euler", dict(w=w, n=n, interval=(0.0, 1.0)))
+        for n in (32, 4, 1)
+    ]
+    tasks += [
+        (f"teacher, 32 Euler steps, w={w:g} in t [0.2, 0.6]", "euler", dict(w=w, n=32, interval=(0.2, 0.6))),
+        ("teacher, 32 Euler steps, w=1", "euler", dict(w=1.0, n=32, interval=(0.0, 1.0))),
+    ]
     return tasks
 
 
@@ -416,8 +495,12 @@ def study_row(task):
 
         def v(xx, tt):  # the teacher's guided velocity, guidance only inside the interval (D17)
             return bb.velocity(bb.teacher, xx, tt, cond, sf.guidance_scale(a["w"], tt, *interval))
-        samples = (sf.euler_sample(v, z, a["n"]) if kind == "euler" else
-                   langevin_corrected_sample(v, z, 32, a["snr"], torch.Generator().manual_seed(5)))
+
+        samples = (
+            sf.euler_sample(v, z, a["n"])
+            if kind == "euler"
+            else langevin_corrected_sample(v, z, 32, a["snr"], torch.Generator().manual_seed(5))
+        )
     return name, samples, time.time() - t0, iters_trained
 
 
@@ -433,28 +516,37 @@ def guidance_study(args, overrides, argv):
     print(f"guidance study: {len(tasks)} rows on {workers} worker processes")
     done = {}
     spawn = multiprocessing.get_context("spawn")  # fresh processes: no forked torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, initializer=study_worker_init,
-                                                initargs=(dict(DIGITS), cfg.out)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=spawn, initializer=study_worker_init, initargs=(dict(DIGITS), cfg.out)
+    ) as pool:
         for job in concurrent.futures.as_completed([pool.submit(study_row, task) for task in tasks]):
             name, x, seconds, iters_trained = job.result()
             done[name] = dict(samples=x, seconds=seconds, trained=iters_trained, **bench.measure(x, labels))
             print(f"  {name}: FD {done[name]['fd']:.2f}, accuracy {done[name]['acc']:.3f} ({seconds:.0f} s)")
-    rows = [dict(row=name, steps=_steps_of(name), **{k: done[name][k] for k in ("fd", "acc", "seconds", "trained")})
-            for name, _, _ in tasks]
+    rows = [
+        dict(row=name, steps=_steps_of(name), **{k: done[name][k] for k in ("fd", "acc", "seconds", "trained")})
+        for name, _, _ in tasks
+    ]
     ref = done[f"teacher, 32 Euler steps, w={DIGITS['guidance']:g}"]
     for r in rows:
         r["fd_ratio"] = r["fd"] / ref["fd"]
-    seconds = dict(teacher=bench.t_teacher, classifier=bench.t_clf, rows=sum(r["seconds"] for r in rows),
-                   wall=time.time() - t_start)
+    seconds = dict(
+        teacher=bench.t_teacher,
+        classifier=bench.t_clf,
+        rows=sum(r["seconds"] for r in rows),
+        wall=time.time() - t_start,
+    )
     print_study(rows, seconds, workers)
     arrays = {name: done[name]["samples"].numpy() for name, _, _ in tasks}
     np.savez_compressed(os.path.join(cfg.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(), **arrays)
-    metrics = dict(rows=rows, seconds=seconds, workers=workers, strategies=STRATEGIES, study=STUDY,
-                   command=command(argv))
+    metrics = dict(
+        rows=rows, seconds=seconds, workers=workers, strategies=STRATEGIES, study=STUDY, command=command(argv)
+    )
     with open(os.path.join(cfg.out, "guidance-study.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot_study(rows, {k: v["samples"] for k, v in done.items()}, bench.x, labels,
-               os.path.join(cfg.out, "guidance.png"))
+    plot_study(
+        rows, {k: v["samples"] for k, v in done.items()}, bench.x, labels, os.path.join(cfg.out, "guidance.png")
+    )
     print(f"wrote {cfg.out}/guidance-study.json, samples.npz, guidance.png")
     return metrics
 
@@ -468,21 +560,27 @@ def print_study(rows, seconds, workers):
     print(f"{'row':<58} {'FD':>8} {'accuracy':>9} {'FD / teacher-32 w=2':>20} {'seconds':>8}")
     for r in rows:
         print(f"{r['row']:<58} {r['fd']:8.2f} {r['acc']:9.3f} {r['fd_ratio']:20.2f} {r['seconds']:8.0f}")
-    print(f"time: teacher {seconds['teacher']:.0f} s (0: cached), classifier {seconds['classifier']:.0f} s, rows "
-          f"{seconds['rows']:.0f} s of worker time on {workers} workers, wall {seconds['wall']:.0f} s")
+    print(
+        f"time: teacher {seconds['teacher']:.0f} s (0: cached), classifier {seconds['classifier']:.0f} s, rows "
+        f"{seconds['rows']:.0f} s of worker time on {workers} workers, wall {seconds['wall']:.0f} s"
+    )
 
 
 def plot_study(rows, samples, real, labels, path):
     """Top: eight samples per class of the real digits and of the telling rows. Bottom: every row on the
     FD-accuracy plane, a colour per strategy, a marker per sampler kind (rows below 0.95 accuracy are listed)."""
     w = DIGITS["guidance"]
-    shown = [f"teacher, 32 Euler steps, w={w:g}", f"teacher, 32 Euler steps + Langevin snr {LANGEVIN_SNR[-1]}, w={w:g}",
-             f"{next(iter(STRATEGIES))}, 4 steps", "SiD-LSG in t [0.2, 0.6], 4 steps",
-             "SiD-LSG in t [0.2, 0.6], 1 step"]
+    shown = [
+        f"teacher, 32 Euler steps, w={w:g}",
+        f"teacher, 32 Euler steps + Langevin snr {LANGEVIN_SNR[-1]}, w={w:g}",
+        f"{next(iter(STRATEGIES))}, 4 steps",
+        "SiD-LSG in t [0.2, 0.6], 4 steps",
+        "SiD-LSG in t [0.2, 0.6], 1 step",
+    ]
     k = min(8, DIGITS["n_per_class"])  # samples shown per class
     fig = plt.figure(figsize=(16, 9))
     grid_spec = fig.add_gridspec(2, len(shown) + 1, height_ratios=(1, 1.1))
-    for i, (name, x) in enumerate([("real digits", real[:10 * k])] + [(n, samples[n]) for n in shown]):
+    for i, (name, x) in enumerate([("real digits", real[: 10 * k])] + [(n, samples[n]) for n in shown]):
         if name == "real digits":
             x = x.view(k, 10, 8, 8).transpose(0, 1)
         else:
@@ -490,13 +588,21 @@ def plot_study(rows, samples, real, labels, path):
         grid = ((x.permute(1, 2, 0, 3).reshape(8 * k, 80) + 1) / 2).clamp(0, 1)  # k rows of samples, 10 columns
         ax = fig.add_subplot(grid_spec[0, i])
         ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
-        ax.set_title(name.replace(", w=", "\nw=").replace(" + ", "\n+ ").replace(", 4 steps", "\n4 steps")
-                     .replace(", 1 step", "\n1 step").replace(" on all three", "\non all three"), fontsize=9)
+        ax.set_title(
+            name.replace(", w=", "\nw=")
+            .replace(" + ", "\n+ ")
+            .replace(", 4 steps", "\n4 steps")
+            .replace(", 1 step", "\n1 step")
+            .replace(" on all three", "\non all three"),
+            fontsize=9,
+        )
         ax.axis("off")
     ax = fig.add_subplot(grid_spec[1, :])
     teachers = [r["row"] for r in rows if r["row"].startswith("teacher")]
-    colors = {**dict(zip(STRATEGIES, plt.get_cmap("tab10").colors)),
-              **dict(zip(teachers, plt.get_cmap("Dark2").colors))}
+    colors = {
+        **dict(zip(STRATEGIES, plt.get_cmap("tab10").colors)),
+        **dict(zip(teachers, plt.get_cmap("Dark2").colors)),
+    }
     off = []
     for r in rows:
         who = r["row"] if r["row"] in teachers else r["row"].rsplit(", ", 1)[0]
@@ -504,18 +610,23 @@ def plot_study(rows, samples, real, labels, path):
         if r["acc"] < 0.95:
             off.append(f"{r['row']}: FD {r['fd']:.0f}, accuracy {r['acc']:.2f}")
             continue
-        ax.scatter(r["fd"], r["acc"], marker=marker, s=50, color=colors[who], label=r["row"], edgecolors="k",
-                   linewidths=0.4)
+        ax.scatter(
+            r["fd"], r["acc"], marker=marker, s=50, color=colors[who], label=r["row"], edgecolors="k", linewidths=0.4
+        )
     ax.set_xscale("log")
     ax.set_xlabel("FD to the real digits (log scale; lower is better)")
     ax.set_ylabel("class accuracy")
-    ax.set_title("o: four-step student, s: one-step student, ^: the teacher's samplers"
-                 + ("\nnot shown (accuracy < 0.95): " + "; ".join(off) if off else ""), fontsize=8)
+    ax.set_title(
+        "o: four-step student, s: one-step student, ^: the teacher's samplers"
+        + ("\nnot shown (accuracy < 0.95): " + "; ".join(off) if off else ""),
+        fontsize=8,
+    )
     if len(off) < len(rows):
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # --metric-study: does the run's quality number (sid_flow.py, section 11) rank samplers as the classifier does?
@@ -543,10 +654,12 @@ def run_quality(quality, cfg, net):
 def spearman(a, b):
     """Spearman's rank correlation of two equally long lists: Pearson's correlation of their ranks, tied values
     sharing their average rank."""
+
     def ranks(v):
         v = torch.tensor(v, dtype=torch.float64)
         below, tied = (v[:, None] > v[None]).sum(1).double(), (v[:, None] == v[None]).sum(1).double()
         return below + (tied + 1) / 2  # (n,) 1-based ranks, ties averaged
+
     ra, rb = (ranks(v) for v in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return (ra @ rb / (ra.norm() * rb.norm())).item()
@@ -559,7 +672,8 @@ def teacher_rows(cfg, bb, cond, z):
         rows = {name: x for name, _, _, x in teacher_samples(bb, cond, z)}
         for n in (1, 2, 4, 8, 16, 32):
             rows[interval_row(cfg, n)] = sf.euler_sample(
-                lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, interval(cfg, tt)), z, n)
+                lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, interval(cfg, tt)), z, n
+            )
     return rows
 
 
@@ -599,10 +713,13 @@ def study_floor(cfg, bench, quality, ref_features):
     _, cond, z = digits_inputs(bb)
     g = torch.Generator(bb.device).manual_seed(OTHER_SEEDS)
     other = lambda c, x: sf.euler_sample(  # noqa: E731  the reference's sampler, from fresh noise shaped like x
-        lambda xx, tt: bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt)), bb.noise(x.shape, g), sf.REFERENCE_STEPS)
+        lambda xx, tt: bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt)), bb.noise(x.shape, g), sf.REFERENCE_STEPS
+    )
     with sf.autocast(cfg, bb.device), torch.no_grad():
-        return dict(metric=quality.score(other(quality.cond, quality.z)),
-                    fd_to_reference=frechet_distance(bench.clf.features(other(cond, z)), ref_features))
+        return dict(
+            metric=quality.score(other(quality.cond, quality.z)),
+            fd_to_reference=frechet_distance(bench.clf.features(other(cond, z)), ref_features),
+        )
 
 
 def quality_cost(cfg, bb, quality, repeats=3):
@@ -611,8 +728,10 @@ def quality_cost(cfg, bb, quality, repeats=3):
     generator, fake, ema = bb.students(cfg, sf.Runtime())
     opt_gen, opt_fake = sf.make_optimizers(cfg, generator, fake)
     rng = torch.Generator().manual_seed(0)
-    return dict(evaluation=mean_seconds(lambda: quality(ema), repeats), iteration=mean_seconds(
-        lambda: sf.sid_iteration(cfg, bb, fake, generator, opt_fake, opt_gen, rng), repeats))
+    return dict(
+        evaluation=mean_seconds(lambda: quality(ema), repeats),
+        iteration=mean_seconds(lambda: sf.sid_iteration(cfg, bb, fake, generator, opt_fake, opt_gen, rng), repeats),
+    )
 
 
 def metric_study(args, overrides, argv):
@@ -633,33 +752,54 @@ def metric_study(args, overrides, argv):
     reference = interval_row(cfg, sf.REFERENCE_STEPS)
     fd_x = fd_samples(cfg, bench.bb, students)
     assert reference in fd_x, f"{reference}: the reference sampler must be one of the teacher rows"
-    draws = [run_numbers(cfg, bench.bb, students, q) for q in [quality] + [
-        sf.Quality(bench.bb, cfg, seed=4 * d) for d in range(1, DRAWS)]]  # draws[0]: the run's own
+    draws = [
+        run_numbers(cfg, bench.bb, students, q)
+        for q in [quality] + [sf.Quality(bench.bb, cfg, seed=4 * d) for d in range(1, DRAWS)]
+    ]  # draws[0]: the run's own
     labels = digits_inputs(bench.bb)[0]
     with torch.no_grad():
         ref_f, ref_qf = bench.clf.features(fd_x[reference]), bench.clf.features(draws[0][reference][1])
-        rows = [dict(row=name, metric=number, metric_draws=[d[name][0] for d in draws],
-                     fd_to_reference=frechet_distance(bench.clf.features(fd_x[name]), ref_f),
-                     fd_run_samples=frechet_distance(bench.clf.features(q_x), ref_qf),
-                     acc=(bench.clf(fd_x[name]).argmax(1) == labels).float().mean().item())
-                for name, (number, q_x) in draws[0].items()]
+        rows = [
+            dict(
+                row=name,
+                metric=number,
+                metric_draws=[d[name][0] for d in draws],
+                fd_to_reference=frechet_distance(bench.clf.features(fd_x[name]), ref_f),
+                fd_run_samples=frechet_distance(bench.clf.features(q_x), ref_qf),
+                acc=(bench.clf(fd_x[name]).argmax(1) == labels).float().mean().item(),
+            )
+            for name, (number, q_x) in draws[0].items()
+        ]
     fd = [r["fd_to_reference"] for r in rows]
     others = [r for r in rows if r["row"] != reference]  # the reference row is the reference: it agrees trivially
     per_draw = [spearman([r["metric_draws"][d] for r in rows], fd) for d in range(DRAWS)]
-    result = dict(reference=reference, rows=rows, spearman=per_draw[0], spearman_draws=per_draw,
-                  spearman_without_reference=spearman([r["metric"] for r in others],
-                                                      [r["fd_to_reference"] for r in others]),
-                  spearman_fd_run_samples=spearman([r["fd_run_samples"] for r in rows], fd),
-                  floor=study_floor(cfg, bench, quality, ref_f),
-                  samples=dict(fd=len(labels), metric=sf.QUALITY_SIZE, quality_t=sf.QUALITY_T,
-                               quality_dims=sf.QUALITY_DIMS, draws=DRAWS))
-    result.update(cost=study_cost(cfg, bench.bb, quality, t_reference), command=command(argv), seconds=dict(
-        teacher=bench.t_teacher, classifier=bench.t_clf, distill=t_distill, wall=time.time() - t_start))
+    result = dict(
+        reference=reference,
+        rows=rows,
+        spearman=per_draw[0],
+        spearman_draws=per_draw,
+        spearman_without_reference=spearman([r["metric"] for r in others], [r["fd_to_reference"] for r in others]),
+        spearman_fd_run_samples=spearman([r["fd_run_samples"] for r in rows], fd),
+        floor=study_floor(cfg, bench, quality, ref_f),
+        samples=dict(
+            fd=len(labels), metric=sf.QUALITY_SIZE, quality_t=sf.QUALITY_T, quality_dims=sf.QUALITY_DIMS, draws=DRAWS
+        ),
+    )
+    result.update(
+        cost=study_cost(cfg, bench.bb, quality, t_reference),
+        command=command(argv),
+        seconds=dict(teacher=bench.t_teacher, classifier=bench.t_clf, distill=t_distill, wall=time.time() - t_start),
+    )
     print_metric_study(result, cfg)
     q_labels = [int(bench.bb.prompts[i % len(bench.bb.prompts)]) for i in range(sf.QUALITY_SIZE)]
-    np.savez_compressed(os.path.join(cfg.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(),
-                        quality_labels=np.array(q_labels), **{k: v.numpy() for k, v in fd_x.items()},
-                        **{f"quality: {k}": v[1].numpy() for k, v in draws[0].items()})
+    np.savez_compressed(
+        os.path.join(cfg.out, "samples.npz"),
+        labels=labels.numpy(),
+        real=bench.x.numpy(),
+        quality_labels=np.array(q_labels),
+        **{k: v.numpy() for k, v in fd_x.items()},
+        **{f"quality: {k}": v[1].numpy() for k, v in draws[0].items()},
+    )
     with open(os.path.join(cfg.out, "metric-study.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {cfg.out}/metric-study.json, samples.npz")
@@ -671,41 +811,60 @@ def study_cost(cfg, bb, quality, t_reference):
     presets' eval_every; a run of their length (the reference set once, an evaluation every eval_every and at the
     end); a digits run (cfg.iters iterations, one evaluation at the end, the same reference set)."""
     cost, dit = quality_cost(cfg, bb, quality), sf.PRESETS["flux-dev"]  # (eval_every, iters: every DiT preset's)
-    cost.update(reference_set=t_reference, threads=torch.get_num_threads(), eval_every=dit["eval_every"],
-                preset_iters=dit["iters"])
+    cost.update(
+        reference_set=t_reference,
+        threads=torch.get_num_threads(),
+        eval_every=dit["eval_every"],
+        preset_iters=dit["iters"],
+    )
 
     def share(iters, every):
         evals = t_reference + -(-iters // every) * cost["evaluation"]
         return evals / (iters * cost["iteration"] + evals)
-    cost.update(share_at_eval_every=cost["evaluation"] / (dit["eval_every"] * cost["iteration"] + cost["evaluation"]),
-                share_preset_run=share(dit["iters"], dit["eval_every"]), share_digits_run=share(cfg.iters, cfg.iters))
+
+    cost.update(
+        share_at_eval_every=cost["evaluation"] / (dit["eval_every"] * cost["iteration"] + cost["evaluation"]),
+        share_preset_run=share(dit["iters"], dit["eval_every"]),
+        share_digits_run=share(cfg.iters, cfg.iters),
+    )
     return cost
 
 
 def print_metric_study(m, cfg):
     n, c, rho = m["samples"], m["cost"], torch.tensor(m["spearman_draws"])
-    print(f"\nmetric study: every sampler against one reference, {m['reference']} (sf.Quality of the digits preset)."
-          f"\nquality: the run's number on its {n['metric']} samples (t = {n['quality_t']:g}, {n['quality_dims']} "
-          f"dimensions), on the run's draw and the mean (sd) over {n['draws']} evaluation draws; FD: the classifier's "
-          f"Frechet distance to the reference sampler, {n['fd']} samples on each side; FD, run: the same on the run's "
-          f"{n['metric']} samples and the reference set")
+    print(
+        f"\nmetric study: every sampler against one reference, {m['reference']} (sf.Quality of the digits preset)."
+        f"\nquality: the run's number on its {n['metric']} samples (t = {n['quality_t']:g}, {n['quality_dims']} "
+        f"dimensions), on the run's draw and the mean (sd) over {n['draws']} evaluation draws; FD: the classifier's "
+        f"Frechet distance to the reference sampler, {n['fd']} samples on each side; FD, run: the same on the run's "
+        f"{n['metric']} samples and the reference set"
+    )
     print(f"{'row':<34} {'quality':>9} {'over draws':>18} {'FD':>9} {'FD, run':>9} {'accuracy':>9}")
     for r in m["rows"]:
         q = torch.tensor(r["metric_draws"])
-        print(f"{r['row']:<34} {r['metric']:9.4f} {f'{q.mean():.4f} ({q.std():.4f})':>18} {r['fd_to_reference']:9.3f} "
-              f"{r['fd_run_samples']:9.2f} {r['acc']:9.3f}")
-    print(f"the reference sampler on other noise (the floor): quality {m['floor']['metric']:.4f}, FD "
-          f"{m['floor']['fd_to_reference']:.3f}")
-    print(f"Spearman, quality vs FD, over all {len(m['rows'])} rows: {m['spearman']:.3f} on the run's draw "
-          f"({m['spearman_without_reference']:.3f} without the reference row); over {n['draws']} evaluation draws "
-          f"{rho.mean():.3f} +- {rho.std():.3f} (sd), lowest {rho.min():.3f}, highest {rho.max():.3f} "
-          f"[{', '.join(f'{v:.3f}' for v in rho.tolist())}]; FD, run vs FD: {m['spearman_fd_run_samples']:.3f}")
-    print(f"cost ({c['threads']} threads): the reference set {c['reference_set']:.2f} s once, one quality(ema) "
-          f"{c['evaluation']:.3f} s, one SiD iteration {c['iteration']:.3f} s: {100 * c['share_at_eval_every']:.2f}% "
-          f"of a run evaluating every {c['eval_every']} iterations, {100 * c['share_preset_run']:.2f}% of a run of "
-          f"{c['preset_iters']} (reference set included), {100 * c['share_digits_run']:.2f}% of a digits run "
-          f"({cfg.iters} iterations, one evaluation)")
+        print(
+            f"{r['row']:<34} {r['metric']:9.4f} {f'{q.mean():.4f} ({q.std():.4f})':>18} {r['fd_to_reference']:9.3f} "
+            f"{r['fd_run_samples']:9.2f} {r['acc']:9.3f}"
+        )
+    print(
+        f"the reference sampler on other noise (the floor): quality {m['floor']['metric']:.4f}, FD "
+        f"{m['floor']['fd_to_reference']:.3f}"
+    )
+    print(
+        f"Spearman, quality vs FD, over all {len(m['rows'])} rows: {m['spearman']:.3f} on the run's draw "
+        f"({m['spearman_without_reference']:.3f} without the reference row); over {n['draws']} evaluation draws "
+        f"{rho.mean():.3f} +- {rho.std():.3f} (sd), lowest {rho.min():.3f}, highest {rho.max():.3f} "
+        f"[{', '.join(f'{v:.3f}' for v in rho.tolist())}]; FD, run vs FD: {m['spearman_fd_run_samples']:.3f}"
+    )
+    print(
+        f"cost ({c['threads']} threads): the reference set {c['reference_set']:.2f} s once, one quality(ema) "
+        f"{c['evaluation']:.3f} s, one SiD iteration {c['iteration']:.3f} s: {100 * c['share_at_eval_every']:.2f}% "
+        f"of a run evaluating every {c['eval_every']} iterations, {100 * c['share_preset_run']:.2f}% of a run of "
+        f"{c['preset_iters']} (reference set included), {100 * c['share_digits_run']:.2f}% of a digits run "
+        f"({cfg.iters} iterations, one evaluation)"
+    )
     print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in m['seconds'].items() if not isinstance(v, dict))}")
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # The command line
@@ -717,27 +876,44 @@ def command(argv):
 
 
 def parse_args(argv):
-    p = sf.Parser(prog="experiments/digits.py", description=__doc__, epilog=(
-        "Not offered: sid_flow.py's flags for image teachers (--teacher, --prompts, --resolution, --device, --mode,\n"
-        "...: the teacher is this one, on the CPU), its guidance flags (--cfg-*: the benchmark's guided students use\n"
-        "the digits preset's, each strategy of --guidance-study its own) and --eval-every (no previews here)."))
-    p.add_argument("--guidance-study", action="store_true",
-                   help="distil the guided teacher by every guidance strategy (SiD-LSG, teacher-only CFG, Zero-CFG, "
-                        "Anti-CFG, a lower scale, a guidance interval) at 4 and 1 steps, beside the teacher's "
-                        "samplers; one table, OUT/guidance-study.json, OUT/samples.npz, OUT/guidance.png")
-    p.add_argument("--metric-study", action="store_true",
-                   help="score every sampler of the benchmark (the teacher rows, the students) by the run's quality "
-                        "number against one reference set and by the classifier's FD to the same reference: one "
-                        "table, their Spearman correlation, the number's cost; OUT/metric-study.json, "
-                        "OUT/samples.npz")
-    p.add_argument("--data-aided", action="store_true",
-                   help="the benchmark's students with data-aided SiD (D16): the teacher's training digits as the "
-                        "real data, their labels as the prompts")
+    p = sf.Parser(
+        prog="experiments/digits.py",
+        description=__doc__,
+        epilog=(
+            "Not offered: sid_flow.py's flags for image teachers (--teacher, --prompts, --resolution, --device, --mode,\n"
+            "...: the teacher is this one, on the CPU), its guidance flags (--cfg-*: the benchmark's guided students use\n"
+            "the digits preset's, each strategy of --guidance-study its own) and --eval-every (no previews here)."
+        ),
+    )
+    p.add_argument(
+        "--guidance-study",
+        action="store_true",
+        help="distil the guided teacher by every guidance strategy (SiD-LSG, teacher-only CFG, Zero-CFG, "
+        "Anti-CFG, a lower scale, a guidance interval) at 4 and 1 steps, beside the teacher's "
+        "samplers; one table, OUT/guidance-study.json, OUT/samples.npz, OUT/guidance.png",
+    )
+    p.add_argument(
+        "--metric-study",
+        action="store_true",
+        help="score every sampler of the benchmark (the teacher rows, the students) by the run's quality "
+        "number against one reference set and by the classifier's FD to the same reference: one "
+        "table, their Spearman correlation, the number's cost; OUT/metric-study.json, "
+        "OUT/samples.npz",
+    )
+    p.add_argument(
+        "--data-aided",
+        action="store_true",
+        help="the benchmark's students with data-aided SiD (D16): the teacher's training digits as the "
+        "real data, their labels as the prompts",
+    )
     sf.add_config_flags(p, skip=SKIP + ("out",), presets={"digits": "digits"})
-    p.add_argument("--out", help="the cached teacher (teacher-digits.pt), the students' runs (runs/) and the results "
-                                 "(metrics.json, digits.png; with --guidance-study guidance-study.json, samples.npz, "
-                                 "guidance.png; with --metric-study metric-study.json, samples.npz) "
-                                 f"[default: {sf.PRESETS['digits']['out']}]")
+    p.add_argument(
+        "--out",
+        help="the cached teacher (teacher-digits.pt), the students' runs (runs/) and the results "
+        "(metrics.json, digits.png; with --guidance-study guidance-study.json, samples.npz, "
+        "guidance.png; with --metric-study metric-study.json, samples.npz) "
+        f"[default: {sf.PRESETS['digits']['out']}]",
+    )
     return parse_flags(p, argv, NOT_HERE)
 
 

@@ -20,16 +20,37 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # sid_flow.py
 import sid_flow as sf  # noqa: E402
-from digits import (DRAWS, DigitsBench, benchmark_students, frechet_distance, interval_row,  # noqa: E402
-                    run_numbers, spearman)
+from digits import (
+    DRAWS,
+    DigitsBench,
+    benchmark_students,
+    frechet_distance,
+    interval_row,  # noqa: E402
+    run_numbers,
+    spearman,
+)
 
 # (the teacher's conditioning, t, principal directions (0: every dimension, standardized), distance)
 RUN = ("empty", sf.QUALITY_T, sf.QUALITY_DIMS, "FD")
-VARIANTS = [("prompt", 0.5, 0, "MMD"),  # an earlier number (then on 256 samples): the prompt's states, t = 0.5
-            ("prompt", 0.3, 0, "MMD"), ("prompt", 0.3, 8, "MMD"), ("prompt", 0.3, 8, "FD"), ("empty", 0.3, 0, "MMD"),
-            ("empty", 0.3, 4, "MMD"), ("empty", 0.3, 6, "MMD"), ("empty", 0.3, 8, "MMD"), ("empty", 0.3, 12, "MMD"),
-            ("empty", 0.2, 8, "MMD"), ("empty", 0.4, 8, "MMD"), ("empty", 0.3, 4, "FD"), ("empty", 0.3, 6, "FD"),
-            RUN, ("empty", 0.3, 12, "FD"), ("empty", 0.2, 8, "FD"), ("empty", 0.4, 8, "FD")]
+VARIANTS = [
+    ("prompt", 0.5, 0, "MMD"),  # an earlier number (then on 256 samples): the prompt's states, t = 0.5
+    ("prompt", 0.3, 0, "MMD"),
+    ("prompt", 0.3, 8, "MMD"),
+    ("prompt", 0.3, 8, "FD"),
+    ("empty", 0.3, 0, "MMD"),
+    ("empty", 0.3, 4, "MMD"),
+    ("empty", 0.3, 6, "MMD"),
+    ("empty", 0.3, 8, "MMD"),
+    ("empty", 0.3, 12, "MMD"),
+    ("empty", 0.2, 8, "MMD"),
+    ("empty", 0.4, 8, "MMD"),
+    ("empty", 0.3, 4, "FD"),
+    ("empty", 0.3, 6, "FD"),
+    RUN,
+    ("empty", 0.3, 12, "FD"),
+    ("empty", 0.2, 8, "FD"),
+    ("empty", 0.4, 8, "FD"),
+]
 
 
 def kernel_distance(f, g):
@@ -49,8 +70,9 @@ def features(quality, x, conditioning, t):
         if conditioning == "empty":
             cond = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in bb.uncond.items()}
         with torch.no_grad(), sf.capture_features(bb.teacher) as hidden:
-            bb.velocity(bb.teacher, x_t, tt[:len(x_t)], cond, 1.0)
+            bb.velocity(bb.teacher, x_t, tt[: len(x_t)], cond, 1.0)
         return sf.grid_features(hidden[0], len(x_t))
+
     eps = bb.noise(x.shape, torch.Generator().manual_seed(quality.seed + 1))
     return quality.chunked(pooled, sf.add_noise(x, eps, tt)).double()
 
@@ -88,14 +110,18 @@ def main(out="out/digits", first_seed="0"):
                     assert all(abs(number[r] - saved[r][d]) < 1e-5 * (1 + saved[r][d]) for r in fd), "not the study's"
                 rho[v].append(spearman([number[r] for r in fd], list(fd.values())))
         print(f"draw {d + 1} of {DRAWS}", flush=True)
-    print(f"Spearman of the number with the classifier's FD over {len(fd)} rows, on {DRAWS} evaluation draws of "
-          f"{sf.QUALITY_SIZE} samples (seeds {first_seed}, +4, ...): mean +- sd (lowest), and each draw's")
+    print(
+        f"Spearman of the number with the classifier's FD over {len(fd)} rows, on {DRAWS} evaluation draws of "
+        f"{sf.QUALITY_SIZE} samples (seeds {first_seed}, +4, ...): mean +- sd (lowest), and each draw's"
+    )
     print(f"{'conditioning':<13} {'t':>4} {'dims':>5} {'distance':>9} {'Spearman':>22}")
     for v, r in rho.items():
         r = torch.tensor(r)
         cell = f"{r.mean():.3f} +- {r.std():.3f} ({r.min():.3f})"
-        print(f"{v[0]:<13} {v[1]:4.1f} {v[2] or 'all':>5} {v[3]:>9} {cell:>22}  "
-              f"{' '.join(f'{x:.2f}' for x in r.tolist())}{'  <- the run' if v == RUN else ''}")
+        print(
+            f"{v[0]:<13} {v[1]:4.1f} {v[2] or 'all':>5} {v[3]:>9} {cell:>22}  "
+            f"{' '.join(f'{x:.2f}' for x in r.tolist())}{'  <- the run' if v == RUN else ''}"
+        )
 
 
 if __name__ == "__main__":

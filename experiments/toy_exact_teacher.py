@@ -57,7 +57,7 @@ def square_posterior(y, s, t, a):
     alpha = (y - s * a) / t  # (B, 8)
     beta = alpha - s / t  # (B, 8) = (y - s (a + 1)) / t
     log_z = log_phi_diff(alpha, beta)  # (B, 8) log(Phi(alpha) - Phi(beta))
-    mills = torch.exp(-beta ** 2 / 2 - LOG_SQRT_2PI - log_z) - torch.exp(-alpha ** 2 / 2 - LOG_SQRT_2PI - log_z)
+    mills = torch.exp(-(beta**2) / 2 - LOG_SQRT_2PI - log_z) - torch.exp(-(alpha**2) / 2 - LOG_SQRT_2PI - log_z)
     return log_z - torch.log(s), y / s - (t / s) * mills
 
 
@@ -102,9 +102,9 @@ def monte_carlo_x0_mean(x_t, t, n=1_000_000, seed=0):
     """E[x0 | x_t] by self-normalised importance sampling -- x0 drawn from the data, weighted by N(x_t; (1-t) x0,
     t^2 I) -- and its standard error: ((B, 2), (B, 2))."""
     x0 = run_toy.draw("checkerboard", n, torch.Generator().manual_seed(seed)).double()  # (n, 2)
-    w = torch.softmax(-((x_t.double()[:, None] - (1 - t) * x0[None]) ** 2).sum(-1) / (2 * t ** 2), dim=1)  # (B, n)
+    w = torch.softmax(-((x_t.double()[:, None] - (1 - t) * x0[None]) ** 2).sum(-1) / (2 * t**2), dim=1)  # (B, n)
     mean = w @ x0  # (B, 2)
-    return mean, ((w ** 2) @ x0 ** 2 - 2 * mean * (w ** 2 @ x0) + (w ** 2).sum(1, keepdim=True) * mean ** 2).sqrt()
+    return mean, ((w**2) @ x0**2 - 2 * mean * (w**2 @ x0) + (w**2).sum(1, keepdim=True) * mean**2).sqrt()
 
 
 def check_exact_velocity(n_points=16, n_mc=1_000_000):
@@ -114,12 +114,12 @@ def check_exact_velocity(n_points=16, n_mc=1_000_000):
     g = torch.Generator().manual_seed(1)
     mc_z, tweedie = 0.0, 0.0
     for t in (0.9, 0.6, 0.3, 0.15, 0.05, 0.02):
-        x_t = ((1 - t) * run_toy.draw("checkerboard", n_points, g) + t * torch.randn(n_points, 2, generator=g))
+        x_t = (1 - t) * run_toy.draw("checkerboard", n_points, g) + t * torch.randn(n_points, 2, generator=g)
         tt = torch.full((n_points,), t, dtype=torch.float64)
         exact = ExactCheckerboard().x0_mean(x_t, tt)  # (B, 2)
         x = x_t.double().requires_grad_(True)
         (score,) = torch.autograd.grad(log_density(x, tt).sum(), x)  # (B, 2)
-        tweedie = max(tweedie, (exact - (x + t ** 2 * score) / (1 - t)).abs().max().item())
+        tweedie = max(tweedie, (exact - (x + t**2 * score) / (1 - t)).abs().max().item())
         if t >= 0.15:  # below, too few data points fall near x_t for Monte Carlo
             mean, se = monte_carlo_x0_mean(x_t, t, n_mc)
             mc_z = max(mc_z, ((exact - mean).abs() / se).max().item())
@@ -141,30 +141,39 @@ class ExactTeacherBackbone(sf.ToyBackbone):
 def main(argv=None):
     p = sf.Parser(prog="experiments/toy_exact_teacher.py", description=__doc__)
     sf.add_config_flags(p, skip=run_toy.NOT_HERE + ("out", "eval_every"), presets={"toy": "toy"})
-    p.add_argument("--out", default=sf.PRESETS["toy"]["out"], help="run_toy.py's folder: its cached teacher, and the "
-                   "run under runs/ [default: %(default)s]")
+    p.add_argument(
+        "--out",
+        default=sf.PRESETS["toy"]["out"],
+        help="run_toy.py's folder: its cached teacher, and the run under runs/ [default: %(default)s]",
+    )
     args, overrides = run_toy.parse_flags(p, argv, run_toy.NOT_HERE)
     mc_z, tweedie = check_exact_velocity()
-    print(f"exact E[x0 | x_t]: within {mc_z:.1f} standard errors of Monte Carlo (1e6 samples), within {tweedie:.0e} of "
-          "Tweedie's formula on its closed-form density")
+    print(
+        f"exact E[x0 | x_t]: within {mc_z:.1f} standard errors of Monte Carlo (1e6 samples), within {tweedie:.0e} of "
+        "Tweedie's formula on its closed-form density"
+    )
     assert mc_z < 5 and tweedie < 1e-8, (mc_z, tweedie)
     cfg = sf.make_config("toy", **overrides)
     mlp, _ = run_toy.train_teacher("checkerboard", cfg.seed, os.path.join(args.out, "teacher-checkerboard.pt"))
     exact = ExactTeacherBackbone(mlp)
     ev = run_toy.Evaluation("checkerboard", 16384 // run_toy.R, run_toy.R, cfg.seed, max_steps=max(4, cfg.steps))
-    rows = {"trained teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(mlp, z, 128), 1),
-            "exact teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 128), 1),
-            "exact teacher, 4 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 4), 1)}
+    rows = {
+        "trained teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(mlp, z, 128), 1),
+        "exact teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 128), 1),
+        "exact teacher, 4 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 4), 1),
+    }
     # the demo's student (run_toy.py with the same flags: its run is shared, reused when it has run) and the exact one
     for name, backbone in (("SiD", sf.ToyBackbone(mlp)), ("SiD exact teacher", exact)):
         vcfg = dataclasses.replace(cfg)
-        vcfg.out, done = run_toy.run_folder(args.out, name, vcfg, dataset="checkerboard", teacher=run_toy.TEACHER,
-                                            data_aided=False)
+        vcfg.out, done = run_toy.run_folder(
+            args.out, name, vcfg, dataset="checkerboard", teacher=run_toy.TEACHER, data_aided=False
+        )
         _, res, seconds = run_toy.distil_variant(vcfg, backbone, ev, done)
         print(f"{name}: {vcfg.out}, {'reused' if seconds is None else f'{seconds:.0f} s'}")
         for kind in ("ema", "generator"):
             rows[f"{name} student ({kind})"] = ev.samples(
-                lambda z, d, net=res[kind]: sf.generate(net, z, cfg.steps, cfg.noise, d), cfg.steps)
+                lambda z, d, net=res[kind]: sf.generate(net, z, cfg.steps, cfg.noise, d), cfg.steps
+            )
     ed = {name: ev.distance(xs) for name, xs in rows.items()}
     ref = ed["trained teacher, 128 Euler steps"][0]
     print(f"\nenergy distance to the checkerboard (mean +- standard error over {run_toy.R} replicates, as run_toy.py)")

@@ -28,11 +28,15 @@ def mean_std(xs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="experiments/toy_seeds.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="experiments/toy_seeds.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds [default: 0 1 2]")
-    p.add_argument("--out", default=sf.PRESETS["toy"]["out"], help="seed 0's folder; seed S's is OUT/seed-S "
-                   "[default: %(default)s]")
+    p.add_argument(
+        "--out",
+        default=sf.PRESETS["toy"]["out"],
+        help="seed 0's folder; seed S's is OUT/seed-S [default: %(default)s]",
+    )
     args, rest = p.parse_known_args(argv)
     rows = {}
     for s in args.seeds:
@@ -48,8 +52,10 @@ def main(argv=None):
     e = sum(row[1] for row in rows.values()) / len(rows)
     print(f"{'mean':>6} {d:10.6f} {e:10.6f} {t:12.6f} {r:14.2f}")
     print(f"{'std':>6} {d_sd:10.6f} {'':>10} {t_sd:12.6f} {r_sd:14.2f}")
-    print(f"over {len(rows)} seeds the student's distance is {d:.6f} +- {d_sd:.6f} (std), {r:.2f} +- {r_sd:.2f} times "
-          f"its own teacher-128's; the evaluation alone contributes +- {e:.6f}")
+    print(
+        f"over {len(rows)} seeds the student's distance is {d:.6f} +- {d_sd:.6f} (std), {r:.2f} +- {r_sd:.2f} times "
+        f"its own teacher-128's; the evaluation alone contributes +- {e:.6f}"
+    )
 
 
 if __name__ == "__main__":
