@@ -9,6 +9,7 @@ Runtime): 8 diffusers teachers, 9 LoRA, 10 real images, 11 quality, 12 torchrun,
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -104,10 +105,10 @@ def flow_to_vp(x_t, t):
 # --- 2. Times, weights and guidance used during distillation (D12), (D17) -----------------------------------------
 
 
-def sample_t(n, rng, device, t_min=1e-3, t_max=1 - 1e-3):
+def sample_t(n, rng):
     """Times for both updates, (n,): logit-normal as the official code, t = sigmoid(N(ln 2, 1.6^2)), median 2/3, skewed
-    to high noise; clamped away from 0 and 1, where the conversions divide by t or 1 - t."""
-    return torch.sigmoid(torch.randn(n, generator=rng, device=device) * 1.6 + math.log(2.0)).clamp(t_min, t_max)
+    to high noise. In float32 it never reaches 0 or 1 (that would take a draw 10 standard deviations out)."""
+    return torch.sigmoid(torch.randn(n, generator=rng, device=rng.device) * 1.6 + math.log(2.0))
 
 
 # w(t) of the generator loss, per sample: the seven weightings of the official code; 'inv-l1' is original SiD's
@@ -137,10 +138,12 @@ def sid_weight(name, t, x_g, x0_teacher):
 # prompt (Anti-CFG). Outside the guidance interval [cfg_t_min, cfg_t_max] of noise levels every call uses w = 1.
 
 
-def guidance_scale(w, t, t_min=0.0, t_max=1.0):
+def guidance_scale(w, t, t_min=0.0, t_max=1.0, features=False):
     """The CFG scale of one network call at times t (B,): `w` inside the guidance interval, 1 outside (D17). A float
-    when it is one scale for the batch (no interval, or w = 1), else a per-sample (B,) tensor."""
-    if w == 1 or (t_min <= 0.0 and t_max >= 1.0):
+    when it is one scale for the batch (no interval, or w = 1), else a per-sample (B,) tensor. `features`: the call's
+    hidden states also feed the discriminator (D16), which reads the prompt's branch, as the official code does -- so
+    a batch-wide w = 0 then runs both branches (a tensor) rather than the empty prompt's alone."""
+    if (w == 1 or (t_min <= 0.0 and t_max >= 1.0)) and not (features and w == 0):
         return float(w)
     inside = (t >= t_min) & (t <= t_max)
     return torch.where(inside, torch.full_like(t, float(w)), torch.ones_like(t)).detach()  # (B,)
@@ -183,55 +186,42 @@ def _bce(logits, target):  # BCE of C logits per sample (B, C) against 1 (real) 
     ).mean(1)
 
 
-def discriminator_loss(logits_real, logits_fake):
-    """Data-aided: the fake network's pooled features (B, C) are C logits per sample; real -> 1, fake -> 0. (D16)"""
-    return _bce(logits_real, 1) + _bce(logits_fake, 0)  # (B,)
+def discriminator_loss(logits_real, logits_fake, dims):
+    """Data-aided: the fake network's pooled features (B, C) are C logits per sample; real -> 1, fake -> 0. The mean
+    of the two BCEs is scaled by dims = C*H*W, the number of terms the flow-matching loss it joins sums over: the
+    official balance.                                                                                          (D16)"""
+    return (_bce(logits_real, 1) + _bce(logits_fake, 0)) / 2 * dims  # (B,)
 
 
-def gan_generator_loss(logits_fake, weight):
-    """The generator's adversarial term w(t) BCE(D(x_t of x_g) -> real), (B,). Its gradient reaches x_g through the
-    fake network's input, as SiD's does.                                                                    (D16)"""
-    return weight * _bce(logits_fake, 1)  # (B,)
+def gan_generator_loss(logits_fake, weight, dims):
+    """The generator's adversarial term w(t) BCE(D(x_t of x_g) -> real) dims, (B,), dims = C*H*W as above. Its gradient
+    reaches x_g through the fake network's input, as SiD's does.                                               (D16)"""
+    return weight * _bce(logits_fake, 1) * dims  # (B,)
 
 
 # --- 4. The few-step generator (D13) -------------------------------------------------------------------------------
 
 
 def generator_times(K):
-    """t_k = 1 - k/K for k = 0..K-1: (1, .75, .5, .25) for K = 4, (1,) for K = 1."""
+    """t_k = 1 - (k - 1)/K for steps k = 1..K: (1, .75, .5, .25) for K = 4, (1,) for K = 1."""
     return [1.0 - k / K for k in range(K)]
 
 
-def gaussian(rng=None):
-    """draw(x) -> fresh N(0, I) noise shaped like x, from `rng` (a torch.Generator; None: torch's global RNG)."""
-    return lambda x: torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
-
-
-def renoise(x0, x_t, t, t_next, z, mode, draw):
-    """The next generator input x_{t_next} = (1 - t_next) x0 + t_next n, with n:
-    'fresh' new N(0, I) noise from draw(x0) (default; FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)),
-    'fixed' the initial noise z, or 'ddim' the noise implied by the current state, (x_t - (1 - t) x0) / t
-    (FlowMatchEulerDiscreteScheduler(stochastic_sampling=False), i.e. a plain Euler step)."""
-    if mode == "fresh":
-        n = draw(x0)
-    elif mode == "fixed":
-        n = z
-    else:  # 'ddim' (check_config admits no other)
-        n = (x_t - _per_sample(1 - t, x0) * x0) / _per_sample(t, x0)
-    return add_noise(x0, n, t_next)  # (B, *D)
-
-
-def generator_rollout(velocity_fn, z, K, k, noise, draw):
-    """Run the first k-1 of the generator's K steps WITHOUT gradient and return the input of step k:
-    (x_t (B, *D), t (B,)). `velocity_fn(x_t, t) -> v`. Backward simulation: earlier outputs are detached, so
-    only step k will carry gradient into the generator."""
-    times = generator_times(K)
-    x_t, t = z, torch.full((z.shape[0],), times[0], device=z.device, dtype=z.dtype)
+def generator_rollout(velocity_fn, noises, k, mode):
+    """Run the first k-1 of the generator's K steps WITHOUT gradient and return the input of step k: (x_t (B, *D),
+    t (B,)). `velocity_fn(x_t, t) -> v`; noises (B, K, *D): the initial noise z = noises[:, 0], then one draw per
+    later step. Step j's input re-noises the previous step's output x0 to t_j: x_t = (1 - t_j) x0 + t_j n, with n
+    'fresh': that step's draw (FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)), 'fixed': z again, or
+    'ddim': the noise the previous input implies, E[eps | x_t] (D4) (stochastic_sampling=False: a plain Euler step).
+    Backward simulation: earlier outputs are detached, so only step k will carry gradient into the generator."""
+    times, z = generator_times(noises.shape[1]), noises[:, 0]
+    x_t, t = z, torch.full((len(z),), times[0], device=z.device, dtype=z.dtype)  # (B, *D), (B,)
     with torch.no_grad():  # stop-gradient: steps 1..k-1 are simulation, not training signal
-        for j in range(k - 1):
-            x0 = velocity_to_x0(x_t, t, velocity_fn(x_t, t))
-            t_next = torch.full_like(t, times[j + 1])
-            x_t, t = renoise(x0, x_t, t, t_next, z, noise, draw), t_next
+        for j in range(1, k):
+            v = velocity_fn(x_t, t)  # (B, *D)
+            n = {"fresh": noises[:, j], "fixed": z, "ddim": velocity_to_eps(x_t, t, v)}[mode]
+            x0, t = velocity_to_x0(x_t, t, v), torch.full_like(t, times[j])
+            x_t = add_noise(x0, n, t)  # (B, *D)
     return x_t, t
 
 
@@ -240,20 +230,11 @@ def generator_step(velocity_fn, x_t, t):
     return velocity_to_x0(x_t, t, velocity_fn(x_t, t))  # (B, *D)
 
 
-def generate(velocity_fn, z, K, noise="fresh", draw=None):
-    """K-step sample of the generator, no gradient: (B, *D). `draw` defaults to torch's global RNG."""
-    x_t, t = generator_rollout(velocity_fn, z, K, K, noise, draw or gaussian())
+def generate(velocity_fn, noises, mode="fresh"):
+    """The generator's K-step sample from noises (B, K, *D) (see generator_rollout), no gradient: (B, *D)."""
+    x_t, t = generator_rollout(velocity_fn, noises, noises.shape[1], mode)
     with torch.no_grad():
         return generator_step(velocity_fn, x_t, t)
-
-
-def euler_sample(velocity_fn, z, steps):
-    """The teacher's own sampler: Euler on dx/dt = v from t = 1 to t = 0 on a uniform grid, no gradient."""
-    x, ts = z, torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
-    with torch.no_grad():
-        for i in range(steps):
-            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(z.shape[0]))
-    return x  # (B, *D)
 
 
 # --- 5. The teacher interface: every family quirk lives behind it (D8) ----------------------------------------------
@@ -281,7 +262,7 @@ def capture_features(net):
 
 
 def pooled_logits(hidden, B):
-    """Discriminator logits (B, C) from captured hidden states: the last B rows (the conditional branch when CFG
+    """Discriminator logits (B, C) from captured hidden states: the last B rows (the prompt's branch when CFG
     doubled the batch), mean-pooled over tokens when there are tokens ((B, N, C) -> (B, C))."""
     h = hidden[-B:]
     return (h.mean(1) if h.dim() == 3 else h).float()
@@ -291,23 +272,25 @@ class Backbone:
     """The loop sees a Backbone and three plain nn.Modules (teacher, fake, generator), never the model family. The toy
     (network: run_toy.py) is one; SANA, SD3, FLUX are Part II's. It sets teacher, device, sample_shape D; supplies
         velocity(net, x_t, t, cond, guidance) -> v (B, *D)   CFG, timestep scale and latent packing inside
-        sample_batch(n, rng, rows) -> (cond, x0_real)         `rows` of a batch of n: conditioning and real data,
-                                                              each None when there is none (the toy: no prompts)
-    and inherits students(), the trainable copies, and noise() / step_noise(), the N(0, I) draws."""
+        sample_batch(n, rng) -> {name: (n, ...) tensor}       what a batch draws besides noise: prompts, real data
+        condition(d) -> (cond, x0_real, cond_real)            a micro-batch's conditioning and real data (or None)
+    and inherits students(), the trainable copies, and noise() / noises(), the N(0, I) draws. `real`: the data of
+    data-aided SiD (D16), or None."""
 
-    uncond, prompts = None, ()  # the empty prompt's conditioning (CFG's unconditional branch), the prompts: a DiT's
+    uncond, prompts, real = None, (), None  # the empty prompt's conditioning (CFG's unconditional branch), the prompts
+    student_guidance = 1.0  # the guidance the generator is called with: none (FLUX: an embedded scale)
 
     def trainable_copy(self, dtype=torch.float32):  # (no cast that changes nothing: diffusers would warn)
         net = copy.deepcopy(self.teacher)
         return (net if next(net.parameters()).dtype == dtype else net.to(dtype)).requires_grad_(True).train()
 
     def students(self, cfg, runtime):
-        """(generator, fake, ema), all three starting as the teacher (D13): full copies on one process, trainable
-        weights in float32 (bf16 with --precision bf16). Part II adds LoRA mode and FSDP2 sharding."""
+        """(generator, fake, ema), all starting as the teacher (D13): full copies on one process, trainable weights in
+        float32 (bf16 with --precision bf16); ema None when --ema-decay is 0. Part II adds LoRA and FSDP2 sharding."""
         if cfg.mode != "full" or runtime.world > 1:
             raise UserError("the toy MLP trains in full mode on one process (LoRA and FSDP2 need a diffusers teacher)")
         generator, fake = self.trainable_copy(trainable_dtype(cfg)), self.trainable_copy(trainable_dtype(cfg))
-        return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval()
+        return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval() if cfg.ema_decay else None
 
     def noise(self, shape, rng):
         """N(0, I) in the sample layout (B, *D), drawn from `rng` as the stock pipeline draws its initial noise."""
@@ -316,6 +299,11 @@ class Backbone:
     def step_noise(self, shape, rng):
         """The re-noising draw between generator steps, in the layout the stock scheduler draws it (B, *D)."""
         return self.noise(shape, rng)
+
+    def noises(self, n, K, rng):
+        """The noises of n K-step generator samples, drawn in the stock pipeline's order: (n, K, *D) (D13)."""
+        shape = (n, *self.sample_shape)
+        return torch.stack([self.noise(shape, rng)] + [self.step_noise(shape, rng) for _ in range(K - 1)], 1)
 
 
 class ToyBackbone(Backbone):
@@ -328,123 +316,20 @@ class ToyBackbone(Backbone):
     def velocity(self, net, x_t, t, cond, guidance):
         return net(x_t, t)  # (B, 2)
 
-    def sample_batch(self, n, rng, rows=slice(None)):
-        return None, (self.real(n, rng)[rows] if self.real else None)
+    def sample_batch(self, n, rng):
+        return {"x0_real": self.real(n, rng)} if self.real else {}
+
+    def condition(self, d):
+        return None, d.get("x0_real"), None
 
 
-# --- 6. One SiD iteration: fake update(s), then a generator update, on the same generator sample (D9)-(D16) --------
+# --- 6. One SiD iteration: a fake-network update, then a generator update, each on fresh draws (D9)-(D16) ----------
+# What the two updates share -- the run's config, the Backbone, the networks and optimizers, the rng, the Runtime --
+# is one small object, as minRF's RF holds its model. Every draw is made for the GLOBAL batch (batch_size x grad_accum
+# x processes) from the one rng that all processes share, then split into this process's micro-batches: processes and
+# micro-batches see different samples, and one process with the same global batch computes the same update.
 
-
-def sid_iteration(cfg, backbone, fake, generator, opt_fake, opt_gen, rng, images_seen=0, runtime=None):
-    """One SiD iteration (derivation.md sections 3-4): cfg.fake_updates fake updates, then one generator update, on
-    the same generator sample. Returns a dict of diagnostics; a phase whose loss is not finite skips its optimizer
-    step and is named under 'nonfinite' (the loop decides when to stop)."""
-    runtime = runtime or Runtime()
-    device = next(generator.parameters()).device
-    # every draw is made for the global batch (n samples over all ranks) from the rng all ranks share; each rank keeps
-    # its rows: ranks see different samples, and one process with the same global batch sees the same numbers
-    n, rows = cfg.batch_size * runtime.world, runtime.rows(cfg.batch_size)
-    shape = (n, *backbone.sample_shape)
-    # the trained step k, the same for both updates: uniform in {1..K} (the paper's mixture) or always K (D13); drawn
-    # from (seed, images seen) so that every rank runs the same number of (collective) forwards
-    k_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + images_seen)
-    k = cfg.steps if cfg.train_step == "last" else int(torch.randint(1, cfg.steps + 1, (1,), generator=k_rng))
-    z = backbone.noise(shape, rng)[rows]  # (B, *D) initial noise
-    cond, x0_real = backbone.sample_batch(n, rng, rows)  # prompts (or None) and real samples (or None)
-    # data-aided (D16), counted in images seen: the generator waits, then mixes the GAN term into its loss
-    update_generator = x0_real is None or images_seen >= GAN_FREEZE_IMAGES
-    gan_weight = cfg.gan_weight if x0_real is not None and images_seen >= GAN_START_IMAGES else 0.0
-
-    def G(x, t):  # the student: no two-branch CFG (cfg.student_guidance is 1, or FLUX's embedded guidance)
-        return backbone.velocity(generator, x, t, cond, cfg.student_guidance)
-
-    # backward simulation: steps 1..k-1 without gradient; x_in is the input of the trained step k
-    with autocast(cfg, device):
-        x_in, t_in = generator_rollout(G, z, cfg.steps, k, cfg.noise, lambda x: backbone.step_noise(shape, rng)[rows])
-    with torch.no_grad(), autocast(cfg, device):
-        # stop-gradient: the fake network fits the generator's distribution, it must not move the generator
-        x_g = generator_step(G, x_in, t_in).float()  # (B, *D); extra fake updates reuse it with fresh t and eps
-    out = {"k": k, "nonfinite": []}
-    for _ in range(cfg.fake_updates):
-        t, eps = sample_t(n, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
-        out["nonfinite"] += fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime, out)
-    if update_generator:
-        t, eps = sample_t(n, rng, device)[rows], backbone.noise(shape, rng)[rows]  # (B,), (B, *D)
-        out["nonfinite"] += generator_update(
-            cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime, out
-        )
-    return out
-
-
-def fake_update(cfg, backbone, fake, opt_fake, x_g, t, eps, cond, x0_real, runtime, out):
-    """Flow matching of the fake network on the generator's (detached) samples x_g (D9); with real samples it is also
-    the discriminator (D16). Writes diagnostics into `out`; returns ['fake'] if the step was skipped, else []."""
-    B = x_g.shape[0]
-    with autocast(cfg, x_g.device), capture_features(fake) as hidden:
-        w_fake = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
-        v_fake = backbone.velocity(fake, add_noise(x_g, eps, t), t, cond, w_fake)  # (B, *D)
-        loss = flow_matching_loss(v_fake.float(), x_g, eps, t).mean()
-        if x0_real is not None:
-            # the real samples are seen as the fakes were: with the prompt, or under Zero-CFG's one-branch call (a
-            # batch-wide scale 0) on the empty prompt alone
-            w_d = 0.0 if not torch.is_tensor(w_fake) and w_fake == 0.0 else 1.0
-            backbone.velocity(fake, add_noise(x0_real, eps, t), t, cond, w_d)  # its features: hidden[-1]
-            loss_d = discriminator_loss(pooled_logits(hidden[-1], B), pooled_logits(hidden[0], B)).mean()
-            loss, out["loss_d"] = loss + loss_d, loss_d.item()
-    out["loss_fake"] = loss.item()
-    opt_fake.zero_grad(set_to_none=True)
-    if runtime.any_rank(not torch.isfinite(loss).item()):  # (every rank skips: a backward is a collective)
-        return ["fake"]
-    loss.backward()  # the fake network's weights are the only trainable tensors here (x_g: no_grad; teacher: frozen)
-    runtime.average_grads(fake)  # (one process: nothing to average)
-    opt_fake.step()
-    return []
-
-
-def generator_update(cfg, backbone, generator, fake, opt_gen, x_in, t_in, t, eps, cond, gan_weight, runtime, out):
-    """The generator update (D11) through its step k (input x_in at time t_in), + the adversarial term if data-aided
-    (D16). DMD (D14) makes the same calls with the networks as fixed critics. Returns ['generator'] if skipped."""
-    B = x_in.shape[0]
-    with autocast(cfg, x_in.device):
-        x_g = generator_step(
-            lambda x, s: backbone.velocity(generator, x, s, cond, cfg.student_guidance), x_in, t_in
-        ).float()  # (B, *D) the ONLY step that carries gradient into G
-        x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
-        critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
-        w_real, w_fake = (
-            guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
-            for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)
-        )
-        with critic, capture_features(fake) as hidden:
-            x0_teacher = velocity_to_x0(x_t, t, backbone.velocity(backbone.teacher, x_t, t, cond, w_real).float())
-            x0_fake = velocity_to_x0(x_t, t, backbone.velocity(fake, x_t, t, cond, w_fake).float())  # (B, *D)
-    w = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
-    if cfg.loss == "sid":
-        loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, w).mean()
-    else:
-        loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, w).mean()
-    if gan_weight > 0:  # the fake network's features of the generator's x_t, from the call just made
-        loss_gan = gan_generator_loss(pooled_logits(hidden[-1], B), w).mean()
-        loss, out["loss_gan"] = (1 - gan_weight) * loss + gan_weight * loss_gan, loss_gan.item()
-    # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
-    out["score_gap"] = _sum_pixels((x0_teacher - x0_fake).detach().float() ** 2).mean().item()
-    out["loss_gen"] = loss.item()
-    opt_gen.zero_grad(set_to_none=True)
-    if runtime.any_rank(not torch.isfinite(loss).item()):
-        return ["generator"]
-    # The gradient's routing, in two stages. (1) d loss / d x_g: through x_g itself and through x_t into BOTH
-    # networks' inputs; autograd.grad accumulates into no weight, so neither the fake network nor the teacher gets a
-    # gradient from this loss. (2) That gradient pushed back through the generator's step alone. (Both are plain
-    # backward passes of the graph as built, which is what FSDP2's sharded weights need: section 12.)
-    (grad_x_g,) = torch.autograd.grad(loss, x_g)  # (B, *D)
-    x_g.backward(grad_x_g)
-    runtime.average_grads(generator)
-    opt_gen.step()
-    return []
-
-
-# --- 7. The loop: optimizers, EMA, the runtime's one-process defaults, checkpoints, distill() ---------------------
-
+SID_LOSS_SCALE = 100  # the official generator loss is 100 x (D11) (loss_scaling_G): Adam only notices it through eps
 MAX_NONFINITE, LOG_EVERY = 3, 10  # stop after 3 non-finite iterations in a row; a line of OUT/log.jsonl every 10
 GAN_FREEZE_IMAGES, GAN_START_IMAGES = 20_000, 40_000  # data-aided (D16): the generator waits, then the GAN term
 
@@ -460,14 +345,16 @@ def autocast(cfg, device):
 
 
 def make_optimizers(cfg, generator, fake):
-    """Adam(0, 0.999) for the generator and the fake network (official: no momentum); eps 1e-4 for pure bf16."""
+    """{'generator': Adam, 'fake': Adam}, betas (0, 0.999) as the official code (no momentum); eps 1e-4 in pure
+    bf16 (--precision bf16), as the official SD3 and FLUX scripts."""
     # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
     # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
     adam = dict(betas=(0.0, 0.999), eps=1e-4 if cfg.precision == "bf16" else 1e-8, foreach=False)
-    return (
-        torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_gen, **adam),
-        torch.optim.Adam([p for p in fake.parameters() if p.requires_grad], lr=cfg.lr_fake, **adam),
-    )
+    trainable = {"generator": (generator, cfg.lr_gen), "fake": (fake, cfg.lr_fake)}
+    return {
+        name: torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr, **adam)
+        for name, (net, lr) in trainable.items()
+    }
 
 
 @torch.no_grad()
@@ -475,28 +362,157 @@ def ema_update(ema, net, decay, step):
     """EMA with warm-up: the effective decay min(decay, (1 + step) / (10 + step)) lets the average follow the fast
     early moves away from the teacher and average only once training settles."""
     decay = min(decay, (1 + step) / (10 + step))
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a corrupt `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class SiD:
+    def __init__(self, cfg, backbone, runtime):
+        self.cfg, self.backbone, self.runtime = cfg, backbone, runtime
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 broadcasts nothing)
+        self.generator, self.fake, self.ema = backbone.students(cfg, runtime)
+        self.optimizers = make_optimizers(cfg, self.generator, self.fake)  # {"generator": Adam, "fake": Adam}
+        # the only source of randomness, the same on every rank; the global RNGs are never drawn from, so this state is
+        # all a checkpoint needs to resume exactly
+        self.rng = torch.Generator(runtime.device or backbone.device).manual_seed(cfg.seed)
+
+    def student(self, x_t, t, cond):  # the generator's velocity: no two-branch CFG (FLUX: its embedded guidance)
+        return self.backbone.velocity(self.generator, x_t, t, cond, self.backbone.student_guidance)
+
+    def micro_batches(self):
+        """Fresh draws for one update, this process's micro-batches of them: dicts of (B, ...) tensors -- noises
+        (B, K, *D), t (B,), eps (B, *D), what backbone.sample_batch draws -- and 'cond', 'x0_real', 'cond_real'."""
+        cfg, bb, rng = self.cfg, self.backbone, self.rng
+        n = cfg.batch_size * cfg.grad_accum * self.runtime.world  # the global batch
+        d = dict(noises=bb.noises(n, cfg.steps, rng), t=sample_t(n, rng), eps=bb.noise((n, *bb.sample_shape), rng))
+        d |= bb.sample_batch(n, rng)
+        for j in range(cfg.grad_accum):
+            rows = {name: v[self.runtime.rows(cfg.batch_size, j)] for name, v in d.items()}
+            yield rows | dict(zip(("cond", "x0_real", "cond_real"), bb.condition(rows), strict=True))
+
+    def fake_loss(self, d, k):
+        """Flow matching of the fake network on the generator's samples x_g, detached (D9); with real data it is also
+        the discriminator (D16): BCE on its pooled features of real and generated samples, noised alike."""
+        cfg, bb, t, eps = self.cfg, self.backbone, d["t"], d["eps"]
+        student = functools.partial(self.student, cond=d["cond"])
+        with autocast(cfg, bb.device), capture_features(self.fake) as hidden:
+            with torch.no_grad():  # stop-gradient: the fake network fits the generator's samples, it must not move G
+                x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()
+            w = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, d["x0_real"] is not None)  # (D17)
+            v = bb.velocity(self.fake, add_noise(x_g, eps, t), t, d["cond"], w)  # (B, *D)
+            loss = flow_matching_loss(v.float(), x_g, eps, t).mean()  # (B, *D) -> ()
+            stats = dict(loss_fake=loss.item())
+            if d["x0_real"] is not None:  # real samples with their own captions, through the prompt's branch alone
+                bb.velocity(self.fake, add_noise(d["x0_real"], eps, t), t, d["cond_real"], 1.0)  # -> hidden[-1]
+                logits_real, logits_fake = pooled_logits(hidden[-1], len(t)), pooled_logits(hidden[0], len(t))
+                loss_d = discriminator_loss(logits_real, logits_fake, x_g[0].numel()).mean()
+                loss, stats["loss_d"] = loss + loss_d, loss_d.item()
+        return loss, None, stats
+
+    def generator_loss(self, d, k, gan_weight):
+        """SiD's generator loss (D11) through step k, DMD's (D14) for contrast; data-aided, the adversarial term joins
+        with weight gan_weight (D16). Returns the loss and x_g, where its gradient is routed (see update())."""
+        cfg, bb, t, eps, cond = self.cfg, self.backbone, d["t"], d["eps"], d["cond"]
+        student = functools.partial(self.student, cond=cond)
+        w_real = guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
+        w_fake = guidance_scale(cfg.cfg_eval_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, gan_weight > 0)
+        with autocast(cfg, bb.device):
+            x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()  # (B, *D)
+            x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
+            critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
+            with critic, capture_features(self.fake) as hidden:
+                x0_teacher = velocity_to_x0(x_t, t, bb.velocity(bb.teacher, x_t, t, cond, w_real).float())
+                x0_fake = velocity_to_x0(x_t, t, bb.velocity(self.fake, x_t, t, cond, w_fake).float())  # (B, *D)
+        weight = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
+        if cfg.loss == "sid":
+            loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, weight).mean()
+        else:
+            loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, weight).mean()
+        # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
+        stats = dict(score_gap=_sum_pixels((x0_teacher - x0_fake).detach() ** 2).mean().item(), loss_gen=loss.item())
+        loss = SID_LOSS_SCALE * loss
+        if gan_weight:  # the fake network's features of the generator's x_t, from the call just made
+            loss_gan = gan_generator_loss(pooled_logits(hidden[-1], len(t)), weight, x_g[0].numel()).mean()
+            loss, stats["loss_gan"] = (1 - gan_weight) * loss + gan_weight * loss_gan, loss_gan.item()
+        return loss, x_g, stats
+
+    def update(self, name, loss_fn):
+        """One optimizer step of network `name` ('fake' or 'generator') on fresh draws: every micro-batch's loss
+        backpropagated with weight 1/grad_accum -- N micro-batches of B give the gradient of one batch of N B --,
+        gradients averaged over processes, one step. Returns (diagnostics, averaged over micro-batches; whether every
+        loss was finite: if not, the step is skipped)."""
+        net, opt, N = getattr(self, name), self.optimizers[name], self.cfg.grad_accum
+        opt.zero_grad(set_to_none=True)
+        out = {}
+        for d in self.micro_batches():
+            loss, x_g, stats = loss_fn(d)
+            out = {key: out.get(key, 0.0) + v / N for key, v in stats.items()}
+            if self.runtime.any_rank(not torch.isfinite(loss).item()):  # (every rank skips: a backward is collective)
+                return out, False
+            if (
+                x_g is None
+            ):  # the fake update: its weights are the only trainable tensors (x_g: no_grad; teacher frozen)
+                (loss / N).backward()
+            else:
+                # The generator's gradient, routed in two stages. (1) d loss / d x_g: through x_g itself and through
+                # x_t into BOTH networks' inputs; autograd.grad accumulates into no weight, so neither the fake
+                # network nor the teacher gets a gradient from this loss. (2) That gradient pushed back through the
+                # generator's step alone. (Both are plain backward passes of the graph as built, which is what
+                # FSDP2's sharded weights need: section 13.)
+                (grad_x_g,) = torch.autograd.grad(loss / N, x_g)  # (B, *D)
+                x_g.backward(grad_x_g)
+        self.runtime.average_grads(net)  # (one process: nothing to average)
+        opt.step()
+        return out, True
+
+    def iteration(self, step):
+        """Iteration `step` (derivation.md, section 4): the learning rates, cfg.fake_updates fake-network updates, then
+        one generator update, each on fresh draws, then the EMA. Returns the diagnostics; a phase whose loss was not
+        finite skipped its optimizer step and is named under 'nonfinite' (the loop decides when to stop)."""
+        cfg = self.cfg
+        images_seen = step * cfg.batch_size * cfg.grad_accum * self.runtime.world
+        # the learning rates: constant (official) or a cosine from 1 to 0 over the run
+        scale = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
+        for name, lr in (("generator", cfg.lr_gen), ("fake", cfg.lr_fake)):
+            self.optimizers[name].param_groups[0]["lr"] = lr * scale
+        # the trained step k, the same for both updates: uniform in {1..K} (the paper's mixture) or always K (D13)
+        k = (
+            cfg.steps
+            if cfg.train_step == "last"
+            else int(torch.randint(1, cfg.steps + 1, (1,), generator=self.rng, device=self.rng.device))
+        )
+        # data-aided (D16), counted in images seen as officially: the generator waits, then the GAN term joins
+        data_aided = self.backbone.real is not None
+        gan_weight = cfg.gan_weight if data_aided and images_seen > GAN_START_IMAGES else 0.0
+        fake_loss = functools.partial(self.fake_loss, k=k)
+        generator_loss = functools.partial(self.generator_loss, k=k, gan_weight=gan_weight)
+        phases = [("fake", fake_loss)] * cfg.fake_updates
+        phases += [("generator", generator_loss)] * (not data_aided or images_seen > GAN_FREEZE_IMAGES)
+        out = dict(k=k, nonfinite=[])
+        for name, loss_fn in phases:
+            stats, finite = self.update(name, loss_fn)
+            out |= stats
+            out["nonfinite"] += [] if finite else [name]
+        if self.ema is not None:
+            ema_update(self.ema, self.generator, cfg.ema_decay, step + 1)
+        return out
+
+
+# --- 7. The loop: distill(), with the runtime's one-process defaults --------------------------------------------
 
 
 class Runtime:
-    """Where the ranks live, so that the method never sees them: one process (rank 0 of 1), all the toy needs. Under
-    torchrun, Part II's Distributed overrides each method. `nets`: {name: (network, its optimizer or None)}."""
+    """Where the ranks and the checkpoints live, so that the method never sees them. This one: one process (rank 0 of
+    1), the run in memory (nothing resumed, nothing saved), all the toy needs. Part II's Checkpoints writes cfg.out
+    and resumes from it; Distributed runs under torchrun."""
 
     rank, world = 0, 1
 
     def __init__(self, device=None):
         self.device = device
 
-    def rows(self, B):  # this rank's rows of a draw made for the global batch of B * world samples
-        return slice(self.rank * B, (self.rank + 1) * B)
+    def rows(self, B, j=0):  # this rank's rows of micro-batch j in a draw made for the global batch: (j, rank, B)
+        return slice((j * self.world + self.rank) * B, (j * self.world + self.rank + 1) * B)
 
     def any_rank(self, flag):  # under torchrun: true on some rank, so that all ranks skip or stop alike
         return flag
@@ -504,61 +520,11 @@ class Runtime:
     def average_grads(self, net):  # after a backward, make net's gradients the global batch's (here they are)
         pass
 
-    def checkpoint_path(self, out):  # (and read_meta, save, load: Distributed's is a sharded folder)
-        return os.path.join(out, "checkpoint.pt")
-
-    def read_meta(self, path):  # through a memory map: no weight is read
-        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
-
-    def save(self, path, nets, meta):
-        """One file: meta and every network's and optimizer's state, written beside and renamed into place."""
-        state = dict(meta, **{name: net.state_dict() for name, (net, _) in nets.items()})
-        state.update({f"opt_{name}": opt.state_dict() for name, (_, opt) in nets.items() if opt})
-        atomic_save(state, path)
-
-    def load(self, path, nets):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for name, (net, opt) in nets.items():
-            net.load_state_dict(state[name])
-            if opt:
-                opt.load_state_dict(state[f"opt_{name}"])
-
-
-def resumable(cfg):  # the fields a resumed run may change, the rest must not: --iters too, unless a cosine spans it
-    return ("out", "save_every", "eval_every", "device") + (("iters",) if cfg.lr_schedule == "constant" else ())
-
-
-def resume(cfg, runtime, nets, rng):
-    """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
-    if not cfg.out:
+    def resume(self, cfg, sid):  # -> (step, skipped) of the checkpoint it restored sid from
         return 0, 0
-    os.makedirs(cfg.out, exist_ok=True)
-    path = runtime.checkpoint_path(cfg.out)
-    if not os.path.exists(path):
-        return 0, 0
-    meta = runtime.read_meta(path)
-    diff = [
-        f"{k}: {v} -> {getattr(cfg, k)}"
-        for k, v in meta["config"].items()
-        if k not in resumable(cfg) and getattr(cfg, k, v) != v
-    ]
-    if diff:
-        raise UserError(
-            f"{path} was written with a different config ({', '.join(diff)}); use another --out or the same settings"
-        )
-    if meta["step"] > cfg.iters:
-        raise UserError(f"{path} is at iteration {meta['step']}, beyond --iters {cfg.iters}; use another --out")
-    runtime.load(path, nets)
-    rng.set_state(meta["rng"])
-    if runtime.rank == 0:
-        print(f"resumed from {path} at iteration {meta['step']}")
-        with open(os.path.join(cfg.out, "log.jsonl"), "a+") as f:  # drop the lines after the checkpoint: redone
-            f.seek(0)
-            kept = [line for line in f if json.loads(line)["step"] <= meta["step"]]
-            f.truncate(0)
-            f.writelines(kept)
-    return meta["step"], meta["skipped"]
+
+    def save(self, cfg, sid, step, skipped):  # a checkpoint of iteration `step`
+        pass
 
 
 def log(cfg, bar, m):
@@ -569,80 +535,63 @@ def log(cfg, bar, m):
             f.write(json.dumps({k: v for k, v in m.items() if k != "nonfinite" and v is not None}) + "\n")
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """Inside the block, SIGTERM (a preempted job) and Ctrl-C are recorded in the yielded list instead of stopping
+    the process, so that the loop can finish its iteration and checkpoint it."""
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def distill(cfg, backbone, on_eval=None, runtime=None):
     """Distil `backbone.teacher` into a K-step generator, resuming from cfg.out's checkpoint when there is one.
-    `on_eval(step, generator, ema)` is called (on every rank) every cfg.eval_every iterations and at the end.
-    Returns dict(generator=, ema=, fake=, step=, skipped=, optimizers=)."""
-    runtime = runtime or Runtime()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 broadcasts nothing)
-    generator, fake, ema = backbone.students(cfg, runtime)
-    opt_gen, opt_fake = make_optimizers(cfg, generator, fake)
-    # the loop's only source of randomness, the same on every rank (each keeps its rows of the global batch); the
-    # global RNGs are never drawn from, so this state is all a checkpoint needs to resume exactly
-    rng = torch.Generator(runtime.device or next(generator.parameters()).device).manual_seed(cfg.seed)
-    nets = dict(generator=(generator, opt_gen), fake=(fake, opt_fake), ema=(ema, None))
-    step, skipped = resume(cfg, runtime, nets, rng)
-    save = lambda: (
-        cfg.out
-        and runtime.save(
-            runtime.checkpoint_path(cfg.out),
-            nets,
-            dict(  # noqa: E731
-                rng=rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(cfg)
-            ),
-        )
-    )
+    `on_eval(step, generator, ema)` is called (on every rank) every cfg.eval_every iterations and at the end (ema:
+    None without one). `runtime`: Runtime() (one process, in memory) unless given -- Checkpoints() to write and
+    resume cfg.out. Returns dict(generator=, ema=, fake=, step=, skipped=, sid=)."""
+    sid = SiD(cfg, backbone, runtime or Runtime())
+    (step, skipped), rank, in_a_row, t0 = sid.runtime.resume(cfg, sid), sid.runtime.rank, 0, time.time()
     bar = tqdm(
         total=cfg.iters,
         initial=step,
         desc=cfg.loss.upper(),
         dynamic_ncols=True,
-        disable=True if runtime.rank or step >= cfg.iters else None,
+        disable=True if rank or step >= cfg.iters else None,
     )  # None: a bar only on a terminal
-    in_a_row, t0, stop = 0, time.time(), []
-    # SIGTERM (a preempted job) or Ctrl-C: finish this iteration, checkpoint it, stop (the same command resumes)
-    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with bar, stop_requests() as stop:
         while step < cfg.iters:
-            # the learning rates: constant (official) or a cosine from 1 to 0 over the run
-            scale = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
-            for opt, lr in ((opt_gen, cfg.lr_gen), (opt_fake, cfg.lr_fake)):
-                opt.param_groups[0]["lr"] = lr * scale
-            m = sid_iteration(
-                cfg, backbone, fake, generator, opt_fake, opt_gen, rng, step * cfg.batch_size * runtime.world, runtime
-            )
+            m = sid.iteration(step)
             step += 1
             skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
             if in_a_row >= MAX_NONFINITE:
+                phases = " and ".join(m["nonfinite"])
                 raise FloatingPointError(
-                    f"non-finite {' and '.join(m['nonfinite'])} loss at iteration {step} "
-                    f"({in_a_row} in a row, {skipped} skipped); the last good checkpoint is kept"
+                    f"non-finite {phases} loss at iteration {step} ({in_a_row} in a row, {skipped} skipped); the "
+                    "last good checkpoint is kept"
                 )
-            ema_update(ema, generator, cfg.ema_decay, step)
             if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
-                m["eval"] = on_eval(step, generator, ema)  # e.g. a quality number: logged with the losses
-            if runtime.rank == 0 and (step % LOG_EVERY == 0 or step == cfg.iters or "eval" in m):
+                m["eval"] = on_eval(step, sid.generator, sid.ema)  # e.g. a quality number: logged with the losses
+            if rank == 0 and (step % LOG_EVERY == 0 or step == cfg.iters or "eval" in m):
                 log(cfg, bar, dict(step=step, time=round(time.time() - t0, 3), skipped=skipped, **m))
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
-                save()
+            stopping = sid.runtime.any_rank(bool(stop)) and step < cfg.iters  # SIGTERM or Ctrl-C on some rank
+            if stopping or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters):
+                sid.runtime.save(cfg, sid, step, skipped)
             bar.update(1)
-            if runtime.any_rank(bool(stop)) and step < cfg.iters:
-                save()
-                raise Interrupted(
-                    f"stopped at iteration {step} of {cfg.iters}"
-                    + (f"; {cfg.out} holds it: run the same command to continue" if cfg.out else "")
-                )
-    finally:
-        bar.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    save()
-    return dict(generator=generator, ema=ema, fake=fake, step=step, skipped=skipped, optimizers=(opt_gen, opt_fake))
+            if stopping:
+                where = f"; {cfg.out} holds it: run the same command to continue" if cfg.out else ""
+                raise Interrupted(f"stopped at iteration {step} of {cfg.iters}{where}")
+    sid.runtime.save(cfg, sid, step, skipped)
+    return dict(generator=sid.generator, ema=sid.ema, fake=sid.fake, step=step, skipped=skipped, sid=sid)
 
 
 # ============================= PART II -- THE MACHINERY THAT SCALES IT (a first reading may stop here) =============
 
 import argparse
+import inspect
 import re
 import shutil
 import socket
@@ -672,7 +621,83 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# --- 8. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface ---------------------------------
+# --- 8. Runs on disk: checkpoints, resume ---------------------------------------------------------------------
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a corrupt `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resumable(cfg):  # the fields a resumed run may change, the rest must not: --iters too, unless a cosine spans it
+    return ("out", "save_every", "eval_every", "device") + (("iters",) if cfg.lr_schedule == "constant" else ())
+
+
+def checkpointed(sid):  # what a checkpoint holds: {name: (network, its optimizer or None)}
+    nets = {name: (getattr(sid, name), opt) for name, opt in sid.optimizers.items()}
+    return nets | ({"ema": (sid.ema, None)} if sid.ema is not None else {})
+
+
+class Checkpoints(Runtime):
+    """Part I's Runtime, with the run kept in cfg.out: one file OUT/checkpoint.pt (Distributed: a sharded folder),
+    written beside and renamed into place, holding every network, optimizer and the rng: a resume is exact."""
+
+    def checkpoint_path(self, out):
+        return os.path.join(out, "checkpoint.pt")
+
+    def read_meta(self, path):  # through a memory map: no weight is read
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
+
+    def write(self, path, nets, meta):
+        state = dict(meta, **{name: net.state_dict() for name, (net, _) in nets.items()})
+        state.update({f"opt_{name}": opt.state_dict() for name, (_, opt) in nets.items() if opt})
+        atomic_save(state, path)
+
+    def read(self, path, nets):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for name, (net, opt) in nets.items():
+            net.load_state_dict(state[name])
+            if opt:
+                opt.load_state_dict(state[f"opt_{name}"])
+
+    def save(self, cfg, sid, step, skipped):
+        if cfg.out:
+            meta = dict(rng=sid.rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(cfg))
+            self.write(self.checkpoint_path(cfg.out), checkpointed(sid), meta)
+
+    def resume(self, cfg, sid):
+        """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
+        if not cfg.out:
+            return 0, 0
+        os.makedirs(cfg.out, exist_ok=True)
+        path = self.checkpoint_path(cfg.out)
+        if not os.path.exists(path):
+            return 0, 0
+        meta = self.read_meta(path)
+        changed = [k for k, v in meta["config"].items() if k not in resumable(cfg) and getattr(cfg, k, v) != v]
+        if changed:
+            was = ", ".join(f"{k}: {meta['config'][k]} -> {getattr(cfg, k)}" for k in changed)
+            raise UserError(
+                f"{path} was written with a different config ({was}); use another --out or the same settings"
+            )
+        if meta["step"] > cfg.iters:
+            raise UserError(f"{path} is at iteration {meta['step']}, beyond --iters {cfg.iters}; use another --out")
+        self.read(path, checkpointed(sid))
+        sid.rng.set_state(meta["rng"])
+        if self.rank == 0:
+            print(f"resumed from {path} at iteration {meta['step']}")
+            with open(os.path.join(cfg.out, "log.jsonl"), "a+") as f:  # drop the lines after the checkpoint: redone
+                f.seek(0)
+                kept = [line for line in f if json.loads(line)["step"] <= meta["step"]]
+                f.truncate(0)
+                f.writelines(kept)
+        return meta["step"], meta["skipped"]
+
+
+# --- 9. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface ---------------------------------
 
 PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
 
@@ -689,9 +714,10 @@ def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates 
 DEFAULT_PROMPTS = read_prompts(os.path.join(HERE, "assets", "prompts.txt"))  # when no --prompts file is given
 
 
-def cfg_branches(w, embedded=False, per_sample=False):
-    """Batches of work of a velocity call at CFG scale w: 1 if embedded, w = 1 or a batch-wide w = 0; else 2."""
-    return 1 if embedded or w == 1 or (w == 0 and not per_sample) else 2
+def cfg_branches(w, embedded_only=False, per_sample=False):
+    """Batches of work of a velocity call at CFG scale w: 1 with embedded guidance alone, at w = 1 or a batch-wide
+    w = 0; else 2 (the empty prompt's branch and the prompt's, in one call)."""
+    return 1 if embedded_only or w == 1 or (w == 0 and not per_sample) else 2
 
 
 def _cat(conds):  # conditioning dicts concatenated along the batch
@@ -700,25 +726,33 @@ def _cat(conds):  # conditioning dicts concatenated along the batch
 
 class DiTBackbone(Backbone):
     """A diffusers pipeline as a Backbone (teacher: pipe.transformer): prompt cache, CFG in one call (D17), decoding. A
-    family adds encode(prompts) -> cond, batch-first tensors, and forward(net, x_t, t, cond, guidance) -> v (D2)."""
+    family adds encode(prompts) -> cond, batch-first tensors, and forward(net, x_t, t, cond, guidance) -> v (D2), and
+    states its facts below: its pipeline class, and what the memory plan needs (section 16)."""
 
-    guidance_embedded = False
+    pipeline = ""  # the diffusers pipeline class it loads, as model_index.json names it
     packing = 1  # FLUX packs 2x2 latent patches into tokens before the transformer
     step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
-    pipeline_kwargs = {}  # what the stock pipeline must be told to condition as we do
+    zero_cfg_prompt = False  # a batch-wide w = 0 sees the empty prompt (Zero-CFG); FLUX: the prompt, embedded 0
+    embedded_only = False  # every scale only as embedded guidance (FLUX with --embedded-guidance-only)
+    # The memory plan's facts: text tokens; the VAE's factor; the text encoders' parameters (on the GPU while the
+    # prompts are encoded); activations a block saves for backward, in elements per token and channel, when its weights
+    # train and when they are frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed
+    # block's inputs, alike; a text token's cost in a block, relative to an image token's. Measured with saved-tensor
+    # hooks (experiments/bench.py); test_memory_plan_matches_measured_bytes checks them.
+    text_tokens, vae_factor, text_encoder_params = 0, 8, 0.0
+    saved_per_block, checkpointed_inputs, text_in_blocks = (0.0, 0.0), (0.0, 0.0), 1.0
 
-    def __init__(self, pipe, resolution, device, teacher_dtype):
-        self.pipe, self.device, self.resolution = pipe, device, resolution
+    def __init__(self, pipe, cfg, device):
+        c, f = pipe.transformer.config, pipe.vae_scale_factor
+        self.pipe, self.device, self.resolution = pipe, device, cfg.resolution or (c.sample_size or 128) * f
         # every component on the device in the teacher's dtype, the text encoders too (a T5-XXL on a GPU machine's CPU
         # would take hours): set_prompts() frees them once the prompts are cached
-        self.teacher = pipe.transformer.to(device, teacher_dtype).requires_grad_(False).eval()
+        self.teacher = pipe.transformer.to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
         for name in ("vae", *self.text_encoders()):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).to(device, teacher_dtype).requires_grad_(False).eval()
-        f, c = pipe.vae_scale_factor, self.teacher.config
-        check_resolution(resolution, f, c.patch_size * self.packing)
-        self.sample_shape = (c.in_channels // self.packing**2, resolution // f, resolution // f)  # (C, h, w)
-        self.prompts, self.bank, self.uncond, self.data = [], None, None, None
+            getattr(pipe, name).to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
+        check_resolution(self.resolution, f, c.patch_size * self.packing)
+        self.sample_shape = (c.in_channels // self.packing**2, self.resolution // f, self.resolution // f)  # (C, h, w)
+        self.prompts, self.bank, self.uncond = [], None, None
 
     def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
         return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(self.pipe, n, None)]
@@ -730,39 +764,43 @@ class DiTBackbone(Backbone):
             self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
             per_prompt = sum(v.numel() * v.element_size() for v in self.encode(self.prompts[:1]).values())
             if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:  # encoded 16 at a time, each chunk to the CPU
-                self.bank = _cat(
-                    [
-                        {k: v.cpu() for k, v in self.encode(self.prompts[i : i + 16]).items()}
-                        for i in range(0, len(self.prompts), 16)
-                    ]
-                )
+                chunks = [self.encode(self.prompts[i : i + 16]) for i in range(0, len(self.prompts), 16)]
+                self.bank = _cat([{k: v.cpu() for k, v in chunk.items()} for chunk in chunks])
                 for name in self.text_encoders():
                     setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
                 torch.cuda.empty_cache()  # (nothing to do without CUDA)
 
-    def cond_for(self, idx):  # conditioning for prompt indices idx (list of int), on the device
+    def cond_for(self, idx):  # conditioning for prompt indices idx ((B,) tensor or list of int), on the device
         if self.bank is not None:
             return {k: v[idx].to(self.device) for k, v in self.bank.items()}
         with torch.no_grad():
             return self.encode([self.prompts[i] for i in idx])
 
-    def sample_batch(self, n, rng, rows=slice(None)):
-        """(cond, x0_real) of `rows` of n random prompts; with data: its captions, and as x0_real their latents."""
-        idx = torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device)[rows].tolist()
-        return self.cond_for(idx), (self.data[idx].to(self.device) if self.data is not None else None)
+    def sample_batch(self, n, rng):
+        """n prompt indices; data-aided, also n image-caption pairs, drawn apart from the prompts (as official)."""
+        names = ("prompt", "real") if self.real is not None else ("prompt",)
+        return {k: torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device).cpu() for k in names}
+
+    def condition(self, d):  # the prompts' conditioning; data-aided, the pairs' latents and their captions' too
+        if "real" not in d:
+            return self.cond_for(d["prompt"]), None, None
+        return self.cond_for(d["prompt"]), self.real[d["real"]].to(self.device), self.cond_for(d["real"])
 
     def velocity(self, net, x_t, t, cond, guidance):
-        """v_u + w (v_c - v_u) (D17), w a float or per-sample (B,); a float 1 or 0: one branch alone (cfg_branches)"""
-        B, per_sample = x_t.shape[0], torch.is_tensor(guidance)
-        if self.guidance_embedded or (not per_sample and guidance == 1.0):
+        """v_u + w (v_c - v_u) (D17), the empty prompt's v_u and the prompt's v_c in one call of 2B; w a float or a
+        per-sample (B,) tensor. One branch at a batch-wide w = 1 (v_c) or 0 (Zero-CFG), or with embedded guidance
+        alone (cfg_branches). A guidance-distilled teacher (FLUX.1-dev) gets w as its embedded guidance too."""
+        B, per_sample = len(x_t), torch.is_tensor(guidance)
+        if self.embedded_only or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond, guidance)
         uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
-        if not per_sample and guidance == 0.0:  # Zero-CFG: the network sees the empty prompt only
-            return self.forward(net, x_t, t, uncond, guidance)
-        v_uncond, v_cond = self.forward(
-            net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]), guidance
-        ).chunk(2)  # (B, C, h, w) each
-        w = guidance.view(B, *[1] * (x_t.dim() - 1)) if per_sample else guidance  # (B, 1, 1, 1) or a float
+        if not per_sample and guidance == 0.0:  # Zero-CFG: one branch
+            return self.forward(net, x_t, t, cond if self.zero_cfg_prompt else uncond, guidance)
+        g = torch.cat([guidance, guidance]) if per_sample else guidance  # (2B,) or a float
+        v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]), g).chunk(
+            2
+        )
+        w = _per_sample(guidance, x_t) if per_sample else guidance  # (B, 1, 1, 1) or a float
         return v_uncond + w * (v_cond - v_uncond)
 
     @torch.no_grad()
@@ -777,18 +815,19 @@ class DiTBackbone(Backbone):
         return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
 
     def students(self, cfg, runtime):
-        """Three LoRA adapters on the teacher itself, or three full copies (under torchrun: built sharded)."""
+        """LoRA adapters on the teacher itself, or full copies (under torchrun: sharded); ema None without one."""
         if cfg.mode == "lora":
-            nets = lora_students(self, cfg.lora_rank)
+            nets = lora_students(self, cfg.lora_rank)  # (an EMA adapter costs megabytes: made, unused without one)
         elif runtime.world == 1:
             nets = super().students(cfg, runtime)
-        else:  # compiled blocks, then sharded (section 12)
+        else:  # compiled blocks, then sharded (section 14)
             shard(self.teacher, compiled=cfg.compile)
             nets = [
                 sharded_copy(self.teacher, trainable_dtype(cfg), student_precision(cfg), trains, cfg.compile)
-                for trains in (True, True, False)
+                for trains in (True, True, False)[: 3 if cfg.ema_decay else 2]
             ]
-        # the networks that run: LoRA's one base, seen through four adapter states; else teacher, generator and fake
+        nets = [*nets[:2], nets[2] if cfg.ema_decay and len(nets) > 2 else None]
+        # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
         for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
             if cfg.grad_checkpointing:
                 checkpoint_blocks(net, cfg.grad_checkpointing)
@@ -799,18 +838,20 @@ class DiTBackbone(Backbone):
 
 
 class SanaBackbone(DiTBackbone):
-    """SANA: Gemma-2 embeddings and mask (no complex_human_instruction, no resolution binning); t * 1000 * scale."""
+    """SANA: Gemma-2 embeddings and mask of the prompt behind the stock pipeline's complex human instruction (the
+    empty prompt without it, as the pipeline's negative prompt and the official code); t * 1000 * timestep_scale."""
 
-    pipeline_kwargs = {"complex_human_instruction": None, "use_resolution_binning": False}
+    pipeline = "SanaPipeline"
+    text_tokens, vae_factor, text_encoder_params = 300, 32, 2.61e9
+    saved_per_block, checkpointed_inputs, text_in_blocks = (41.0, 35.0), (2.8, 1.1), 0.1  # text: cross-attention only
+    instruction = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
     def encode(self, prompts):
         embeds, mask, _, _ = self.pipe.encode_prompt(
             prompts,
             do_classifier_free_guidance=False,
             device=self.device,
-            clean_caption=False,
-            max_sequence_length=300,
-            complex_human_instruction=None,
+            complex_human_instruction=self.instruction if prompts != [""] else None,
         )
         return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
 
@@ -829,7 +870,10 @@ class SanaBackbone(DiTBackbone):
 class SD3Backbone(DiTBackbone):
     """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000."""
 
+    pipeline = "StableDiffusion3Pipeline"
     step_noise_from_generator = False
+    text_tokens, text_encoder_params = 77 + 256, 0.12e9 + 0.69e9 + 4.76e9
+    saved_per_block, checkpointed_inputs = (18.0, 10.0), (2.0, 1.35)
 
     def encode(self, prompts):
         embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -855,12 +899,22 @@ class SD3Backbone(DiTBackbone):
 
 class FluxBackbone(DiTBackbone):
     """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids, latents packed 2x2 into tokens, t in [0, 1]. FLUX.1-dev is
-    guidance-distilled: every CFG scale is fed to its guidance embedding, never a second branch (0 is not the empty
-    prompt: no Zero-CFG); the student gets cfg.student_guidance, the stock FluxPipeline the same guidance_scale."""
+    guidance-distilled: as the official code, every CFG scale w is fed to its guidance embedding AND, for w outside
+    {0, 1}, the two-branch CFG with the empty prompt runs too; w = 0 is the prompt at embedded 0, not Zero-CFG; the
+    student is called at embedded guidance 1. --embedded-guidance-only: the embedding alone, one branch, and the
+    student at the teacher's scale (the stock FluxPipeline's guidance_scale samples it at the same)."""
 
-    guidance_embedded = True
+    pipeline = "FluxPipeline"
     packing = 2
     step_noise_from_generator = False
+    zero_cfg_prompt = True
+    text_tokens, text_encoder_params = 512, 0.12e9 + 4.76e9
+    saved_per_block, checkpointed_inputs = (24.0, 12.0), (2.15, 1.6)
+
+    def __init__(self, pipe, cfg, device):
+        super().__init__(pipe, cfg, device)
+        self.embedded_only = cfg.embedded_guidance_only
+        self.student_guidance = cfg.cfg_eval_real if self.embedded_only else 1.0
 
     def encode(self, prompts):
         embeds, pooled, self.txt_ids = self.pipe.encode_prompt(  # txt_ids (L, 3), the same for every prompt
@@ -879,15 +933,11 @@ class FluxBackbone(DiTBackbone):
     def forward(self, net, x_t, t, cond, guidance):
         dt, (_, h, w) = self._dtype(net), self.sample_shape  # img_ids: (tokens, 3), each (0, row, column)
         ids = torch.cartesian_prod(*(torch.arange(n, device=x_t.device).float() for n in (1, h // 2, w // 2)))
-        g = (
-            torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])  # (B,)
-            if net.config.guidance_embeds
-            else None
-        )
+        g = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(len(x_t))  # (B,) embedded
         v = net(
             hidden_states=self.pack(x_t).to(dt),
             timestep=t,
-            guidance=g,
+            guidance=g if net.config.guidance_embeds else None,
             pooled_projections=cond["pooled"].to(dt),
             encoder_hidden_states=cond["embeds"].to(dt),
             txt_ids=self.txt_ids,
@@ -901,13 +951,14 @@ class FluxBackbone(DiTBackbone):
         return self.unpack(torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device), h, w)
 
 
-FAMILIES = {"SanaPipeline": SanaBackbone, "StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbone}
+FAMILIES = {family.pipeline: family for family in (SanaBackbone, SD3Backbone, FluxBackbone)}
 
-# --- 9. LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base -----
-# Two peft pitfalls, handled here once: (1) set_adapter() makes ONLY the active adapter trainable: after each switch the
-# requires_grad flags are put back (generator and fake train, ema does not), or a backward pass after a switch would
-# silently skip the other adapter; (2) gradient checkpointing recomputes a block in backward, when another adapter may
-# be active: the checkpoint function records the forward pass's adapter and replays it on that block's LoRA layers.
+# --- 10. LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base -----
+# Two peft pitfalls, handled here once: (1) set_adapter() makes ONLY the active adapter trainable: after each switch
+# the requires_grad flags are put back (generator and fake train, ema does not), or a backward pass after a switch
+# would silently skip the other adapter; (2) gradient checkpointing recomputes a block in backward, when another
+# adapter may be active: the checkpoint function records the forward pass's adapter and replays it on that block's
+# LoRA layers.
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
 LORA_TRAINABLE = ("generator", "fake")
@@ -954,7 +1005,7 @@ def blocks(net):  # the repeated blocks of a diffusers DiT: its ModuleLists' mem
 
 
 def checkpoint_blocks(net, share):
-    """Checkpoint a `share` of net's blocks, spread evenly (0.5: every second), replaying the forward's LoRA adapter."""
+    """Checkpoint a `share` of net's blocks, spread evenly (0.5: every second), replaying the forward's adapter."""
     chosen = {id(b) for i, b in enumerate(blocks(net)) if math.floor((i + 1) * share) > math.floor(i * share)}
 
     def checkpoint(block, *args):  # diffusers calls it for every block when checkpointing is enabled
@@ -1038,7 +1089,7 @@ def lora_students(backbone, rank):
     return views
 
 
-# --- 10. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE ------
+# --- 11. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE ------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -1058,7 +1109,7 @@ def read_image_captions(path):
 
 
 def encode_data(backbone, path, cache_path):
-    """(latents (N, C, h, w) on the CPU, captions, skipped counts) of a data set, encoded once, cached at cache_path."""
+    """(latents (N, C, h, w) on the CPU, captions, skipped counts) of a data set, encoded once, cached in cache_path"""
     key = dict(path=os.path.abspath(path), resolution=backbone.resolution, teacher=backbone.source)
     cache = torch.load(cache_path, weights_only=False) if os.path.isfile(cache_path) else {}
     if cache.get("key") == key:
@@ -1088,7 +1139,7 @@ def encode_data(backbone, path, cache_path):
     return latents, captions, skipped
 
 
-# --- 11. A quality number for every run, with no extra download: the student's Frechet distance to the teacher ----
+# --- 12. A quality number for every run, with no extra download: the student's Frechet distance to the teacher ----
 # At a run's start the teacher draws a reference set, QUALITY_SIZE samples (the run's prompts in turn, fixed seeds), by
 # its own REFERENCE_STEPS-step Euler sampler guided as in the losses; each evaluation, the student (EMA) draws the same
 # prompts and seeds. The teacher sees both given the empty prompt (the image, not its fit to a prompt): its last hidden
@@ -1096,6 +1147,15 @@ def encode_data(backbone, path, cache_path):
 # principal directions (there the reference is N(0, I)), then FID's Frechet distance to N(0, I). Validated by
 # experiments/digits.py --metric-study; the alternatives weighed by experiments/metric_variants.py.
 QUALITY_SIZE, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS = 512, 0.3, 8, 32
+
+
+def euler_sample(velocity_fn, z, steps):
+    """The teacher's own sampler: Euler on dx/dt = v from t = 1 to t = 0 on a uniform grid, no gradient."""
+    x, ts = z, torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
+    with torch.no_grad():
+        for i in range(steps):
+            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(z.shape[0]))
+    return x  # (B, *D)
 
 
 def grid_features(hidden, B, cells=4):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
@@ -1112,50 +1172,53 @@ def frechet_to_standard(f):
 
 class Quality:
     """quality(net) -> the score of a generator's K-step samples, kept in .samples (the preview); lower is better;
-    .lines: the teacher's own 4- and 8-step scores. `seed`: the initial noise's; the features' +1, re-noising's +2."""
+    .lines: the teacher's own 4- and 8-step scores. `seed`: the samples' noises'; the features' noise's + 1."""
 
     def __init__(self, backbone, cfg, cache=None, seed=0):
         self.backbone, self.cfg, self.seed, n, bb = backbone, cfg, seed, QUALITY_SIZE, backbone
         idx = [i % len(bb.prompts) for i in range(n)] if bb.prompts else None
         self.cond = idx and bb.cond_for(idx)  # (dict of (n, ...) tensors, or None: an unconditional teacher)
-        self.z = bb.noise((n, *bb.sample_shape), torch.Generator(bb.device).manual_seed(seed))
-        key = dict(
-            prompts=idx and [bb.prompts[i] for i in idx],
-            shape=bb.sample_shape,
-            seed=seed,
-            settings=(n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS, cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max),
+        self.noises = bb.noises(n, cfg.steps, torch.Generator(bb.device).manual_seed(seed))  # (n, K, *D)
+        key = dict(prompts=idx and [bb.prompts[i] for i in idx], shape=bb.sample_shape, seed=seed)
+        key["settings"] = (
+            n,
+            QUALITY_T,
+            QUALITY_DIMS,
+            REFERENCE_STEPS,
+            cfg.cfg_eval_real,
+            cfg.cfg_t_min,
+            cfg.cfg_t_max,
         )
         saved = torch.load(cache, bb.device, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
             self.mean, self.basis, self.lines = saved["stats"]
             return
-        teacher = lambda K: self.chunked(
-            lambda z, c: euler_sample(
-                lambda x, t: bb.velocity(  # noqa: E731  K steps
-                    bb.teacher, x, t, c, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)
-                ),
-                z,
-                K,
-            ),
-            self.z,
-        )
         with autocast(cfg, bb.device):
-            f = self.features(teacher(REFERENCE_STEPS))  # (n, C), float64 (as all that follows)
+            f = self.features(self.teacher_samples(REFERENCE_STEPS))  # (n, C), float64 (as all that follows)
             self.mean, std = f.mean(0), f.std(0) + 1e-6
             _, s, v = torch.linalg.svd((f - self.mean) / std, full_matrices=False)  # principal directions
             d = min(QUALITY_DIMS, n - 1)  # directions kept (n - 1 at most: centred, the reference spans no more)
             self.basis = v[:d].T * (n - 1) ** 0.5 / s[:d] / std[:, None]  # (C, d): the reference's covariance -> I
-            self.lines = {K: self.score(teacher(K)) for K in (4, 8)}  # the plot's: the same prompts and seeds
+            self.lines = {K: self.score(self.teacher_samples(K)) for K in (4, 8)}  # the plot's: same prompts, seeds
         if cache and int(os.environ.get("RANK", 0)) == 0:
             atomic_save(dict(key=key, stats=(self.mean, self.basis, self.lines)), cache)
 
     def chunked(self, fn, x):  # fn(rows, their conditioning) over 16 rows at a time: no batch larger than that
-        return torch.cat(
-            [
-                fn(x[i : i + 16], self.cond and {k: v[i : i + 16] for k, v in self.cond.items()})
-                for i in range(0, len(x), 16)
-            ]
-        )
+        rows = [slice(i, i + 16) for i in range(0, len(x), 16)]
+        return torch.cat([fn(x[r], self.cond and {k: v[r] for k, v in self.cond.items()}) for r in rows])
+
+    def teacher_samples(self, steps):  # the teacher's Euler sampler from the noises' z, guided as in the losses
+        bb, cfg = self.backbone, self.cfg
+
+        def sample(z, cond):
+            def velocity(x, t):
+                return bb.velocity(
+                    bb.teacher, x, t, cond, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)
+                )
+
+            return euler_sample(velocity, z, steps)
+
+        return self.chunked(sample, self.noises[:, 0])
 
     def features(self, x):
         """The teacher's grid-averaged last hidden states of x (N, *D) noised to QUALITY_T, prompt-free: (N, 16 C)."""
@@ -1174,15 +1237,13 @@ class Quality:
         return frechet_to_standard((self.features(x) - self.mean) @ self.basis)
 
     def __call__(self, net):
-        bb, g, cfg = self.backbone, torch.Generator(self.backbone.device).manual_seed(self.seed + 2), self.cfg
-        draw = lambda x: bb.step_noise(x.shape, g)  # noqa: E731
+        bb, cfg = self.backbone, self.cfg
+
+        def sample(noises, cond):  # K generator steps from the fixed noises
+            return generate(lambda x, t: bb.velocity(net, x, t, cond, bb.student_guidance), noises, cfg.noise)
+
         with autocast(cfg, bb.device):
-            self.samples = self.chunked(
-                lambda z, c: generate(
-                    lambda x, t: bb.velocity(net, x, t, c, cfg.student_guidance), z, cfg.steps, cfg.noise, draw
-                ),
-                self.z,
-            )
+            self.samples = self.chunked(sample, self.noises)
             return self.score(self.samples)
 
 
@@ -1195,22 +1256,22 @@ def plot_quality(out, lines, now):
         if "quality" in (m.get("eval") or {}) and m["step"] < now[0]
     ] + [now]
     ax = Figure(figsize=(6, 3.5)).subplots()
-    ax.plot(*zip(*points), "o-", label="student (EMA)")
-    for (K, q), ls in zip(lines.items(), ("--", ":")):
+    ax.plot(*zip(*points, strict=True), "o-", label="student")
+    for (K, q), ls in zip(lines.items(), ("--", ":"), strict=True):
         ax.axhline(q, color="gray", ls=ls, label=f"teacher, {K} Euler steps")
     ax.set(xlabel="iteration", ylabel="Frechet distance to the teacher (lower is better)", yscale="symlog")
     ax.legend()
     ax.figure.savefig(os.path.join(out, "quality.png"), dpi=90, bbox_inches="tight")
 
 
-# --- 12. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
+# --- 13. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
 
 # cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through FLUX's joint
 # attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed finite: switched off.
 torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-class Distributed(Runtime):
+class Distributed(Checkpoints):
     """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients in
     backward, checkpoints a torch.distributed.checkpoint folder. LoRA mode: replicated adapters, gradients all-reduced
     by hand (DDP expects a backward into the weights after every forward; SiD runs the fake network forward alone)."""
@@ -1237,9 +1298,9 @@ class Distributed(Runtime):
     def read_meta(self, path):
         return torch.load(f"{path}/meta.pt", weights_only=False) if self.sharded else super().read_meta(path)
 
-    def save(self, path, nets, meta):
+    def write(self, path, nets, meta):
         if not self.sharded:
-            return super().save(path, nets, meta) if self.rank == 0 else None
+            return super().write(path, nets, meta) if self.rank == 0 else None
         tmp = f"{path}.tmp"
         if self.rank == 0:
             remove_path(tmp)
@@ -1250,9 +1311,9 @@ class Distributed(Runtime):
             replace_path(tmp, path)
         dist.barrier()
 
-    def load(self, path, nets):
+    def read(self, path, nets):
         if not self.sharded:
-            return super().load(path, nets)
+            return super().read(path, nets)
         state = sharded_state(nets)  # filled in place; partial: Adam has no state for a weight that never had a grad
         dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         for name, (net, opt) in nets.items():
@@ -1273,7 +1334,7 @@ def sharded_state(nets):  # DCP's sharded state dicts of every network and optim
 def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
     device, world = resolve_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return Runtime(device)
+        return Checkpoints(device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -1331,7 +1392,7 @@ def replace_path(tmp, path):
     remove_path(f"{path}.old")
 
 
-# --- 13. Config: one typed place for every default; presets by name override a few fields -------------------------
+# --- 14. Config: one typed place for every default; presets by name override a few fields -------------------------
 
 
 def option(default, help, choices=None, const=None):
@@ -1364,13 +1425,19 @@ class Config:
     cfg_t_min: float = option(0.0, "the guidance scales apply only for noise levels t >= this (D17)")
     cfg_t_max: float = option(1.0, "the guidance scales apply only for noise levels t <= this (D17)")
     iters: int = option(1000, "generator updates in the run")
-    batch_size: int = option(256, "generated samples per update, per process")
+    batch_size: int = option(256, "generated samples per micro-batch, per process")
+    grad_accum: int = option(
+        1, "micro-batches per optimizer step: the global batch is batch-size x processes x this (the paper's is 256)"
+    )
     lr_gen: float = option(5e-6, "the generator's Adam learning rate")
     lr_fake: float = option(5e-6, "the fake network's Adam learning rate")
     lr_schedule: str = option("constant", "learning rates constant (official) or cosine to 0", ("constant", "cosine"))
-    ema_decay: float = option(0.999, "decay of the generator's moving average: the student a run keeps")
+    ema_decay: float = option(
+        0.0,
+        "decay of a moving average of the generator, the student a run then keeps (0: none, "
+        "the generator is the student, as the official code)",
+    )
     seed: int = option(0, "seed of every random draw of the run")
-    student_guidance: float = option(1.0, "guidance the generator is called with: 1 (none); FLUX: embedded guidance")
     gan_weight: float = option(0.5, "data-aided runs: share of the adversarial term in the generator loss (D16)")
     resolution: int = option(0, "image side in pixels (0: the teacher's native size)")
     prompts: str = option("", "a text file of prompts, one per line (none: a built-in list of 16)")
@@ -1398,69 +1465,57 @@ class Config:
         ("full", "lora"),
     )
     lora_rank: int = option(64, "rank of the LoRA adapters (--mode lora)")
+    embedded_guidance_only: bool = option(
+        False,
+        "FLUX.1-dev: each CFG scale as embedded guidance alone, one branch, "
+        "the student at the teacher's scale (official: the embedding and two-branch "
+        "CFG, the student at 1)",
+    )
 
 
-# Presets change only what differs from the Config defaults. The toy: the last step trained (derivation.md section 4),
-# re-noising with the initial noise, w = 1/t, larger learning rates on a cosine (experiments/README.md). The DiT
-# presets: the official SiD-DiT settings (Adam(0, 0.999), lr 5e-6, SANA's CFG 4.5 for all three scales, bf16 autocast;
-# SD3 the same, FLUX its usual embedded 3.5: untuned), batch per process; one change, from the guidance study
-# (experiments/README.md): guidance only for t in [0.2, 0.6] (D17). Batch and checkpointed share fill one 80 GB GPU, at
-# most 69 GiB by the memory plan: larger teachers train LoRA there, on several GPUs full (FSDP2).
+# Presets change only what differs from the Config defaults. The DiT presets are the official SiD-DiT settings
+# (Adam(0, 0.999), lr 5e-6, CFG 4.5 for all three scales as SANA's runs, bf16 autocast, no EMA, a global batch of 256
+# -- here on one GPU: batch per micro-batch x --grad-accum --, about 1 M generated images) but for one change, from the
+# guidance study (experiments/README.md): guidance only for t in [0.2, 0.6] (D17). FLUX's scale, 3.5 (its pipeline's),
+# is untuned: the official code publishes none. Micro-batch and checkpointed share fill one 80 GB GPU (at most 69 GiB
+# by the memory plan): larger teachers train LoRA there, on several GPUs full (FSDP2). The toy and the digits depart
+# further, each choice measured in experiments/README.md: the last step trained, a cosine, an EMA, ...
 _INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
-_CFG = lambda w: dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)  # noqa: E731  one CFG scale for all three
-_SMALL = dict(
-    train_step="last",
-    weighting="inv-l1",
-    ema_decay=0.99,
-    save_every=0,  # toy and digits
-    gan_weight=0.01,
-)  # the SiD term sums 2 (or 64) dims here, not 10^4+: the GAN term must weigh far less
-_DIT = dict(precision="bf16-autocast", batch_size=4, iters=20_000, save_every=500, eval_every=1000, **_INTERVAL)
-HUB_IDS = {
-    "sana-0.6b-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
-    "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
-    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-}
+_SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0)  # toy and digits
+
+
+def _guided(w):  # one CFG scale for all three
+    return dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)
+
+
+def _dit(hub, batch_size, **kw):  # a DiT preset: its hub id, then what differs from Config; 256 = batch x grad_accum
+    fields = dict(
+        _guided(4.5), hub=hub, precision="bf16-autocast", batch_size=batch_size, grad_accum=256 // batch_size
+    )
+    return fields | dict(iters=4000, save_every=50, eval_every=200, **_INTERVAL) | kw
+
+
 PRESETS = {
-    "toy": dict(
-        _SMALL,
-        teacher="toy",
-        iters=2400,
-        batch_size=2048,
-        lr_gen=1.6e-3,
-        lr_fake=2.4e-3,
-        fake_updates=2,
-        weighting="1/t",
-        noise="fixed",
-        lr_schedule="cosine",
-        out="out/toy",
-    ),
+    "toy": dict(_SMALL, teacher="toy", iters=2400, batch_size=2048, lr_gen=1.6e-3, lr_fake=2.4e-3, fake_updates=2)
+    | dict(weighting="1/t", noise="fixed", lr_schedule="cosine", out="out/toy"),
     # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
-    "digits": dict(
-        _SMALL,
-        **_CFG(2.0),
-        **_INTERVAL,
-        teacher="digits",
-        iters=300,
-        batch_size=128,
-        lr_gen=1e-4,
-        lr_fake=3e-4,
-        out="out/digits",
-    ),
-    "sana-0.6b-512": dict(_DIT, **_CFG(4.5), resolution=512, batch_size=32, grad_checkpointing=0.75),
-    "sana-1.6b-1024": dict(_DIT, **_CFG(4.5), resolution=1024, grad_checkpointing=1.0),
-    "sd3-medium": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.2),
-    "sd3.5-medium": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.2),
-    "sd3.5-large": dict(_DIT, **_CFG(4.5), mode="lora", resolution=1024, grad_checkpointing=0.85),
-    "flux-dev": dict(_DIT, **_CFG(3.5), student_guidance=3.5, mode="lora", resolution=1024, grad_checkpointing=1.0),
+    "digits": dict(_SMALL, **_guided(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4)
+    | dict(lr_fake=3e-4, out="out/digits"),
+    "sana-0.6b-512": _dit("Efficient-Large-Model/Sana_600M_512px_diffusers", 32, grad_checkpointing=0.75),
+    "sana-1.6b-1024": _dit("Efficient-Large-Model/Sana_1600M_1024px_diffusers", 4, grad_checkpointing=1.0),
+    "sd3-medium": _dit("stabilityai/stable-diffusion-3-medium-diffusers", 4, mode="lora", grad_checkpointing=0.2),
+    "sd3.5-medium": _dit("stabilityai/stable-diffusion-3.5-medium", 4, mode="lora", grad_checkpointing=0.2),
+    "sd3.5-large": _dit("stabilityai/stable-diffusion-3.5-large", 4, mode="lora", grad_checkpointing=0.85),
+    "flux-dev": _dit("black-forest-labs/FLUX.1-dev", 4, **_guided(3.5), mode="lora", grad_checkpointing=1.0),
 }
+HUB_IDS = {name: preset["hub"] for name, preset in PRESETS.items() if "hub" in preset}  # the image teachers'
 
 
 def check_config(cfg):  # fail loudly, with one line, on values the algorithm cannot use
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
     for f in dataclasses.fields(cfg):
         value, choices = getattr(cfg, f.name), f.metadata["choices"]
         if choices and value not in choices:
@@ -1468,7 +1523,11 @@ def check_config(cfg):  # fail loudly, with one line, on values the algorithm ca
         if f.type is float and not math.isfinite(value):
             raise UserError(f"{flag(f.name)} must be finite, got {value}")
     rules = (
-        (("steps", "iters", "batch_size", "fake_updates", "lora_rank"), lambda v: v >= 1, "be at least 1"),
+        (
+            ("steps", "iters", "batch_size", "grad_accum", "fake_updates", "lora_rank"),
+            lambda v: v >= 1,
+            "be at least 1",
+        ),
         (("lr_gen", "lr_fake"), lambda v: v > 0, "be positive"),
         (("resolution", "save_every", "eval_every"), lambda v: v >= 0, "not be negative"),
         (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"),
@@ -1489,7 +1548,8 @@ def make_config(preset=None, **overrides):  # Config defaults <- preset <- overr
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    return check_config(Config(**{**PRESETS.get(preset, {}), **{k: v for k, v in overrides.items() if v is not None}}))
+    fields = {k: v for k, v in PRESETS.get(preset, {}).items() if k != "hub"} | overrides
+    return check_config(Config(**{k: v for k, v in fields.items() if v is not None}))
 
 
 def add_config_flags(parser, skip=(), presets=None):
@@ -1530,15 +1590,16 @@ def resolve_device(name):  # 'auto': CUDA if there is one
     try:
         return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device torch knows")
+        raise UserError(f"--device {name!r} is not a device torch knows") from None
 
 
-# --- 14. Teachers from disk or hub, the memory plan, export, and the command line ---------------------------------
+# --- 15. Teachers from disk or hub, the memory plan, export, and the command line ---------------------------------
 
 
 def resolve_teacher(name, configs_only=False):
-    """(source, pipeline class name read from its model_index.json) of a preset (its hub id; `configs_only`: its configs
-    in assets/hf, offline and without a token for the gated ones), an existing folder, or a hub id 'owner/repo'."""
+    """(source, its Backbone class, by the pipeline its model_index.json names) of a preset (its hub id;
+    `configs_only`: its configs in assets/hf, offline and without a token for the gated ones), an existing folder, or
+    a hub id 'owner/repo'."""
     src = HUB_IDS.get(name, name)
     if configs_only and name in HUB_IDS:
         src = os.path.join(HERE, "assets", "hf", "hub", f"models--{src.replace('/', '--')}", "snapshots", "0" * 40)
@@ -1551,10 +1612,10 @@ def resolve_teacher(name, configs_only=False):
     else:
         raise UserError(f"--teacher {name}: not a preset ({', '.join(HUB_IDS)}), a folder, or a hub id owner/repo")
     with open(index) as f:
-        family = json.load(f).get("_class_name", "?")
-    if family not in FAMILIES:
-        raise UserError(f"--teacher {name}: pipeline class {family} is not supported ({', '.join(FAMILIES)} are)")
-    return src, family
+        pipeline = json.load(f).get("_class_name", "?")
+    if pipeline not in FAMILIES:
+        raise UserError(f"--teacher {name}: pipeline class {pipeline} is not supported ({', '.join(FAMILIES)} are)")
+    return src, FAMILIES[pipeline]
 
 
 def _hub_file(name, repo, filename):
@@ -1571,7 +1632,7 @@ def _hub_file(name, repo, filename):
     except OSError as e:  # no route to the hub: say so now, not after the client's retries
         raise UserError(
             f"{where}: the hub ({url.hostname}) is unreachable ({e}); offline, set HF_HUB_OFFLINE=1{local}"
-        )
+        ) from None
     try:
         return huggingface_hub.hf_hub_download(repo, filename)
     except GatedRepoError:
@@ -1589,9 +1650,10 @@ def teacher_dtype(cfg):  # the frozen teacher's (and every pipeline component's)
 
 def load_backbone(cfg, device, src=None, family=None):
     """The teacher pipeline as a Backbone, at cfg.resolution (0: the transformer's native size)."""
-    for lib in (diffusers, transformers, huggingface_hub):  # their notes and progress bars are noise; failures raise
+    for lib in (diffusers, transformers, huggingface_hub):  # their notes are noise; failures raise
         lib.utils.logging.set_verbosity(lib.utils.logging.CRITICAL)
-    diffusers.utils.logging.disable_progress_bar(), transformers.utils.logging.disable_progress_bar()
+    for lib in (diffusers, transformers):  # and so are their progress bars
+        lib.utils.logging.disable_progress_bar()
     if src is None:
         src, family = resolve_teacher(cfg.teacher)
     try:
@@ -1600,11 +1662,10 @@ def load_backbone(cfg, device, src=None, family=None):
         raise UserError(
             f"cannot load the pipeline {src}: {' '.join(str(e).split())} (a cache or folder holding only "
             "configs, such as assets/hf, serves --dry-run alone)"
-        )
+        ) from None
     pipe.set_progress_bar_config(disable=True)
-    native = (getattr(pipe.transformer.config, "sample_size", None) or 128) * pipe.vae_scale_factor
-    backbone = FAMILIES[family](pipe, cfg.resolution or native, device, teacher_dtype(cfg))
-    backbone.source, backbone.family = src, family
+    backbone = family(pipe, cfg, device)
+    backbone.source = src
     return backbone
 
 
@@ -1619,96 +1680,54 @@ def meta_transformer(src):  # the teacher's transformer on the meta device from 
         return getattr(diffusers, index["transformer"][1]).from_config(config)
 
 
-# Per family, beyond its transformer config: text tokens (SANA: Gemma-2, 300; SD3: 77 CLIP + 256 T5; FLUX: 512 T5),
-# the VAE's factor (DC-AE 32, KL 8), and the text encoders' parameters, on the GPU while the prompts are encoded.
-TEXT_TOKENS = {"SanaPipeline": 300, "StableDiffusion3Pipeline": 77 + 256, "FluxPipeline": 512}
-VAE_FACTOR = {"SanaPipeline": 32, "StableDiffusion3Pipeline": 8, "FluxPipeline": 8}
-TEXT_ENCODER_PARAMS = {
-    "SanaPipeline": 2.61e9,
-    "StableDiffusion3Pipeline": 0.12e9 + 0.69e9 + 4.76e9,
-    "FluxPipeline": 0.12e9 + 4.76e9,
-}
-# Activations a block saves for backward, in elements per token and channel, when its weights train and when they are
-# frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed block keeps only its inputs,
-# CHECKPOINTED_INPUTS. Measured with saved-tensor hooks (experiments/bench.py); test_memory_plan_matches_measured_bytes.
-SAVED_PER_BLOCK = {
-    "SanaPipeline": (41.0, 35.0),
-    "StableDiffusion3Pipeline": (18.0, 10.0),
-    "FluxPipeline": (24.0, 12.0),
-}
-CHECKPOINTED_INPUTS = {
-    "SanaPipeline": (2.8, 1.1),
-    "StableDiffusion3Pipeline": (2.0, 1.35),
-    "FluxPipeline": (2.15, 1.6),
-}
-# A text token's cost in a block, relative to an image token's: SANA's enter only its cross-attention.
-TEXT_IN_BLOCKS = {"SanaPipeline": 0.1, "StableDiffusion3Pipeline": 1.0, "FluxPipeline": 1.0}
-
-
 def vae_factor(src, family):
     """The VAE's spatial factor: 2^(blocks - 1) by the pipeline's vae/config.json (as diffusers), else the family's."""
     c = _read_json(src, "vae/config.json") if os.path.isfile(os.path.join(src, "vae", "config.json")) else {}
     blocks = c.get("encoder_block_out_channels") or c.get("block_out_channels")
-    return 2 ** (len(blocks) - 1) if blocks else VAE_FACTOR[family]
+    return 2 ** (len(blocks) - 1) if blocks else family.vae_factor
 
 
-def memory_plan(cfg, net, world_size=1, factor=None):
+def memory_plan(cfg, net, family, world_size=1, factor=None):
     """Bytes per GPU of weights, gradients, Adam's moments and activations for cfg on `world_size` GPUs (`net` on the
-    meta device). full: teacher, generator, fake and EMA, sharded by FSDP2; lora: a frozen base + three float32
-    adapters. Activations peak in the generator update: the generator's graph (batch B), the teacher's and fake's (2B
-    with two-branch CFG), and on one GPU bf16 copies of trainable weights. A run needs max('total', 'startup')."""
-    family = {"Sana": "SanaPipeline", "SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}[
-        re.match("Sana|SD3|Flux", type(net).__name__).group()
-    ]  # from its transformer class: SanaTransformer2DModel...
+    meta device, `family` its Backbone class). full: teacher, generator, fake (and EMA), sharded by FSDP2; lora: a
+    frozen base + three float32 adapters. Activations: one micro-batch's (--grad-accum adds none), at their peak in
+    the generator update: the generator's graph (batch B), the teacher's and fake's (2B with two-branch CFG), and on
+    one GPU bf16 copies of trainable weights. A run needs max('total', 'startup')."""
     c, P = net.config, sum(p.numel() for p in net.parameters())
     base_bytes, train_bytes = (4 if cfg.precision == "fp32" else 2), (2 if cfg.precision == "bf16" else 4)
     if cfg.mode == "lora":
-        lora = sum(
-            cfg.lora_rank * (m.in_features + m.out_features)
-            for name, m in net.named_modules()
-            if isinstance(m, nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS)
-        )
+        targets = [m for name, m in net.named_modules() if name.endswith(tuple(LORA_TARGETS))]
+        lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for m in targets)
         trainable, shard, weights, grad_bytes, copies = 2 * lora, 1, P * base_bytes + 3 * lora * 4, 4, 0
     else:
         trainable, shard, grad_bytes = 2 * P, world_size, train_bytes
-        weights = P * base_bytes + 3 * P * train_bytes  # teacher + generator + fake + ema
+        weights = P * base_bytes + (3 if cfg.ema_decay else 2) * P * train_bytes  # teacher, generator, fake (, EMA)
         copies = 2 * P * 2 if cfg.precision == "bf16-autocast" and world_size == 1 else 0
     width = c.get("num_attention_heads", 1) * c.get("attention_head_dim", 1)
     layers = c.get("num_layers", 1) + c.get("num_single_layers", 0)
-    patch = c.get("patch_size", 1) * (2 if family == "FluxPipeline" else 1)  # FLUX packs 2x2 latents into a token
-    image_tokens = (cfg.resolution // (factor or VAE_FACTOR[family]) // patch) ** 2
-    tokens = image_tokens + TEXT_TOKENS[family] * TEXT_IN_BLOCKS[family]
+    image_tokens = (cfg.resolution // (factor or family.vae_factor) // (c.get("patch_size", 1) * family.packing)) ** 2
+    tokens = image_tokens + family.text_tokens * family.text_in_blocks
     per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
-    cfg_batch = [cfg_branches(w, family == "FluxPipeline", per_sample) for w in (cfg.cfg_eval_real, cfg.cfg_eval_fake)]
-    batches = (
-        cfg.batch_size,
-        cfg.batch_size * cfg_batch[0],
-        cfg.batch_size * cfg_batch[1],
-    )  # generator, teacher, fake
-    trains = (cfg.mode == "full", False, cfg.mode == "full")  # whose weights take gradients in the generator update
+    embedded_only = family is FluxBackbone and cfg.embedded_guidance_only
+    branches = [cfg_branches(w, embedded_only, per_sample) for w in (1.0, cfg.cfg_eval_real, cfg.cfg_eval_fake)]
+    # generator, teacher, fake: their batches, whether their weights take gradients in the generator update
+    batches, trains = [cfg.batch_size * n for n in branches], (cfg.mode == "full", False, cfg.mode == "full")
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
-    per_block = [b * SAVED_PER_BLOCK[family][0 if t else 1] * unit for b, t in zip(batches, trains)]
+    per_block = [b * family.saved_per_block[0 if t else 1] * unit for b, t in zip(batches, trains, strict=True)]
     # a checkpointed block keeps its inputs (text tokens in full: they are inputs) and is recomputed one at a time
     n_ck = math.floor(layers * cfg.grad_checkpointing)  # as many as checkpoint_blocks chooses
-    unit_in = (image_tokens + TEXT_TOKENS[family]) * width * base_bytes
-    inputs = sum(b * CHECKPOINTED_INPUTS[family][0 if t else 1] * unit_in for b, t in zip(batches, trains))
+    unit_in = (image_tokens + family.text_tokens) * width * base_bytes
+    inputs = sum(b * family.checkpointed_inputs[0 if t else 1] * unit_in for b, t in zip(batches, trains, strict=True))
     stored, recompute = n_ck * inputs + (layers - n_ck) * sum(per_block), (max(per_block) if n_ck else 0)
-    plan = dict(
-        parameters=P,
-        trainable=trainable,
-        weights=weights / shard,
-        gradients=trainable * grad_bytes / shard,
-        optimizer=2 * trainable * grad_bytes / shard,
-        activations=stored + recompute + copies,
-        recompute=recompute,
-    )
+    plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=trainable * grad_bytes / shard)
+    plan |= dict(optimizer=2 * trainable * grad_bytes / shard, activations=stored + recompute + copies)
     plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + plan["activations"]
-    plan["startup"] = P * base_bytes + TEXT_ENCODER_PARAMS[family] * base_bytes
-    return plan
+    plan["startup"] = (P + family.text_encoder_params) * base_bytes
+    return plan | dict(recompute=recompute)
 
 
 def check_inputs(cfg, configs_only=False):
-    """What the inputs and configs tell before any weights load: (prompts, src, family, meta-device net, VAE factor)."""
+    """What inputs and configs tell before any weights load: (prompts, src, family, meta-device net, VAE factor)."""
     if cfg.data and cfg.prompts:
         raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
     if cfg.data and not os.path.isdir(cfg.data):
@@ -1717,19 +1736,22 @@ def check_inputs(cfg, configs_only=False):
     src, family = resolve_teacher(cfg.teacher, configs_only)
     net, factor = meta_transformer(src), vae_factor(src, family)
     if cfg.resolution:
-        check_resolution(cfg.resolution, factor, net.config.patch_size * FAMILIES[family].packing)
+        check_resolution(cfg.resolution, factor, net.config.patch_size * family.packing)
+    if cfg.embedded_guidance_only and family is not FluxBackbone:
+        raise UserError(f"--embedded-guidance-only: {cfg.teacher} takes no embedded guidance (FLUX.1-dev does)")
     return prompts, src, family, net, factor
 
 
 def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
-    _, _, _, net, factor = check_inputs(cfg, configs_only=True)
+    _, _, family, net, factor = check_inputs(cfg, configs_only=True)
     if not cfg.resolution:
         raise UserError(f"--dry-run needs --resolution for {cfg.teacher}, which is not a preset")
-    plan = memory_plan(cfg, net, world_size, factor)
+    plan = memory_plan(cfg, net, family, world_size, factor)
     print(
         f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
-        f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), batch {cfg.batch_size}/GPU at "
-        f"{cfg.resolution} px, {cfg.grad_checkpointing:.0%} of the blocks checkpointed"
+        f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), micro-batches of {cfg.batch_size}/GPU at "
+        f"{cfg.resolution} px (global batch {cfg.batch_size} x {world_size} GPU(s) x {cfg.grad_accum} = "
+        f"{cfg.batch_size * world_size * cfg.grad_accum}), {cfg.grad_checkpointing:.0%} of the blocks checkpointed"
     )
     print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
     for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
@@ -1750,7 +1772,7 @@ STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to s
 
 
 def plain_copy(net, state, dtype):
-    """A new module of net's class holding `state`, in `dtype` on the CPU (made on the meta device: no initialising)."""
+    """A new module of net's class holding `state`, in `dtype` on the CPU (made on the meta device: no initialising)"""
     with torch.device("meta"):
         plain = type(net).from_config(net.config)
     plain.to(dtype).to_empty(device="cpu").load_state_dict(state)  # (to_empty: in place; loading copies, casting)
@@ -1781,14 +1803,13 @@ def export_student(backbone, net, cfg, folder):
     if isinstance(net, AdapterView):  # the adapter alone too, loadable with load_lora_adapter()
         net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
     meta = dict(
-        family=backbone.family,
+        family=backbone.pipeline,
         teacher=backbone.source,
         resolution=backbone.resolution,
         steps=cfg.steps,
         sigmas=generator_times(cfg.steps),
-        guidance_scale=cfg.student_guidance,
+        guidance_scale=backbone.student_guidance,
         precision=cfg.precision,
-        pipeline_kwargs=backbone.pipeline_kwargs,
         global_rng_step_noise=not backbone.step_noise_from_generator,
     )
     with open(os.path.join(tmp, STUDENT_META), "w") as f:
@@ -1800,11 +1821,11 @@ def export_student(backbone, net, cfg, folder):
 def cmd_distill(cfg):
     prompts, src, family, shapes, factor = check_inputs(cfg)  # bad input fails here, before any weights load
     runtime = setup_runtime(cfg)
-    check_fits(cfg, shapes, factor, runtime)
+    check_fits(cfg, shapes, family, factor, runtime)
     backbone = load_backbone(cfg, runtime.device, src, family)
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
-        backbone.data, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
+        backbone.real, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
         if runtime.rank == 0:
             print(
                 f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
@@ -1815,7 +1836,7 @@ def cmd_distill(cfg):
 
     def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
         quality[:] = quality or [Quality(backbone, cfg, os.path.join(cfg.out, "reference.pt"))]
-        q = quality[0](ema)
+        q = quality[0](generator if ema is None else ema)
         if runtime.rank == 0:  # the preview, one PNG row: the first 4 samples it scored (the run's first 4 prompts)
             row = torch.as_tensor(backbone.decode(quality[0].samples[:4].float())).clamp(0, 1)  # (4, H, W, 3)
             path = os.path.join(cfg.out, f"preview_{step:07d}.png")
@@ -1824,7 +1845,7 @@ def cmd_distill(cfg):
         return dict(quality=q)
 
     res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
-    which = "ema" if cfg.ema_decay > 0 else "generator"
+    which = "ema" if cfg.ema_decay else "generator"  # the student a run keeps
     if runtime.rank == 0:
         net = res[which]
         if runtime.world > 1 and cfg.mode == "full":  # rank 0 reads the exported network alone from the checkpoint
@@ -1839,13 +1860,17 @@ def cmd_distill(cfg):
         dist.destroy_process_group()
 
 
-def check_fits(cfg, net, factor, runtime):
+def check_fits(cfg, net, family, factor, runtime):
     """On CUDA, before any weights load: one line if the memory plan exceeds the free memory, naming what would fit."""
     if runtime.device.type != "cuda":
         return
     cfg = dataclasses.replace(cfg, resolution=cfg.resolution or (net.config.get("sample_size") or 128) * factor)
-    need = lambda c: max(*(memory_plan(c, net, runtime.world, factor)[k] for k in ("total", "startup")))  # noqa
     free = torch.cuda.mem_get_info(runtime.device)[0]
+
+    def need(c):  # bytes per GPU of a run with config c
+        plan = memory_plan(c, net, family, runtime.world, factor)
+        return max(plan["total"], plan["startup"])
+
     if need(cfg) > free:
         lighter = [dict(grad_checkpointing=s) for s in (0.5, 1.0)] + [
             dict(mode="lora", grad_checkpointing=s) for s in (0.0, 0.5, 1.0)
@@ -1865,7 +1890,7 @@ def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folde
         return folder, torch.load(os.path.join(folder, "meta.pt"), weights_only=False)
     if not os.path.isfile(file):
         raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
-    return file, Runtime().read_meta(file)
+    return file, Checkpoints().read_meta(file)
 
 
 def load_checkpoint_weights(path, which, net):
@@ -1881,6 +1906,9 @@ def load_checkpoint_weights(path, which, net):
 def cmd_export(out, weights, device):
     """OUT/student from a run's checkpoint, finished or not; full mode loads it into the teacher's own transformer."""
     path, meta = find_checkpoint(out)
+    weights = weights or ("ema" if meta["config"]["ema_decay"] else "generator")  # the student the run keeps
+    if weights == "ema" and not meta["config"]["ema_decay"]:
+        raise UserError(f"--out {out}: the run kept no EMA (--ema-decay 0); export --weights generator")
     if meta["config"]["teacher"] in ("toy", "digits"):
         raise UserError(
             f"--out {out}: a run of the {meta['config']['teacher']} teacher; export writes diffusers "
@@ -1890,7 +1918,7 @@ def cmd_export(out, weights, device):
     cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     if cfg.mode == "lora":
-        net = dict(zip(("generator", "fake", "ema"), lora_students(backbone, cfg.lora_rank)))[weights]
+        net = dict(zip(("generator", "fake", "ema"), lora_students(backbone, cfg.lora_rank), strict=True))[weights]
     else:
         net = backbone.teacher  # export needs no teacher: its module takes the student's weights
     load_checkpoint_weights(path, weights, net)
@@ -1911,7 +1939,9 @@ def main(argv=None):
     if argv[:1] == ["export"]:  # OUT/checkpoint -> OUT/student, from any checkpoint (a finished run exports itself)
         p = Parser(prog="sid_flow.py export", description="any OUT/checkpoint -> OUT/student, a diffusers pipeline")
         p.add_argument("--out", required=True, help="the run folder of sid_flow.py holding its checkpoint")
-        p.add_argument("--weights", default="ema", choices=("ema", "generator"), help="the student's [default: ema]")
+        p.add_argument(
+            "--weights", choices=("ema", "generator"), help="the student's [default: ema if the run kept one]"
+        )
         p.add_argument("--device", default="auto", help="auto (CUDA if any), cpu, cuda or cuda:N [default: auto]")
         return cmd_export(**vars(p.parse_args(argv[1:])))
     p = Parser(
@@ -1940,8 +1970,26 @@ def main(argv=None):
         where = "python experiments/digits.py" if a["teacher"] == "digits" else "python run_toy.py"
         raise UserError(f"--teacher {a['teacher']}: that teacher is trained by {where.split()[1]}: run `{where}`")
     a["out"] = a["out"] or f"out/{slug(a['teacher'])}"
-    cfg = make_config(a["teacher"] if a["teacher"] in PRESETS else None, **a)
+    preset = known_preset(a["teacher"])
+    if preset not in (None, a["teacher"]):
+        print(f"--teacher {a['teacher']}: {preset}'s model, so {preset}'s preset (override any field by its flag)")
+    cfg = make_config(preset, **a)
     return cmd_dry_run(cfg, int(os.environ.get("WORLD_SIZE", 1))) if dry_run else cmd_distill(cfg)
+
+
+def known_preset(teacher):
+    """The preset whose model `teacher` is: a preset's name, its hub id, or a pipeline folder whose transformer config
+    is the preset's (a local copy of the model); None for any other teacher."""
+    config = os.path.join(teacher, "transformer", "config.json")
+    for name, hub in HUB_IDS.items():
+        ours = os.path.join(resolve_teacher(name, configs_only=True)[0], "transformer", "config.json")
+        if teacher in (name, hub) or os.path.isfile(config) and _public(config) == _public(ours):
+            return name
+    return teacher if teacher in PRESETS else None
+
+
+def _public(path):  # a config.json's entries, without diffusers' bookkeeping ('_class_name', '_name_or_path', ...)
+    return {k: v for k, v in json.load(open(path)).items() if not k.startswith("_")}
 
 
 def slug(name):
