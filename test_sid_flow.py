@@ -4,6 +4,7 @@ independent oracle -- closed-form Gaussian mixtures, autograd, Monte Carlo, brut
     python -m pytest -q test_sid_flow.py
 """
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -248,8 +249,7 @@ def test_backward_simulation(k):
         calls.append((torch.is_grad_enabled(), round(t[0].item(), 4)))
         return net(x, t)
 
-    z = torch.randn(6, 2)
-    x_in, t_in = sf.generator_rollout(G, z, 4, k, "fresh", sf.gaussian(torch.Generator().manual_seed(0)))
+    x_in, t_in = sf.generator_rollout(G, torch.randn(6, 4, 2), k, "fresh")
     x_g = sf.generator_step(G, x_in, t_in)
     assert calls == [(False, 1.0 - j / 4) for j in range(k - 1)] + [(True, 1.0 - (k - 1) / 4)]
     assert not x_in.requires_grad and x_g.requires_grad
@@ -257,18 +257,20 @@ def test_backward_simulation(k):
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_renoise_modes():
-    """fresh draws new noise, fixed reuses z, ddim recovers exactly the noise implied by x_t."""
-    g = torch.Generator().manual_seed(0)
-    x0, eps, z = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
-    t, t_next = torch.full((5,), 0.75), torch.full((5,), 0.5)
-    x_t = sf.add_noise(x0, eps, t)
-    assert torch.allclose(
-        sf.renoise(x0, x_t, t, t_next, z, "ddim", sf.gaussian(g)), sf.add_noise(x0, eps, t_next), atol=1e-6
-    )
-    assert torch.allclose(sf.renoise(x0, x_t, t, t_next, z, "fixed", sf.gaussian(g)), sf.add_noise(x0, z, t_next))
-    fresh = sf.renoise(x0, x_t, t, t_next, z, "fresh", sf.gaussian(g))
-    assert not torch.allclose(fresh, sf.add_noise(x0, z, t_next)) and not torch.allclose(fresh, x_t)
+@pytest.mark.parametrize("mode", ["fresh", "fixed", "ddim"])
+def test_rollout_noise_modes(mode):
+    """The roll-out written out by hand for K = 4, k = 3 (D13): x_1 = z; x0_j = x_j - t_j G(x_j, t_j); the next input
+    (1 - t) x0_j + t n with n the step's own draw (fresh), z (fixed), or (x_j - (1 - t_j) x0_j) / t_j (ddim)."""
+    torch.manual_seed(0)
+    net, noises = run_toy.ToyMLP(width=16, depth=2), torch.randn(5, 4, 2)
+    z, x, t = noises[:, 0], noises[:, 0], 1.0
+    with torch.no_grad():
+        for j, t_next in ((1, 0.75), (2, 0.5)):
+            x0 = x - t * net(x, torch.full((5,), t))
+            n = {"fresh": noises[:, j], "fixed": z, "ddim": (x - (1 - t) * x0) / t}[mode]
+            x, t = (1 - t_next) * x0 + t_next * n, t_next
+        got, t_in = sf.generator_rollout(net, noises, 3, mode)
+    assert torch.allclose(got, x, atol=1e-6) and torch.equal(t_in, torch.full((5,), 0.5))
 
 
 def test_one_step_generator_is_x0_prediction():
@@ -276,17 +278,17 @@ def test_one_step_generator_is_x0_prediction():
     net = run_toy.ToyMLP(width=16, depth=2)
     z = torch.randn(7, 2)
     with torch.no_grad():
-        assert torch.allclose(sf.generate(lambda x, t: net(x, t), z, 1), z - net(z, torch.ones(7)))
+        assert torch.allclose(sf.generate(lambda x, t: net(x, t), z[:, None]), z - net(z, torch.ones(7)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 4. The iteration and the loop
+# 4. The iteration against the official arithmetic, and the loop
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_backbone(seed=0):
+def _tiny_backbone(seed=0, real=None):
     torch.manual_seed(seed)
-    return sf.ToyBackbone(run_toy.ToyMLP(width=32, depth=2))
+    return sf.ToyBackbone(run_toy.ToyMLP(width=32, depth=2), real)
 
 
 def _cfg(tmp_path=None, **kw):
@@ -294,55 +296,246 @@ def _cfg(tmp_path=None, **kw):
     return sf.make_config("toy", **{**base, **kw})
 
 
-@pytest.mark.parametrize("loss", ["sid", "dmd"])
-def test_iteration_touches_only_what_it_should(loss):
+def _bce(logits, target):  # per sample: the mean over the logits of BCE-with-logits, clamped to [-10, 10] as official
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.clamp(-10, 10), torch.full_like(logits, float(target)), reduction="none"
+    ).mean(1)
+
+
+class Official:
+    """One SiD-DiT iteration transcribed from the official training loop's arithmetic (ml-sid-dit,
+    training/sid_dit_training_loop.py and its SD3/FLUX twins), written from its formulas -- not from sid_flow's code --
+    on the draws sid_flow's iteration recorded. `call(net, x, t, cond, g)` is one network evaluation (a family's
+    forward, one branch, g its embedded guidance); `features(net)` the hidden states the discriminator pools."""
+
+    def __init__(self, bb, cfg, call, feature_layer):
+        self.bb, self.cfg, self.call, self.feature_layer = bb, cfg, call, feature_layer
+
+    def velocity(self, net, x, t, cond, w, features=False):
+        """sid_dit_denoise: w = 1 one conditional call; w = 0 the empty prompt's call (FLUX: the prompt's, embedded
+        0) unless the features are wanted (then both branches run); else both branches, v_u + w (v_c - v_u), the
+        logits from the prompt's half."""
+        seen, B, flux = [], len(x), isinstance(self.bb, sf.FluxBackbone)
+        hook = self.feature_layer(net).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        try:
+            if w == 1 or (w == 0 and not features):
+                c = cond if w == 1 or flux else {k: v.expand(B, *v.shape[1:]) for k, v in self.bb.uncond.items()}
+                v = self.call(net, x, t, c, w)
+                h = seen[-1]
+            else:
+                u = {k: v.expand(B, *v.shape[1:]) for k, v in self.bb.uncond.items()}
+                both = {k: torch.cat([u[k], cond[k]]) for k in cond}
+                v_u, v_c = self.call(net, torch.cat([x, x]), torch.cat([t, t]), both, w).chunk(2)
+                v, h = v_u + w * (v_c - v_u), seen[-1][B:]  # the prompt's half
+        finally:
+            hook.remove()
+        logits = (h.mean(1) if h.dim() == 3 else h).float()  # spatial pooling: (B, C)
+        return v.float(), logits
+
+    def images(self, G, d, k, grad):
+        """sid_dit_generate: k of K steps at t_i = 1 - i/K, the last one with gradient when `grad`."""
+        cfg, noises = self.cfg, d["noises"]
+        K, D_x, z = noises.shape[1], torch.zeros_like(noises[:, 0]), noises[:, 0]
+        for i in range(k):
+            t = 1.0 - i / K
+            if i == 0:
+                noise = z
+            else:
+                noise = {"fresh": noises[:, i], "fixed": z, "ddim": (latents - (1.0 - t_prev) * D_x) / t_prev}[cfg.noise]
+            latents = (1.0 - t) * D_x + t * noise
+            with torch.set_grad_enabled(grad and i == k - 1):
+                D_x = latents - t * self.call(G, latents, torch.full((len(z),), t), d["cond"], 1.0).float()
+            t_prev = t
+        return D_x
+
+    def fake_phase(self, fake, G, micro, k):
+        """Summed over micro-batches: mse(noise - images, output, 'sum') / batch_gpu_total, plus, data-aided,
+        (BCE(real -> 1) + BCE(fake -> 0)) / 2 * C*H*W summed / batch_gpu_total. Returns the gradient."""
+        cfg, total, params = self.cfg, self.cfg.batch_size * len(micro), [p for p in fake.parameters() if p.requires_grad]
+        grads = [torch.zeros_like(p) for p in params]
+        for d in micro:
+            images, t, noise = self.images(G, d, k, False), d["t"], d["eps"]
+            x_t = (1 - t.view(-1, *[1] * (images.dim() - 1))) * images + t.view(-1, *[1] * (images.dim() - 1)) * noise
+            output, logit_fake = self.velocity(fake, x_t, t, d["cond"], cfg.cfg_train_fake, d["x0_real"] is not None)
+            loss = ((noise - images) - output).pow(2).sum() / total
+            if d["x0_real"] is not None:
+                r = d["x0_real"]
+                x_r = (1 - t.view(-1, *[1] * (r.dim() - 1))) * r + t.view(-1, *[1] * (r.dim() - 1)) * noise
+                _, logit_real = self.velocity(fake, x_r, t, d["cond_real"], 1.0, True)  # 'encoder': the prompt
+                loss_D = (_bce(logit_real, 1) + _bce(logit_fake, 0)) / 2 * images[0].numel()
+                loss = loss + loss_D.sum() / total
+            for g, gi in zip(grads, torch.autograd.grad(loss, params), strict=True):
+                g += gi
+        return grads
+
+    def generator_phase(self, fake, G, micro, k, gan):
+        """Summed over micro-batches: sum((y_real - y_fake) ((y_real - images) - alpha (y_real - y_fake)) w) * 100 /
+        batch_gpu_total; past 40k images 0.5 of it + 0.5 BCE(y_D -> 1) w C*H*W summed / batch_gpu_total."""
+        cfg, total, params = self.cfg, self.cfg.batch_size * len(micro), [p for p in G.parameters() if p.requires_grad]
+        grads = [torch.zeros_like(p) for p in params]
+        for d in micro:
+            images, t, noise = self.images(G, d, k, True), d["t"], d["eps"]
+            tv = t.view(-1, *[1] * (images.dim() - 1))
+            x_t = (1 - tv) * images + tv * noise
+            v_real, _ = self.velocity(self.bb.teacher, x_t, t, d["cond"], cfg.cfg_eval_real)
+            v_fake, y_D = self.velocity(fake, x_t, t, d["cond"], cfg.cfg_eval_fake, gan)
+            y_real, y_fake = x_t - tv * v_real, x_t - tv * v_fake
+            scale = {"1-t": 1 - t, "1/t": 1 / t}[cfg.weighting].detach().view(-1, *[1] * (images.dim() - 1))
+            loss = ((y_real - y_fake) * ((y_real - images) - cfg.alpha * (y_real - y_fake)) * scale).sum()
+            loss = loss * 100 / total
+            if gan:
+                loss_gan = (_bce(y_D, 1) * scale.flatten() * images[0].numel()).sum() / total
+                loss = 0.5 * loss + 0.5 * loss_gan
+            for g, gi in zip(grads, torch.autograd.grad(loss, params), strict=True):
+                g += gi
+        return grads
+
+
+def _recorded_iteration(sid, step):
+    """Run sid.iteration(step), recording each update's micro-batch draws and the gradients its optimizer stepped
+    with: ([(phase, [draws of each micro-batch], [gradients])], the iteration's diagnostics)."""
+    phases, real_micro = [], sid.micro_batches
+
+    def micro_batches():
+        phases.append([])
+        for d in real_micro():
+            phases[-1].append(d)
+            yield d
+
+    sid.micro_batches, grads = micro_batches, []
+    for name, opt in sid.optimizers.items():
+        net = getattr(sid, name)
+        opt.register_step_pre_hook(
+            lambda *_, net=net: grads.append([p.grad.clone() for p in net.parameters() if p.requires_grad])
+        )
+    out = sid.iteration(step)
+    return list(zip(phases, grads, strict=True)), out
+
+
+def _assert_same_gradient(got, want):  # equal to float32 rounding, over the whole network
+    got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])
+    assert want.norm() > 0 and (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm() / want.norm()).item()
+
+
+def _check_official_iteration(sid, official, step, gan):
+    """sid_flow's iteration `step` against the official arithmetic on the same draws and the networks as they were."""
+    G0, fake0 = [copy.deepcopy(n) for n in (sid.generator, sid.fake)]
+    recorded, out = _recorded_iteration(sid, step)
+    (fake_draws, fake_grads), (gen_draws, gen_grads) = recorded
+    # each update draws its own samples: new prompts (or data), noises, t and eps (the official loop's order of phases)
+    assert not torch.equal(fake_draws[0]["t"], gen_draws[0]["t"])
+    assert not torch.equal(fake_draws[0]["noises"], gen_draws[0]["noises"])
+    assert not torch.equal(fake_draws[0]["eps"], gen_draws[0]["eps"])
+    want_fake = official.fake_phase(fake0, G0, fake_draws, out["k"])
+    fake1 = copy.deepcopy(fake0)
+    with torch.no_grad():  # the generator's phase sees the fake network after its step: replay that step
+        opt = sf.make_optimizers(sid.cfg, copy.deepcopy(G0), fake1)["fake"]
+        for p, g in zip([p for p in fake1.parameters() if p.requires_grad], fake_grads, strict=True):
+            p.grad = g
+        opt.step()
+    _assert_same_gradient(fake_grads, want_fake)
+    want_gen = official.generator_phase(fake1, G0, gen_draws, out["k"], gan)
+    _assert_same_gradient(gen_grads, want_gen)
+    return out
+
+
+@pytest.mark.parametrize("data_aided", [False, True])
+def test_toy_iteration_computes_the_official_losses_and_gradients(data_aided):
+    """One toy iteration, data-free and data-aided (the GAN term on: past 40k images), with two micro-batches per
+    step, equals the official arithmetic (class Official) on the same draws: the fake network's gradient, then the
+    generator's, through x_g AND both networks' inputs. The oracle with x_t detached (DMD's routing, D14) differs."""
+    real = (lambda n, g: torch.randn(n, 2, generator=g, device=g.device) * 0.5 + 1.0) if data_aided else None
+    bb = _tiny_backbone(real=real)
+    cfg = _cfg(batch_size=16, grad_accum=2, weighting="1-t", alpha=1.2, noise="fresh", train_step="uniform", fake_updates=1)
+    sid = sf.SiD(cfg, bb, sf.Runtime())
+    with torch.no_grad():  # a fake network unlike the teacher: a score gap to descend
+        for p in sid.fake.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    official = Official(bb, cfg, lambda net, x, t, cond, g: net(x, t), lambda net: net.head)
+    step = 2000 if data_aided else 0  # 2000 x 32 = 64k images: the generator trains with the GAN term
+    out = _check_official_iteration(sid, official, step, data_aided)
+    assert ("loss_gan" in out) == data_aided and ("loss_d" in out) == data_aided and out["nonfinite"] == []
+
+
+def test_generator_gradient_flows_through_the_networks_inputs():
+    """SiD's gradient (D11) is not DMD's direction (x_g alone, D14), which a detached x_t would silently give: the
+    input paths carry a real share of the generator's gradient."""
+    bb = _tiny_backbone()
+    cfg = _cfg(batch_size=32, weighting="1-t", train_step="last")
+    grads = {}
+    for loss in ("sid", "dmd"):
+        sid = sf.SiD(dataclasses.replace(cfg, loss=loss), bb, sf.Runtime())
+        with torch.no_grad():
+            for p in sid.fake.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        recorded, _ = _recorded_iteration(sid, 0)
+        grads[loss] = torch.cat([g.flatten() for g in recorded[-1][1]])  # the generator update's
+    assert (grads["sid"] - grads["dmd"]).norm() > 0.1 * grads["sid"].norm()
+
+
+def test_micro_batches_and_processes_give_the_update_of_one_batch():
+    """--grad-accum: N micro-batches of B give the gradient of one batch of N B on the same draws (the global batch's
+    rows are split, never redrawn), and so the same weights after a step; the GAN schedule counts global images."""
+    bb = _tiny_backbone()
+    outs = {}
+    for B, N in ((32, 1), (16, 2), (8, 4)):
+        sid = sf.SiD(_cfg(batch_size=B, grad_accum=N, train_step="uniform"), bb, sf.Runtime())
+        recorded, out = _recorded_iteration(sid, 0)
+        outs[N] = (recorded, sid.generator.state_dict(), out)
+    (one, w_one, o_one) = outs[1]
+    for N in (2, 4):
+        many, w_many, o_many = outs[N]
+        assert o_many["k"] == o_one["k"]
+        for (draws_1, g_1), (draws_n, g_n) in zip(one, many, strict=True):
+            for key in draws_1[0]:
+                if torch.is_tensor(draws_1[0][key]):
+                    torch.testing.assert_close(torch.cat([d[key] for d in draws_n]), draws_1[0][key])
+            for a, b in zip(g_1, g_n, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        for key, v in w_one.items():
+            torch.testing.assert_close(v, w_many[key], rtol=1e-4, atol=1e-6)
+
+
+def test_adam_is_the_officials_without_momentum():
+    """make_optimizers: Adam with betas (0, 0.999), as the official code: the second step moves a weight by
+    lr g2 / (sqrt(v2 / (1 - 0.999^2)) + eps), v2 = 0.999 (1 - 0.999) g1^2 + (1 - 0.999) g2^2 -- no memory of g1 in
+    the numerator. Checked on the weights, for both networks."""
+    net = torch.nn.Linear(2, 1, bias=False)
+    cfg = _cfg(lr_gen=0.1, lr_fake=0.01)
+    opts = sf.make_optimizers(cfg, copy.deepcopy(net), copy.deepcopy(net))
+    for name, lr in (("generator", 0.1), ("fake", 0.01)):
+        opt = opts[name]
+        (p,) = opt.param_groups[0]["params"]
+        g1, g2 = torch.tensor([[1.0, -2.0]]), torch.tensor([[-3.0, 0.5]])
+        p.grad = g1
+        opt.step()
+        before = p.detach().clone()
+        p.grad = g2
+        opt.step()
+        v2 = 0.999 * 0.001 * g1**2 + 0.001 * g2**2
+        step = lr * g2 / ((v2 / (1 - 0.999**2)).sqrt() + 1e-8)
+        torch.testing.assert_close(before - p.detach(), step, rtol=1e-5, atol=1e-7)
+
+
+def test_iteration_touches_only_what_it_should():
     """One iteration: teacher unchanged; generator and fake move; the generator phase puts no gradient into the fake
     network's weights (the fake's gradients after the iteration are exactly those its own update used)."""
-    bb = _tiny_backbone()
-    cfg = _cfg(loss=loss)
-    teacher0 = {k: v.clone() for k, v in bb.teacher.state_dict().items()}
-    gen, fake = bb.trainable_copy(), bb.trainable_copy()
-    opt_g, opt_f = sf.make_optimizers(dataclasses.replace(cfg, lr_gen=1e-3, lr_fake=1e-3), gen, fake)
-    seen = {}
-    opt_f.register_step_post_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()}))
-    gen0, fake0 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (gen, fake)]
-    m = sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, torch.Generator().manual_seed(0))
-    assert all(torch.equal(v, bb.teacher.state_dict()[k]) for k, v in teacher0.items())
-    assert all(p.grad is None for p in bb.teacher.parameters())
-    assert any(not torch.equal(v, gen.state_dict()[k]) for k, v in gen0.items())
-    assert any(not torch.equal(v, fake.state_dict()[k]) for k, v in fake0.items())
-    assert all(torch.equal(seen[n], p.grad) for n, p in fake.named_parameters())
-    assert m["nonfinite"] == [] and math.isfinite(m["score_gap"]) and m["k"] == 4  # toy preset: last step
-
-
-def test_generator_update_routes_sids_gradient():
-    """The generator update's gradient is SiD's (D11): through x_g directly AND through x_t = (1-t) x_g + t eps into
-    both networks' inputs -- computed here from the equation by autograd on the same draws -- and not DMD's direction
-    (x_g alone, D14), which a detached x_t would silently give."""
-    torch.manual_seed(0)
-    bb, B = _tiny_backbone(), 16
-    cfg = _cfg(weighting="1-t", alpha=1.2)
-    gen, fake = bb.trainable_copy(), bb.trainable_copy()
-    with torch.no_grad():  # a fake network unlike the teacher: a score gap to descend
-        for p in fake.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    opt_g, _ = sf.make_optimizers(cfg, gen, fake)
-    x_in, t_in, t, eps = torch.randn(B, 2), torch.full((B,), 0.75), torch.rand(B) * 0.8 + 0.1, torch.randn(B, 2)
-
-    def oracle(through_inputs):
-        x_g = x_in - 0.75 * gen(x_in, t_in)  # (D4)
-        x_t = (1 - t[:, None]) * x_g + t[:, None] * eps
-        x_t = x_t if through_inputs else x_t.detach()
-        x0_teacher, x0_fake = x_t - t[:, None] * bb.teacher(x_t, t), x_t - t[:, None] * fake(x_t, t)
-        gap = x0_teacher - x0_fake
-        loss = ((1 - t) * (gap * ((x0_teacher - x_g) - 1.2 * gap)).sum(1)).mean()
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(gen.parameters()))])
-
-    sid, x_g_only = oracle(True), oracle(False)  # before the update's step moves the generator
-    sf.generator_update(cfg, bb, gen, fake, opt_g, x_in, t_in, t, eps, None, 0.0, sf.Runtime(), {})
-    got = torch.cat([p.grad.flatten() for p in gen.parameters()])
-    assert torch.allclose(got, sid, rtol=1e-4, atol=1e-7)
-    assert (got - x_g_only).norm() > 0.1 * sid.norm()  # the input paths carry a real share of the gradient
+    for loss in ("sid", "dmd"):
+        bb = _tiny_backbone()
+        sid = sf.SiD(_cfg(loss=loss, lr_gen=1e-3, lr_fake=1e-3), bb, sf.Runtime())
+        teacher0 = {k: v.clone() for k, v in bb.teacher.state_dict().items()}
+        seen = {}
+        sid.optimizers["fake"].register_step_post_hook(
+            lambda *_: seen.update({n: p.grad.clone() for n, p in sid.fake.named_parameters()})
+        )
+        gen0, fake0 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (sid.generator, sid.fake)]
+        m = sid.iteration(0)
+        assert all(torch.equal(v, bb.teacher.state_dict()[k]) for k, v in teacher0.items())
+        assert all(p.grad is None for p in bb.teacher.parameters())
+        assert any(not torch.equal(v, sid.generator.state_dict()[k]) for k, v in gen0.items())
+        assert any(not torch.equal(v, sid.fake.state_dict()[k]) for k, v in fake0.items())
+        assert all(torch.equal(seen[n], p.grad) for n, p in sid.fake.named_parameters())
+        assert m["nonfinite"] == [] and math.isfinite(m["score_gap"]) and m["k"] == 4  # toy preset: last step
 
 
 class GuidanceSpy(sf.ToyBackbone):
@@ -1298,6 +1491,29 @@ def test_discriminator_per_family(tiny, family):
         assert fake.proj_out.weight.grad is None  # the head is not part of D
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.parameters())
     assert all(p.grad is None for p in bb.teacher.parameters())
+
+
+@pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
+@pytest.mark.parametrize("data_aided", [False, True])
+def test_iteration_computes_the_official_losses_and_gradients_per_family(tiny, family, data_aided):
+    """One iteration on a tiny SANA, SD3 and FLUX teacher (full copies, float32), with CFG 2 for all three scales
+    (FLUX: the official mechanism, the scale embedded and two branches) and two micro-batches, data-free and
+    data-aided with the GAN term on, equals the official arithmetic (class Official) on the same draws. CFG doubles
+    the batch, so the discriminator's logits must be read from the prompt's half of the captured hidden states."""
+    bb = _backbone(tiny[family], family)
+    cfg = sf.make_config(
+        None, teacher=tiny[family], resolution=FAMILY_RES[family], batch_size=2, grad_accum=2, **sf._guided(2.0)
+    )
+    cfg = dataclasses.replace(cfg, train_step="last", alpha=1.2, weighting="1/t", out="")
+    bb.set_prompts(TEST_PROMPTS)
+    if data_aided:  # latents of 3 "real" images, one per caption (the prompts)
+        bb.real = torch.randn(len(TEST_PROMPTS), *bb.sample_shape, generator=torch.Generator().manual_seed(3))
+    sid = sf.SiD(cfg, bb, sf.Runtime(torch.device(DEVICE)))
+    with torch.no_grad():
+        for p in sid.fake.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p.device))
+    official = Official(bb, cfg, bb.forward, lambda net: net.proj_out)
+    _check_official_iteration(sid, official, 10_001 if data_aided else 0, data_aided)  # 10,001 x 4 > 40k images
 
 
 def _image_folder(folder, n=4, res=40):
