@@ -138,13 +138,12 @@ class Evaluation:
         self.noise = [normal(sobol(n, 2 * max_steps, base + 80 + r)) for r in range(replicates)]  # R x (n, 2K)
 
     def inputs(self, r, K):
-        """(z, draw) of replicate r for a K-step sampler: z (n, 2), and draw(x) returns the next re-noising (n, 2)."""
-        later = iter(self.noise[r][:, 2 * k : 2 * k + 2].contiguous() for k in range(1, K))  # (n, 2) for step k + 1
-        return self.noise[r][:, :2].contiguous(), lambda x: next(later)
+        """The noises of replicate r for a K-step sampler, (n, K, 2): z, then a re-noising draw per later step."""
+        return self.noise[r][:, : 2 * K].reshape(-1, K, 2)
 
     def samples(self, sampler, K):
-        """sampler(z, draw) -> (n, 2), once per replicate: a list of R sample sets."""
-        return [sampler(*self.inputs(r, K)) for r in range(len(self.noise))]
+        """sampler(noises (n, K, 2)) -> (n, 2), once per replicate: a list of R sample sets."""
+        return [sampler(self.inputs(r, K)) for r in range(len(self.noise))]
 
     def distance(self, xs):
         """(mean, standard error) over the replicates of the energy distance of xs (R sets) to the data."""
@@ -240,8 +239,8 @@ def run_folder(out, name, cfg, **teacher):
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sf.resumable(cfg)}
     key = json.dumps(dict(fields, **teacher), sort_keys=True)
     folder = os.path.join(out, "runs", f"{sf.slug(name)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
-    path = sf.Runtime().checkpoint_path(folder)
-    return folder, sf.Runtime().read_meta(path)["step"] if os.path.exists(path) else 0
+    path = sf.Checkpoints().checkpoint_path(folder)
+    return folder, sf.Checkpoints().read_meta(path)["step"] if os.path.exists(path) else 0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -267,7 +266,7 @@ NOT_HERE = (
     "mode",
     "lora_rank",  # sid_flow.py
     "grad_checkpointing",
-    "student_guidance",
+    "embedded_guidance_only",
     "cfg_train_fake",
     "cfg_eval_fake",
     "cfg_eval_real",
@@ -347,9 +346,9 @@ def main(argv=None):
     t0 = time.time()
     samples = {"data (another draw)": ev.twin}  # its distance is the estimator's floor at this n
     for n in (1, 2, 4, 8, 32, 128):
-        samples[f"teacher {n} steps"] = ev.samples(lambda z, d, n=n: sf.euler_sample(teacher, z, n), 1)
+        samples[f"teacher {n} steps"] = ev.samples(lambda noises, n=n: sf.euler_sample(teacher, noises[:, 0], n), 1)
     # the teacher's own weights used as a K-step SiD generator: where distillation starts
-    samples["teacher as 4-step generator"] = ev.samples(lambda z, d: sf.generate(teacher, z, 4, cfg.noise, d), 4)
+    samples["teacher as 4-step generator"] = ev.samples(lambda noises: sf.generate(teacher, noises, cfg.noise), 4)
     t_eval = time.time() - t0
 
     curves, t_distill = {}, {}
@@ -361,9 +360,10 @@ def main(argv=None):
         backbone = sf.ToyBackbone(teacher, real=(lambda n, g: draw(args.dataset, n, g)) if aided else None)
         curves[name], res, t_distill[name] = distil_variant(vcfg, backbone, ev, done)
         for kind, net in (("EMA", res["ema"]), ("raw", res["generator"])):
-            samples[f"{name} ({vcfg.steps} step{'s' * (vcfg.steps > 1)}, {kind})"] = ev.samples(
-                lambda z, d, net=net: sf.generate(net, z, vcfg.steps, vcfg.noise, d), vcfg.steps
-            )
+            if net is not None:  # (no EMA with --ema-decay 0)
+                samples[f"{name} ({vcfg.steps} step{'s' * (vcfg.steps > 1)}, {kind})"] = ev.samples(
+                    lambda noises, net=net: sf.generate(net, noises, vcfg.noise), vcfg.steps
+                )
     t0 = time.time()
     ed = {name: ev.distance(xs) for name, xs in samples.items()}
     seconds = dict(
@@ -379,19 +379,19 @@ def distil_variant(vcfg, backbone, ev, done):
     curve = [p for p in json.load(open(curve_path)) if p["step"] <= done] if os.path.exists(curve_path) else []
 
     def first_replicate(net):  # one point of the curve: replicate 0 only, cheap
-        z, d = ev.inputs(0, vcfg.steps)
-        return energy_distance(sf.generate(net, z, vcfg.steps, vcfg.noise, d), ev.data[0], DIRECTIONS, False)
+        x = sf.generate(net, ev.inputs(0, vcfg.steps), vcfg.noise)
+        return energy_distance(x, ev.data[0], DIRECTIONS, False)
 
     curve = curve or [dict(step=0, raw=(d0 := first_replicate(backbone.teacher)), ema=d0)]  # 0: it is the teacher
     vcfg.eval_every = vcfg.eval_every or max(1, vcfg.iters // 10)  # 0: every tenth of the run
 
     def on_eval(step, gen, ema):  # a point, saved at once: an interrupted run keeps the points up to its checkpoint
-        curve.append(dict(step=step, raw=first_replicate(gen), ema=first_replicate(ema)))
+        curve.append(dict(step=step, raw=first_replicate(gen), ema=first_replicate(gen if ema is None else ema)))
         with open(curve_path, "w") as f:
             json.dump(curve, f)
 
     t0 = time.time()
-    res = sf.distill(vcfg, backbone, on_eval=on_eval)
+    res = sf.distill(vcfg, backbone, on_eval=on_eval, runtime=sf.Checkpoints())
     return curve, res, None if done >= vcfg.iters else time.time() - t0
 
 

@@ -1488,11 +1488,9 @@ def _guided(w):  # one CFG scale for all three
     return dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)
 
 
-def _dit(hub, batch_size, **kw):  # a DiT preset: its hub id, then what differs from Config; 256 = batch x grad_accum
-    fields = dict(
-        _guided(4.5), hub=hub, precision="bf16-autocast", batch_size=batch_size, grad_accum=256 // batch_size
-    )
-    return fields | dict(iters=4000, save_every=50, eval_every=200, **_INTERVAL) | kw
+def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micro-batch; 256 = micro-batch x accum
+    fields = dict(_guided(4.5), hub=hub, resolution=resolution, batch_size=batch_size, grad_accum=256 // batch_size)
+    return fields | dict(precision="bf16-autocast", iters=4000, save_every=50, eval_every=200, **_INTERVAL) | kw
 
 
 PRESETS = {
@@ -1501,12 +1499,14 @@ PRESETS = {
     # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
     "digits": dict(_SMALL, **_guided(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4)
     | dict(lr_fake=3e-4, out="out/digits"),
-    "sana-0.6b-512": _dit("Efficient-Large-Model/Sana_600M_512px_diffusers", 32, grad_checkpointing=0.75),
-    "sana-1.6b-1024": _dit("Efficient-Large-Model/Sana_1600M_1024px_diffusers", 4, grad_checkpointing=1.0),
-    "sd3-medium": _dit("stabilityai/stable-diffusion-3-medium-diffusers", 4, mode="lora", grad_checkpointing=0.2),
-    "sd3.5-medium": _dit("stabilityai/stable-diffusion-3.5-medium", 4, mode="lora", grad_checkpointing=0.2),
-    "sd3.5-large": _dit("stabilityai/stable-diffusion-3.5-large", 4, mode="lora", grad_checkpointing=0.85),
-    "flux-dev": _dit("black-forest-labs/FLUX.1-dev", 4, **_guided(3.5), mode="lora", grad_checkpointing=1.0),
+    "sana-0.6b-512": _dit("Efficient-Large-Model/Sana_600M_512px_diffusers", 512, 32, grad_checkpointing=0.75),
+    "sana-1.6b-1024": _dit("Efficient-Large-Model/Sana_1600M_1024px_diffusers", 1024, 4, grad_checkpointing=1.0),
+    "sd3-medium": _dit(
+        "stabilityai/stable-diffusion-3-medium-diffusers", 1024, 4, mode="lora", grad_checkpointing=0.2
+    ),
+    "sd3.5-medium": _dit("stabilityai/stable-diffusion-3.5-medium", 1024, 4, mode="lora", grad_checkpointing=0.2),
+    "sd3.5-large": _dit("stabilityai/stable-diffusion-3.5-large", 1024, 4, mode="lora", grad_checkpointing=0.85),
+    "flux-dev": _dit("black-forest-labs/FLUX.1-dev", 1024, 2, **_guided(3.5), mode="lora", grad_checkpointing=1.0),
 }
 HUB_IDS = {name: preset["hub"] for name, preset in PRESETS.items() if "hub" in preset}  # the image teachers'
 
@@ -1548,8 +1548,8 @@ def make_config(preset=None, **overrides):  # Config defaults <- preset <- overr
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    fields = {k: v for k, v in PRESETS.get(preset, {}).items() if k != "hub"} | overrides
-    return check_config(Config(**{k: v for k, v in fields.items() if v is not None}))
+    fields = {k: v for k, v in PRESETS.get(preset, {}).items() if k != "hub"}
+    return check_config(Config(**fields | {k: v for k, v in overrides.items() if v is not None}))
 
 
 def add_config_flags(parser, skip=(), presets=None):

@@ -13,8 +13,8 @@ import dataclasses
 import json
 import os
 import subprocess
-import time
 import sys
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -40,27 +40,33 @@ def random_transformer(src, dtype, device):
 
 
 def bench_backbone(cfg, src, family, device):
-    """A family Backbone over a random-weight teacher whose prompts encode to random tensors of the shapes (and
-    dtype) the family's text encoders produce. No text encoder, no VAE: the loop only needs conditioning tensors."""
+    """A Backbone of class `family` (sf.FAMILIES') over a random-weight teacher whose prompts encode to random tensors
+    of the shapes (and dtype) the family's text encoders produce. No text encoder, no VAE (an empty module in its
+    place): the loop only needs conditioning tensors."""
     teacher = random_transformer(src, sf.teacher_dtype(cfg), device)
-    c, n_text = teacher.config, sf.TEXT_TOKENS[family]
+    c, n_text = teacher.config, family.text_tokens
 
-    class RandomText(sf.FAMILIES[family]):
+    class RandomText(family):
         def encode(self, prompts):
             g = torch.Generator(device).manual_seed(len(prompts))
-            randn = lambda *shape: torch.randn(shape, generator=g, device=device).to(teacher.dtype)  # noqa: E731
+
+            def randn(*shape):
+                return torch.randn(shape, generator=g, device=device).to(teacher.dtype)
+
             B = len(prompts)
-            if family == "SanaPipeline":
+            if issubclass(family, sf.SanaBackbone):
                 return {"embeds": randn(B, n_text, c.caption_channels), "mask": torch.ones(B, n_text, device=device)}
-            if family == "FluxPipeline":
+            if issubclass(family, sf.FluxBackbone):
                 self.txt_ids = torch.zeros(n_text, 3, device=device)
             return {"embeds": randn(B, n_text, c.joint_attention_dim), "pooled": randn(B, c.pooled_projection_dim)}
 
     factor = sf.vae_factor(src, family)
-    pipe = type("Components", (), dict(transformer=teacher, vae=None, vae_scale_factor=factor))()
-    resolution = cfg.resolution or (getattr(c, "sample_size", None) or 128) * factor
-    backbone = RandomText(pipe, resolution, device, sf.teacher_dtype(cfg))
-    backbone.source, backbone.family = src, family
+    pipe = type("Components", (), dict(transformer=teacher, vae=torch.nn.Module(), vae_scale_factor=factor))()
+    # the native resolution as DiTBackbone takes it, but read without assuming the config has sample_size (FLUX's has
+    # none)
+    resolution = cfg.resolution or (c.get("sample_size") or 128) * factor
+    backbone = RandomText(pipe, dataclasses.replace(cfg, resolution=resolution), device)
+    backbone.source = src
     return backbone
 
 
@@ -118,7 +124,7 @@ BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 def bench(cfg, iters, warmup=1):
     """Warm-up + N real SiD iterations through sf.distill() on a full-size random-weight teacher; writes
     OUT/bench.json and prints a table: step time, images/s, measured and planned memory, FLOPs and MFU."""
-    src, family = sf.resolve_teacher(cfg.teacher, configs_only=True)
+    src, family = sf.resolve_teacher(cfg.teacher, configs_only=True)  # family: its Backbone class
     runtime = sf.setup_runtime(cfg)
     # every iteration trains the last step (k = K, the most expensive: K - 1 roll-out forwards), so that the timed
     # iterations and the one whose FLOPs are counted do the same work
@@ -127,8 +133,11 @@ def bench(cfg, iters, warmup=1):
     run = dataclasses.replace(run, resolution=backbone.resolution)
     backbone.set_prompts(sf.DEFAULT_PROMPTS)
     cuda = runtime.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(runtime.device)) if cuda else (lambda: None)
     stamps = []
+
+    def sync():  # a time stamp waits for the GPU's queued work
+        if cuda:
+            torch.cuda.synchronize(runtime.device)
 
     def on_eval(step, generator, ema):
         sync()
@@ -137,13 +146,16 @@ def bench(cfg, iters, warmup=1):
     if cuda:
         torch.cuda.reset_peak_memory_stats(runtime.device)
     res = sf.distill(run, backbone, on_eval=on_eval, runtime=runtime)
-    step_s = sorted(b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:]))[iters // 2]  # the median
-    nets = [backbone.teacher, res["generator"], res["fake"], res["ema"]]
+    step_s = sorted(b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True))[iters // 2]  # median
+    nets = [n for n in (backbone.teacher, res["generator"], res["fake"], res["ema"]) if n is not None]  # ema: if any
+    # LoRA: the base holds every adapter, the EMA's too when the run keeps none (made, unused)
+    held = nets + [backbone.teacher.base] if isinstance(backbone.teacher, sf.AdapterView) else nets
+    optimizers = res["sid"].optimizers.values()
     measured = dict(
-        weights=tensor_bytes(p for n in nets for p in n.parameters()),
+        weights=tensor_bytes(p for n in held for p in n.parameters()),
         gradients=tensor_bytes(p.grad for n in nets for p in n.parameters() if p.grad is not None),
         optimizer=tensor_bytes(
-            v for opt in res["optimizers"] for st in opt.state.values() for k, v in st.items() if k != "step"
+            v for opt in optimizers for st in opt.state.values() for k, v in st.items() if k != "step"
         ),
     )
     static = measured["weights"] + measured["gradients"] + measured["optimizer"]
@@ -153,41 +165,33 @@ def bench(cfg, iters, warmup=1):
     else:  # one more iteration, untimed, with the saved tensors counted
         meter = SavedActivations(nets)
         with meter.hooks():
-            sf.sid_iteration(
-                run,
-                backbone,
-                res["fake"],
-                res["generator"],
-                *res["optimizers"][::-1],
-                torch.Generator(runtime.device).manual_seed(1),
-                0,
-                runtime,
-            )
+            res["sid"].iteration(res["step"])
         measured["activations"], measured["total"] = meter.peak, static + meter.peak
     passes_s = sorted(time_passes(run, backbone, res["generator"], res["fake"], sync) for _ in range(3))[1]
-    plan = sf.memory_plan(run, sf.meta_transformer(src), runtime.world, sf.vae_factor(src, family))
+    plan = sf.memory_plan(run, sf.meta_transformer(src), family, runtime.world, sf.vae_factor(src, family))
     name = torch.cuda.get_device_name(runtime.device) if cuda else "cpu"
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
     out = dict(
         teacher=cfg.teacher,
-        family=family,
+        family=family.pipeline,  # (its pipeline's name: sf.FAMILIES maps it to the class)
         mode=run.mode,
         precision=run.precision,
         grad_checkpointing=run.grad_checkpointing,
         device=name,
         world_size=runtime.world,
         batch_size=run.batch_size,
+        grad_accum=run.grad_accum,
         resolution=run.resolution,
         step_s=step_s,
         passes_s=passes_s,
         loop_overhead=step_s / passes_s - 1,
         compile=run.compile,
-        images_per_s=run.batch_size * runtime.world / step_s,
+        images_per_s=run.batch_size * run.grad_accum * runtime.world / step_s,
         measured=measured,
         planned={k: plan[k] for k in measured},
     )
     out["flops_per_step"] = iteration_flops(run, backbone, res["generator"])
-    out["evaluation_share"] = evaluation_share(cfg, backbone.guidance_embedded)  # at the run's eval_every and iters
+    out["evaluation_share"] = evaluation_share(cfg, backbone.embedded_only)  # at the run's eval_every and iters
     if peak:
         out["mfu"] = out["flops_per_step"] / step_s / peak
     if runtime.rank == 0:
@@ -200,22 +204,37 @@ def bench(cfg, iters, warmup=1):
 
 def time_passes(cfg, backbone, gen, fake, sync):
     """Seconds of the network passes of one iteration (k = K) alone: the same calls, batch sizes, CFG branches and
-    gradient routing, without the loop around them (draws, losses, optimizer steps, EMA, logging)."""
+    gradient routing, without the loop around them (draws, losses, optimizer steps, EMA, logging). Each update draws
+    afresh (sid_flow.py, section 6) and runs its cfg.grad_accum micro-batches: each fake update rolls the generator out
+    to its sample, and so does the generator update before its trained step."""
     B, device = cfg.batch_size, backbone.device
     x, t = torch.randn(B, *backbone.sample_shape, device=device), torch.full((B,), 0.5, device=device)
     cond = backbone.cond_for([i % len(backbone.prompts) for i in range(B)])
-    v = lambda net, x, w: backbone.velocity(net, x, t, cond, sf.guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max))
+
+    def v(net, x, w):  # a loss's call: CFG scale w inside the guidance interval (D17)
+        return backbone.velocity(net, x, t, cond, sf.guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max))
+
+    def student(x):  # the generator's call, at the backbone's student guidance (SiD.student)
+        return backbone.velocity(gen, x, t, cond, backbone.student_guidance)
+
     sync()
     t0 = time.perf_counter()
     with sf.autocast(cfg, device):
-        with torch.no_grad():
-            for _ in range(cfg.steps):  # K - 1 roll-out steps, then the fake update's sample
-                v(gen, x, cfg.student_guidance)
         for _ in range(cfg.fake_updates):
-            v(fake, x, cfg.cfg_train_fake).float().square().mean().backward()
-        x_g = v(gen, x, cfg.student_guidance).float()
-        loss = (v(backbone.teacher, x_g, cfg.cfg_eval_real).float() * v(fake, x_g, cfg.cfg_eval_fake).float()).mean()
-        x_g.backward(torch.autograd.grad(loss, x_g)[0])
+            for _ in range(cfg.grad_accum):
+                with torch.no_grad():
+                    for _ in range(cfg.steps):  # K - 1 roll-out steps, then the fake update's sample
+                        student(x)
+                v(fake, x, cfg.cfg_train_fake).float().square().mean().backward()
+        for _ in range(cfg.grad_accum):
+            with torch.no_grad():
+                for _ in range(cfg.steps - 1):  # the generator update's own K - 1 roll-out steps
+                    student(x)
+            x_g = student(x).float()
+            loss = (
+                v(backbone.teacher, x_g, cfg.cfg_eval_real).float() * v(fake, x_g, cfg.cfg_eval_fake).float()
+            ).mean()
+            x_g.backward(torch.autograd.grad(loss, x_g)[0])
     sync()
     for net in (gen, fake):
         net.zero_grad(set_to_none=True)
@@ -223,11 +242,12 @@ def time_passes(cfg, backbone, gen, fake, sync):
 
 
 def iteration_flops(cfg, backbone, net):
-    """Model FLOPs of one SiD iteration with k = K, from one counted forward of `net` on one sample: K forwards
-    without gradient (K - 1 roll-out steps, then the sample for the fake update); per fake update a forward and a
-    backward (2 forwards' worth: weights and input); the generator step's forward and backward; the teacher's and the
-    fake network's forwards with a backward to their input only (1 forward's worth) -- each doubled where two-branch
-    CFG doubles the batch. Recomputation under gradient checkpointing is not counted: MFU counts the model's work."""
+    """Model FLOPs of one SiD iteration with k = K, from one counted forward of `net` on one sample, for each sample of
+    the update's batch (cfg.grad_accum micro-batches): per fake update K forwards without gradient (K - 1 roll-out
+    steps, then its sample), then a forward and a backward (2 forwards' worth: weights and input); the generator
+    update's K - 1 roll-out forwards, its step's forward and backward; the teacher's and the fake network's forwards
+    with a backward to their input only (1 forward's worth) -- each doubled where two-branch CFG doubles the batch.
+    Recomputation under gradient checkpointing is not counted: MFU counts the model's work."""
     x = torch.zeros(1, *backbone.sample_shape, device=backbone.device)
     t = torch.full((1,), 0.5, device=backbone.device)
     with (
@@ -236,32 +256,33 @@ def iteration_flops(cfg, backbone, net):
         torch.compiler.set_stance("force_eager"),
         FlopCounterMode(display=False) as counter,
     ):  # (counted on the eager forward: the same model FLOPs)
-        backbone.forward(net, x, t, backbone.cond_for([0]), cfg.student_guidance)
-    return counter.get_total_flops() * passes(cfg, backbone.guidance_embedded) * cfg.batch_size
+        backbone.forward(net, x, t, backbone.cond_for([0]), backbone.student_guidance)
+    return counter.get_total_flops() * passes(cfg, backbone.embedded_only) * cfg.batch_size * cfg.grad_accum
 
 
-def passes(cfg, embedded):
-    """One iteration's network work (k = K) in forwards of one sample, per sample of the batch."""
+def passes(cfg, embedded_only):
+    """One iteration's network work (k = K) in forwards of one sample, per sample of the batch (each fake update and
+    the generator update draw afresh: sid_flow.py, section 6). `embedded_only`: FLUX's guidance as its embedding
+    alone (--embedded-guidance-only), one branch at every scale."""
     interval = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
-    branches = lambda w: sf.cfg_branches(w, embedded, interval)  # noqa: E731
-    return (
-        cfg.steps
-        + 3 * cfg.fake_updates * branches(cfg.cfg_train_fake)
-        + 3
-        + 2 * branches(cfg.cfg_eval_real)
-        + 2 * branches(cfg.cfg_eval_fake)
-    )
+
+    def branches(w):
+        return sf.cfg_branches(w, embedded_only, interval)
+
+    fake_update = cfg.steps + 3 * branches(cfg.cfg_train_fake)  # its K-step sample, then forward and backward
+    generator_update = (cfg.steps - 1) + 3 + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake)
+    return cfg.fake_updates * fake_update + generator_update
 
 
-def evaluation_share(cfg, embedded):
+def evaluation_share(cfg, embedded_only):
     """The share of a run's network work that its evaluations take, one every cfg.eval_every iterations: the quality
     number (QUALITY_SIZE K-step student samples, the first four decoded as the preview, and their teacher features,
-    sid_flow section 11); plus, once per run, the reference set (REFERENCE_STEPS-step guided teacher samples, the
+    sid_flow section 12); plus, once per run, the reference set (REFERENCE_STEPS-step guided teacher samples, the
     teacher's own 4- and 8-step ones and their features), spread over cfg.iters. All in forwards of one sample, as
-    passes() counts."""
+    passes() counts; an iteration's batch is cfg.batch_size x cfg.grad_accum (one process)."""
     n, per_eval = sf.QUALITY_SIZE, sf.QUALITY_SIZE * (cfg.steps + 1)
-    once = n * (sf.REFERENCE_STEPS + 4 + 8) * sf.cfg_branches(cfg.cfg_eval_real, embedded) + 3 * n
-    work = passes(cfg, embedded) * cfg.batch_size
+    once = n * (sf.REFERENCE_STEPS + 4 + 8) * sf.cfg_branches(cfg.cfg_eval_real, embedded_only) + 3 * n
+    work = passes(cfg, embedded_only) * cfg.batch_size * cfg.grad_accum
     return (per_eval / cfg.eval_every + once / cfg.iters) / work if cfg.eval_every else 0.0
 
 
@@ -269,10 +290,11 @@ def print_bench(r):
     gib = 1 << 30
     print(
         f"bench: {r['teacher']} {r['mode']} {r['precision']}{' ckpt' if r['grad_checkpointing'] else ''} on "
-        f"{r['world_size']} x {r['device']}, batch {r['batch_size']} at {r['resolution']} px: "
-        f"{r['step_s']:.3f} s/step ({r['passes_s']:.3f} s of network passes alone: loop overhead "
-        f"{r['loop_overhead']:+.0%}), {r['images_per_s']:.2f} images/s, {r['flops_per_step'] / 1e12:.1f} TFLOP/step, "
-        f"evaluations {r['evaluation_share']:.1%} of the run's FLOPs" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else "")
+        f"{r['world_size']} x {r['device']}, batch {r['batch_size']} x grad-accum {r['grad_accum']} at "
+        f"{r['resolution']} px: {r['step_s']:.3f} s/step ({r['passes_s']:.3f} s of network passes alone: loop "
+        f"overhead {r['loop_overhead']:+.0%}), {r['images_per_s']:.2f} images/s, "
+        f"{r['flops_per_step'] / 1e12:.1f} TFLOP/step, evaluations {r['evaluation_share']:.1%} of the run's FLOPs"
+        + (f", MFU {r['mfu']:.1%}" if "mfu" in r else "")
     )
     print(f"  {'GiB':<12}" + "".join(f"{k:>13}" for k in r["measured"]))
     for row in ("measured", "planned"):
@@ -300,10 +322,11 @@ def main(argv=None):
     timed, every, share = a.pop("timed"), a.pop("all"), a.pop("evaluation_share")
     if share:
         for name in sf.HUB_IDS:
-            embedded = sf.FAMILIES[sf.resolve_teacher(name, configs_only=True)[1]].guidance_embedded
+            cfg, family = sf.make_config(name), sf.resolve_teacher(name, configs_only=True)[1]
+            embedded_only = issubclass(family, sf.FluxBackbone) and cfg.embedded_guidance_only  # (as FluxBackbone)
             print(
                 f"{name:<16} evaluations every {sf.PRESETS[name]['eval_every']} iterations: "
-                f"{evaluation_share(sf.make_config(name), embedded):.2%} of the run's network work"
+                f"{evaluation_share(cfg, embedded_only):.2%} of the run's network work"
             )
         return
     if timed < 1:
@@ -330,8 +353,8 @@ def bench_all(timed, argv):
         print(r.stdout + r.stderr[-2000:] if r.returncode else r.stdout, flush=True)
         rows.append(json.load(open(os.path.join(out, "bench.json"))) if r.returncode == 0 else dict(teacher=name))
     print(
-        "| preset (its defaults) | s/iteration | images/s | TFLOP/iteration | MFU | loop overhead | peak allocated GiB "
-        "| planned GiB |"
+        "| preset (its defaults) | s/iteration | images/s | TFLOP/iteration | MFU | loop overhead "
+        "| peak allocated GiB | planned GiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -340,7 +363,7 @@ def bench_all(timed, argv):
             continue
         setting = (
             f"{r['mode']}, ckpt {r['grad_checkpointing']:g}{', compiled' if r['compile'] else ''}, "
-            f"b{r['batch_size']}, {r['resolution']} px"
+            f"b{r['batch_size']} x {r['grad_accum']}, {r['resolution']} px"
         )
         print(
             f"| {r['teacher']} ({setting}) | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "

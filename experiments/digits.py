@@ -1,7 +1,8 @@
 """experiments/digits.py -- SiD on a DiT teacher and real images, measured as the paper measures, on a laptop CPU.
 
     python experiments/digits.py                    # the benchmark: out/digits/metrics.json, digits.png
-    python experiments/digits.py --data-aided       # its students with the teacher's training digits as real data (D16)
+    python experiments/digits.py --data-aided       # its students with the teacher's training digits as real
+                                                    # data (D16)
     python experiments/digits.py --guidance-study   # six ways to distil the guided teacher, at 4 steps and 1:
                                                     # out/digits/guidance-study.json, samples.npz, guidance.png
     python experiments/digits.py --metric-study     # the run's quality number against the classifier's FD, every
@@ -65,10 +66,10 @@ class DigitsBackbone(sf.SanaBackbone):
     class). Everything else -- the velocity call, CFG, the prompt bank -- is SANA's adapter, unchanged."""
 
     def __init__(self, teacher, device):
-        self.pipe, self.device, self.resolution, self.max_sequence_length = None, device, 8, None
+        self.pipe, self.device, self.resolution = None, device, 8
         self.teacher = teacher.to(device).requires_grad_(False).eval()
         self.sample_shape = (1, 8, 8)
-        self.prompts, self.bank, self.uncond, self.data = [], None, None, None
+        self.prompts, self.bank, self.uncond, self.real = [], None, None, None
 
     def encode(self, prompts):
         idx = torch.tensor([int(p) if p else NULL_CLASS for p in prompts], device=self.device)
@@ -184,9 +185,9 @@ class DigitsBench:
         self.x, self.y, x_h, y_h = digits_split()
         teacher, self.t_teacher = digits_teacher(self.x, self.y, os.path.join(cfg.out, "teacher-digits.pt"))
         self.bb = bb = DigitsBackbone(teacher, torch.device("cpu"))
-        if data_aided:  # the teacher's own training images as the real data, their labels as the prompts
+        if data_aided:  # the teacher's own training images as the real data, their labels as the prompts (row for row)
             bb.set_prompts([str(int(c)) for c in self.y])
-            bb.data = self.x
+            bb.real = self.x
         else:
             bb.set_prompts([str(c) for c in range(10)])
         t0 = time.time()
@@ -213,15 +214,18 @@ def digits_inputs(bb):
 
 
 def student_samples(bb, net, cond, z, K):
-    """A distilled generator's K-step samples from the shared noise z (re-noising draws from seed 1); the student is
-    called unguided, as SiD's students are sampled."""
-    return sf.generate(
-        lambda xx, tt: bb.velocity(net, xx, tt, cond, 1.0),
-        z,
-        K,
-        "fresh",
-        sf.gaussian(torch.Generator().manual_seed(1)),
-    )
+    """A distilled generator's K-step samples from the shared noise z, its re-noising draws from seed 1 (the noises
+    (N, K, 1, 8, 8): z, then one fresh draw per later step); the student is called at the backbone's student guidance
+    (none), as SiD's students are sampled."""
+    g = torch.Generator().manual_seed(1)
+    noises = torch.stack([z] + [bb.step_noise(z.shape, g) for _ in range(K - 1)], 1)  # (N, K, 1, 8, 8)
+    return sf.generate(lambda xx, tt: bb.velocity(net, xx, tt, cond, bb.student_guidance), noises, "fresh")
+
+
+def kept(res):
+    """[(kind, generator)] of an sf.distill result that get a row: its EMA (none without one: --ema-decay 0), then
+    the raw generator."""
+    return [(kind, res[kind]) for kind in ("ema", "generator") if res[kind] is not None]
 
 
 def run_key(data_aided=False):
@@ -253,13 +257,12 @@ def teacher_samples(bb, cond, z):
     """The benchmark's teacher rows from the noise z (N, 1, 8, 8): (name, guidance, steps, samples (N, 1, 8, 8)),
     Euler at 1-32 steps, unguided and at CFG DIGITS['guidance'] (at every t)."""
     for w in (1.0, DIGITS["guidance"]):
+
+        def velocity(xx, tt, w=w):  # the teacher at CFG w
+            return bb.velocity(bb.teacher, xx, tt, cond, w)
+
         for n in (1, 2, 4, 8, 16, 32):
-            yield (
-                teacher_row(n, w),
-                w,
-                n,
-                sf.euler_sample(lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, w), z, n),
-            )
+            yield teacher_row(n, w), w, n, sf.euler_sample(velocity, z, n)
 
 
 def teacher_row(steps, w):
@@ -267,31 +270,34 @@ def teacher_row(steps, w):
 
 
 def benchmark_students(cfg, overrides, bb, data_aided):
-    """Each of STUDENTS distilled (or reused from OUT/runs/): (name, its Config, sf.distill's result, seconds)."""
+    """Each of STUDENTS distilled (or reused from OUT/runs/, which sf.Checkpoints writes and resumes): (name, its
+    Config, sf.distill's result, seconds)."""
     for name, extra in STUDENTS.items():
         scfg = sf.make_config("digits", **{**overrides, **extra})
         scfg.out = run_folder(cfg.out, name, scfg, **run_key(data_aided))[0]
         t0 = time.time()
-        res = sf.distill(scfg, bb)
+        res = sf.distill(scfg, bb, runtime=sf.Checkpoints())
         yield name, scfg, res, time.time() - t0
 
 
 def step_cost(cfg, bb, iters=10):
-    """Wall time of one SiD iteration against the sum of the network passes it makes, each timed alone:
-    K forwards without gradient (roll-out + the fake phase's sample), the fake update (forward + backward, CFG
-    batch), the generator step (forward + backward), teacher and fake forwards with their input-backward (CFG).
+    """Wall time of one SiD iteration against the sum of the network passes it makes, each timed alone. Each update
+    draws afresh (sid_flow.py, section 6), so per fake update: K forwards without gradient (roll-out + its sample),
+    the fake network's forward + backward (CFG batch); then the generator update's K - 1 roll-out forwards, its
+    step (forward + backward), teacher and fake forwards with their input-backward (CFG); all once per micro-batch.
     A ratio near 1 says the iteration spends its time in the networks, not in the method's own arithmetic."""
-    gen, fake, _ = bb.students(cfg, sf.Runtime())
-    opt_g, opt_f = sf.make_optimizers(cfg, gen, fake)
-    rng = torch.Generator().manual_seed(0)
+    sid = sf.SiD(cfg, bb, sf.Runtime())
+    gen, fake = sid.generator, sid.fake
     B = cfg.batch_size
     cond = bb.encode([str(i % 10) for i in range(B)])
     x, t = torch.randn(B, 1, 8, 8), torch.rand(B)
-    timed = lambda fn: mean_seconds(fn, iters)  # noqa: E731
+
+    def timed(fn):
+        return mean_seconds(fn, iters)
 
     def fwd():
         with torch.no_grad():
-            bb.velocity(gen, x, t, cond, 1.0)
+            bb.velocity(gen, x, t, cond, bb.student_guidance)
 
     def fwd_bwd(net, guidance):  # a weight update's pass: gradient into the network's weights
         return lambda: bb.velocity(net, x, t, cond, guidance).sum().backward()
@@ -303,14 +309,14 @@ def step_cost(cfg, bb, iters=10):
 
         return run
 
-    passes = (
-        cfg.steps * timed(fwd)
+    passes = cfg.grad_accum * (
+        (cfg.fake_updates * cfg.steps + cfg.steps - 1) * timed(fwd)
         + cfg.fake_updates * timed(fwd_bwd(fake, cfg.cfg_train_fake))
-        + timed(fwd_bwd(gen, 1.0))
+        + timed(fwd_bwd(gen, bb.student_guidance))
         + timed(input_bwd(bb.teacher, cfg.cfg_eval_real))
         + timed(input_bwd(fake, cfg.cfg_eval_fake))
     )
-    iteration = timed(lambda: sf.sid_iteration(cfg, bb, fake, gen, opt_f, opt_g, rng))
+    iteration = timed(lambda: sid.iteration(0))
     return dict(iteration=iteration, passes=passes, ratio=iteration / passes)
 
 
@@ -330,8 +336,8 @@ def benchmark(args, overrides, argv):
     t_teacher_eval, t_distill = time.time() - t0, {}
     for name, scfg, res, seconds in benchmark_students(cfg, overrides, bb, args.data_aided):
         t_distill[name] = seconds
-        for kind in ("ema", "generator"):
-            x = student_samples(bb, res[kind], cond, z, scfg.steps)
+        for kind, net in kept(res):
+            x = student_samples(bb, net, cond, z, scfg.steps)
             rows.append(
                 dict(
                     sampler=f"{name} ({kind})",
@@ -386,7 +392,7 @@ def plot_digits(samples, real, labels, path):
         if k.startswith(("teacher, 4 steps, w=2", "teacher, 32 steps, w=2")) or k.endswith("(ema)")
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
-    for ax, (title, x) in zip(axes, panels):
+    for ax, (title, x) in zip(axes, panels, strict=True):
         if title != "real":  # 8 samples of each class, one class per column
             x = torch.cat([x[labels == c][:8] for c in range(10)])
             x = x.view(10, 8, 8, 8).permute(1, 0, 2, 3).reshape(80, 8, 8)[:, None]
@@ -489,7 +495,9 @@ def study_row(task):
         cfg = sf.make_config("digits", **a["fields"])
         cfg.out, done = run_folder(out, f"{a['name']}-{a['K']}", cfg, **run_key())
         iters_trained = cfg.iters - done
-        samples = student_samples(bb, sf.distill(cfg, bb)["ema"], cond, z, a["K"])
+        res = sf.distill(cfg, bb, runtime=sf.Checkpoints())  # (its run folder reused by the same command)
+        student = res["generator"] if res["ema"] is None else res["ema"]  # the EMA (none with --ema-decay 0)
+        samples = student_samples(bb, student, cond, z, a["K"])
     else:
         interval = a.get("interval", (0.0, 1.0))
 
@@ -600,8 +608,8 @@ def plot_study(rows, samples, real, labels, path):
     ax = fig.add_subplot(grid_spec[1, :])
     teachers = [r["row"] for r in rows if r["row"].startswith("teacher")]
     colors = {
-        **dict(zip(STRATEGIES, plt.get_cmap("tab10").colors)),
-        **dict(zip(teachers, plt.get_cmap("Dark2").colors)),
+        **dict(zip(STRATEGIES, plt.get_cmap("tab10").colors, strict=False)),  # (more colours than rows)
+        **dict(zip(teachers, plt.get_cmap("Dark2").colors, strict=False)),
     }
     off = []
     for r in rows:
@@ -636,18 +644,21 @@ def plot_study(rows, samples, real, labels, path):
 # run's prompts and seeds), and by the classifier's FD to the same reference sampler with DIGITS['n_per_class']
 # samples per class on each side (the benchmark's noise, which the teacher rows share with the reference). A run's
 # number is one draw of a noisy estimate: the study repeats it on DRAWS evaluation draws (sf.Quality's seed: its
-# reference set's noise, the features' and the students' re-noising; the run's is seed 0), each with its own reference.
+# noises -- the reference set's and the students' re-noising -- and the features'; the run's is seed 0), each with
+# its own reference.
 # ------------------------------------------------------------------------------------------------------------------
 
 OTHER_SEEDS = 7  # the floor: the reference sampler itself on other noise than the reference's
-DRAWS = 8  # evaluation draws, at seeds 0, 4, 8, ... (sf.Quality takes seed, seed + 1 and seed + 2)
+DRAWS = 8  # evaluation draws, at seeds 0, 4, 8, ... (sf.Quality takes seed and seed + 1)
 
 
 def run_quality(quality, cfg, net):
     """quality(net) exactly as a run with config cfg evaluates it (its K, re-noising and student guidance) against
-    quality's reference set, and the samples it scored: (number, samples (QUALITY_SIZE, 1, 8, 8))."""
-    q = copy.copy(quality)
+    quality's reference set, and the samples it scored: (number, samples (QUALITY_SIZE, 1, 8, 8)). The noises are the
+    ones sf.Quality draws for cfg's K at quality's seed: the same initial noise as the reference set's."""
+    q, bb = copy.copy(quality), quality.backbone
     q.cfg = cfg
+    q.noises = bb.noises(sf.QUALITY_SIZE, cfg.steps, torch.Generator(bb.device).manual_seed(quality.seed))
     return q(net), q.samples
 
 
@@ -683,18 +694,20 @@ def fd_samples(cfg, bb, students):
     _, cond, z = digits_inputs(bb)
     rows = teacher_rows(cfg, bb, cond, z)
     for name, scfg, res in students:
-        for kind in ("ema", "generator"):
-            rows[f"{name} ({kind})"] = student_samples(bb, res[kind], cond, z, scfg.steps)
+        for kind, net in kept(res):
+            rows[f"{name} ({kind})"] = student_samples(bb, net, cond, z, scfg.steps)
     return rows
 
 
 def run_numbers(cfg, bb, students, quality):
-    """Each row scored by `quality` exactly as a run would, on its prompts and noise (quality.cond, quality.z):
-    {name: (the number, the samples it scored (QUALITY_SIZE, 1, 8, 8))}, in fd_samples' order."""
-    out = {name: (quality.score(x), x) for name, x in teacher_rows(cfg, bb, quality.cond, quality.z).items()}
+    """Each row scored by `quality` exactly as a run would, on its prompts and noises (quality.cond, quality.noises;
+    the teacher rows from their initial noise quality.noises[:, 0]): {name: (the number, the samples it scored
+    (QUALITY_SIZE, 1, 8, 8))}, in fd_samples' order."""
+    z = quality.noises[:, 0]  # (QUALITY_SIZE, 1, 8, 8)
+    out = {name: (quality.score(x), x) for name, x in teacher_rows(cfg, bb, quality.cond, z).items()}
     for name, scfg, res in students:
-        for kind in ("ema", "generator"):
-            out[f"{name} ({kind})"] = run_quality(quality, scfg, res[kind])
+        for kind, net in kept(res):
+            out[f"{name} ({kind})"] = run_quality(quality, scfg, net)
     return out
 
 
@@ -712,25 +725,29 @@ def study_floor(cfg, bench, quality, ref_features):
     bb = bench.bb
     _, cond, z = digits_inputs(bb)
     g = torch.Generator(bb.device).manual_seed(OTHER_SEEDS)
-    other = lambda c, x: sf.euler_sample(  # noqa: E731  the reference's sampler, from fresh noise shaped like x
-        lambda xx, tt: bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt)), bb.noise(x.shape, g), sf.REFERENCE_STEPS
-    )
+
+    def other(c, x):  # the reference's sampler, from fresh noise shaped like x
+        def velocity(xx, tt):
+            return bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt))
+
+        return sf.euler_sample(velocity, bb.noise(x.shape, g), sf.REFERENCE_STEPS)
+
     with sf.autocast(cfg, bb.device), torch.no_grad():
         return dict(
-            metric=quality.score(other(quality.cond, quality.z)),
+            metric=quality.score(other(quality.cond, quality.noises[:, 0])),
             fd_to_reference=frechet_distance(bench.clf.features(other(cond, z)), ref_features),
         )
 
 
 def quality_cost(cfg, bb, quality, repeats=3):
-    """Seconds, at the digits preset's settings, of one quality(ema) evaluation and of one SiD iteration (each the
-    mean of `repeats` after a warm-up), on fresh students: the cost does not depend on their weights."""
-    generator, fake, ema = bb.students(cfg, sf.Runtime())
-    opt_gen, opt_fake = sf.make_optimizers(cfg, generator, fake)
-    rng = torch.Generator().manual_seed(0)
+    """Seconds, at the digits preset's settings, of one quality(ema) evaluation (the generator's without an EMA) and
+    of one SiD iteration (each the mean of `repeats` after a warm-up), on fresh students: the cost does not depend on
+    their weights."""
+    sid = sf.SiD(cfg, bb, sf.Runtime())
+    student = sid.generator if sid.ema is None else sid.ema  # the student a run evaluates
     return dict(
-        evaluation=mean_seconds(lambda: quality(ema), repeats),
-        iteration=mean_seconds(lambda: sf.sid_iteration(cfg, bb, fake, generator, opt_fake, opt_gen, rng), repeats),
+        evaluation=mean_seconds(lambda: quality(student), repeats),
+        iteration=mean_seconds(lambda: sid.iteration(0), repeats),
     )
 
 
@@ -880,9 +897,10 @@ def parse_args(argv):
         prog="experiments/digits.py",
         description=__doc__,
         epilog=(
-            "Not offered: sid_flow.py's flags for image teachers (--teacher, --prompts, --resolution, --device, --mode,\n"
-            "...: the teacher is this one, on the CPU), its guidance flags (--cfg-*: the benchmark's guided students use\n"
-            "the digits preset's, each strategy of --guidance-study its own) and --eval-every (no previews here)."
+            "Not offered: sid_flow.py's flags for image teachers (--teacher, --prompts, --resolution, --device,\n"
+            "--mode, ...: the teacher is this one, on the CPU), its guidance flags (--cfg-*: the benchmark's guided\n"
+            "students use the digits preset's, each strategy of --guidance-study its own) and --eval-every (no\n"
+            "previews here)."
         ),
     )
     p.add_argument(

@@ -19,16 +19,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # sid_flow.py
-import sid_flow as sf  # noqa: E402
-from digits import (
+from digits import (  # noqa: E402  experiments/digits.py
     DRAWS,
     DigitsBench,
     benchmark_students,
     frechet_distance,
-    interval_row,  # noqa: E402
+    interval_row,
     run_numbers,
     spearman,
 )
+
+import sid_flow as sf  # noqa: E402
 
 # (the teacher's conditioning, t, principal directions (0: every dimension, standardized), distance)
 RUN = ("empty", sf.QUALITY_T, sf.QUALITY_DIMS, "FD")
@@ -56,8 +57,13 @@ VARIANTS = [
 def kernel_distance(f, g):
     """KID's unbiased squared MMD between f and g (n, d), cubic kernel k(a, b) = (a.b / d + 1)^3; the sets are paired
     row for row (sample i of each from the same noise), so every mean skips the pairs i = i."""
-    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
-    off_diagonal = lambda K: (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1))  # noqa: E731  i != j
+
+    def k(a, b):
+        return (a @ b.T / a.shape[1] + 1) ** 3
+
+    def off_diagonal(K):  # the mean over i != j
+        return (K.sum() - K.diagonal().sum()) / (len(K) * (len(K) - 1))
+
     return (off_diagonal(k(f, f)) + off_diagonal(k(g, g)) - 2 * off_diagonal(k(f, g))).item()
 
 

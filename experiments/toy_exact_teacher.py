@@ -110,7 +110,8 @@ def monte_carlo_x0_mean(x_t, t, n=1_000_000, seed=0):
 def check_exact_velocity(n_points=16, n_mc=1_000_000):
     """Two independent checks of E[x0 | x_t] at points of the path, t from 0.9 down to 0.02: (the largest deviation
     from Monte Carlo in its standard errors, for t >= 0.15; the largest deviation from Tweedie's formula
-    E[x0 | x_t] = (x_t + t^2 grad log p_t(x_t)) / (1 - t), the gradient by autograd of the closed-form density (D3))."""
+    E[x0 | x_t] = (x_t + t^2 grad log p_t(x_t)) / (1 - t), the gradient by autograd of the closed-form density
+    (D3))."""
     g = torch.Generator().manual_seed(1)
     mc_z, tweedie = 0.0, 0.0
     for t in (0.9, 0.6, 0.3, 0.15, 0.05, 0.02):
@@ -157,10 +158,14 @@ def main(argv=None):
     mlp, _ = run_toy.train_teacher("checkerboard", cfg.seed, os.path.join(args.out, "teacher-checkerboard.pt"))
     exact = ExactTeacherBackbone(mlp)
     ev = run_toy.Evaluation("checkerboard", 16384 // run_toy.R, run_toy.R, cfg.seed, max_steps=max(4, cfg.steps))
+
+    def euler(velocity, steps):  # a sampler of a replicate's noises (n, K, 2): Euler from the first of them, z
+        return lambda noises: sf.euler_sample(velocity, noises[:, 0], steps)
+
     rows = {
-        "trained teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(mlp, z, 128), 1),
-        "exact teacher, 128 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 128), 1),
-        "exact teacher, 4 Euler steps": ev.samples(lambda z, d: sf.euler_sample(exact.teacher, z, 4), 1),
+        "trained teacher, 128 Euler steps": ev.samples(euler(mlp, 128), 1),
+        "exact teacher, 128 Euler steps": ev.samples(euler(exact.teacher, 128), 1),
+        "exact teacher, 4 Euler steps": ev.samples(euler(exact.teacher, 4), 1),
     }
     # the demo's student (run_toy.py with the same flags: its run is shared, reused when it has run) and the exact one
     for name, backbone in (("SiD", sf.ToyBackbone(mlp)), ("SiD exact teacher", exact)):
@@ -171,9 +176,10 @@ def main(argv=None):
         _, res, seconds = run_toy.distil_variant(vcfg, backbone, ev, done)
         print(f"{name}: {vcfg.out}, {'reused' if seconds is None else f'{seconds:.0f} s'}")
         for kind in ("ema", "generator"):
-            rows[f"{name} student ({kind})"] = ev.samples(
-                lambda z, d, net=res[kind]: sf.generate(net, z, cfg.steps, cfg.noise, d), cfg.steps
-            )
+            if res[kind] is not None:  # (no EMA with --ema-decay 0)
+                rows[f"{name} student ({kind})"] = ev.samples(
+                    lambda noises, net=res[kind]: sf.generate(net, noises, cfg.noise), cfg.steps
+                )
     ed = {name: ev.distance(xs) for name, xs in rows.items()}
     ref = ed["trained teacher, 128 Euler steps"][0]
     print(f"\nenergy distance to the checkerboard (mean +- standard error over {run_toy.R} replicates, as run_toy.py)")
