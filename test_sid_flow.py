@@ -697,9 +697,9 @@ def test_qmc_estimate_is_far_less_noisy_than_iid():
     ev = run_toy.Evaluation("checkerboard", 4096, replicates=6)
     mean, se = ev.distance(ev.twin)  # another Sobol draw of the data against the reference: the floor
     assert 0 <= mean < 2e-5 and se * math.sqrt(6) * 30 < iid.std().item()
-    z, draw = ev.inputs(0, 4)  # a 4-step sampler's inputs: z, then three re-noising draws, all different columns
-    cols = [z] + [draw(None) for _ in range(3)]
-    assert all(c.shape == (4096, 2) for c in cols) and len({round(c.sum().item(), 4) for c in cols}) == 4
+    noises = ev.inputs(0, 4)  # a 4-step sampler's inputs: z, then three re-noising draws, all different columns
+    cols = [noises[:, j] for j in range(4)]
+    assert noises.shape == (4096, 4, 2) and len({round(c.sum().item(), 4) for c in cols}) == 4
 
 
 def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
@@ -929,8 +929,10 @@ def test_config_presets():
 
 
 def test_derivation_labels():
-    """Every (Dk) cited in the code exists in derivation.md; every function of its symbol table exists in
-    sid_flow.py; every test it names exists here."""
+    """Every (Dk) cited in the code exists in derivation.md; every name of its symbol table exists, whole, where the
+    table says (a dotted name is an attribute of what precedes it: `SiD.iteration`); every test it names exists."""
+    import digits  # experiments/digits.py
+
     doc = open(os.path.join(HERE, "derivation.md")).read()
     code = "".join(
         open(os.path.join(HERE, f)).read()
@@ -940,9 +942,18 @@ def test_derivation_labels():
     cited = set(re.findall(r"\(D\d+\)", code))
     assert cited and cited <= set(re.findall(r"\(D\d+\)", doc)), cited - set(re.findall(r"\(D\d+\)", doc))
     table = doc[doc.index("## Symbol table") :]
+    modules = {"run_toy.": run_toy, "digits.": digits, "bench.": bench}
     for row in table.splitlines()[3:]:
         for name in re.findall(r"`([A-Za-z_][\w.]*)`", row.split("|")[2]):
-            assert re.search(rf"\b{re.escape(name.split('.')[-1])}\b", code), name
+            module = next((m for prefix, m in modules.items() if name.startswith(prefix)), sf)
+            parts = name.removeprefix(module.__name__ + ".").split(".")
+            if not hasattr(module, parts[0]):  # a variable of the code, e.g. `x0_teacher`, `cfg.alpha`: whole, in it
+                assert re.search(rf"(?<![\w.]){re.escape(name)}\b", code), name
+                continue
+            obj = module
+            for part in parts:  # a function, class, method or constant: the whole name, where the table puts it
+                assert hasattr(obj, part), name
+                obj = getattr(obj, part)
     tests = open(__file__).read()
     for name in set(re.findall(r"`(test_\w+)`", doc)):
         assert f"def {name}(" in tests, name
@@ -2431,10 +2442,10 @@ def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, 
     cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, cfg_eval_real=2.0)
     q = sf.Quality(bb, cfg)
     teacher = lambda x, t: bb.velocity(bb.teacher, x, t, q.cond, 2.0)
-    z = bb.noise(q.z.shape, torch.Generator(DEVICE).manual_seed(7))  # other seeds than the reference's
+    z = bb.noise(q.noises[:, 0].shape, torch.Generator(DEVICE).manual_seed(7))  # other seeds than the reference's
     many, one = q.score(sf.euler_sample(teacher, z, 32)), q.score(sf.euler_sample(teacher, z, 1))
     assert math.isfinite(many) and 0 <= many < 0.85 * one, (many, one)  # (a random teacher: its steps differ little)
-    ref = (q.features(sf.euler_sample(teacher, q.z, 32)) - q.mean) @ q.basis  # the reference again, whitened
+    ref = (q.features(sf.euler_sample(teacher, q.noises[:, 0], 32)) - q.mean) @ q.basis  # the reference, whitened
     assert (
         ref.shape == (128, sf.QUALITY_DIMS)
         and ref.mean(0).abs().max() < 1e-3
@@ -2466,7 +2477,8 @@ def test_quality_number_runs_on_the_toy(monkeypatch):
     monkeypatch.setattr(sf, "QUALITY_SIZE", 64)
     bb = _tiny_backbone()
     q = sf.Quality(bb, sf.make_config("toy"))
-    reference = sf.euler_sample(lambda x, t: bb.velocity(bb.teacher, x, t, None, 1.0), q.z, sf.REFERENCE_STEPS)
+    v = lambda x, t: bb.velocity(bb.teacher, x, t, None, 1.0)  # noqa: E731
+    reference = sf.euler_sample(v, q.noises[:, 0], sf.REFERENCE_STEPS)
     assert q.basis.shape == (32, sf.QUALITY_DIMS) and math.isfinite(q(bb.teacher))  # (the MLP's 32 features)
     assert q.score(reference) == pytest.approx(0.0, abs=1e-9)
 
