@@ -7,7 +7,7 @@
 
 1. train (or load the cached) teacher: an MLP velocity field fitted by flow matching (D8) on the 2-D data;
 2. distil it with sid_flow.distill -- the same loss and loop as the DiT teachers, through sid_flow.ToyBackbone;
-3. measure the energy distance (D15) of every sampler to the data, with its standard error; write the table, the
+3. measure the energy distance (D19) of every sampler to the data, with its standard error; write the table, the
    figure (toy.png) and the samples to OUT/<dataset and the flags that change them>/ (teacher and runs: cached in OUT).
 """
 
@@ -80,7 +80,7 @@ def draw(dataset, n, generator):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The metric: energy distance (D15) -- zero iff the two distributions are equal
+# The metric: energy distance (D19) -- zero iff the two distributions are equal
 #
 #   ED(P, Q) = 2 E|X - Y| - E|X - X'| - E|Y - Y'|.   In 2-D, |v| = (pi/2) E_theta |<theta, v>| over directions theta,
 #   so ED is (pi/2) times the mean over directions of the 1-D energy distance of the projections, and each 1-D one is
@@ -240,14 +240,14 @@ def run_folder(out, name, cfg, **teacher):
     key = json.dumps(dict(fields, **teacher), sort_keys=True)
     folder = os.path.join(out, "runs", f"{sf.slug(name)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     path = sf.Checkpoints().checkpoint_path(folder)
-    return folder, sf.Checkpoints().read_meta(path)["step"] if os.path.exists(path) else 0
+    return folder, sf.read_meta(path)["step"] if os.path.exists(path) else 0
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # The demo: its command line, the teacher's samplers, a student per variant, the table, the figure
 # ------------------------------------------------------------------------------------------------------------------
 
-# --compare: name -> Config overrides over the command line's; a name ending in "data-aided" gets the true data (D16)
+# --compare: name -> Config overrides over the command line's; a name ending in "data-aided" gets the true data (D17)
 VARIANTS = {
     "SiD": {},
     "DMD": dict(loss="dmd"),
@@ -298,7 +298,7 @@ def parse_args(argv):
     p.add_argument(
         "--data-aided",
         action="store_true",
-        help="data-aided SiD (D16): the fake network also discriminates true samples from fakes",
+        help="data-aided SiD (D17): the fake network also discriminates true samples from fakes",
     )
     p.add_argument(
         "--n-eval",

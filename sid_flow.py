@@ -1,9 +1,11 @@
 """sid_flow.py -- Score identity Distillation (SiD) of flow-matching models, in one file.
 
-Read it top to bottom beside derivation.md (labels (D1)...(D17)). PART I, the method, is all the 2-D toy needs: 1 path
+Read it top to bottom beside derivation.md (labels (D1)...(D19)). PART I, the method, is all the 2-D toy needs: 1 path
 algebra (Bayes' rule), 2 times, weights, guidance, 3 losses, 4 the few-step generator, 5 the teacher interface, 6 one
-SiD iteration (every backward and step), 7 the loop. PART II scales it through Part I's interfaces (Backbone,
-Runtime): 8 diffusers teachers, 9 LoRA, 10 real images, 11 quality, 12 torchrun, 13 config, 14 plan, export, CLI.
+SiD iteration (every draw, backward and step), 7 the loop. PART II scales it through Part I's interfaces (Backbone,
+Runtime), each section using only what came before: 8 checkpoints, 9 config and presets, 10 LoRA, 11 torchrun and
+FSDP2, 12 diffusers teachers (SANA, SD3, FLUX), 13 real images, 14 the quality number, 15 loading, the memory plan,
+export and the command line.
 """
 
 import contextlib
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 #   path       x_t = a_t x0 + s_t eps,  eps ~ N(0, I);  flow matching (default): a_t = 1 - t,  s_t = t      (D1)
 #   velocity   v = dx_t/dt = a'_t x0 + s'_t eps;  flow matching: v = eps - x0                            (D2)
 #   shapes     x: (B, *D) -- (B, 2) for the toy, (B, C, H, W) for DiT latents;  t: (B,);  per-sample losses: (B,)
-#   CFG        v = v_uncond + w (v_cond - v_uncond), the empty prompt as uncond; w = 1 means "conditional only"
+#   CFG        v = v_uncond + kappa (v_cond - v_uncond), the empty prompt as uncond; kappa = 1: "conditional only"
 
 # --- 1. Path algebra: every parameterisation is an affine function of E[x0 | x_t] (D1)-(D7) -----------------------
 
@@ -102,7 +104,7 @@ def flow_to_vp(x_t, t):
     return x_t / _per_sample(norm, x_t), tau
 
 
-# --- 2. Times, weights and guidance used during distillation (D12), (D17) -----------------------------------------
+# --- 2. Times, weights and guidance used during distillation (D14), (D18) -----------------------------------------
 
 
 def sample_t(n, rng):
@@ -112,7 +114,7 @@ def sample_t(n, rng):
 
 
 # w(t) of the generator loss, per sample: the seven weightings of the official code; 'inv-l1' is original SiD's
-# 1 / mean|x_g - x0_teacher|. Stop-gradient: a weight scales the step, it is not part of the objective.       (D12)
+# 1 / mean|x_g - x0_teacher|. Stop-gradient: a weight scales the step, it is not part of the objective.       (D14)
 WEIGHTS = {
     "1-t": lambda t, l1: 1 - t,
     "(1-t)^2": lambda t, l1: (1 - t) ** 2,
@@ -133,20 +135,21 @@ def sid_weight(name, t, x_g, x0_teacher):
     return WEIGHTS[name](t.detach(), l1)
 
 
-# Classifier-free guidance inside the losses (D17): a call with scale w evaluates v_u + w (v_c - v_u) (the empty
-# prompt's velocity v_u, the prompt's v_c); w = 1 is v_c alone, w = 0 v_u alone (Zero-CFG), w < 0 pushes away from the
-# prompt (Anti-CFG). Outside the guidance interval [cfg_t_min, cfg_t_max] of noise levels every call uses w = 1.
+# Classifier-free guidance inside the losses (D18): a call with scale kappa evaluates v_u + kappa (v_c - v_u) (the
+# empty prompt's velocity v_u, the prompt's v_c); kappa = 1 is v_c alone, kappa = 0 v_u alone (Zero-CFG), kappa < 0
+# pushes away from the prompt (Anti-CFG). Outside the guidance interval [cfg_t_min, cfg_t_max] of noise levels every
+# call uses kappa = 1.
 
 
-def guidance_scale(w, t, t_min=0.0, t_max=1.0, features=False):
-    """The CFG scale of one network call at times t (B,): `w` inside the guidance interval, 1 outside (D17). A float
-    when it is one scale for the batch (no interval, or w = 1), else a per-sample (B,) tensor. `features`: the call's
-    hidden states also feed the discriminator (D16), which reads the prompt's branch, as the official code does -- so
-    a batch-wide w = 0 then runs both branches (a tensor) rather than the empty prompt's alone."""
-    if (w == 1 or (t_min <= 0.0 and t_max >= 1.0)) and not (features and w == 0):
-        return float(w)
+def guidance_scale(kappa, t, t_min=0.0, t_max=1.0, features=False):
+    """The CFG scale of one network call at times t (B,): `kappa` inside the guidance interval, 1 outside (D18). A
+    float when it is one scale for the batch (no interval, or kappa = 1), else a per-sample (B,) tensor. `features`:
+    the call's hidden states also feed the discriminator (D17), which reads the prompt's branch, as the official code
+    does -- so a batch-wide kappa = 0 then runs both branches (a tensor) rather than the empty prompt's alone."""
+    if (kappa == 1 or (t_min <= 0.0 and t_max >= 1.0)) and not (features and kappa == 0):
+        return float(kappa)
     inside = (t >= t_min) & (t <= t_max)
-    return torch.where(inside, torch.full_like(t, float(w)), torch.ones_like(t)).detach()  # (B,)
+    return torch.where(inside, torch.full_like(t, float(kappa)), torch.ones_like(t)).detach()  # (B,)
 
 
 # --- 3. Losses: pure functions of tensors, each returning a per-sample (B,) tensor --------------------------------
@@ -163,7 +166,7 @@ def flow_matching_loss(v_pred, x0, eps, t, path=FLOW):
 
 
 def sid_generator_loss(x_g, x0_teacher, x0_fake, alpha, weight):
-    """The SiD generator loss, per sample (B,):                                                            (D11)
+    """The SiD generator loss, per sample (B,):                                                            (D13)
         w(t) < x0_teacher - x0_fake , (x0_teacher - x_g) - alpha (x0_teacher - x0_fake) >
       = w [ (1 - alpha) |x0_teacher - x0_fake|^2 + < x0_teacher - x0_fake , x0_fake - x_g > ].
     A surrogate: its value can be negative, only its gradient means something. The caller keeps every path
@@ -175,7 +178,7 @@ def sid_generator_loss(x_g, x0_teacher, x0_fake, alpha, weight):
 
 def dmd_generator_loss(x_g, x0_teacher, x0_fake, weight):
     """DMD for contrast: the gradient w (x0_fake - x0_teacher) is applied to x_g alone, no gradient through
-    the networks' inputs. Written 0.5 |x_g - sg(x_g - grad)|^2 so d loss / d x_g = grad.                    (D14)"""
+    the networks' inputs. Written 0.5 |x_g - sg(x_g - grad)|^2 so d loss / d x_g = grad.                    (D16)"""
     grad = _per_sample(weight, x_g) * (x0_fake - x0_teacher).detach()  # (B, *D) stop-gradient: a fixed direction
     return 0.5 * _sum_pixels((x_g - (x_g - grad).detach()) ** 2)  # (B,)
 
@@ -189,17 +192,17 @@ def _bce(logits, target):  # BCE of C logits per sample (B, C) against 1 (real) 
 def discriminator_loss(logits_real, logits_fake, dims):
     """Data-aided: the fake network's pooled features (B, C) are C logits per sample; real -> 1, fake -> 0. The mean
     of the two BCEs is scaled by dims = C*H*W, the number of terms the flow-matching loss it joins sums over: the
-    official balance.                                                                                          (D16)"""
+    official balance.                                                                                          (D17)"""
     return (_bce(logits_real, 1) + _bce(logits_fake, 0)) / 2 * dims  # (B,)
 
 
 def gan_generator_loss(logits_fake, weight, dims):
     """The generator's adversarial term w(t) BCE(D(x_t of x_g) -> real) dims, (B,), dims = C*H*W as above. Its gradient
-    reaches x_g through the fake network's input, as SiD's does.                                               (D16)"""
+    reaches x_g through the fake network's input, as SiD's does.                                               (D17)"""
     return weight * _bce(logits_fake, 1) * dims  # (B,)
 
 
-# --- 4. The few-step generator (D13) -------------------------------------------------------------------------------
+# --- 4. The few-step generator (D15) -------------------------------------------------------------------------------
 
 
 def generator_times(K):
@@ -275,7 +278,7 @@ class Backbone:
         sample_batch(n, rng) -> {name: (n, ...) tensor}       what a batch draws besides noise: prompts, real data
         condition(d) -> (cond, x0_real, cond_real)            a micro-batch's conditioning and real data (or None)
     and inherits students(), the trainable copies, and noise() / noises(), the N(0, I) draws. `real`: the data of
-    data-aided SiD (D16), or None."""
+    data-aided SiD (D17), or None."""
 
     uncond, prompts, real = None, (), None  # the empty prompt's conditioning (CFG's unconditional branch), the prompts
     student_guidance = 1.0  # the guidance the generator is called with: none (FLUX: an embedded scale)
@@ -285,7 +288,7 @@ class Backbone:
         return (net if next(net.parameters()).dtype == dtype else net.to(dtype)).requires_grad_(True).train()
 
     def students(self, cfg, runtime):
-        """(generator, fake, ema), all starting as the teacher (D13): full copies on one process, trainable weights in
+        """(generator, fake, ema), all starting as the teacher (D15): full copies on one process, trainable weights in
         float32 (bf16 with --precision bf16); ema None when --ema-decay is 0. Part II adds LoRA and FSDP2 sharding."""
         if cfg.mode != "full" or runtime.world > 1:
             raise UserError("the toy MLP trains in full mode on one process (LoRA and FSDP2 need a diffusers teacher)")
@@ -301,13 +304,13 @@ class Backbone:
         return self.noise(shape, rng)
 
     def noises(self, n, K, rng):
-        """The noises of n K-step generator samples, drawn in the stock pipeline's order: (n, K, *D) (D13)."""
+        """The noises of n K-step generator samples, drawn in the stock pipeline's order: (n, K, *D) (D15)."""
         shape = (n, *self.sample_shape)
         return torch.stack([self.noise(shape, rng)] + [self.step_noise(shape, rng) for _ in range(K - 1)], 1)
 
 
 class ToyBackbone(Backbone):
-    """The 2-D teacher: unconditional, no CFG, no latents. `real(n, rng)`, when given, draws true data (D16)."""
+    """The 2-D teacher: unconditional, no CFG, no latents. `real(n, rng)`, when given, draws true data (D17)."""
 
     def __init__(self, teacher, real=None):
         self.teacher = teacher.requires_grad_(False).eval()  # frozen for the whole run
@@ -323,15 +326,15 @@ class ToyBackbone(Backbone):
         return None, d.get("x0_real"), None
 
 
-# --- 6. One SiD iteration: a fake-network update, then a generator update, each on fresh draws (D9)-(D16) ----------
+# --- 6. One SiD iteration: a fake-network update, then a generator update, each on fresh draws (D9)-(D17) ----------
 # What the two updates share -- the run's config, the Backbone, the networks and optimizers, the rng, the Runtime --
 # is one small object, as minRF's RF holds its model. Every draw is made for the GLOBAL batch (batch_size x grad_accum
 # x processes) from the one rng that all processes share, then split into this process's micro-batches: processes and
 # micro-batches see different samples, and one process with the same global batch computes the same update.
 
-SID_LOSS_SCALE = 100  # the official generator loss is 100 x (D11) (loss_scaling_G): Adam only notices it through eps
+SID_LOSS_SCALE = 100  # the official generator loss is 100 x (D13) (loss_scaling_G): Adam only notices it through eps
 MAX_NONFINITE, LOG_EVERY = 3, 10  # stop after 3 non-finite iterations in a row; a line of OUT/log.jsonl every 10
-GAN_FREEZE_IMAGES, GAN_START_IMAGES = 20_000, 40_000  # data-aided (D16): the generator waits, then the GAN term
+GAN_FREEZE_IMAGES, GAN_START_IMAGES = 20_000, 40_000  # data-aided (D17): the generator waits, then the GAN term
 
 
 def trainable_dtype(cfg):
@@ -392,14 +395,14 @@ class SiD:
 
     def fake_loss(self, d, k):
         """Flow matching of the fake network on the generator's samples x_g, detached (D9); with real data it is also
-        the discriminator (D16): BCE on its pooled features of real and generated samples, noised alike."""
+        the discriminator (D17): BCE on its pooled features of real and generated samples, noised alike."""
         cfg, bb, t, eps = self.cfg, self.backbone, d["t"], d["eps"]
         student = functools.partial(self.student, cond=d["cond"])
         with autocast(cfg, bb.device), capture_features(self.fake) as hidden:
             with torch.no_grad():  # stop-gradient: the fake network fits the generator's samples, it must not move G
                 x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()
-            w = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, d["x0_real"] is not None)  # (D17)
-            v = bb.velocity(self.fake, add_noise(x_g, eps, t), t, d["cond"], w)  # (B, *D)
+            kappa = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, d["x0_real"] is not None)
+            v = bb.velocity(self.fake, add_noise(x_g, eps, t), t, d["cond"], kappa)  # (B, *D) (D18)
             loss = flow_matching_loss(v.float(), x_g, eps, t).mean()  # (B, *D) -> ()
             stats = dict(loss_fake=loss.item())
             if d["x0_real"] is not None:  # real samples with their own captions, through the prompt's branch alone
@@ -410,19 +413,19 @@ class SiD:
         return loss, None, stats
 
     def generator_loss(self, d, k, gan_weight):
-        """SiD's generator loss (D11) through step k, DMD's (D14) for contrast; data-aided, the adversarial term joins
-        with weight gan_weight (D16). Returns the loss and x_g, where its gradient is routed (see update())."""
+        """SiD's generator loss (D13) through step k, DMD's (D16) for contrast; data-aided, the adversarial term joins
+        with weight gan_weight (D17). Returns the loss and x_g, where its gradient is routed (see update())."""
         cfg, bb, t, eps, cond = self.cfg, self.backbone, d["t"], d["eps"], d["cond"]
         student = functools.partial(self.student, cond=cond)
-        w_real = guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D17)
-        w_fake = guidance_scale(cfg.cfg_eval_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, gan_weight > 0)
+        kappa_real = guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D18)
+        kappa_fake = guidance_scale(cfg.cfg_eval_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, gan_weight > 0)
         with autocast(cfg, bb.device):
             x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()  # (B, *D)
             x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
-            critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D14)
+            critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D16)
             with critic, capture_features(self.fake) as hidden:
-                x0_teacher = velocity_to_x0(x_t, t, bb.velocity(bb.teacher, x_t, t, cond, w_real).float())
-                x0_fake = velocity_to_x0(x_t, t, bb.velocity(self.fake, x_t, t, cond, w_fake).float())  # (B, *D)
+                x0_teacher = velocity_to_x0(x_t, t, bb.velocity(bb.teacher, x_t, t, cond, kappa_real).float())
+                x0_fake = velocity_to_x0(x_t, t, bb.velocity(self.fake, x_t, t, cond, kappa_fake).float())  # (B, *D)
         weight = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
         if cfg.loss == "sid":
             loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, weight).mean()
@@ -458,7 +461,8 @@ class SiD:
                 # x_t into BOTH networks' inputs; autograd.grad accumulates into no weight, so neither the fake
                 # network nor the teacher gets a gradient from this loss. (2) That gradient pushed back through the
                 # generator's step alone. (Both are plain backward passes of the graph as built, which is what
-                # FSDP2's sharded weights need: section 13.)
+                # FSDP2's sharded weights need: section 11.) This is the pathwise gradient (D12) of the Fisher
+                # divergence (D10): both networks as fixed functions, their inputs differentiable.
                 (grad_x_g,) = torch.autograd.grad(loss / N, x_g)  # (B, *D)
                 x_g.backward(grad_x_g)
         self.runtime.average_grads(net)  # (one process: nothing to average)
@@ -475,13 +479,13 @@ class SiD:
         scale = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
         for name, lr in (("generator", cfg.lr_gen), ("fake", cfg.lr_fake)):
             self.optimizers[name].param_groups[0]["lr"] = lr * scale
-        # the trained step k, the same for both updates: uniform in {1..K} (the paper's mixture) or always K (D13)
+        # the trained step k, the same for both updates: uniform in {1..K} (the paper's mixture) or always K (D15)
         k = (
             cfg.steps
             if cfg.train_step == "last"
             else int(torch.randint(1, cfg.steps + 1, (1,), generator=self.rng, device=self.rng.device))
         )
-        # data-aided (D16), counted in images seen as officially: the generator waits, then the GAN term joins
+        # data-aided (D17), counted in images seen as officially: the generator waits, then the GAN term joins
         data_aided = self.backbone.real is not None
         gan_weight = cfg.gan_weight if data_aided and images_seen > GAN_START_IMAGES else 0.0
         fake_loss = functools.partial(self.fake_loss, k=k)
@@ -635,6 +639,15 @@ def resumable(cfg):  # the fields a resumed run may change, the rest must not: -
     return ("out", "save_every", "eval_every", "device") + (("iters",) if cfg.lr_schedule == "constant" else ())
 
 
+def read_meta(
+    path,
+):  # a checkpoint's step, rng, config: a sharded folder's meta.pt, or the file's through a memory map
+    if os.path.isdir(path):
+        return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # (no weight is read)
+    return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
+
+
 def checkpointed(sid):  # what a checkpoint holds: {name: (network, its optimizer or None)}
     nets = {name: (getattr(sid, name), opt) for name, opt in sid.optimizers.items()}
     return nets | ({"ema": (sid.ema, None)} if sid.ema is not None else {})
@@ -646,10 +659,6 @@ class Checkpoints(Runtime):
 
     def checkpoint_path(self, out):
         return os.path.join(out, "checkpoint.pt")
-
-    def read_meta(self, path):  # through a memory map: no weight is read
-        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
 
     def write(self, path, nets, meta):
         state = dict(meta, **{name: net.state_dict() for name, (net, _) in nets.items()})
@@ -676,7 +685,7 @@ class Checkpoints(Runtime):
         path = self.checkpoint_path(cfg.out)
         if not os.path.exists(path):
             return 0, 0
-        meta = self.read_meta(path)
+        meta = read_meta(path)
         changed = [k for k, v in meta["config"].items() if k not in resumable(cfg) and getattr(cfg, k, v) != v]
         if changed:
             was = ", ".join(f"{k}: {meta['config'][k]} -> {getattr(cfg, k)}" for k in changed)
@@ -697,261 +706,237 @@ class Checkpoints(Runtime):
         return meta["step"], meta["skipped"]
 
 
-# --- 9. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface ---------------------------------
-
-PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
-
-
-def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates kept once (first occurrence order)
-    if not os.path.isfile(path):
-        raise UserError(f"--prompts {path}: no such file")
-    prompts = list(dict.fromkeys(line.strip() for line in open(path, encoding="utf-8") if line.strip()))
-    if not prompts:
-        raise UserError(f"--prompts {path}: the file has no prompts (one per line)")
-    return prompts
+def remove_path(path):  # a file or a folder, if it is there
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
-DEFAULT_PROMPTS = read_prompts(os.path.join(HERE, "assets", "prompts.txt"))  # when no --prompts file is given
+def replace_path(tmp, path):
+    """Move a finished file or folder onto `path`: the old one renamed away first, removed last (never half a one)."""
+    remove_path(f"{path}.old")
+    if os.path.exists(path):
+        os.replace(path, f"{path}.old")
+    os.replace(tmp, path)
+    remove_path(f"{path}.old")
 
 
-def cfg_branches(w, embedded_only=False, per_sample=False):
-    """Batches of work of a velocity call at CFG scale w: 1 with embedded guidance alone, at w = 1 or a batch-wide
-    w = 0; else 2 (the empty prompt's branch and the prompt's, in one call)."""
-    return 1 if embedded_only or w == 1 or (w == 0 and not per_sample) else 2
+# --- 9. Config: one typed place for every default; presets by name override a few fields -------------------------
 
 
-def _cat(conds):  # conditioning dicts concatenated along the batch
-    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+def option(default, help, choices=None, const=None):
+    """A Config field: its default, the help of its --flag, the values it allows, its value as a bare flag."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, const=const))
 
 
-class DiTBackbone(Backbone):
-    """A diffusers pipeline as a Backbone (teacher: pipe.transformer): prompt cache, CFG in one call (D17), decoding. A
-    family adds encode(prompts) -> cond, batch-first tensors, and forward(net, x_t, t, cond, guidance) -> v (D2), and
-    states its facts below: its pipeline class, and what the memory plan needs (section 16)."""
+@dataclasses.dataclass
+class Config:
+    teacher: str = option("toy", "the teacher: a preset (listed below), a local diffusers pipeline folder or a hub id")
+    loss: str = option("sid", "the generator loss: SiD's (D13), or DMD's for contrast (D16)", ("sid", "dmd"))
+    alpha: float = option(1.0, "weight of the fake-score term in SiD's generator loss (D13); original SiD: 1.2")
+    weighting: str = option("1-t", "the generator loss's weight w(t) over noise levels (D14)", WEIGHTINGS)
+    steps: int = option(4, "K, the generator's number of steps, at t = 1, 1 - 1/K, ... (D15)")
+    noise: str = option(
+        "fresh",
+        "the noise that re-noises between generator steps: new, the initial one, or the one "
+        "the current state implies (a plain Euler step)",
+        ("fresh", "fixed", "ddim"),
+    )
+    train_step: str = option(
+        "uniform",
+        "which generator step each iteration trains: uniform over 1..K (the paper) or the last",
+        ("uniform", "last"),
+    )
+    fake_updates: int = option(1, "fake-network updates per generator update")
+    cfg_train_fake: float = option(1.0, "guidance scale of the fake network in its own update (1: none; D18)")
+    cfg_eval_fake: float = option(1.0, "guidance scale of the fake network inside the generator loss (D18)")
+    cfg_eval_real: float = option(1.0, "guidance scale of the teacher inside the generator loss (D18)")
+    cfg_t_min: float = option(0.0, "the guidance scales apply only for noise levels t >= this (D18)")
+    cfg_t_max: float = option(1.0, "the guidance scales apply only for noise levels t <= this (D18)")
+    iters: int = option(1000, "generator updates in the run")
+    batch_size: int = option(256, "generated samples per micro-batch, per process")
+    grad_accum: int = option(
+        1, "micro-batches per optimizer step: the global batch is batch-size x processes x this (the paper's is 256)"
+    )
+    lr_gen: float = option(5e-6, "the generator's Adam learning rate")
+    lr_fake: float = option(5e-6, "the fake network's Adam learning rate")
+    lr_schedule: str = option("constant", "learning rates constant (official) or cosine to 0", ("constant", "cosine"))
+    ema_decay: float = option(
+        0.0,
+        "decay of a moving average of the generator, the student a run then keeps (0: none, "
+        "the generator is the student, as the official code)",
+    )
+    seed: int = option(0, "seed of every random draw of the run")
+    gan_weight: float = option(0.5, "data-aided runs: share of the adversarial term in the generator loss (D17)")
+    resolution: int = option(0, "image side in pixels (0: the teacher's native size)")
+    prompts: str = option("", "a text file of prompts, one per line (none: a built-in list of 16)")
+    data: str = option("", "real images for data-aided SiD (D17): a folder of images, x.png with its caption x.txt")
+    out: str = option("out/sid", "the run folder: checkpoint, log.jsonl, previews and the exported student")
+    save_every: int = option(500, "iterations between checkpoints (0: only at the end)")
+    eval_every: int = option(0, "iterations between evaluations of the student: a quality number, a preview (0: none)")
+    device: str = option("auto", "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    precision: str = option(
+        "fp32",
+        "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or "
+        "bf16 (pure bf16, the trainable weights too)",
+        ("fp32", "bf16-autocast", "bf16"),
+    )
+    grad_checkpointing: float = option(
+        0.0,
+        "share of the transformer blocks recomputed in backward, spread evenly: "
+        "less memory, more time (0.5: every second block; no value: 1)",
+        const=1.0,
+    )
+    compile: bool = option(False, "torch.compile each transformer block: minutes of compilation, then faster steps")
+    mode: str = option(
+        "full",
+        "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on one frozen DiT",
+        ("full", "lora"),
+    )
+    lora_rank: int = option(64, "rank of the LoRA adapters (--mode lora)")
+    embedded_guidance_only: bool = option(
+        False,
+        "FLUX.1-dev: each CFG scale as embedded guidance alone, one branch, "
+        "the student at the teacher's scale (official: the embedding and two-branch "
+        "CFG, the student at 1)",
+    )
 
-    pipeline = ""  # the diffusers pipeline class it loads, as model_index.json names it
-    packing = 1  # FLUX packs 2x2 latent patches into tokens before the transformer
-    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
-    zero_cfg_prompt = False  # a batch-wide w = 0 sees the empty prompt (Zero-CFG); FLUX: the prompt, embedded 0
-    embedded_only = False  # every scale only as embedded guidance (FLUX with --embedded-guidance-only)
-    # The memory plan's facts: text tokens; the VAE's factor; the text encoders' parameters (on the GPU while the
-    # prompts are encoded); activations a block saves for backward, in elements per token and channel, when its weights
-    # train and when they are frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed
-    # block's inputs, alike; a text token's cost in a block, relative to an image token's. Measured with saved-tensor
-    # hooks (experiments/bench.py); test_memory_plan_matches_measured_bytes checks them.
-    text_tokens, vae_factor, text_encoder_params = 0, 8, 0.0
-    saved_per_block, checkpointed_inputs, text_in_blocks = (0.0, 0.0), (0.0, 0.0), 1.0
 
-    def __init__(self, pipe, cfg, device):
-        c, f = pipe.transformer.config, pipe.vae_scale_factor
-        self.pipe, self.device, self.resolution = pipe, device, cfg.resolution or (c.sample_size or 128) * f
-        # every component on the device in the teacher's dtype, the text encoders too (a T5-XXL on a GPU machine's CPU
-        # would take hours): set_prompts() frees them once the prompts are cached
-        self.teacher = pipe.transformer.to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
-        for name in ("vae", *self.text_encoders()):
-            getattr(pipe, name).to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
-        check_resolution(self.resolution, f, c.patch_size * self.packing)
-        self.sample_shape = (c.in_channels // self.packing**2, self.resolution // f, self.resolution // f)  # (C, h, w)
-        self.prompts, self.bank, self.uncond = [], None, None
+# Presets change only what differs from the Config defaults. The DiT presets are the official SiD-DiT settings
+# (Adam(0, 0.999), lr 5e-6, CFG 4.5 for all three scales as SANA's runs, bf16 autocast, no EMA, a global batch of 256
+# -- here on one GPU: batch per micro-batch x --grad-accum --, about 1 M generated images) but for one change, from the
+# guidance study (experiments/README.md): guidance only for t in [0.2, 0.6] (D18). FLUX's scale, 3.5 (its pipeline's),
+# is untuned: the official code publishes none. Micro-batch and checkpointed share fill one 80 GB GPU (at most 69 GiB
+# by the memory plan): larger teachers train LoRA there, on several GPUs full (FSDP2). The toy and the digits depart
+# further, each choice measured in experiments/README.md: the last step trained, a cosine, an EMA, ...
+_INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
+_SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0)  # toy and digits
 
-    def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
-        return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(self.pipe, n, None)]
 
-    def set_prompts(self, prompts):
-        """Encode the prompts once, kept on the CPU, and free the text encoders -- if PROMPT_CACHE_BYTES holds them."""
-        self.prompts = list(prompts)
-        with torch.no_grad():
-            self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
-            per_prompt = sum(v.numel() * v.element_size() for v in self.encode(self.prompts[:1]).values())
-            if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:  # encoded 16 at a time, each chunk to the CPU
-                chunks = [self.encode(self.prompts[i : i + 16]) for i in range(0, len(self.prompts), 16)]
-                self.bank = _cat([{k: v.cpu() for k, v in chunk.items()} for chunk in chunks])
-                for name in self.text_encoders():
-                    setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
-                torch.cuda.empty_cache()  # (nothing to do without CUDA)
+def _guided(w):  # one CFG scale for all three
+    return dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)
 
-    def cond_for(self, idx):  # conditioning for prompt indices idx ((B,) tensor or list of int), on the device
-        if self.bank is not None:
-            return {k: v[idx].to(self.device) for k, v in self.bank.items()}
-        with torch.no_grad():
-            return self.encode([self.prompts[i] for i in idx])
 
-    def sample_batch(self, n, rng):
-        """n prompt indices; data-aided, also n image-caption pairs, drawn apart from the prompts (as official)."""
-        names = ("prompt", "real") if self.real is not None else ("prompt",)
-        return {k: torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device).cpu() for k in names}
+def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micro-batch; 256 = micro-batch x accum
+    fields = dict(_guided(4.5), hub=hub, resolution=resolution, batch_size=batch_size, grad_accum=256 // batch_size)
+    return fields | dict(precision="bf16-autocast", iters=4000, save_every=50, eval_every=200, **_INTERVAL) | kw
 
-    def condition(self, d):  # the prompts' conditioning; data-aided, the pairs' latents and their captions' too
-        if "real" not in d:
-            return self.cond_for(d["prompt"]), None, None
-        return self.cond_for(d["prompt"]), self.real[d["real"]].to(self.device), self.cond_for(d["real"])
 
-    def velocity(self, net, x_t, t, cond, guidance):
-        """v_u + w (v_c - v_u) (D17), the empty prompt's v_u and the prompt's v_c in one call of 2B; w a float or a
-        per-sample (B,) tensor. One branch at a batch-wide w = 1 (v_c) or 0 (Zero-CFG), or with embedded guidance
-        alone (cfg_branches). A guidance-distilled teacher (FLUX.1-dev) gets w as its embedded guidance too."""
-        B, per_sample = len(x_t), torch.is_tensor(guidance)
-        if self.embedded_only or (not per_sample and guidance == 1.0):
-            return self.forward(net, x_t, t, cond, guidance)
-        uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
-        if not per_sample and guidance == 0.0:  # Zero-CFG: one branch
-            return self.forward(net, x_t, t, cond if self.zero_cfg_prompt else uncond, guidance)
-        g = torch.cat([guidance, guidance]) if per_sample else guidance  # (2B,) or a float
-        v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]), g).chunk(
-            2
+PRESETS = {
+    "toy": dict(_SMALL, teacher="toy", iters=2400, batch_size=2048, lr_gen=1.6e-3, lr_fake=2.4e-3, fake_updates=2)
+    | dict(weighting="1/t", noise="fixed", lr_schedule="cosine", out="out/toy"),
+    # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
+    "digits": dict(_SMALL, **_guided(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4)
+    | dict(lr_fake=3e-4, out="out/digits"),
+    "sana-0.6b-512": _dit("Efficient-Large-Model/Sana_600M_512px_diffusers", 512, 32, grad_checkpointing=0.75),
+    "sana-1.6b-1024": _dit("Efficient-Large-Model/Sana_1600M_1024px_diffusers", 1024, 4, grad_checkpointing=1.0),
+    "sd3-medium": _dit(
+        "stabilityai/stable-diffusion-3-medium-diffusers", 1024, 4, mode="lora", grad_checkpointing=0.2
+    ),
+    "sd3.5-medium": _dit("stabilityai/stable-diffusion-3.5-medium", 1024, 4, mode="lora", grad_checkpointing=0.2),
+    "sd3.5-large": _dit("stabilityai/stable-diffusion-3.5-large", 1024, 4, mode="lora", grad_checkpointing=0.85),
+    "flux-dev": _dit("black-forest-labs/FLUX.1-dev", 1024, 2, **_guided(3.5), mode="lora", grad_checkpointing=1.0),
+}
+HUB_IDS = {name: preset["hub"] for name, preset in PRESETS.items() if "hub" in preset}  # the image teachers'
+
+
+def check_config(cfg):  # fail loudly, with one line, on values the algorithm cannot use
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for f in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+        if choices and value not in choices:
+            raise UserError(f"{flag(f.name)} {value!r} is not one of: {', '.join(choices)}")
+        if f.type is float and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} must be finite, got {value}")
+    rules = (
+        (
+            ("steps", "iters", "batch_size", "grad_accum", "fake_updates", "lora_rank"),
+            lambda v: v >= 1,
+            "be at least 1",
+        ),
+        (("lr_gen", "lr_fake"), lambda v: v > 0, "be positive"),
+        (("resolution", "save_every", "eval_every"), lambda v: v >= 0, "not be negative"),
+        (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"),
+        (("grad_checkpointing",), lambda v: 0 <= v <= 1, "be in [0, 1]"),
+    )
+    for names, ok, rule in rules:
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise UserError(f"{flag(name)} must {rule}, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
+        raise UserError(
+            f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, not {cfg.cfg_t_min} and {cfg.cfg_t_max}"
         )
-        w = _per_sample(guidance, x_t) if per_sample else guidance  # (B, 1, 1, 1) or a float
-        return v_uncond + w * (v_cond - v_uncond)
-
-    @torch.no_grad()
-    def decode(self, x):
-        """Latents (B, C, h, w) -> images (B, H, W, 3) float in [0, 1], as the stock pipeline decodes them."""
-        vae = self.pipe.vae
-        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image.float(), output_type="np")
-
-    def _dtype(self, net):  # the dtype to feed `net`: its weights' (a LoRA view: its base's, not the adapters')
-        return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
-
-    def students(self, cfg, runtime):
-        """LoRA adapters on the teacher itself, or full copies (under torchrun: sharded); ema None without one."""
-        if cfg.mode == "lora":
-            nets = lora_students(self, cfg.lora_rank)  # (an EMA adapter costs megabytes: made, unused without one)
-        elif runtime.world == 1:
-            nets = super().students(cfg, runtime)
-        else:  # compiled blocks, then sharded (section 14)
-            shard(self.teacher, compiled=cfg.compile)
-            nets = [
-                sharded_copy(self.teacher, trainable_dtype(cfg), student_precision(cfg), trains, cfg.compile)
-                for trains in (True, True, False)[: 3 if cfg.ema_decay else 2]
-            ]
-        nets = [*nets[:2], nets[2] if cfg.ema_decay and len(nets) > 2 else None]
-        # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
-        for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
-            if cfg.grad_checkpointing:
-                checkpoint_blocks(net, cfg.grad_checkpointing)
-            if cfg.compile and runtime.world == 1:
-                for block in blocks(net):
-                    block.compile(**COMPILE)
-        return nets
+    return cfg
 
 
-class SanaBackbone(DiTBackbone):
-    """SANA: Gemma-2 embeddings and mask of the prompt behind the stock pipeline's complex human instruction (the
-    empty prompt without it, as the pipeline's negative prompt and the official code); t * 1000 * timestep_scale."""
+def make_config(preset=None, **overrides):  # Config defaults <- preset <- overrides (None ignored), then checked
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    fields = {k: v for k, v in PRESETS.get(preset, {}).items() if k != "hub"}
+    return check_config(Config(**fields | {k: v for k, v in overrides.items() if v is not None}))
 
-    pipeline = "SanaPipeline"
-    text_tokens, vae_factor, text_encoder_params = 300, 32, 2.61e9
-    saved_per_block, checkpointed_inputs, text_in_blocks = (41.0, 35.0), (2.8, 1.1), 0.1  # text: cross-attention only
-    instruction = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
-    def encode(self, prompts):
-        embeds, mask, _, _ = self.pipe.encode_prompt(
-            prompts,
-            do_classifier_free_guidance=False,
-            device=self.device,
-            complex_human_instruction=self.instruction if prompts != [""] else None,
+def add_config_flags(parser, skip=(), presets=None):
+    """A --flag per Config field (default None: the preset fills it), its help the defaults of presets {label: name}"""
+    presets = presets or {"": None}
+    for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        values = {label: PRESETS.get(name, {}).get(f.name, f.default) for label, name in presets.items()}
+        common = max(values.values(), key=list(values.values()).count)  # the value most presets share
+        rest = "; ".join(f"{label}: {v}" for label, v in values.items() if v != common)
+        help = f"{f.metadata['help']} [default: {common if common != '' else 'none'}{f' ({rest})' if rest else ''}]"
+        kw = (
+            dict(action=argparse.BooleanOptionalAction)
+            if f.type is bool
+            else dict(type=f.type, choices=f.metadata["choices"])
         )
-        return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
-
-    def forward(self, net, x_t, t, cond, guidance):
-        dt = self._dtype(net)
-        v = net(
-            x_t.to(dt),
-            encoder_hidden_states=cond["embeds"].to(dt),
-            encoder_attention_mask=cond["mask"],
-            timestep=t * 1000 * net.config.timestep_scale,
-            return_dict=False,
-        )[0]
-        return v[:, : x_t.shape[1]]  # a learned-sigma head outputs 2C channels: the first C are the velocity
+        if f.metadata["const"] is not None:
+            kw.update(nargs="?", const=f.metadata["const"])
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help.replace("%", "%%"), **kw)
 
 
-class SD3Backbone(DiTBackbone):
-    """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000."""
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit status 2, negative numbers (-1e-4 too) as values, text as written."""
 
-    pipeline = "StableDiffusion3Pipeline"
-    step_noise_from_generator = False
-    text_tokens, text_encoder_params = 77 + 256, 0.12e9 + 0.69e9 + 4.76e9
-    saved_per_block, checkpointed_inputs = (18.0, 10.0), (2.0, 1.35)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
-    def encode(self, prompts):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=prompts,
-            prompt_3=prompts,
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=256,
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def resolve_device(name):  # 'auto': CUDA if there is one
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for, but this machine has no CUDA device")
+    try:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device torch knows") from None
+
+
+def teacher_dtype(cfg):  # the frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32
+    return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+
+
+MAX_RESOLUTION = 4096  # pixels: twice the largest side any supported teacher was trained at
+
+
+def check_resolution(resolution, factor, patch):  # a whole number of latent patches, at most MAX_RESOLUTION
+    if not 0 < resolution <= MAX_RESOLUTION or resolution % (factor * patch):
+        raise UserError(
+            f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
+            f"(VAE factor {factor} x patch {patch}), at most {MAX_RESOLUTION}"
         )
-        return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
-    def forward(self, net, x_t, t, cond, guidance):
-        dt = self._dtype(net)
-        return net(
-            hidden_states=x_t.to(dt),
-            timestep=t * 1000,
-            encoder_hidden_states=cond["embeds"].to(dt),
-            pooled_projections=cond["pooled"].to(dt),
-            return_dict=False,
-        )[0]
-
-
-class FluxBackbone(DiTBackbone):
-    """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids, latents packed 2x2 into tokens, t in [0, 1]. FLUX.1-dev is
-    guidance-distilled: as the official code, every CFG scale w is fed to its guidance embedding AND, for w outside
-    {0, 1}, the two-branch CFG with the empty prompt runs too; w = 0 is the prompt at embedded 0, not Zero-CFG; the
-    student is called at embedded guidance 1. --embedded-guidance-only: the embedding alone, one branch, and the
-    student at the teacher's scale (the stock FluxPipeline's guidance_scale samples it at the same)."""
-
-    pipeline = "FluxPipeline"
-    packing = 2
-    step_noise_from_generator = False
-    zero_cfg_prompt = True
-    text_tokens, text_encoder_params = 512, 0.12e9 + 4.76e9
-    saved_per_block, checkpointed_inputs = (24.0, 12.0), (2.15, 1.6)
-
-    def __init__(self, pipe, cfg, device):
-        super().__init__(pipe, cfg, device)
-        self.embedded_only = cfg.embedded_guidance_only
-        self.student_guidance = cfg.cfg_eval_real if self.embedded_only else 1.0
-
-    def encode(self, prompts):
-        embeds, pooled, self.txt_ids = self.pipe.encode_prompt(  # txt_ids (L, 3), the same for every prompt
-            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=512
-        )
-        return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
-
-    @staticmethod
-    def pack(x):  # (B, C, h, w) -> (B, h/2 * w/2 tokens, 4C), a token's channels ordered (C, 2, 2) as FluxPipeline's
-        return F.pixel_unshuffle(x, 2).flatten(2).transpose(1, 2)
-
-    @staticmethod
-    def unpack(x, h, w):  # (B, tokens, 4C) -> (B, C, h, w)
-        return F.pixel_shuffle(x.transpose(1, 2).reshape(len(x), -1, h // 2, w // 2), 2)
-
-    def forward(self, net, x_t, t, cond, guidance):
-        dt, (_, h, w) = self._dtype(net), self.sample_shape  # img_ids: (tokens, 3), each (0, row, column)
-        ids = torch.cartesian_prod(*(torch.arange(n, device=x_t.device).float() for n in (1, h // 2, w // 2)))
-        g = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(len(x_t))  # (B,) embedded
-        v = net(
-            hidden_states=self.pack(x_t).to(dt),
-            timestep=t,
-            guidance=g if net.config.guidance_embeds else None,
-            pooled_projections=cond["pooled"].to(dt),
-            encoder_hidden_states=cond["embeds"].to(dt),
-            txt_ids=self.txt_ids,
-            img_ids=ids,
-            return_dict=False,
-        )[0]
-        return self.unpack(v, h, w)
-
-    def step_noise(self, shape, rng):
-        B, C, h, w = shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
-        return self.unpack(torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device), h, w)
-
-
-FAMILIES = {family.pipeline: family for family in (SanaBackbone, SD3Backbone, FluxBackbone)}
 
 # --- 10. LoRA mode: one frozen base transformer, adapters "generator", "fake" and "ema"; the teacher is the base -----
 # Two peft pitfalls, handled here once: (1) set_adapter() makes ONLY the active adapter trainable: after each switch
@@ -1089,7 +1074,375 @@ def lora_students(backbone, rank):
     return views
 
 
-# --- 11. Real images for data-aided SiD (D16): read, resize + center-crop, encode once with the teacher's VAE ------
+# --- 11. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
+
+# cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through FLUX's joint
+# attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed finite: switched off.
+torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+class Distributed(Checkpoints):
+    """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients in
+    backward, checkpoints a torch.distributed.checkpoint folder. LoRA mode: replicated adapters, gradients all-reduced
+    by hand (DDP expects a backward into the weights after every forward; SiD runs the fake network forward alone)."""
+
+    def __init__(self, rank, world, device, sharded):
+        super().__init__(device)
+        self.rank, self.world, self.sharded = rank, world, sharded
+
+    def any_rank(self, flag):
+        flag = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def average_grads(self, net):
+        if not self.sharded:  # (FSDP2 averaged them in backward)
+            for p in net.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
+
+    def checkpoint_path(self, out):
+        return os.path.join(out, "checkpoint" if self.sharded else "checkpoint.pt")
+
+    def write(self, path, nets, meta):
+        if not self.sharded:
+            return super().write(path, nets, meta) if self.rank == 0 else None
+        tmp = f"{path}.tmp"
+        if self.rank == 0:
+            remove_path(tmp)
+        dist.barrier()
+        dcp.save(sharded_state(nets), checkpoint_id=tmp)  # every rank writes its shards
+        if self.rank == 0:
+            torch.save(meta, os.path.join(tmp, "meta.pt"))
+            replace_path(tmp, path)
+        dist.barrier()
+
+    def read(self, path, nets):
+        if not self.sharded:
+            return super().read(path, nets)
+        state = sharded_state(nets)  # filled in place; partial: Adam has no state for a weight that never had a grad
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        for name, (net, opt) in nets.items():
+            set_model_state_dict(net, state[name]["model"])
+            if opt:
+                set_optimizer_state_dict(net, opt, state[name]["optim"])
+
+
+def sharded_state(nets):  # DCP's sharded state dicts of every network and optimizer: to save, or to load into
+    return {
+        name: dict(model=get_model_state_dict(net), optim=get_optimizer_state_dict(net, opt))
+        if opt
+        else dict(model=get_model_state_dict(net))
+        for name, (net, opt) in nets.items()
+    }
+
+
+def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
+    device, world = resolve_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Checkpoints(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(int(os.environ["RANK"]), world, device, sharded=cfg.mode == "full")
+
+
+def shard(net, mp_policy=None, device_type=None, compiled=False):
+    """FSDP2: each block a unit (compiled first with --compile), then the root, on a mesh of the net's device type."""
+    mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
+    for block in blocks(net):
+        if compiled:
+            block.compile(**COMPILE)
+        fully_shard(block, **kw)
+    fully_shard(net, **kw)
+    return net
+
+
+def student_precision(cfg):  # bf16 autocast over float32 masters: all-gather bf16 weights, reduce float32 gradients
+    return MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cfg.precision == "bf16-autocast" else None
+
+
+def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
+    """A copy of the sharded teacher in `dtype`: made on the meta device, sharded alike, each rank fills its shards."""
+    with torch.device("meta"):
+        net = type(teacher).from_config(teacher.config).to(dtype)
+    device = next(teacher.parameters()).device
+    net.requires_grad_(trainable).train(trainable)
+    shard(net, mp_policy, device.type, compiled)  # the module is still on the meta device: the teacher's mesh
+    net.to_empty(device=device)
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
+            assert n == m, (n, m)
+            p.to_local().copy_(q.to_local())  # the same FSDP2 layout: local shard to local shard
+        for b, c in zip(net.buffers(), teacher.buffers(), strict=True):
+            b.copy_(c)  # buffers are not sharded
+    return net
+
+
+# --- 12. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface ---------------------------------
+
+PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the text encoders if the cache fits
+
+
+def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates kept once (first occurrence order)
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts {path}: no such file")
+    prompts = list(dict.fromkeys(line.strip() for line in open(path, encoding="utf-8") if line.strip()))
+    if not prompts:
+        raise UserError(f"--prompts {path}: the file has no prompts (one per line)")
+    return prompts
+
+
+DEFAULT_PROMPTS = read_prompts(os.path.join(HERE, "assets", "prompts.txt"))  # when no --prompts file is given
+
+
+def cfg_branches(kappa, embedded_only=False, per_sample=False):
+    """Batches of work of a velocity call at CFG scale kappa: 1 with embedded guidance alone, at kappa = 1 or a
+    batch-wide kappa = 0; else 2 (the empty prompt's branch and the prompt's, in one call)."""
+    return 1 if embedded_only or kappa == 1 or (kappa == 0 and not per_sample) else 2
+
+
+def _cat(conds):  # conditioning dicts concatenated along the batch
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+class DiTBackbone(Backbone):
+    """A diffusers pipeline as a Backbone (teacher: pipe.transformer): prompt cache, CFG in one call (D18), decoding. A
+    family adds encode(prompts) -> cond, batch-first tensors, and forward(net, x_t, t, cond, guidance) -> v (D2), and
+    states its facts below: its pipeline class, and what the memory plan needs (section 15)."""
+
+    pipeline = ""  # the diffusers pipeline class it loads, as model_index.json names it
+    packing = 1  # FLUX packs 2x2 latent patches into tokens before the transformer
+    step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
+    zero_cfg_prompt = False  # a batch-wide kappa = 0 sees the empty prompt (Zero-CFG); FLUX: the prompt, embedded 0
+    embedded_only = False  # every scale only as embedded guidance (FLUX with --embedded-guidance-only)
+    # The memory plan's facts: text tokens; the VAE's factor; the text encoders' parameters (on the GPU while the
+    # prompts are encoded); activations a block saves for backward, in elements per token and channel, when its weights
+    # train and when they are frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed
+    # block's inputs, alike; a text token's cost in a block, relative to an image token's. Measured with saved-tensor
+    # hooks (experiments/bench.py); test_memory_plan_matches_measured_bytes checks them.
+    text_tokens, vae_factor, text_encoder_params = 0, 8, 0.0
+    saved_per_block, checkpointed_inputs, text_in_blocks = (0.0, 0.0), (0.0, 0.0), 1.0
+
+    def __init__(self, pipe, cfg, device):
+        c, f = pipe.transformer.config, pipe.vae_scale_factor
+        self.pipe, self.device, self.resolution = pipe, device, cfg.resolution or (c.sample_size or 128) * f
+        # every component on the device in the teacher's dtype, the text encoders too (a T5-XXL on a GPU machine's CPU
+        # would take hours): set_prompts() frees them once the prompts are cached
+        self.teacher = pipe.transformer.to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
+        for name in ("vae", *self.text_encoders()):
+            getattr(pipe, name).to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
+        check_resolution(self.resolution, f, c.patch_size * self.packing)
+        self.sample_shape = (c.in_channels // self.packing**2, self.resolution // f, self.resolution // f)  # (C, h, w)
+        self.prompts, self.bank, self.uncond = [], None, None
+
+    def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
+        return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(self.pipe, n, None)]
+
+    def set_prompts(self, prompts):
+        """Encode the prompts once, kept on the CPU, and free the text encoders -- if PROMPT_CACHE_BYTES holds them."""
+        self.prompts = list(prompts)
+        with torch.no_grad():
+            self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
+            per_prompt = sum(v.numel() * v.element_size() for v in self.encode(self.prompts[:1]).values())
+            if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:  # encoded 16 at a time, each chunk to the CPU
+                chunks = [self.encode(self.prompts[i : i + 16]) for i in range(0, len(self.prompts), 16)]
+                self.bank = _cat([{k: v.cpu() for k, v in chunk.items()} for chunk in chunks])
+                for name in self.text_encoders():
+                    setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
+                torch.cuda.empty_cache()  # (nothing to do without CUDA)
+
+    def cond_for(self, idx):  # conditioning for prompt indices idx ((B,) tensor or list of int), on the device
+        if self.bank is not None:
+            return {k: v[idx].to(self.device) for k, v in self.bank.items()}
+        with torch.no_grad():
+            return self.encode([self.prompts[i] for i in idx])
+
+    def sample_batch(self, n, rng):
+        """n prompt indices; data-aided, also n image-caption pairs, drawn apart from the prompts (as official)."""
+        names = ("prompt", "real") if self.real is not None else ("prompt",)
+        return {k: torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device).cpu() for k in names}
+
+    def condition(self, d):  # the prompts' conditioning; data-aided, the pairs' latents and their captions' too
+        if "real" not in d:
+            return self.cond_for(d["prompt"]), None, None
+        return self.cond_for(d["prompt"]), self.real[d["real"]].to(self.device), self.cond_for(d["real"])
+
+    def velocity(self, net, x_t, t, cond, guidance):
+        """v_u + kappa (v_c - v_u) (D18), the empty prompt's v_u and the prompt's v_c in one call of 2B; kappa (the
+        argument `guidance`) a float or a per-sample (B,) tensor. One branch at a batch-wide kappa = 1 (v_c) or 0
+        (Zero-CFG), or with embedded guidance alone (cfg_branches). A guidance-distilled teacher (FLUX.1-dev) gets
+        kappa as its embedded guidance too, in both branches as in the official code -- where a per-sample kappa of 0
+        (a guidance interval, or a call whose features the discriminator reads) is the empty prompt's branch at
+        embedded 0, not the prompt's as a batch-wide 0 (zero_cfg_prompt)."""
+        B, per_sample = len(x_t), torch.is_tensor(guidance)
+        if self.embedded_only or (not per_sample and guidance == 1.0):
+            return self.forward(net, x_t, t, cond, guidance)
+        uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
+        if not per_sample and guidance == 0.0:  # Zero-CFG: one branch
+            return self.forward(net, x_t, t, cond if self.zero_cfg_prompt else uncond, guidance)
+        g = torch.cat([guidance, guidance]) if per_sample else guidance  # (2B,) or a float
+        v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]), g).chunk(
+            2
+        )
+        kappa = _per_sample(guidance, x_t) if per_sample else guidance  # (B, 1, 1, 1) or a float
+        return v_uncond + kappa * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def decode(self, x):
+        """Latents (B, C, h, w) -> images (B, H, W, 3) float in [0, 1], as the stock pipeline decodes them."""
+        vae = self.pipe.vae
+        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image.float(), output_type="np")
+
+    def _dtype(self, net):  # the dtype to feed `net`: its weights' (a LoRA view: its base's, not the adapters')
+        return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
+
+    def students(self, cfg, runtime):
+        """LoRA adapters on the teacher itself, or full copies (under torchrun: sharded); ema None without one."""
+        if cfg.mode == "lora":
+            nets = lora_students(self, cfg.lora_rank)  # (an EMA adapter costs megabytes: made, unused without one)
+        elif runtime.world == 1:
+            nets = super().students(cfg, runtime)
+        else:  # compiled blocks, then sharded (section 11)
+            shard(self.teacher, compiled=cfg.compile)
+            nets = [
+                sharded_copy(self.teacher, trainable_dtype(cfg), student_precision(cfg), trains, cfg.compile)
+                for trains in (True, True, False)[: 3 if cfg.ema_decay else 2]
+            ]
+        nets = [*nets[:2], nets[2] if cfg.ema_decay and len(nets) > 2 else None]
+        # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
+        for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
+            if cfg.grad_checkpointing:
+                checkpoint_blocks(net, cfg.grad_checkpointing)
+            if cfg.compile and runtime.world == 1:
+                for block in blocks(net):
+                    block.compile(**COMPILE)
+        return nets
+
+
+class SanaBackbone(DiTBackbone):
+    """SANA: Gemma-2 embeddings and mask of the prompt behind the stock pipeline's complex human instruction (the
+    empty prompt without it, as the pipeline's negative prompt and the official code); t * 1000 * timestep_scale."""
+
+    pipeline = "SanaPipeline"
+    text_tokens, vae_factor, text_encoder_params = 300, 32, 2.61e9
+    saved_per_block, checkpointed_inputs, text_in_blocks = (41.0, 35.0), (2.8, 1.1), 0.1  # text: cross-attention only
+    instruction = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
+
+    def encode(self, prompts):
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            device=self.device,
+            complex_human_instruction=self.instruction if prompts != [""] else None,
+        )
+        return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
+
+    def forward(self, net, x_t, t, cond, guidance):
+        dt = self._dtype(net)
+        v = net(
+            x_t.to(dt),
+            encoder_hidden_states=cond["embeds"].to(dt),
+            encoder_attention_mask=cond["mask"],
+            timestep=t * 1000 * net.config.timestep_scale,
+            return_dict=False,
+        )[0]
+        return v[:, : x_t.shape[1]]  # a learned-sigma head outputs 2C channels: the first C are the velocity
+
+
+class SD3Backbone(DiTBackbone):
+    """SD3 / SD3.5: CLIP-L + CLIP-G + T5 embeddings and pooled projections; the transformer takes t * 1000."""
+
+    pipeline = "StableDiffusion3Pipeline"
+    step_noise_from_generator = False
+    text_tokens, text_encoder_params = 77 + 256, 0.12e9 + 0.69e9 + 4.76e9
+    saved_per_block, checkpointed_inputs = (18.0, 10.0), (2.0, 1.35)
+
+    def encode(self, prompts):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=prompts,
+            prompt_3=prompts,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=256,
+        )
+        return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
+
+    def forward(self, net, x_t, t, cond, guidance):
+        dt = self._dtype(net)
+        return net(
+            hidden_states=x_t.to(dt),
+            timestep=t * 1000,
+            encoder_hidden_states=cond["embeds"].to(dt),
+            pooled_projections=cond["pooled"].to(dt),
+            return_dict=False,
+        )[0]
+
+
+class FluxBackbone(DiTBackbone):
+    """FLUX.1: T5 embeddings, pooled CLIP, 2-D position ids, latents packed 2x2 into tokens, t in [0, 1]. FLUX.1-dev is
+    guidance-distilled: as the official code, every CFG scale kappa is fed to its guidance embedding AND, for kappa
+    outside {0, 1}, the two-branch CFG with the empty prompt runs too; kappa = 0 is the prompt at embedded 0; the
+    student is called at embedded guidance 1. --embedded-guidance-only: the embedding alone, one branch, and the
+    student at the teacher's scale (the stock FluxPipeline's guidance_scale samples it at the same)."""
+
+    pipeline = "FluxPipeline"
+    packing = 2
+    step_noise_from_generator = False
+    zero_cfg_prompt = True
+    text_tokens, text_encoder_params = 512, 0.12e9 + 4.76e9
+    saved_per_block, checkpointed_inputs = (24.0, 12.0), (2.15, 1.6)
+
+    def __init__(self, pipe, cfg, device):
+        super().__init__(pipe, cfg, device)
+        self.embedded_only = cfg.embedded_guidance_only
+        self.student_guidance = cfg.cfg_eval_real if self.embedded_only else 1.0
+
+    def encode(self, prompts):
+        embeds, pooled, self.txt_ids = self.pipe.encode_prompt(  # txt_ids (L, 3), the same for every prompt
+            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=512
+        )
+        return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
+
+    @staticmethod
+    def pack(x):  # (B, C, h, w) -> (B, h/2 * w/2 tokens, 4C), a token's channels ordered (C, 2, 2) as FluxPipeline's
+        return F.pixel_unshuffle(x, 2).flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def unpack(x, h, w):  # (B, tokens, 4C) -> (B, C, h, w)
+        return F.pixel_shuffle(x.transpose(1, 2).reshape(len(x), -1, h // 2, w // 2), 2)
+
+    def forward(self, net, x_t, t, cond, guidance):
+        dt, (_, h, w) = self._dtype(net), self.sample_shape  # img_ids: (tokens, 3), each (0, row, column)
+        ids = torch.cartesian_prod(*(torch.arange(n, device=x_t.device).float() for n in (1, h // 2, w // 2)))
+        g = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(len(x_t))  # (B,) embedded
+        v = net(
+            hidden_states=self.pack(x_t).to(dt),
+            timestep=t,
+            guidance=g if net.config.guidance_embeds else None,
+            pooled_projections=cond["pooled"].to(dt),
+            encoder_hidden_states=cond["embeds"].to(dt),
+            txt_ids=self.txt_ids,
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        return self.unpack(v, h, w)
+
+    def step_noise(self, shape, rng):
+        B, C, h, w = shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
+        return self.unpack(torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device), h, w)
+
+
+FAMILIES = {family.pipeline: family for family in (SanaBackbone, SD3Backbone, FluxBackbone)}
+
+# --- 13. Real images for data-aided SiD (D17): read, resize + center-crop, encode once with the teacher's VAE ------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -1139,7 +1492,7 @@ def encode_data(backbone, path, cache_path):
     return latents, captions, skipped
 
 
-# --- 12. A quality number for every run, with no extra download: the student's Frechet distance to the teacher ----
+# --- 14. A quality number for every run, with no extra download: the student's Frechet distance to the teacher ----
 # At a run's start the teacher draws a reference set, QUALITY_SIZE samples (the run's prompts in turn, fixed seeds), by
 # its own REFERENCE_STEPS-step Euler sampler guided as in the losses; each evaluation, the student (EMA) draws the same
 # prompts and seeds. The teacher sees both given the empty prompt (the image, not its fit to a prompt): its last hidden
@@ -1264,335 +1617,6 @@ def plot_quality(out, lines, now):
     ax.figure.savefig(os.path.join(out, "quality.png"), dpi=90, bbox_inches="tight")
 
 
-# --- 13. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
-
-# cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through FLUX's joint
-# attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed finite: switched off.
-torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-class Distributed(Checkpoints):
-    """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients in
-    backward, checkpoints a torch.distributed.checkpoint folder. LoRA mode: replicated adapters, gradients all-reduced
-    by hand (DDP expects a backward into the weights after every forward; SiD runs the fake network forward alone)."""
-
-    def __init__(self, rank, world, device, sharded):
-        super().__init__(device)
-        self.rank, self.world, self.sharded = rank, world, sharded
-
-    def any_rank(self, flag):
-        flag = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def average_grads(self, net):
-        if not self.sharded:  # (FSDP2 averaged them in backward)
-            for p in net.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
-
-    def checkpoint_path(self, out):
-        return os.path.join(out, "checkpoint" if self.sharded else "checkpoint.pt")
-
-    def read_meta(self, path):
-        return torch.load(f"{path}/meta.pt", weights_only=False) if self.sharded else super().read_meta(path)
-
-    def write(self, path, nets, meta):
-        if not self.sharded:
-            return super().write(path, nets, meta) if self.rank == 0 else None
-        tmp = f"{path}.tmp"
-        if self.rank == 0:
-            remove_path(tmp)
-        dist.barrier()
-        dcp.save(sharded_state(nets), checkpoint_id=tmp)  # every rank writes its shards
-        if self.rank == 0:
-            torch.save(meta, os.path.join(tmp, "meta.pt"))
-            replace_path(tmp, path)
-        dist.barrier()
-
-    def read(self, path, nets):
-        if not self.sharded:
-            return super().read(path, nets)
-        state = sharded_state(nets)  # filled in place; partial: Adam has no state for a weight that never had a grad
-        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-        for name, (net, opt) in nets.items():
-            set_model_state_dict(net, state[name]["model"])
-            if opt:
-                set_optimizer_state_dict(net, opt, state[name]["optim"])
-
-
-def sharded_state(nets):  # DCP's sharded state dicts of every network and optimizer: to save, or to load into
-    return {
-        name: dict(model=get_model_state_dict(net), optim=get_optimizer_state_dict(net, opt))
-        if opt
-        else dict(model=get_model_state_dict(net))
-        for name, (net, opt) in nets.items()
-    }
-
-
-def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
-    device, world = resolve_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return Checkpoints(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(int(os.environ["RANK"]), world, device, sharded=cfg.mode == "full")
-
-
-def shard(net, mp_policy=None, device_type=None, compiled=False):
-    """FSDP2: each block a unit (compiled first with --compile), then the root, on a mesh of the net's device type."""
-    mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
-    kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
-    for block in blocks(net):
-        if compiled:
-            block.compile(**COMPILE)
-        fully_shard(block, **kw)
-    fully_shard(net, **kw)
-    return net
-
-
-def student_precision(cfg):  # bf16 autocast over float32 masters: all-gather bf16 weights, reduce float32 gradients
-    return MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cfg.precision == "bf16-autocast" else None
-
-
-def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
-    """A copy of the sharded teacher in `dtype`: made on the meta device, sharded alike, each rank fills its shards."""
-    with torch.device("meta"):
-        net = type(teacher).from_config(teacher.config).to(dtype)
-    device = next(teacher.parameters()).device
-    net.requires_grad_(trainable).train(trainable)
-    shard(net, mp_policy, device.type, compiled)  # the module is still on the meta device: the teacher's mesh
-    net.to_empty(device=device)
-    with torch.no_grad():
-        for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
-            assert n == m, (n, m)
-            p.to_local().copy_(q.to_local())  # the same FSDP2 layout: local shard to local shard
-        for b, c in zip(net.buffers(), teacher.buffers(), strict=True):
-            b.copy_(c)  # buffers are not sharded
-    return net
-
-
-def remove_path(path):  # a file or a folder, if it is there
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
-
-
-def replace_path(tmp, path):
-    """Move a finished file or folder onto `path`: the old one renamed away first, removed last (never half a one)."""
-    remove_path(f"{path}.old")
-    if os.path.exists(path):
-        os.replace(path, f"{path}.old")
-    os.replace(tmp, path)
-    remove_path(f"{path}.old")
-
-
-# --- 14. Config: one typed place for every default; presets by name override a few fields -------------------------
-
-
-def option(default, help, choices=None, const=None):
-    """A Config field: its default, the help of its --flag, the values it allows, its value as a bare flag."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, const=const))
-
-
-@dataclasses.dataclass
-class Config:
-    teacher: str = option("toy", "the teacher: a preset (listed below), a local diffusers pipeline folder or a hub id")
-    loss: str = option("sid", "the generator loss: SiD's (D11), or DMD's for contrast (D14)", ("sid", "dmd"))
-    alpha: float = option(1.0, "weight of the fake-score term in SiD's generator loss (D11); original SiD: 1.2")
-    weighting: str = option("1-t", "the generator loss's weight w(t) over noise levels (D12)", WEIGHTINGS)
-    steps: int = option(4, "K, the generator's number of steps, at t = 1, 1 - 1/K, ... (D13)")
-    noise: str = option(
-        "fresh",
-        "the noise that re-noises between generator steps: new, the initial one, or the one "
-        "the current state implies (a plain Euler step)",
-        ("fresh", "fixed", "ddim"),
-    )
-    train_step: str = option(
-        "uniform",
-        "which generator step each iteration trains: uniform over 1..K (the paper) or the last",
-        ("uniform", "last"),
-    )
-    fake_updates: int = option(1, "fake-network updates per generator update")
-    cfg_train_fake: float = option(1.0, "guidance scale of the fake network in its own update (1: none; D17)")
-    cfg_eval_fake: float = option(1.0, "guidance scale of the fake network inside the generator loss (D17)")
-    cfg_eval_real: float = option(1.0, "guidance scale of the teacher inside the generator loss (D17)")
-    cfg_t_min: float = option(0.0, "the guidance scales apply only for noise levels t >= this (D17)")
-    cfg_t_max: float = option(1.0, "the guidance scales apply only for noise levels t <= this (D17)")
-    iters: int = option(1000, "generator updates in the run")
-    batch_size: int = option(256, "generated samples per micro-batch, per process")
-    grad_accum: int = option(
-        1, "micro-batches per optimizer step: the global batch is batch-size x processes x this (the paper's is 256)"
-    )
-    lr_gen: float = option(5e-6, "the generator's Adam learning rate")
-    lr_fake: float = option(5e-6, "the fake network's Adam learning rate")
-    lr_schedule: str = option("constant", "learning rates constant (official) or cosine to 0", ("constant", "cosine"))
-    ema_decay: float = option(
-        0.0,
-        "decay of a moving average of the generator, the student a run then keeps (0: none, "
-        "the generator is the student, as the official code)",
-    )
-    seed: int = option(0, "seed of every random draw of the run")
-    gan_weight: float = option(0.5, "data-aided runs: share of the adversarial term in the generator loss (D16)")
-    resolution: int = option(0, "image side in pixels (0: the teacher's native size)")
-    prompts: str = option("", "a text file of prompts, one per line (none: a built-in list of 16)")
-    data: str = option("", "real images for data-aided SiD (D16): a folder of images, x.png with its caption x.txt")
-    out: str = option("out/sid", "the run folder: checkpoint, log.jsonl, previews and the exported student")
-    save_every: int = option(500, "iterations between checkpoints (0: only at the end)")
-    eval_every: int = option(0, "iterations between evaluations of the student: a quality number, a preview (0: none)")
-    device: str = option("auto", "'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
-    precision: str = option(
-        "fp32",
-        "fp32; bf16-autocast (bf16 teacher and compute, float32 trainable weights); or "
-        "bf16 (pure bf16, the trainable weights too)",
-        ("fp32", "bf16-autocast", "bf16"),
-    )
-    grad_checkpointing: float = option(
-        0.0,
-        "share of the transformer blocks recomputed in backward, spread evenly: "
-        "less memory, more time (0.5: every second block; no value: 1)",
-        const=1.0,
-    )
-    compile: bool = option(False, "torch.compile each transformer block: minutes of compilation, then faster steps")
-    mode: str = option(
-        "full",
-        "full: three copies of the DiT (FSDP2-sharded under torchrun); lora: LoRA adapters on one frozen DiT",
-        ("full", "lora"),
-    )
-    lora_rank: int = option(64, "rank of the LoRA adapters (--mode lora)")
-    embedded_guidance_only: bool = option(
-        False,
-        "FLUX.1-dev: each CFG scale as embedded guidance alone, one branch, "
-        "the student at the teacher's scale (official: the embedding and two-branch "
-        "CFG, the student at 1)",
-    )
-
-
-# Presets change only what differs from the Config defaults. The DiT presets are the official SiD-DiT settings
-# (Adam(0, 0.999), lr 5e-6, CFG 4.5 for all three scales as SANA's runs, bf16 autocast, no EMA, a global batch of 256
-# -- here on one GPU: batch per micro-batch x --grad-accum --, about 1 M generated images) but for one change, from the
-# guidance study (experiments/README.md): guidance only for t in [0.2, 0.6] (D17). FLUX's scale, 3.5 (its pipeline's),
-# is untuned: the official code publishes none. Micro-batch and checkpointed share fill one 80 GB GPU (at most 69 GiB
-# by the memory plan): larger teachers train LoRA there, on several GPUs full (FSDP2). The toy and the digits depart
-# further, each choice measured in experiments/README.md: the last step trained, a cosine, an EMA, ...
-_INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
-_SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0)  # toy and digits
-
-
-def _guided(w):  # one CFG scale for all three
-    return dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)
-
-
-def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micro-batch; 256 = micro-batch x accum
-    fields = dict(_guided(4.5), hub=hub, resolution=resolution, batch_size=batch_size, grad_accum=256 // batch_size)
-    return fields | dict(precision="bf16-autocast", iters=4000, save_every=50, eval_every=200, **_INTERVAL) | kw
-
-
-PRESETS = {
-    "toy": dict(_SMALL, teacher="toy", iters=2400, batch_size=2048, lr_gen=1.6e-3, lr_fake=2.4e-3, fake_updates=2)
-    | dict(weighting="1/t", noise="fixed", lr_schedule="cosine", out="out/toy"),
-    # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
-    "digits": dict(_SMALL, **_guided(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4)
-    | dict(lr_fake=3e-4, out="out/digits"),
-    "sana-0.6b-512": _dit("Efficient-Large-Model/Sana_600M_512px_diffusers", 512, 32, grad_checkpointing=0.75),
-    "sana-1.6b-1024": _dit("Efficient-Large-Model/Sana_1600M_1024px_diffusers", 1024, 4, grad_checkpointing=1.0),
-    "sd3-medium": _dit(
-        "stabilityai/stable-diffusion-3-medium-diffusers", 1024, 4, mode="lora", grad_checkpointing=0.2
-    ),
-    "sd3.5-medium": _dit("stabilityai/stable-diffusion-3.5-medium", 1024, 4, mode="lora", grad_checkpointing=0.2),
-    "sd3.5-large": _dit("stabilityai/stable-diffusion-3.5-large", 1024, 4, mode="lora", grad_checkpointing=0.85),
-    "flux-dev": _dit("black-forest-labs/FLUX.1-dev", 1024, 2, **_guided(3.5), mode="lora", grad_checkpointing=1.0),
-}
-HUB_IDS = {name: preset["hub"] for name, preset in PRESETS.items() if "hub" in preset}  # the image teachers'
-
-
-def check_config(cfg):  # fail loudly, with one line, on values the algorithm cannot use
-
-    def flag(name):
-        return "--" + name.replace("_", "-")
-
-    for f in dataclasses.fields(cfg):
-        value, choices = getattr(cfg, f.name), f.metadata["choices"]
-        if choices and value not in choices:
-            raise UserError(f"{flag(f.name)} {value!r} is not one of: {', '.join(choices)}")
-        if f.type is float and not math.isfinite(value):
-            raise UserError(f"{flag(f.name)} must be finite, got {value}")
-    rules = (
-        (
-            ("steps", "iters", "batch_size", "grad_accum", "fake_updates", "lora_rank"),
-            lambda v: v >= 1,
-            "be at least 1",
-        ),
-        (("lr_gen", "lr_fake"), lambda v: v > 0, "be positive"),
-        (("resolution", "save_every", "eval_every"), lambda v: v >= 0, "not be negative"),
-        (("ema_decay",), lambda v: 0 <= v < 1, "be in [0, 1)"),
-        (("grad_checkpointing",), lambda v: 0 <= v <= 1, "be in [0, 1]"),
-    )
-    for names, ok, rule in rules:
-        for name in names:
-            if not ok(getattr(cfg, name)):
-                raise UserError(f"{flag(name)} must {rule}, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
-        raise UserError(
-            f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, not {cfg.cfg_t_min} and {cfg.cfg_t_max}"
-        )
-    return cfg
-
-
-def make_config(preset=None, **overrides):  # Config defaults <- preset <- overrides (None ignored), then checked
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    fields = {k: v for k, v in PRESETS.get(preset, {}).items() if k != "hub"}
-    return check_config(Config(**fields | {k: v for k, v in overrides.items() if v is not None}))
-
-
-def add_config_flags(parser, skip=(), presets=None):
-    """A --flag per Config field (default None: the preset fills it), its help the defaults of presets {label: name}"""
-    presets = presets or {"": None}
-    for f in dataclasses.fields(Config):
-        if f.name in skip:
-            continue
-        values = {label: PRESETS.get(name, {}).get(f.name, f.default) for label, name in presets.items()}
-        common = max(values.values(), key=list(values.values()).count)  # the value most presets share
-        rest = "; ".join(f"{label}: {v}" for label, v in values.items() if v != common)
-        help = f"{f.metadata['help']} [default: {common if common != '' else 'none'}{f' ({rest})' if rest else ''}]"
-        kw = (
-            dict(action=argparse.BooleanOptionalAction)
-            if f.type is bool
-            else dict(type=f.type, choices=f.metadata["choices"])
-        )
-        if f.metadata["const"] is not None:
-            kw.update(nargs="?", const=f.metadata["const"])
-        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help.replace("%", "%%"), **kw)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error and exit status 2, negative numbers (-1e-4 too) as values, text as written."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-\.?\d")
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def resolve_device(name):  # 'auto': CUDA if there is one
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for, but this machine has no CUDA device")
-    try:
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device torch knows") from None
-
-
 # --- 15. Teachers from disk or hub, the memory plan, export, and the command line ---------------------------------
 
 
@@ -1642,10 +1666,6 @@ def _hub_file(name, repo, filename):
     except Exception as e:
         why = f"{type(e).__name__}: {' '.join(str(e).split())}"
     raise UserError(f"{where}: {why}{local}")
-
-
-def teacher_dtype(cfg):  # the frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32
-    return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
 
 def load_backbone(cfg, device, src=None, family=None):
@@ -1707,7 +1727,7 @@ def memory_plan(cfg, net, family, world_size=1, factor=None):
     layers = c.get("num_layers", 1) + c.get("num_single_layers", 0)
     image_tokens = (cfg.resolution // (factor or family.vae_factor) // (c.get("patch_size", 1) * family.packing)) ** 2
     tokens = image_tokens + family.text_tokens * family.text_in_blocks
-    per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
+    per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D18)
     embedded_only = family is FluxBackbone and cfg.embedded_guidance_only
     branches = [cfg_branches(w, embedded_only, per_sample) for w in (1.0, cfg.cfg_eval_real, cfg.cfg_eval_fake)]
     # generator, teacher, fake: their batches, whether their weights take gradients in the generator update
@@ -1759,15 +1779,6 @@ def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, a
     return plan
 
 
-def check_resolution(resolution, factor, patch):  # a whole number of latent patches, at most MAX_RESOLUTION
-    if not 0 < resolution <= MAX_RESOLUTION or resolution % (factor * patch):
-        raise UserError(
-            f"--resolution {resolution}: must be a positive multiple of {factor * patch} for this teacher "
-            f"(VAE factor {factor} x patch {patch}), at most {MAX_RESOLUTION}"
-        )
-
-
-MAX_RESOLUTION = 4096  # pixels: twice the largest side any supported teacher was trained at
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
 
 
@@ -1781,7 +1792,7 @@ def plain_copy(net, state, dtype):
 
 def export_student(backbone, net, cfg, folder):
     """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
-    and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D13)."""
+    and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D15)."""
     dtype, w = teacher_dtype(cfg), next(net.parameters())
     if isinstance(net, AdapterView):
         transformer = plain_copy(net.base, net.merged_state_dict(), dtype)
@@ -1867,30 +1878,25 @@ def check_fits(cfg, net, family, factor, runtime):
     cfg = dataclasses.replace(cfg, resolution=cfg.resolution or (net.config.get("sample_size") or 128) * factor)
     free = torch.cuda.mem_get_info(runtime.device)[0]
 
-    def need(c):  # bytes per GPU of a run with config c
-        plan = memory_plan(c, net, family, runtime.world, factor)
+    def need(**change):  # bytes per GPU of the run with these fields changed
+        plan = memory_plan(dataclasses.replace(cfg, **change), net, family, runtime.world, factor)
         return max(plan["total"], plan["startup"])
 
-    if need(cfg) > free:
-        lighter = [dict(grad_checkpointing=s) for s in (0.5, 1.0)] + [
-            dict(mode="lora", grad_checkpointing=s) for s in (0.0, 0.5, 1.0)
-        ]  # in this order
-        fits = [d for d in lighter + [dict(lighter[-1], batch_size=1)] if need(dataclasses.replace(cfg, **d)) <= free]
+    if need() > free:  # lighter settings, in this order: every block checkpointed, then LoRA, then micro-batches of 1
+        lighter = [dict(grad_checkpointing=1.0), dict(mode="lora", grad_checkpointing=1.0)]
+        fits = [d for d in lighter + [dict(lighter[1], batch_size=1)] if need(**d) <= free]
         hint = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fits[0].items()) if fits else "more GPUs (torchrun)"
         raise UserError(
-            f"the memory plan needs {need(cfg) / 2**30:.1f} GiB per GPU ({cfg.mode} mode, batch "
-            f"{cfg.batch_size} at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} "
-            "(--dry-run prints the plan)"
+            f"the memory plan needs {need() / 2**30:.1f} GiB per GPU ({cfg.mode} mode, micro-batch {cfg.batch_size} "
+            f"at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} (--dry-run prints the plan)"
         )
 
 
 def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folder (torchrun, full mode) or a file
-    folder, file = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.pt")
-    if os.path.isdir(folder):
-        return folder, torch.load(os.path.join(folder, "meta.pt"), weights_only=False)
-    if not os.path.isfile(file):
+    paths = [p for p in (os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.pt")) if os.path.exists(p)]
+    if not paths:
         raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
-    return file, Checkpoints().read_meta(file)
+    return paths[0], read_meta(paths[0])
 
 
 def load_checkpoint_weights(path, which, net):
@@ -1994,8 +2000,8 @@ def _public(path):  # a config.json's entries, without diffusers' bookkeeping ('
 
 def slug(name):
     """A folder name (letters, digits, '.-_'; never '' or a dot name) from the last part of a name, path or hub id."""
-    base = os.path.basename(os.path.abspath(name)) if os.path.exists(name) else name.rstrip("/").split("/")[-1]
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in base).strip(".") or "run"
+    base = os.path.basename(os.path.abspath(name) if os.path.exists(name) else name.rstrip("/"))
+    return re.sub(r"[^\w.-]", "_", base).strip(".") or "run"
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def _noised(n=512, seed=0, path=sf.FLOW, mix=MIX):
 
 
 def test_conventions():
-    """(D1), (D2), (D13): t = 1 is noise, t = 0 is data, v = eps - x0, generator times 1, .75, .5, .25."""
+    """(D1), (D2), (D15): t = 1 is noise, t = 0 is data, v = eps - x0, generator times 1, .75, .5, .25."""
     x0, eps = torch.randn(4, 3), torch.randn(4, 3)
     assert torch.equal(sf.add_noise(x0, eps, torch.ones(4)), eps)
     assert torch.equal(sf.add_noise(x0, eps, torch.zeros(4)), x0)
@@ -171,12 +171,12 @@ def test_fake_loss_minimiser():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 2. SiD: the score identity and the generator loss (D10)-(D14)
+# 2. SiD: the score identity and the generator loss (D11)-(D16)
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def test_score_identity_monte_carlo():
-    """(D10) by Monte Carlo: E[u(x_t)^T E_g[x0|x_t]] = E[u(x_t)^T x_g] for a nonlinear u, and the rewritten Fisher
+    """(D11) by Monte Carlo: E[u(x_t)^T E_g[x0|x_t]] = E[u(x_t)^T x_g] for a nonlinear u, and the rewritten Fisher
     divergence E (f_phi - f_g)^T (f_phi - x_g) equals the direct E |f_phi - f_g|^2 (teacher = another mixture)."""
     n = 400_000
     x_g, _, t, x_t = _noised(n=n, seed=2)  # the "generator" is MIX
@@ -196,8 +196,8 @@ def test_score_identity_monte_carlo():
 
 @pytest.mark.parametrize("alpha", [1.0, 1.2, 0.5])
 def test_generator_loss_gradient(alpha):
-    """(D11) autograd against the hand-derived gradient (derivation.md section 3) with linear teacher and fake
-    networks; (D14) DMD's gradient is w (x0_fake - x0_teacher) on x_g alone."""
+    """(D13) autograd against the hand-derived gradient (derivation.md section 3) with linear teacher and fake
+    networks; (D16) DMD's gradient is w (x0_fake - x0_teacher) on x_g alone."""
     g = torch.Generator().manual_seed(3)
     B, D = 8, 5
     A_T, A_F = (torch.randn(D, D, generator=g, dtype=torch.float64) for _ in range(2))
@@ -222,7 +222,7 @@ def test_generator_loss_gradient(alpha):
 
 
 def test_weightings_and_times():
-    """(D12): every weighting is finite, positive and gradient-free; the logit-normal median is 2/3."""
+    """(D14): every weighting is finite, positive and gradient-free; the logit-normal median is 2/3."""
     g = torch.Generator().manual_seed(4)
     t = sf.sample_t(100_000, g)
     assert abs(t.median().item() - 2 / 3) < 0.01 and t.min() > 0 and t.max() < 1
@@ -235,7 +235,7 @@ def test_weightings_and_times():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 3. The few-step generator (D13)
+# 3. The few-step generator (D15)
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -259,7 +259,7 @@ def test_backward_simulation(k):
 
 @pytest.mark.parametrize("mode", ["fresh", "fixed", "ddim"])
 def test_rollout_noise_modes(mode):
-    """The roll-out written out by hand for K = 4, k = 3 (D13): x_1 = z; x0_j = x_j - t_j G(x_j, t_j); the next input
+    """The roll-out written out by hand for K = 4, k = 3 (D15): x_1 = z; x0_j = x_j - t_j G(x_j, t_j); the next input
     (1 - t) x0_j + t n with n the step's own draw (fresh), z (fixed), or (x_j - (1 - t_j) x0_j) / t_j (ddim)."""
     torch.manual_seed(0)
     net, noises = run_toy.ToyMLP(width=16, depth=2), torch.randn(5, 4, 2)
@@ -447,7 +447,7 @@ def _check_official_iteration(sid, official, step, gan):
 def test_toy_iteration_computes_the_official_losses_and_gradients(data_aided):
     """One toy iteration, data-free and data-aided (the GAN term on: past 40k images), with two micro-batches per
     step, equals the official arithmetic (class Official) on the same draws: the fake network's gradient, then the
-    generator's, through x_g AND both networks' inputs. The oracle with x_t detached (DMD's routing, D14) differs."""
+    generator's, through x_g AND both networks' inputs. The oracle with x_t detached (DMD's routing, D16) differs."""
     real = (lambda n, g: torch.randn(n, 2, generator=g, device=g.device) * 0.5 + 1.0) if data_aided else None
     bb = _tiny_backbone(real=real)
     cfg = _cfg(batch_size=16, grad_accum=2, weighting="1-t", alpha=1.2, noise="fresh", train_step="uniform", fake_updates=1)
@@ -462,7 +462,7 @@ def test_toy_iteration_computes_the_official_losses_and_gradients(data_aided):
 
 
 def test_generator_gradient_flows_through_the_networks_inputs():
-    """SiD's gradient (D11) is not DMD's direction (x_g alone, D14), which a detached x_t would silently give: the
+    """SiD's gradient (D13) is not DMD's direction (x_g alone, D16), which a detached x_t would silently give: the
     input paths carry a real share of the generator's gradient."""
     bb = _tiny_backbone()
     cfg = _cfg(batch_size=32, weighting="1-t", train_step="last")
@@ -555,7 +555,7 @@ class GuidanceSpy(sf.ToyBackbone):
 
 
 def test_guidance_interval_reaches_every_call_as_configured():
-    """(D17): each network call of an iteration gets its CFG scale from one rule. Without an interval the three
+    """(D18): each network call of an iteration gets its CFG scale from one rule. Without an interval the three
     scales arrive as the configured floats; with one, a call at t outside [cfg_t_min, cfg_t_max] gets 1 (the
     conditional velocity: the teacher's target is unguided there) and one inside gets its configured scale --
     Zero-CFG's 0 for the fake network's training, Anti-CFG's negative scale for its evaluation."""
@@ -581,7 +581,7 @@ def test_guidance_interval_reaches_every_call_as_configured():
 
 
 def test_data_aided_discriminator_reads_the_prompts_branch():
-    """Data-aided SiD (D16), as the official code: the real samples are seen through the prompt's branch alone (scale
+    """Data-aided SiD (D17), as the official code: the real samples are seen through the prompt's branch alone (scale
     1), and the fake network's call on the generated ones keeps the prompt's branch even under Zero-CFG's batch-wide
     0 (both branches run: a per-sample scale of zeros); a guided fake network is called at its scale."""
     torch.manual_seed(0)
@@ -669,7 +669,7 @@ def test_nonfinite_loss_stops_with_step_and_phase(tmp_path):
 
 
 def test_energy_distance():
-    """(D15): the projection formula equals the brute-force pairwise U- and V-statistics; ~0 for equal laws."""
+    """(D19): the projection formula equals the brute-force pairwise U- and V-statistics; ~0 for equal laws."""
     g = torch.Generator().manual_seed(0)
     x, y = run_toy.draw("checkerboard", 700, g), run_toy.draw("8gaussians", 500, g)
 
@@ -758,7 +758,7 @@ def test_toy_interrupt_then_same_command_continues(tmp_path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     run = next(out.glob("runs/*"))
-    step = sf.Checkpoints().read_meta(str(run / "checkpoint.pt"))["step"]
+    step = sf.read_meta(str(run / "checkpoint.pt"))["step"]
     assert p.returncode == 130 and 5 <= step < 600, (p.returncode, err[-2000:])
     assert err.strip().splitlines() == [
         f"stopped at iteration {step} of 600; {run} holds it: run the same command to continue"
@@ -1193,7 +1193,7 @@ def test_adapter_velocity_matches_stock_pipeline(tiny, family):
 
 @pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
 def test_guided_velocity_per_sample_and_zero_cfg(tiny, family, monkeypatch):
-    """(D17): a per-sample scale (a guidance interval) gives each row the velocity of its own float scale -- through
+    """(D18): a per-sample scale (a guidance interval) gives each row the velocity of its own float scale -- through
     the second branch (FLUX: and its guidance embedding); a batch-wide scale 0 is one call that receives the empty
     prompt's conditioning alone (Zero-CFG), FLUX's the prompt's at embedded guidance 0 (the official code's)."""
     bb = _backbone(tiny[family], family)
@@ -1475,7 +1475,7 @@ def test_configs_only_cache_fails_in_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 8. Data-aided SiD (D16): the fake network as the discriminator
+# 8. Data-aided SiD (D17): the fake network as the discriminator
 # ------------------------------------------------------------------------------------------------------------------
 
 
