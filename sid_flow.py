@@ -1230,7 +1230,7 @@ class DiTBackbone(Backbone):
 
     def __init__(self, pipe, cfg, device):
         c, f = pipe.transformer.config, pipe.vae_scale_factor
-        self.pipe, self.device, self.resolution = pipe, device, cfg.resolution or (c.sample_size or 128) * f
+        self.pipe, self.device, self.resolution = pipe, device, cfg.resolution or (c.get("sample_size") or 128) * f
         # every component on the device in the teacher's dtype, the text encoders too (a T5-XXL on a GPU machine's CPU
         # would take hours): set_prompts() frees them once the prompts are cached
         self.teacher = pipe.transformer.to(device, teacher_dtype(cfg)).requires_grad_(False).eval()

@@ -345,7 +345,9 @@ class Official:
             if i == 0:
                 noise = z
             else:
-                noise = {"fresh": noises[:, i], "fixed": z, "ddim": (latents - (1.0 - t_prev) * D_x) / t_prev}[cfg.noise]
+                noise = {"fresh": noises[:, i], "fixed": z, "ddim": (latents - (1.0 - t_prev) * D_x) / t_prev}[
+                    cfg.noise
+                ]
             latents = (1.0 - t) * D_x + t * noise
             with torch.set_grad_enabled(grad and i == k - 1):
                 D_x = latents - t * self.call(G, latents, torch.full((len(z),), t), d["cond"], 1.0).float()
@@ -355,7 +357,11 @@ class Official:
     def fake_phase(self, fake, G, micro, k):
         """Summed over micro-batches: mse(noise - images, output, 'sum') / batch_gpu_total, plus, data-aided,
         (BCE(real -> 1) + BCE(fake -> 0)) / 2 * C*H*W summed / batch_gpu_total. Returns the gradient."""
-        cfg, total, params = self.cfg, self.cfg.batch_size * len(micro), [p for p in fake.parameters() if p.requires_grad]
+        cfg, total, params = (
+            self.cfg,
+            self.cfg.batch_size * len(micro),
+            [p for p in fake.parameters() if p.requires_grad],
+        )
         grads = [torch.zeros_like(p) for p in params]
         for d in micro:
             images, t, noise = self.images(G, d, k, False), d["t"], d["eps"]
@@ -450,7 +456,9 @@ def test_toy_iteration_computes_the_official_losses_and_gradients(data_aided):
     generator's, through x_g AND both networks' inputs. The oracle with x_t detached (DMD's routing, D16) differs."""
     real = (lambda n, g: torch.randn(n, 2, generator=g, device=g.device) * 0.5 + 1.0) if data_aided else None
     bb = _tiny_backbone(real=real)
-    cfg = _cfg(batch_size=16, grad_accum=2, weighting="1-t", alpha=1.2, noise="fresh", train_step="uniform", fake_updates=1)
+    cfg = _cfg(
+        batch_size=16, grad_accum=2, weighting="1-t", alpha=1.2, noise="fresh", train_step="uniform", fake_updates=1
+    )
     sid = sf.SiD(cfg, bb, sf.Runtime())
     with torch.no_grad():  # a fake network unlike the teacher: a score gap to descend
         for p in sid.fake.parameters():
@@ -1679,7 +1687,9 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
         assert all(torch.equal(seen[n], p.grad) for n, p in fake.named_parameters())
         assert all(torch.equal(p, base0[n]) for n, p in bb.teacher.named_parameters())
         d, ema_state = min(0.9, 2 / 11), sid.ema.state_dict()  # the EMA adapter: ema_update's average, no step
-        assert all(torch.allclose(v, d * ema0[k] + (1 - d) * gen.state_dict()[k], atol=1e-6) for k, v in ema_state.items())
+        assert all(
+            torch.allclose(v, d * ema0[k] + (1 - d) * gen.state_dict()[k], atol=1e-6) for k, v in ema_state.items()
+        )
         assert any(not torch.equal(p, gen0[n]) for n, p in gen.named_parameters())
         results.append({n: p.detach().clone() for n, p in gen.named_parameters()})
     assert all(torch.allclose(a, r[n], atol=1e-6) for r in results[1:] for n, a in results[0].items())
@@ -1978,8 +1988,8 @@ def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
             **{**dict(resolution=32, batch_size=2, lora_rank=4, device="cpu", out=str(folder / "out")), **run},
         )
         r = bench.bench(cfg, 1)
-        family = sf.resolve_teacher(str(folder))[1]
-        plan = sf.memory_plan(cfg, sf.meta_transformer(str(folder)), family, 1, sf.vae_factor(str(folder), family))
+        fam = sf.resolve_teacher(str(folder))[1]
+        plan = sf.memory_plan(cfg, sf.meta_transformer(str(folder)), fam, 1, sf.vae_factor(str(folder), fam))
         planned = plan["total"] - plan["recompute"]
         assert abs(planned / r["measured"]["total"] - 1) < 0.25, (arch, run, planned, r["measured"])
 
