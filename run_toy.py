@@ -106,8 +106,9 @@ def _sum_abs_diff(x, y):
 
 
 def energy_distance(x, y, directions=128, independent=True):
-    """Energy distance of samples x (n, 2) and y (m, 2), float64, from `directions` projections in [0, pi). independent:
-    the unbiased U-statistic for i.i.d. samples (it can dip below zero); False: the V-statistic, for QMC sets."""
+    """Energy distance of samples x (n, 2) and y (m, 2), float64, from `directions` projections in [0, pi).
+    independent: the unbiased U-statistic for i.i.d. samples (it can dip below zero); False: the V-statistic, for QMC
+    sets."""
     theta = torch.arange(directions, dtype=torch.float64) * (math.pi / directions)  # (M,)
     u = torch.stack([theta.cos(), theta.sin()], 1)  # (M, 2) unit directions
     px, py = u @ x.double().T, u @ y.double().T  # (M, n), (M, m) projections
@@ -147,7 +148,9 @@ class Evaluation:
 
     def distance(self, xs):
         """(mean, standard error) over the replicates of the energy distance of xs (R sets) to the data."""
-        eds = torch.tensor([energy_distance(x, y, DIRECTIONS, independent=False) for x, y in zip(xs, self.data)])
+        eds = torch.tensor(
+            [energy_distance(x, y, DIRECTIONS, independent=False) for x, y in zip(xs, self.data, strict=True)]
+        )
         return eds.mean().item(), (eds.std() / math.sqrt(len(eds))).item()
 
 
@@ -156,7 +159,8 @@ class Evaluation:
 # ------------------------------------------------------------------------------------------------------------------
 
 # the teacher's recipe, in one place: random Fourier features of x_t (frequencies ~ N(0, fourier_scale^2)) let the
-# MLP draw the squares' sharp edges in the time a plain MLP draws round blobs (experiments/README.md, "The default run")
+# MLP draw the squares' sharp edges in the time a plain MLP draws round blobs (experiments/README.md, "The default
+# run")
 TEACHER = dict(width=128, depth=4, fourier=32, fourier_scale=2.0, iters=2500, batch=2048, lr=3e-3)
 
 
@@ -235,7 +239,8 @@ def train_teacher(dataset, seed, path):
 
 def run_folder(out, name, cfg, **teacher):
     """(OUT/runs/<name>-<hash>, the iterations its checkpoint holds): a folder per config (less the fields a resumed
-    run may change: sf.resumable) and teacher: the same command resumes or reuses its run, a changed one trains anew."""
+    run may change: sf.resumable) and teacher: the same command resumes or reuses its run, a changed one trains
+    anew."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sf.resumable(cfg)}
     key = json.dumps(dict(fields, **teacher), sort_keys=True)
     folder = os.path.join(out, "runs", f"{sf.slug(name)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
@@ -362,7 +367,7 @@ def main(argv=None):
         for kind, net in (("EMA", res["ema"]), ("raw", res["generator"])):
             if net is not None:  # (no EMA with --ema-decay 0)
                 samples[f"{name} ({vcfg.steps} step{'s' * (vcfg.steps > 1)}, {kind})"] = ev.samples(
-                    lambda noises, net=net: sf.generate(net, noises, vcfg.noise), vcfg.steps
+                    lambda noises, net=net, mode=vcfg.noise: sf.generate(net, noises, mode), vcfg.steps
                 )
     t0 = time.time()
     ed = {name: ev.distance(xs) for name, xs in samples.items()}
@@ -449,7 +454,7 @@ def plot(samples, data, curves, ed, student, path):
         f"student: {student}": student,
     }
     fig, axes = plt.subplots(1, 6, figsize=(25, 4.6))
-    for ax, (title, name) in zip(axes, panels.items()):
+    for ax, (title, name) in zip(axes, panels.items(), strict=True):
         x = (samples[name] if name else data)[:4096].numpy()
         ax.scatter(x[:, 0], x[:, 1], s=0.8, alpha=0.6, color="k", rasterized=True)
         ax.set_title(title + (f"\ndistance {ed[name][0]:.2e} ± {ed[name][1]:.0e}" if name else ""), fontsize=10)

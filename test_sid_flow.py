@@ -340,14 +340,11 @@ class Official:
         """sid_dit_generate: k of K steps at t_i = 1 - i/K, the last one with gradient when `grad`."""
         cfg, noises = self.cfg, d["noises"]
         K, D_x, z = noises.shape[1], torch.zeros_like(noises[:, 0]), noises[:, 0]
+        latents, t_prev = z, 1.0
         for i in range(k):
             t = 1.0 - i / K
-            if i == 0:
-                noise = z
-            else:
-                noise = {"fresh": noises[:, i], "fixed": z, "ddim": (latents - (1.0 - t_prev) * D_x) / t_prev}[
-                    cfg.noise
-                ]
+            ddim = (latents - (1.0 - t_prev) * D_x) / t_prev  # the noise the previous input implies
+            noise = z if i == 0 else {"fresh": noises[:, i], "fixed": z, "ddim": ddim}[cfg.noise]
             latents = (1.0 - t) * D_x + t * noise
             with torch.set_grad_enabled(grad and i == k - 1):
                 D_x = latents - t * self.call(G, latents, torch.full((len(z),), t), d["cond"], 1.0).float()
@@ -538,7 +535,7 @@ def test_iteration_touches_only_what_it_should():
         teacher0 = {k: v.clone() for k, v in bb.teacher.state_dict().items()}
         seen = {}
         sid.optimizers["fake"].register_step_post_hook(
-            lambda *_: seen.update({n: p.grad.clone() for n, p in sid.fake.named_parameters()})
+            lambda *_, seen=seen, fake=sid.fake: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()})
         )
         gen0, fake0 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (sid.generator, sid.fake)]
         m = sid.iteration(0)
@@ -575,7 +572,7 @@ def test_guidance_interval_reaches_every_call_as_configured():
         sid.iteration(0)
         got = [(net, t, w) for net, t, w in bb.calls if net is not sid.generator]  # fake update, then teacher, fake
         assert [net for net, _, _ in got] == [sid.fake, bb.teacher, sid.fake]
-        for (net, t, w), want in zip(got, [0.0, 2.0, -1.0], strict=True):
+        for (_, t, w), want in zip(got, [0.0, 2.0, -1.0], strict=True):
             if not interval:
                 assert isinstance(w, float) and w == want
                 continue
@@ -611,7 +608,7 @@ def test_ema_update_closed_form():
         before = [p.detach().clone() for p in ema.parameters()]
         d = min(decay, (1 + step) / (10 + step))
         sf.ema_update(ema, net, decay, step)
-        for b, p_ema, p in zip(before, ema.parameters(), net.parameters()):
+        for b, p_ema, p in zip(before, ema.parameters(), net.parameters(), strict=True):
             assert torch.allclose(p_ema, b + (1 - d) * (p - b), atol=1e-7), (decay, step)
         assert decay == 0.0 or not torch.allclose(ema.weight, net.weight)
 
@@ -630,11 +627,11 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     assert resumed["step"] == 6
     assert capsys.readouterr().out.splitlines() == [f"resumed from {tmp_path / 'b' / 'checkpoint.pt'} at iteration 3"]
     for key in ("generator", "ema", "fake"):
-        for (n, a), b in zip(full[key].state_dict().items(), resumed[key].state_dict().values()):
+        for (n, a), b in zip(full[key].state_dict().items(), resumed[key].state_dict().values(), strict=True):
             assert torch.equal(a, b), (key, n)
     ck_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False, map_location="cpu")
     ck_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False, map_location="cpu")
-    for a, b in zip(ck_a["opt_generator"]["state"].values(), ck_b["opt_generator"]["state"].values()):
+    for a, b in zip(ck_a["opt_generator"]["state"].values(), ck_b["opt_generator"]["state"].values(), strict=True):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert steps == sorted(set(steps))  # the resumed log has no duplicated iterations
@@ -1302,7 +1299,8 @@ def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_
 
 
 def _seeded_images(bb, prompt, seed, steps, guidance):
-    """sid_flow's K-step sampler of bb.teacher, seeded as the stock pipeline draws for one seed: the initial latents from
+    """sid_flow's K-step sampler of bb.teacher, seeded as the stock pipeline draws for one seed: the initial latents
+    from
     a generator seeded so; the per-step noise from it (SANA) or, as the stock pipeline draws it from torch's global RNG
     after torch.manual_seed(seed) (SD3, FLUX), from a second generator seeded alike. Decoded: (1, H, W, 3)."""
     g = torch.Generator(bb.device).manual_seed(seed)
@@ -1407,6 +1405,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
 def test_misleading_inputs_get_one_clear_line(tmp_path, monkeypatch):
     """Each of these once said something wrong or long; now each is one line that names the way out, and fast."""
     import time
+
     from huggingface_hub import constants as hub_constants
 
     cases = {  # argv -> what the line must say
@@ -1677,7 +1676,7 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
         ema0 = {k: v.clone() for k, v in sid.ema.state_dict().items()}
         seen = {}
         sid.optimizers["fake"].register_step_post_hook(
-            lambda *_, fake=fake: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()})
+            lambda *_, fake=fake, seen=seen: seen.update({n: p.grad.clone() for n, p in fake.named_parameters()})
         )
         if not replay:  # negative control: checkpointing WITHOUT replaying the adapter recomputes another network
             with pytest.raises(torch.utils.checkpoint.CheckpointError):
@@ -1759,9 +1758,9 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, mode, monkeypatch):
             graphs.append(counters["stats"]["unique_graphs"])
     assert len({k for k, _, _ in losses[True]}) > 1  # several trained steps k: the roll-outs differ in length
     assert graphs[0] > 0 and graphs == [graphs[0]] * 4, graphs
-    for eager, compiled in zip(losses[False], losses[True]):
+    for eager, compiled in zip(losses[False], losses[True], strict=True):
         assert eager[0] == compiled[0] and all(
-            abs(a - b) <= 1e-4 * abs(a) + 1e-5 for a, b in zip(eager[1:], compiled[1:])
+            abs(a - b) <= 1e-4 * abs(a) + 1e-5 for a, b in zip(eager[1:], compiled[1:], strict=True)
         )
 
 
@@ -1913,7 +1912,8 @@ MEMORY_KEYS = {"weights", "gradients", "optimizer", "activations", "total"}
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_bench_runs_the_loop_and_writes_every_field(tiny, tmp_path, mode):
-    """experiments/bench.py --timed 2 on a tiny pipeline folder: real iterations through distill() on a random-weight teacher built from
+    """experiments/bench.py --timed 2 on a tiny pipeline folder: real iterations through distill() on a random-weight
+    teacher built from
     transformer/config.json alone; bench.json has every field, with measured weights, gradients and Adam state equal
     to the plan's (exact) and FLOPs counted."""
     out = tmp_path / mode
@@ -1967,7 +1967,8 @@ LADDER_RUNS = [
 
 @pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
 def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
-    """The --dry-run plan against experiments/bench.py's measurement over a ladder of small configurations per family (width,
+    """The --dry-run plan against experiments/bench.py's measurement over a ladder of small configurations per family
+    (width,
     depth, resolution, batch, both modes, bf16, two-branch CFG, gradient checkpointing): the total within 25%. The
     CPU measures activations as the peak of the tensors saved for backward, which does not see a checkpointed
     block's recompute; with checkpointing the plan less its recompute term is held to the 25%."""
@@ -2145,19 +2146,22 @@ def test_iterations_and_previews_leave_the_global_rng_alone(tiny, family, tmp_pa
     def preview(step, generator, ema):  # a run's evaluation: the quality number, whose samples are the preview
         before = global_rng()
         sf.Quality(bb, sf.make_config(None, **kw))(ema)
-        assert all(torch.equal(a, b) for a, b in zip(before, global_rng()))
+        assert all(torch.equal(a, b) for a, b in zip(before, global_rng(), strict=True))
 
     sid = sf.SiD(sf.make_config(None, **kw), bb, sf.Runtime(torch.device(DEVICE)))
     before = global_rng()
     ks = {sid.iteration(i)["k"] for i in range(6)}
-    assert all(torch.equal(a, b) for a, b in zip(before, global_rng())) and max(ks) > 1  # k > 1: re-noising
+    assert (
+        all(torch.equal(a, b) for a, b in zip(before, global_rng(), strict=True)) and max(ks) > 1
+    )  # k > 1: re-noising
     full = _run(sf.make_config(None, **kw, iters=4, out=str(tmp_path / "a")), bb, on_eval=preview)
     _run(sf.make_config(None, **kw, iters=2, out=str(tmp_path / "b")), bb, on_eval=preview)
     torch.manual_seed(12345)
     resumed = _run(sf.make_config(None, **kw, iters=4, out=str(tmp_path / "b")), bb, on_eval=preview)
     for key in ("generator", "fake", "ema"):
         assert all(
-            torch.equal(a, b) for a, b in zip(full[key].state_dict().values(), resumed[key].state_dict().values())
+            torch.equal(a, b)
+            for a, b in zip(full[key].state_dict().values(), resumed[key].state_dict().values(), strict=True)
         ), key
 
 
@@ -2451,7 +2455,10 @@ def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, 
     bb.set_prompts(TEST_PROMPTS)
     cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, cfg_eval_real=2.0)
     q = sf.Quality(bb, cfg)
-    teacher = lambda x, t: bb.velocity(bb.teacher, x, t, q.cond, 2.0)
+
+    def teacher(x, t):
+        return bb.velocity(bb.teacher, x, t, q.cond, 2.0)
+
     z = bb.noise(q.noises[:, 0].shape, torch.Generator(DEVICE).manual_seed(7))  # other seeds than the reference's
     many, one = q.score(sf.euler_sample(teacher, z, 32)), q.score(sf.euler_sample(teacher, z, 1))
     assert math.isfinite(many) and 0 <= many < 0.85 * one, (many, one)  # (a random teacher: its steps differ little)
@@ -2487,7 +2494,10 @@ def test_quality_number_runs_on_the_toy(monkeypatch):
     monkeypatch.setattr(sf, "QUALITY_SIZE", 64)
     bb = _tiny_backbone()
     q = sf.Quality(bb, sf.make_config("toy"))
-    v = lambda x, t: bb.velocity(bb.teacher, x, t, None, 1.0)  # noqa: E731
+
+    def v(x, t):
+        return bb.velocity(bb.teacher, x, t, None, 1.0)
+
     reference = sf.euler_sample(v, q.noises[:, 0], sf.REFERENCE_STEPS)
     assert q.basis.shape == (32, sf.QUALITY_DIMS) and math.isfinite(q(bb.teacher))  # (the MLP's 32 features)
     assert q.score(reference) == pytest.approx(0.0, abs=1e-9)

@@ -211,7 +211,7 @@ def time_passes(cfg, backbone, gen, fake, sync):
     x, t = torch.randn(B, *backbone.sample_shape, device=device), torch.full((B,), 0.5, device=device)
     cond = backbone.cond_for([i % len(backbone.prompts) for i in range(B)])
 
-    def v(net, x, w):  # a loss's call: CFG scale w inside the guidance interval (D17)
+    def v(net, x, w):  # a loss's call: CFG scale w inside the guidance interval (D18)
         return backbone.velocity(net, x, t, cond, sf.guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max))
 
     def student(x):  # the generator's call, at the backbone's student guidance (SiD.student)
@@ -264,7 +264,7 @@ def passes(cfg, embedded_only):
     """One iteration's network work (k = K) in forwards of one sample, per sample of the batch (each fake update and
     the generator update draw afresh: sid_flow.py, section 6). `embedded_only`: FLUX's guidance as its embedding
     alone (--embedded-guidance-only), one branch at every scale."""
-    interval = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D17)
+    interval = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D18)
 
     def branches(w):
         return sf.cfg_branches(w, embedded_only, interval)

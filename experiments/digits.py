@@ -2,7 +2,7 @@
 
     python experiments/digits.py                    # the benchmark: out/digits/metrics.json, digits.png
     python experiments/digits.py --data-aided       # its students with the teacher's training digits as real
-                                                    # data (D16)
+                                                    # data (D17)
     python experiments/digits.py --guidance-study   # six ways to distil the guided teacher, at 4 steps and 1:
                                                     # out/digits/guidance-study.json, samples.npz, guidance.png
     python experiments/digits.py --metric-study     # the run's quality number against the classifier's FD, every
@@ -406,10 +406,10 @@ def plot_digits(samples, real, labels, path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# --guidance-study: ways to distil a guided teacher, side by side (derivation.md, section 7, D17).
+# --guidance-study: ways to distil a guided teacher, side by side (derivation.md, section 7, D18).
 # Every strategy distils the same teacher, meant to reproduce its guidance-2 samples, once as a four-step and once as
 # a one-step generator; the guided teacher's own samplers, and a diagnostic sampler that targets the tilted q_{w,t} of
-# (D17) at every t, give the reference rows. Rows run in parallel worker processes (one thread each).
+# (D18) at every t, give the reference rows. Rows run in parallel worker processes (one thread each).
 # ------------------------------------------------------------------------------------------------------------------
 
 LSG_2 = dict(cfg_train_fake=2.0, cfg_eval_fake=2.0, cfg_eval_real=2.0)  # SiD-LSG: one scale for all three calls
@@ -430,7 +430,7 @@ LANGEVIN_SNR = (0.1, 0.2)  # the diagnostic's corrector strengths (one Langevin 
 def langevin_corrected_sample(velocity_fn, z, steps, snr, rng):
     """The teacher's Euler steps, each followed (before t = 0) by one Langevin step at the new time under the same
     velocity read as a score (D5): x <- x + d s + sqrt(2 d) n, d = 2 (snr |n| / |s|)^2 per sample (the corrector of
-    Song et al., arXiv:2011.13456). Under a guided velocity the corrections target q_{w,t} of (D17) at every t."""
+    Song et al., arXiv:2011.13456). Under a guided velocity the corrections target q_{w,t} of (D18) at every t."""
     x, ts = z, torch.linspace(1.0, 0.0, steps + 1)
     with torch.no_grad():
         for i in range(steps):
@@ -501,7 +501,7 @@ def study_row(task):
     else:
         interval = a.get("interval", (0.0, 1.0))
 
-        def v(xx, tt):  # the teacher's guided velocity, guidance only inside the interval (D17)
+        def v(xx, tt):  # the teacher's guided velocity, guidance only inside the interval (D18)
             return bb.velocity(bb.teacher, xx, tt, cond, sf.guidance_scale(a["w"], tt, *interval))
 
         samples = (
@@ -712,7 +712,7 @@ def run_numbers(cfg, bb, students, quality):
 
 
 def interval(cfg, t):
-    """The CFG scale of the teacher in the losses at times t: the run's, inside its guidance interval (D17)."""
+    """The CFG scale of the teacher in the losses at times t: the run's, inside its guidance interval (D18)."""
     return sf.guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)
 
 
@@ -921,7 +921,7 @@ def parse_args(argv):
     p.add_argument(
         "--data-aided",
         action="store_true",
-        help="the benchmark's students with data-aided SiD (D16): the teacher's training digits as the "
+        help="the benchmark's students with data-aided SiD (D17): the teacher's training digits as the "
         "real data, their labels as the prompts",
     )
     sf.add_config_flags(p, skip=SKIP + ("out",), presets={"digits": "digits"})

@@ -16,7 +16,7 @@ so its density is the product of theirs, the posterior over the squares is w_k(x
 E[x0 | x_t] = sum_k w_k(x_t) (E[u | x, a_k], E[u | y, b_k]). As x_t = (1 - t) x0 + t eps and v = eps - x0 (D1, D2),
 the velocity is v(x_t, t) = (x_t - E[x0 | x_t]) / t. It is computed in float64 with log-CDF differences, exact in
 the far tails (|alpha| in the hundreds at small t), and autograd differentiates it: SiD's generator loss sends its
-gradient through the teacher's input (D11). The script first checks E[x0 | x_t] against Monte Carlo and against
+gradient through the teacher's input (D12). The script first checks E[x0 | x_t] against Monte Carlo and against
 Tweedie's formula (D3) on the closed-form density.
 
 Then it distils the exact velocity with the toy preset through sf.ToyBackbone: the generator and the fake network
