@@ -1857,11 +1857,9 @@ def cmd_distill(cfg):
 
     res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
     which = "ema" if cfg.ema_decay else "generator"  # the student a run keeps
-    if runtime.rank == 0:
-        net = res[which]
-        if runtime.world > 1 and cfg.mode == "full":  # rank 0 reads the exported network alone from the checkpoint
-            net = shapes.to(teacher_dtype(cfg)).to_empty(device="cpu")
-            load_checkpoint_weights(runtime.checkpoint_path(cfg.out), which, net)
+    if runtime.rank == 0:  # (a sharded network: rank 0 reads it alone from the checkpoint, into a plain copy)
+        sharded = runtime.world > 1 and cfg.mode == "full"
+        net = checkpointed_net(runtime.checkpoint_path(cfg.out), which, backbone, cfg) if sharded else res[which]
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
         print(
             f"student pipeline: {folder} ({res['skipped']} non-finite iterations skipped, {runtime.world} processes)"
@@ -1899,14 +1897,19 @@ def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folde
     return paths[0], read_meta(paths[0])
 
 
-def load_checkpoint_weights(path, which, net):
-    """Network `which` of a checkpoint into `net` in place, reading only its tensors (DCP folder, or a mapped file)."""
+def checkpointed_net(path, which, backbone, cfg):
+    """Network `which` of a checkpoint, reading only its tensors (a DCP folder, or a memory-mapped file): an adapter
+    view on the teacher's base (LoRA), or a plain transformer on the CPU in the teacher's dtype (full mode)."""
+    if cfg.mode == "lora":
+        net = dict(zip(("generator", "fake", "ema"), lora_students(backbone, cfg.lora_rank), strict=True))[which]
+    else:
+        net = meta_transformer(backbone.source).to(teacher_dtype(cfg)).to_empty(device="cpu")
     if os.path.isdir(path):
         state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
         dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
-        net.load_state_dict(state[which]["model"])
-    else:
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)[which])
+    file = None if os.path.isdir(path) else torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    net.load_state_dict(state[which]["model"] if file is None else file[which])
+    return net
 
 
 def cmd_export(out, weights, device):
@@ -1923,11 +1926,7 @@ def cmd_export(out, weights, device):
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
-    if cfg.mode == "lora":
-        net = dict(zip(("generator", "fake", "ema"), lora_students(backbone, cfg.lora_rank), strict=True))[weights]
-    else:
-        net = backbone.teacher  # export needs no teacher: its module takes the student's weights
-    load_checkpoint_weights(path, weights, net)
+    net = checkpointed_net(path, weights, backbone, cfg)
     print(
         f"student pipeline ({weights}, iteration {meta['step']}):",
         export_student(backbone, net, cfg, os.path.join(out, "student")),

@@ -2331,8 +2331,8 @@ def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
     teacher = DiffusionPipeline.from_pretrained(tiny["sana"]).transformer
     for which in ("generator", "ema"):
         if mode == "full":  # read back from the sharded checkpoint, one network only
-            net = sf.meta_transformer(tiny["sana"]).to_empty(device="cpu")
-            sf.load_checkpoint_weights(str(out / "checkpoint"), which, net)
+            bb = _backbone(tiny["sana"], "sana", device="cpu")
+            net = sf.checkpointed_net(str(out / "checkpoint"), which, bb, sf.make_config(None, mode="full"))
             assert torch.load(out / "checkpoint" / "meta.pt", weights_only=False)["step"] == 3
             two = net.state_dict()
         else:
@@ -2437,10 +2437,10 @@ def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tm
     assert steps == list(range(10, 101, 10)), steps
     r = subprocess.run([*cmd[:-1], str(tmp_path / "whole")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    bb, full = _backbone(tiny["sana"], "sana", device="cpu"), sf.make_config(None, mode="full")
     for which in ("generator", "fake", "ema"):
-        a, b = (sf.meta_transformer(tiny["sana"]).to_empty(device="cpu") for _ in range(2))
-        sf.load_checkpoint_weights(sf.find_checkpoint(str(out))[0], which, a)
-        sf.load_checkpoint_weights(sf.find_checkpoint(str(tmp_path / "whole"))[0], which, b)
+        a = sf.checkpointed_net(sf.find_checkpoint(str(out))[0], which, bb, full)
+        b = sf.checkpointed_net(sf.find_checkpoint(str(tmp_path / "whole"))[0], which, bb, full)
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), which
 
 
