@@ -454,7 +454,7 @@ def plot(samples, data, curves, ed, student, path):
         f"student: {student}": student,
     }
     fig, axes = plt.subplots(1, 6, figsize=(25, 4.6))
-    for ax, (title, name) in zip(axes, panels.items(), strict=True):
+    for ax, (title, name) in zip(axes, panels.items(), strict=False):
         x = (samples[name] if name else data)[:4096].numpy()
         ax.scatter(x[:, 0], x[:, 1], s=0.8, alpha=0.6, color="k", rasterized=True)
         ax.set_title(title + (f"\ndistance {ed[name][0]:.2e} ± {ed[name][1]:.0e}" if name else ""), fontsize=10)
