@@ -370,6 +370,10 @@ def ema_update(ema, net, decay, step):
 
 
 class SiD:
+    """The state of a distillation and its one iteration. iteration(step) -> diagnostics runs cfg.fake_updates updates
+    of the fake network, then one of the generator (update(), with fake_loss() and generator_loss()), each on its own
+    draws (micro_batches()). The networks and optimizers start as students() makes them: the teacher's copies."""
+
     def __init__(self, cfg, backbone, runtime):
         self.cfg, self.backbone, self.runtime = cfg, backbone, runtime
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 broadcasts nothing)
@@ -452,9 +456,8 @@ class SiD:
             out = {key: out.get(key, 0.0) + v / N for key, v in stats.items()}
             if self.runtime.any_rank(not torch.isfinite(loss).item()):  # (every rank skips: a backward is collective)
                 return out, False
-            if (
-                x_g is None
-            ):  # the fake update: its weights are the only trainable tensors (x_g: no_grad; teacher frozen)
+            # the fake update: its weights are the only trainable tensors here (x_g: no_grad; the teacher: frozen)
+            if x_g is None:
                 (loss / N).backward()
             else:
                 # The generator's gradient, routed in two stages. (1) d loss / d x_g: through x_g itself and through
