@@ -2006,6 +2006,23 @@ def test_every_preset_plans_offline_without_a_token(monkeypatch, capsys):
     assert capsys.readouterr().out.count("memory plan per GPU") == len(sf.HUB_IDS)
 
 
+def test_a_local_copy_of_a_presets_model_gets_its_preset(tmp_path, capsys, monkeypatch):
+    """A pipeline folder whose transformer config is a preset's model (a downloaded FLUX.1-dev), or that preset's hub
+    id, runs with the preset's settings, and one line says so; a folder of another model gets the plain defaults."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = sf.resolve_teacher("flux-dev", configs_only=True)[0]
+    shutil.copytree(src, tmp_path / "FLUX.1-dev")
+    plan = sf.main(["--teacher", str(tmp_path / "FLUX.1-dev"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "flux-dev's preset" in out and "global batch 2 x 1 GPU(s) x 128 = 256" in out and plan["total"] > 0
+    assert sf.known_preset("black-forest-labs/FLUX.1-dev") == "flux-dev" and sf.known_preset("flux-dev") == "flux-dev"
+    config = json.load(open(tmp_path / "FLUX.1-dev" / "transformer" / "config.json"))
+    json.dump({**config, "num_layers": 2}, open(tmp_path / "FLUX.1-dev" / "transformer" / "config.json", "w"))
+    assert sf.known_preset(str(tmp_path / "FLUX.1-dev")) is None  # another model of the family: no preset
+
+
 def test_fit_check_stops_before_loading_and_names_what_fits(monkeypatch):
     """On CUDA a run whose plan exceeds the free memory stops in one line, before any weights load, naming the first
     lighter setting that fits (here FLUX.1-dev in full mode on a GPU with 70 GiB free: LoRA with checkpointing)."""
