@@ -1309,16 +1309,18 @@ class DiTBackbone(Backbone):
     def students(self, cfg, runtime):
         """LoRA adapters on the teacher itself, or full copies (under torchrun: sharded); ema None without one."""
         if cfg.mode == "lora":
-            nets = lora_students(self, cfg.lora_rank)  # (an EMA adapter costs megabytes: made, unused without one)
+            generator, fake, ema = lora_students(self, cfg.lora_rank)  # (an EMA adapter costs megabytes: made anyway)
+            nets = [generator, fake, ema if cfg.ema_decay else None]
         elif runtime.world == 1:
             nets = super().students(cfg, runtime)
-        else:  # compiled blocks, then sharded (section 11)
+        else:  # compiled blocks, then sharded (section 11); generator and fake train, the EMA (if any) does not
             shard(self.teacher, compiled=cfg.compile)
+            replica = functools.partial(sharded_copy, self.teacher, trainable_dtype(cfg), student_precision(cfg))
             nets = [
-                sharded_copy(self.teacher, trainable_dtype(cfg), student_precision(cfg), trains, cfg.compile)
-                for trains in (True, True, False)[: 3 if cfg.ema_decay else 2]
+                replica(True, cfg.compile),
+                replica(True, cfg.compile),
+                replica(False, cfg.compile) if cfg.ema_decay else None,
             ]
-        nets = [*nets[:2], nets[2] if cfg.ema_decay and len(nets) > 2 else None]
         # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
         for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
             if cfg.grad_checkpointing:
@@ -1910,8 +1912,10 @@ def checkpointed_net(path, which, backbone, cfg):
     if os.path.isdir(path):
         state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
         dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
-    file = None if os.path.isdir(path) else torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    net.load_state_dict(state[which]["model"] if file is None else file[which])
+        state = state[which]["model"]
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)[which]
+    net.load_state_dict(state)
     return net
 
 
