@@ -244,7 +244,7 @@ def run_folder(out, name, cfg, **teacher):
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sf.resumable(cfg)}
     key = json.dumps(dict(fields, **teacher), sort_keys=True)
     folder = os.path.join(out, "runs", f"{sf.slug(name)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
-    path = sf.Checkpoints().checkpoint_path(folder)
+    path = sf.checkpoint_path(folder)
     return folder, sf.read_meta(path)["step"] if os.path.exists(path) else 0
 
 

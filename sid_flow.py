@@ -617,16 +617,13 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from matplotlib.figure import Figure  # (no pyplot: no GUI backend, no global state)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Two warnings that say what is meant here: torch.distributed.checkpoint writing or reading in one process (no
+# process group), and peft giving one model several adapters (LoRA mode's generator, fake and EMA)
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)|Already found a `peft_config`")
 
 # --- 8. Runs on disk: checkpoints, resume ---------------------------------------------------------------------
 
@@ -642,50 +639,55 @@ def resumable(cfg):  # the fields a resumed run may change, the rest must not: -
     return ("out", "save_every", "eval_every", "device") + (("iters",) if cfg.lr_schedule == "constant" else ())
 
 
-def read_meta(
-    path,
-):  # a checkpoint's step, rng, config: a sharded folder's meta.pt, or the file's through a memory map
-    if os.path.isdir(path):
-        return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
-    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # (no weight is read)
-    return {k: ck[k] for k in ("rng", "step", "skipped", "config")}
+def checkpoint_path(out):  # a run's checkpoint: a torch.distributed.checkpoint folder, with its meta.pt
+    return os.path.join(out, "checkpoint")
 
 
-def checkpointed(sid):  # what a checkpoint holds: {name: (network, its optimizer or None)}
-    nets = {name: (getattr(sid, name), opt) for name, opt in sid.optimizers.items()}
-    return nets | ({"ema": (sid.ema, None)} if sid.ema is not None else {})
+def read_meta(path):  # a checkpoint's step, rng, skipped count and config (no weight is read)
+    return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+
+
+def checkpointed(sid):
+    """What a checkpoint holds: {name: {"model": state dict, "optim": state dict}} of every network and optimizer --
+    their tensors themselves (under FSDP2, this process's shards): torch.distributed.checkpoint saves them, or loads
+    into them in place."""
+    state = {
+        name: dict(model=getattr(sid, name).state_dict(), optim=opt.state_dict())
+        for name, opt in sid.optimizers.items()
+    }
+    return state | ({"ema": dict(model=sid.ema.state_dict())} if sid.ema is not None else {})
 
 
 class Checkpoints(Runtime):
-    """Part I's Runtime, with the run kept in cfg.out: one file OUT/checkpoint.pt (Distributed: a sharded folder),
-    written beside and renamed into place, holding every network, optimizer and the rng: a resume is exact."""
+    """Part I's Runtime, with the run kept in cfg.out: OUT/checkpoint, one torch.distributed.checkpoint folder for one
+    process or several (each writes its own shards), holding every network, optimizer and the rng, written beside
+    and renamed into place: a resume is exact, and a crash mid-write never leaves half a checkpoint."""
 
-    def checkpoint_path(self, out):
-        return os.path.join(out, "checkpoint.pt")
-
-    def write(self, path, nets, meta):
-        state = dict(meta, **{name: net.state_dict() for name, (net, _) in nets.items()})
-        state.update({f"opt_{name}": opt.state_dict() for name, (_, opt) in nets.items() if opt})
-        atomic_save(state, path)
-
-    def read(self, path, nets):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for name, (net, opt) in nets.items():
-            net.load_state_dict(state[name])
-            if opt:
-                opt.load_state_dict(state[f"opt_{name}"])
+    def barrier(self):  # (under torchrun: every process waits here for the others)
+        pass
 
     def save(self, cfg, sid, step, skipped):
-        if cfg.out:
+        if not cfg.out:
+            return
+        path = checkpoint_path(cfg.out)
+        if self.rank == 0:
+            remove_path(f"{path}.tmp")
+        self.barrier()
+        dcp.save(checkpointed(sid), checkpoint_id=f"{path}.tmp")
+        if self.rank == 0:
             meta = dict(rng=sid.rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(cfg))
-            self.write(self.checkpoint_path(cfg.out), checkpointed(sid), meta)
+            torch.save(meta, os.path.join(f"{path}.tmp", "meta.pt"))
+            replace_path(f"{path}.tmp", path)
+        self.barrier()
 
     def resume(self, cfg, sid):
         """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
         if not cfg.out:
             return 0, 0
         os.makedirs(cfg.out, exist_ok=True)
-        path = self.checkpoint_path(cfg.out)
+        path = checkpoint_path(cfg.out)
+        if not os.path.exists(path) and os.path.exists(f"{path}.old"):  # stopped between replace_path's two renames
+            os.replace(f"{path}.old", path)
         if not os.path.exists(path):
             return 0, 0
         meta = read_meta(path)
@@ -697,7 +699,17 @@ class Checkpoints(Runtime):
             )
         if meta["step"] > cfg.iters:
             raise UserError(f"{path} is at iteration {meta['step']}, beyond --iters {cfg.iters}; use another --out")
-        self.read(path, checkpointed(sid))
+        for opt in sid.optimizers.values():  # Adam's state as its first step makes it: the tensors to load into
+            for p in opt.param_groups[0]["params"]:
+                opt.state[p] = dict(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
+                )
+        state = checkpointed(sid)  # filled in place; partial: Adam has no state for a weight that never had a grad
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        for name, d in state.items():
+            getattr(sid, name).load_state_dict(d["model"])
+            if "optim" in d:
+                sid.optimizers[name].load_state_dict(d["optim"])
         sid.rng.set_state(meta["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at iteration {meta['step']}")
@@ -1048,25 +1060,12 @@ class AdapterView(nn.Module):
         with use_adapter(self.base, self.adapter):
             return self.base(*args, **kwargs)
 
-    def merged_state_dict(self):
-        """The base's state dict with this LoRA fused in: W + delta in float32 (bf16 drops delta < 2^-9 |W|), as W."""
-        state = {
-            k.replace(".base_layer", ""): v.detach() for k, v in self.base.state_dict().items() if "lora" not in k
-        }
-        for name, module in self.base.named_modules():
-            if isinstance(module, BaseTunerLayer) and self.adapter in module.lora_A:
-                w, delta = module.get_base_layer().weight.detach(), module.get_delta_weight(self.adapter).detach()
-                state[f"{name}.weight"] = (w.float() + delta.float()).to(w.dtype)
-        return state
-
 
 def lora_students(backbone, rank):
     """(generator, fake, ema) adapter views on the teacher, all starting as it (LoRA B = 0); teacher: adapters off."""
     base = backbone.teacher
     for name in ("generator", "fake", "ema"):
-        with warnings.catch_warnings():  # peft warns that a model gets several adapters: that is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
+        base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
     views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
         for p in view.parameters():
@@ -1085,9 +1084,10 @@ torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 class Distributed(Checkpoints):
-    """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network, averages gradients in
-    backward, checkpoints a torch.distributed.checkpoint folder. LoRA mode: replicated adapters, gradients all-reduced
-    by hand (DDP expects a backward into the weights after every forward; SiD runs the fake network forward alone)."""
+    """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network and averages gradients
+    in backward; each process writes its own shards of the checkpoint. LoRA mode: replicated adapters, gradients
+    all-reduced by hand (DDP expects a backward into the weights after every forward; SiD runs the fake network
+    forward alone)."""
 
     def __init__(self, rank, world, device, sharded):
         super().__init__(device)
@@ -1105,40 +1105,8 @@ class Distributed(Checkpoints):
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.world)  # the mean over ranks: the gradient of the global batch's mean loss
 
-    def checkpoint_path(self, out):
-        return os.path.join(out, "checkpoint" if self.sharded else "checkpoint.pt")
-
-    def write(self, path, nets, meta):
-        if not self.sharded:
-            return super().write(path, nets, meta) if self.rank == 0 else None
-        tmp = f"{path}.tmp"
-        if self.rank == 0:
-            remove_path(tmp)
+    def barrier(self):
         dist.barrier()
-        dcp.save(sharded_state(nets), checkpoint_id=tmp)  # every rank writes its shards
-        if self.rank == 0:
-            torch.save(meta, os.path.join(tmp, "meta.pt"))
-            replace_path(tmp, path)
-        dist.barrier()
-
-    def read(self, path, nets):
-        if not self.sharded:
-            return super().read(path, nets)
-        state = sharded_state(nets)  # filled in place; partial: Adam has no state for a weight that never had a grad
-        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-        for name, (net, opt) in nets.items():
-            set_model_state_dict(net, state[name]["model"])
-            if opt:
-                set_optimizer_state_dict(net, opt, state[name]["optim"])
-
-
-def sharded_state(nets):  # DCP's sharded state dicts of every network and optimizer: to save, or to load into
-    return {
-        name: dict(model=get_model_state_dict(net), optim=get_optimizer_state_dict(net, opt))
-        if opt
-        else dict(model=get_model_state_dict(net))
-        for name, (net, opt) in nets.items()
-    }
 
 
 def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
@@ -1165,17 +1133,16 @@ def shard(net, mp_policy=None, device_type=None, compiled=False):
     return net
 
 
-def student_precision(cfg):  # bf16 autocast over float32 masters: all-gather bf16 weights, reduce float32 gradients
-    return MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cfg.precision == "bf16-autocast" else None
-
-
-def sharded_copy(teacher, dtype, mp_policy, trainable, compiled=False):
-    """A copy of the sharded teacher in `dtype`: made on the meta device, sharded alike, each rank fills its shards."""
+def sharded_copy(teacher, cfg, trainable):
+    """A copy of the sharded teacher in the students' dtype: made on the meta device, sharded alike, each rank fills
+    its own shards. Under bf16 autocast, FSDP2 all-gathers its float32 weights in bf16 and reduces gradients in
+    float32."""
     with torch.device("meta"):
-        net = type(teacher).from_config(teacher.config).to(dtype)
+        net = type(teacher).from_config(teacher.config).to(trainable_dtype(cfg))
     device = next(teacher.parameters()).device
     net.requires_grad_(trainable).train(trainable)
-    shard(net, mp_policy, device.type, compiled)  # the module is still on the meta device: the teacher's mesh
+    bf16 = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cfg.precision == "bf16-autocast" else None
+    shard(net, bf16, device.type, cfg.compile)  # the module is still on the meta device: the teacher's mesh
     net.to_empty(device=device)
     with torch.no_grad():
         for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
@@ -1315,12 +1282,8 @@ class DiTBackbone(Backbone):
             nets = super().students(cfg, runtime)
         else:  # compiled blocks, then sharded (section 11); generator and fake train, the EMA (if any) does not
             shard(self.teacher, compiled=cfg.compile)
-            replica = functools.partial(sharded_copy, self.teacher, trainable_dtype(cfg), student_precision(cfg))
-            nets = [
-                replica(True, cfg.compile),
-                replica(True, cfg.compile),
-                replica(False, cfg.compile) if cfg.ema_decay else None,
-            ]
+            replica = functools.partial(sharded_copy, self.teacher, cfg)  # (trainable?)
+            nets = [replica(True), replica(True), replica(False) if cfg.ema_decay else None]
         # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
         for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
             if cfg.grad_checkpointing:
@@ -1537,16 +1500,8 @@ class Quality:
         idx = [i % len(bb.prompts) for i in range(n)] if bb.prompts else None
         self.cond = idx and bb.cond_for(idx)  # (dict of (n, ...) tensors, or None: an unconditional teacher)
         self.noises = bb.noises(n, cfg.steps, torch.Generator(bb.device).manual_seed(seed))  # (n, K, *D)
-        key = dict(prompts=idx and [bb.prompts[i] for i in idx], shape=bb.sample_shape, seed=seed)
-        key["settings"] = (
-            n,
-            QUALITY_T,
-            QUALITY_DIMS,
-            REFERENCE_STEPS,
-            cfg.cfg_eval_real,
-            cfg.cfg_t_min,
-            cfg.cfg_t_max,
-        )
+        settings = (n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS, cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max)
+        key = dict(prompts=list(bb.prompts), shape=bb.sample_shape, seed=seed, settings=settings)
         saved = torch.load(cache, bb.device, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
             self.mean, self.basis, self.lines = saved["stats"]
@@ -1719,7 +1674,7 @@ def memory_plan(cfg, net, family, world_size=1, factor=None):
     the generator update: the generator's graph (batch B), the teacher's and fake's (2B with two-branch CFG), and on
     one GPU bf16 copies of trainable weights. A run needs max('total', 'startup')."""
     c, P = net.config, sum(p.numel() for p in net.parameters())
-    base_bytes, train_bytes = (4 if cfg.precision == "fp32" else 2), (2 if cfg.precision == "bf16" else 4)
+    base_bytes, train_bytes = teacher_dtype(cfg).itemsize, trainable_dtype(cfg).itemsize
     if cfg.mode == "lora":
         targets = [m for name, m in net.named_modules() if name.endswith(tuple(LORA_TARGETS))]
         lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for m in targets)
@@ -1728,8 +1683,7 @@ def memory_plan(cfg, net, family, world_size=1, factor=None):
         trainable, shard, grad_bytes = 2 * P, world_size, train_bytes
         weights = P * base_bytes + (3 if cfg.ema_decay else 2) * P * train_bytes  # teacher, generator, fake (, EMA)
         copies = 2 * P * 2 if cfg.precision == "bf16-autocast" and world_size == 1 else 0
-    width = c.get("num_attention_heads", 1) * c.get("attention_head_dim", 1)
-    layers = c.get("num_layers", 1) + c.get("num_single_layers", 0)
+    width, layers = c.num_attention_heads * c.attention_head_dim, len(blocks(net))
     image_tokens = (cfg.resolution // (factor or family.vae_factor) // (c.get("patch_size", 1) * family.packing)) ** 2
     tokens = image_tokens + family.text_tokens * family.text_in_blocks
     per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D18)
@@ -1787,37 +1741,27 @@ def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, a
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
 
 
-def plain_copy(net, state, dtype):
-    """A new module of net's class holding `state`, in `dtype` on the CPU (made on the meta device: no initialising)"""
-    with torch.device("meta"):
-        plain = type(net).from_config(net.config)
-    plain.to(dtype).to_empty(device="cpu").load_state_dict(state)  # (to_empty: in place; loading copies, casting)
-    return plain.eval()
-
-
 def export_student(backbone, net, cfg, folder):
     """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
     and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D15)."""
-    dtype, w = teacher_dtype(cfg), next(net.parameters())
-    if isinstance(net, AdapterView):
-        transformer = plain_copy(net.base, net.merged_state_dict(), dtype)
-    elif w.device.type == "cpu" and w.dtype == dtype:
-        transformer = net  # already a plain CPU copy in the right dtype
-    else:
-        transformer = plain_copy(net, net.state_dict(), dtype)
+    tmp, transformer = f"{folder}.tmp{os.getpid()}", net
+    remove_path(tmp)  # (a crashed export's leftovers: a process id comes back)
+    if isinstance(net, AdapterView):  # the adapter alone too (load_lora_adapter()), then fused into the base in place:
+        # W + delta summed in float32 and rounded once to W's dtype (a bf16 sum would drop a delta < 2^-9 |W|). The
+        # teacher is not used again: an export is a run's last step.
+        net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
+        net.base.fuse_lora(adapter_names=[net.adapter])
+        net.base.unload_lora()  # (the LoRA layers replaced by their base layers, fused weights kept)
+        transformer = net.base
     pipe = diffusers.DiffusionPipeline.from_pretrained(
         backbone.source,
         transformer=transformer,
-        dtype=dtype,
+        dtype=teacher_dtype(cfg),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True
         ),
     )
-    tmp = f"{folder}.tmp{os.getpid()}"
-    remove_path(tmp)  # (a crashed export's leftovers: a process id comes back)
     pipe.save_pretrained(tmp)
-    if isinstance(net, AdapterView):  # the adapter alone too, loadable with load_lora_adapter()
-        net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
     meta = dict(
         family=backbone.pipeline,
         teacher=backbone.source,
@@ -1862,9 +1806,8 @@ def cmd_distill(cfg):
 
     res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
     which = "ema" if cfg.ema_decay else "generator"  # the student a run keeps
-    if runtime.rank == 0:  # (a sharded network: rank 0 reads it alone from the checkpoint, into a plain copy)
-        sharded = runtime.world > 1 and cfg.mode == "full"
-        net = checkpointed_net(runtime.checkpoint_path(cfg.out), which, backbone, cfg) if sharded else res[which]
+    if runtime.rank == 0:  # (full mode: rank 0 reads the student alone from the checkpoint, into a plain copy)
+        net = res[which] if cfg.mode == "lora" else checkpointed_net(checkpoint_path(cfg.out), which, backbone, cfg)
         folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
         print(
             f"student pipeline: {folder} ({res['skipped']} non-finite iterations skipped, {runtime.world} processes)"
@@ -1895,33 +1838,25 @@ def check_fits(cfg, net, family, factor, runtime):
         )
 
 
-def find_checkpoint(out):  # (path, meta) of a run's checkpoint: a sharded folder (torchrun, full mode) or a file
-    paths = [p for p in (os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.pt")) if os.path.exists(p)]
-    if not paths:
-        raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
-    return paths[0], read_meta(paths[0])
-
-
 def checkpointed_net(path, which, backbone, cfg):
-    """Network `which` of a checkpoint, reading only its tensors (a DCP folder, or a memory-mapped file): an adapter
-    view on the teacher's base (LoRA), or a plain transformer on the CPU in the teacher's dtype (full mode)."""
+    """Network `which` of a checkpoint, reading only its tensors, in this process alone: an adapter view on the
+    teacher's base (LoRA), or a plain transformer on the CPU in the teacher's dtype (full mode)."""
     if cfg.mode == "lora":
         net = dict(zip(("generator", "fake", "ema"), lora_students(backbone, cfg.lora_rank), strict=True))[which]
     else:
         net = meta_transformer(backbone.source).to(teacher_dtype(cfg)).to_empty(device="cpu")
-    if os.path.isdir(path):
-        state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
-        dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
-        state = state[which]["model"]
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)[which]
-    net.load_state_dict(state)
+    state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
+    dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
+    net.load_state_dict(state[which]["model"])
     return net
 
 
 def cmd_export(out, weights, device):
     """OUT/student from a run's checkpoint, finished or not; full mode loads it into the teacher's own transformer."""
-    path, meta = find_checkpoint(out)
+    path = checkpoint_path(out)
+    if not os.path.isdir(path):
+        raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
+    meta = read_meta(path)
     weights = weights or ("ema" if meta["config"]["ema_decay"] else "generator")  # the student the run keeps
     if weights == "ema" and not meta["config"]["ema_decay"]:
         raise UserError(f"--out {out}: the run kept no EMA (--ema-decay 0); export --weights generator")

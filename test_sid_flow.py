@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.utils.checkpoint
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import run_toy
 import sid_flow as sf
@@ -293,6 +294,14 @@ def _tiny_backbone(seed=0, real=None):
 
 def _run(cfg, bb, on_eval=None):  # a run that writes cfg.out and resumes from it
     return sf.distill(cfg, bb, on_eval, sf.Checkpoints())
+
+
+def _checkpoint(out):
+    """A run's checkpoint as one dict: {name: {"model": state, "optim": state}} of its torch.distributed.checkpoint
+    folder, read whole, with meta.pt's step, rng, skipped and config."""
+    path = os.path.join(out, "checkpoint")
+    dcp_to_torch_save(path, f"{path}.pt")
+    return torch.load(f"{path}.pt", weights_only=False, map_location="cpu") | sf.read_meta(path)
 
 
 def _cfg(tmp_path=None, **kw):
@@ -621,17 +630,17 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     kw = dict(train_step="uniform", fake_updates=2, ema_decay=0.9, lr_schedule="constant")
     full = _run(_cfg(tmp_path / "a", iters=6, **kw), bb)
     _run(_cfg(tmp_path / "b", iters=3, **kw), bb)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False, map_location="cpu")["step"] == 3
+    assert sf.read_meta(tmp_path / "b" / "checkpoint")["step"] == 3
     capsys.readouterr()
     resumed = _run(_cfg(tmp_path / "b", iters=6, **kw), bb)
     assert resumed["step"] == 6
-    assert capsys.readouterr().out.splitlines() == [f"resumed from {tmp_path / 'b' / 'checkpoint.pt'} at iteration 3"]
+    assert capsys.readouterr().out.splitlines() == [f"resumed from {tmp_path / 'b' / 'checkpoint'} at iteration 3"]
     for key in ("generator", "ema", "fake"):
         for (n, a), b in zip(full[key].state_dict().items(), resumed[key].state_dict().values(), strict=True):
             assert torch.equal(a, b), (key, n)
-    ck_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False, map_location="cpu")
-    ck_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False, map_location="cpu")
-    for a, b in zip(ck_a["opt_generator"]["state"].values(), ck_b["opt_generator"]["state"].values(), strict=True):
+    ck_a, ck_b = _checkpoint(tmp_path / "a"), _checkpoint(tmp_path / "b")
+    optim_a, optim_b = ck_a["generator"]["optim"]["state"], ck_b["generator"]["optim"]["state"]
+    for a, b in zip(optim_a.values(), optim_b.values(), strict=True):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert steps == sorted(set(steps))  # the resumed log has no duplicated iterations
@@ -643,10 +652,10 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
 def test_resume_refuses_a_different_config(tmp_path):
     bb = _tiny_backbone()
     _run(_cfg(tmp_path, iters=2), bb)
-    before = (tmp_path / "checkpoint.pt").read_bytes()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()}
     with pytest.raises(sf.UserError, match="alpha"):
         _run(_cfg(tmp_path, iters=4, alpha=1.2), bb)
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == before
 
 
 class NaNTeacher(sf.ToyBackbone):
@@ -664,8 +673,8 @@ def test_nonfinite_loss_stops_with_step_and_phase(tmp_path):
     bb = NaNTeacher(run_toy.ToyMLP(width=16, depth=2))
     with pytest.raises(FloatingPointError, match=r"non-finite generator loss at iteration 3"):
         _run(_cfg(tmp_path, iters=10, save_every=1), bb)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False, map_location="cpu")
-    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["generator"].values())
+    ck = _checkpoint(tmp_path)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["generator"]["model"].values())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -763,14 +772,14 @@ def test_toy_interrupt_then_same_command_continues(tmp_path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     run = next(out.glob("runs/*"))
-    step = sf.read_meta(str(run / "checkpoint.pt"))["step"]
+    step = sf.read_meta(run / "checkpoint")["step"]
     assert p.returncode == 130 and 5 <= step < 600, (p.returncode, err[-2000:])
     assert err.strip().splitlines() == [
         f"stopped at iteration {step} of 600; {run} holds it: run the same command to continue"
     ], err[-2000:]
     assert [q["step"] for q in json.load(open(run / "curve.json"))] == list(range(0, step + 1, 5))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0 and f"resumed from {run / 'checkpoint.pt'} at iteration {step}" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"resumed from {run / 'checkpoint'} at iteration {step}" in r.stdout, r.stderr
     assert [q["step"] for q in json.load(open(run / "curve.json"))] == list(range(0, 601, 5))
     assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == list(range(5, 601, 5))
 
@@ -1271,7 +1280,7 @@ def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_
     changed = [not torch.equal(v, student.transformer.state_dict()[k]) for k, v in teacher_disk.items()]
     student.to(DEVICE)
     assert any(changed)
-    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False, map_location="cpu")
+    ck = _checkpoint(tmp_path / "run")
     assert ck["step"] == 2 and (tmp_path / "run" / "preview_0000002.png").exists()
     meta = json.load(open(student_dir / sf.STUDENT_META))
     assert meta["sigmas"] == [1.0, 0.75, 0.5, 0.25] and student.scheduler.config.stochastic_sampling
@@ -1295,7 +1304,7 @@ def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_
     # on-demand export from the checkpoint: the raw generator's weights, loadable by the stock pipeline
     sf.cmd_export(str(tmp_path / "run"), "generator", DEVICE)
     again = DiffusionPipeline.from_pretrained(str(student_dir)).transformer.state_dict()
-    assert all(torch.equal(v, ck["generator"][k]) for k, v in again.items())
+    assert all(torch.equal(v, ck["generator"]["model"][k]) for k, v in again.items())
 
 
 def _seeded_images(bb, prompt, seed, steps, guidance):
@@ -1815,7 +1824,7 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     bb = _backbone(tiny["sana"], "sana")
     bb.set_prompts(TEST_PROMPTS)
     _, _, ema = bb.students(cfg, sf.Runtime())
-    ema.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False, map_location="cpu")["ema"])
+    ema.load_state_dict(_checkpoint(tmp_path / "run")["ema"]["model"])
     x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.7, device=DEVICE)
     with torch.no_grad():
         assert torch.allclose(
@@ -1852,12 +1861,12 @@ def test_lora_export_reads_the_weights_it_names(tiny, tmp_path):
             out=str(out),
         )
     )
-    ck = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
+    ck = {which: d["model"] for which, d in _checkpoint(out).items() if which in ("ema", "generator")}
     assert any(not torch.equal(ck["ema"][k], ck["generator"][k]) for k in ck["ema"])
     for which in ("ema", "generator"):
         sf.cmd_export(str(out), which, DEVICE)
         student = DiffusionPipeline.from_pretrained(str(out / "student")).transformer.state_dict()
-        fused = sf.AdapterView(_lora_base(tiny, ck[which]), "ema").merged_state_dict()
+        fused = _fused(tiny, ck[which])
         assert all(torch.allclose(v, fused[k], atol=1e-6) for k, v in student.items()), which
 
 
@@ -2097,7 +2106,7 @@ def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path)
             eval_every=1,
         )
         sf.cmd_distill(cfg)
-        generator = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")["generator"]
+        generator = _checkpoint(out)["generator"]["model"]
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in generator.values())
         if mode == "full":
             assert any(not torch.equal(v.to(torch.bfloat16), teacher[k]) for k, v in generator.items())
@@ -2201,7 +2210,7 @@ def test_export_reads_the_weights_it_names(tiny, tmp_path):
             out=str(out),
         )
     )
-    ck = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
+    ck = {which: d["model"] for which, d in _checkpoint(out).items() if which in ("ema", "generator")}
     for which in ("ema", "generator"):
         sf.cmd_export(str(out), which, DEVICE)
         student = DiffusionPipeline.from_pretrained(str(out / "student")).transformer.state_dict()
@@ -2232,7 +2241,7 @@ def _torchrun(args, timeout=300):
 TOY_TWO_PROCESSES = r"""
 import json, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 sys.path.insert(0, sys.argv[1])
 import run_toy
 import sid_flow as sf
@@ -2250,7 +2259,8 @@ def run(world, rank, layout, precision):
     gen, fake = sid.generator, sid.fake
     start = {n: p.detach().clone() for n, p in bb.teacher.named_parameters()}
     if world > 1 and layout == "sharded":  # FSDP2, as full mode; else replicas averaged by hand, as LoRA mode
-        for net, mp in ((bb.teacher, None), (gen, sf.student_precision(cfg)), (fake, sf.student_precision(cfg))):
+        student = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if precision == "bf16-autocast" else None
+        for net, mp in ((bb.teacher, None), (gen, student), (fake, student)):  # (as sf.sharded_copy's)
             for layer in net.body[::2]:  # each Linear a unit of its own, as each block of a DiT, then the root
                 fully_shard(layer, mesh=init_device_mesh("cpu", (world,)), **({"mp_policy": mp} if mp else {}))
             sf.shard(net, mp)
@@ -2338,22 +2348,22 @@ def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
     args = ["--teacher", tiny["sana"], *flags, "--batch-size", "1", "--out", str(out)]
     r = _torchrun_script([str(wrapper), *args, "--iters", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (out / ("checkpoint" if mode == "full" else "checkpoint.pt")).exists()
+    assert sf.read_meta(out / "checkpoint")["step"] == 2
     r = _torchrun_script([str(wrapper), *args, "--iters", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 3]  # resumed at 2
     one = tmp_path / "one"
     sf.cmd_distill(sf.make_config(None, teacher=tiny["sana"], **common, batch_size=2, iters=3, out=str(one)))
-    ck_one = torch.load(one / "checkpoint.pt", weights_only=False, map_location="cpu")
+    ck_one = {which: d["model"] for which, d in _checkpoint(one).items() if which in ("ema", "generator")}
     teacher = DiffusionPipeline.from_pretrained(tiny["sana"]).transformer
     for which in ("generator", "ema"):
         if mode == "full":  # read back from the sharded checkpoint, one network only
             bb = _backbone(tiny["sana"], "sana", device="cpu")
             net = sf.checkpointed_net(str(out / "checkpoint"), which, bb, sf.make_config(None, mode="full"))
-            assert torch.load(out / "checkpoint" / "meta.pt", weights_only=False)["step"] == 3
+            assert sf.read_meta(out / "checkpoint")["step"] == 3
             two = net.state_dict()
         else:
-            two = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")[which]
+            two = _checkpoint(out)[which]["model"]
         for k, v in ck_one[which].items():
             assert torch.allclose(two[k], v, atol=1e-5, rtol=1e-4), (which, k, (two[k] - v).abs().max())
     if mode == "full":
@@ -2366,11 +2376,7 @@ def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
             sf.cmd_export(str(out), "ema", "cpu")
         student = DiffusionPipeline.from_pretrained(str(out / "student")).transformer.state_dict()
         assert not any("lora" in n for n in student)
-        ema = (
-            sf.AdapterView(_lora_base(tiny, ck_one["ema"]), "ema").merged_state_dict()
-            if mode == "lora"
-            else ck_one["ema"]
-        )
+        ema = _fused(tiny, ck_one["ema"]) if mode == "lora" else ck_one["ema"]
         assert all(torch.allclose(student[k], ema[k], atol=1e-5, rtol=1e-4) for k in student), source
 
 
@@ -2398,12 +2404,17 @@ sf.main()
 )
 
 
-def _lora_base(tiny, adapter_state):
-    """The tiny SANA transformer with LoRA adapters as a run makes them, the 'ema' adapter loaded from a state."""
-    bb = _backbone(tiny["sana"], "sana", device="cpu")
-    _, _, ema = sf.lora_students(bb, 4)
-    ema.load_state_dict(adapter_state)
-    return ema.base
+def _fused(tiny, adapter_state):
+    """The tiny SANA transformer's weights with a LoRA adapter's state fused in by hand: W + B A (alpha = rank: scale
+    1), summed in float32 and cast to W's dtype."""
+    from diffusers import DiffusionPipeline
+
+    state = DiffusionPipeline.from_pretrained(tiny["sana"]).transformer.state_dict()
+    for key, a in adapter_state.items():
+        if ".lora_A." in key:
+            name, b = key.split(".lora_A.")[0] + ".weight", adapter_state[key.replace("lora_A", "lora_B")]
+            state[name] = (state[name].float() + b.float() @ a.float()).to(state[name].dtype)
+    return state
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -2445,7 +2456,7 @@ def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tm
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=180)
-    path, meta = sf.find_checkpoint(str(out))
+    meta = sf.read_meta(out / "checkpoint")
     assert p.returncode != 0 and 10 <= meta["step"] < 100, (meta["step"], err[-2000:])
     assert f"stopped at iteration {meta['step']} of 100; {out} holds it: run the same command to continue" in err
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -2456,8 +2467,8 @@ def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tm
     assert r.returncode == 0, r.stderr[-3000:]
     bb, full = _backbone(tiny["sana"], "sana", device="cpu"), sf.make_config(None, mode="full")
     for which in ("generator", "fake", "ema"):
-        a = sf.checkpointed_net(sf.find_checkpoint(str(out))[0], which, bb, full)
-        b = sf.checkpointed_net(sf.find_checkpoint(str(tmp_path / "whole"))[0], which, bb, full)
+        a = sf.checkpointed_net(out / "checkpoint", which, bb, full)
+        b = sf.checkpointed_net(tmp_path / "whole" / "checkpoint", which, bb, full)
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), which
 
 
@@ -2537,15 +2548,18 @@ cfg = sf.make_config("toy", out={str(tmp_path / "run")!r}, iters=int(sys.argv[1]
 print(sf.distill(cfg, bb, runtime=sf.Checkpoints())["step"])
 """)
     p = subprocess.Popen([sys.executable, str(script), "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt = tmp_path / "run" / "checkpoint"
+
+    def saved_step():  # the checkpoint's iteration (the previous one's, if a write is being renamed into place)
+        path = next((p for p in (ckpt, f"{ckpt}.old") if os.path.exists(os.path.join(p, "meta.pt"))), None)
+        return path and sf.read_meta(path)["step"]
+
     deadline = time.time() + 60
-    while time.time() < deadline and not (
-        ckpt.exists() and torch.load(ckpt, weights_only=False, map_location="cpu")["step"] >= 3
-    ):
+    while time.time() < deadline and not (saved_step() or 0) >= 3:
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    step = torch.load(ckpt, weights_only=False, map_location="cpu")["step"]  # loadable: never half-written
+    step = saved_step()  # never half-written: the resume below reads every network and optimizer
     assert step >= 3
     r = subprocess.run([sys.executable, str(script), str(step + 5)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
