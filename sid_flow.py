@@ -335,6 +335,7 @@ class ToyBackbone(Backbone):
 SID_LOSS_SCALE = 100  # the official generator loss is 100 x (D13) (loss_scaling_G): Adam only notices it through eps
 MAX_NONFINITE, LOG_EVERY = 3, 10  # stop after 3 non-finite iterations in a row; a line of OUT/log.jsonl every 10
 GAN_FREEZE_IMAGES, GAN_START_IMAGES = 20_000, 40_000  # data-aided (D17): the generator waits, then the GAN term
+GAN_WEIGHT = 0.5  # data-aided (D17): the adversarial term's share of the generator loss from then on (official)
 
 
 def trainable_dtype(cfg):
@@ -480,8 +481,8 @@ class SiD:
         images_seen = step * cfg.batch_size * cfg.grad_accum * self.runtime.world
         # the learning rates: constant (official) or a cosine from 1 to 0 over the run
         scale = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
-        for name, lr in (("generator", cfg.lr_gen), ("fake", cfg.lr_fake)):
-            self.optimizers[name].param_groups[0]["lr"] = lr * scale
+        for opt in self.optimizers.values():
+            opt.param_groups[0]["lr"] = opt.defaults["lr"] * scale
         # the trained step k, the same for both updates: uniform in {1..K} (the paper's mixture) or always K (D15)
         k = (
             cfg.steps
@@ -490,7 +491,7 @@ class SiD:
         )
         # data-aided (D17), counted in images seen as officially: the generator waits, then the GAN term joins
         data_aided = self.backbone.real is not None
-        gan_weight = cfg.gan_weight if data_aided and images_seen > GAN_START_IMAGES else 0.0
+        gan_weight = GAN_WEIGHT if data_aided and images_seen > GAN_START_IMAGES else 0.0
         fake_loss = functools.partial(self.fake_loss, k=k)
         generator_loss = functools.partial(self.generator_loss, k=k, gan_weight=gan_weight)
         phases = [("fake", fake_loss)] * cfg.fake_updates
@@ -519,7 +520,8 @@ class Runtime:
         self.device = device
 
     def rows(self, B, j=0):  # this rank's rows of micro-batch j in a draw made for the global batch: (j, rank, B)
-        return slice((j * self.world + self.rank) * B, (j * self.world + self.rank + 1) * B)
+        i = j * self.world + self.rank
+        return slice(i * B, (i + 1) * B)
 
     def any_rank(self, flag):  # under torchrun: true on some rank, so that all ranks skip or stop alike
         return flag
@@ -616,7 +618,6 @@ import transformers
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from matplotlib.figure import Figure  # (no pyplot: no GUI backend, no global state)
 from peft.tuners.tuners_utils import BaseTunerLayer
-from PIL import Image
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -691,7 +692,7 @@ class Checkpoints(Runtime):
         if not os.path.exists(path):
             return 0, 0
         meta = read_meta(path)
-        changed = [k for k, v in meta["config"].items() if k not in resumable(cfg) and getattr(cfg, k, v) != v]
+        changed = [k for k, v in meta["config"].items() if k not in resumable(cfg) and getattr(cfg, k) != v]
         if changed:
             was = ", ".join(f"{k}: {meta['config'][k]} -> {getattr(cfg, k)}" for k in changed)
             raise UserError(
@@ -706,10 +707,6 @@ class Checkpoints(Runtime):
                 )
         state = checkpointed(sid)  # filled in place; partial: Adam has no state for a weight that never had a grad
         dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-        for name, d in state.items():
-            getattr(sid, name).load_state_dict(d["model"])
-            if "optim" in d:
-                sid.optimizers[name].load_state_dict(d["optim"])
         sid.rng.set_state(meta["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at iteration {meta['step']}")
@@ -721,11 +718,8 @@ class Checkpoints(Runtime):
         return meta["step"], meta["skipped"]
 
 
-def remove_path(path):  # a file or a folder, if it is there
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
+def remove_path(path):  # a folder (every path this file removes is one), if it is there
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def replace_path(tmp, path):
@@ -783,7 +777,6 @@ class Config:
         "the generator is the student, as the official code)",
     )
     seed: int = option(0, "seed of every random draw of the run")
-    gan_weight: float = option(0.5, "data-aided runs: share of the adversarial term in the generator loss (D17)")
     resolution: int = option(0, "image side in pixels (0: the teacher's native size)")
     prompts: str = option("", "a text file of prompts, one per line (none: a built-in list of 16)")
     data: str = option("", "real images for data-aided SiD (D17): a folder of images, x.png with its caption x.txt")
@@ -834,7 +827,9 @@ def _guided(w):  # one CFG scale for all three
 
 
 def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micro-batch; 256 = micro-batch x accum
-    fields = dict(_guided(4.5), hub=hub, resolution=resolution, batch_size=batch_size, grad_accum=256 // batch_size)
+    fields = dict(
+        _guided(4.5), teacher=hub, resolution=resolution, batch_size=batch_size, grad_accum=256 // batch_size
+    )
     return fields | dict(precision="bf16-autocast", iters=4000, save_every=50, eval_every=200, **_INTERVAL) | kw
 
 
@@ -853,14 +848,15 @@ PRESETS = {
     "sd3.5-large": _dit("stabilityai/stable-diffusion-3.5-large", 1024, 4, mode="lora", grad_checkpointing=0.85),
     "flux-dev": _dit("black-forest-labs/FLUX.1-dev", 1024, 2, **_guided(3.5), mode="lora", grad_checkpointing=1.0),
 }
-HUB_IDS = {name: preset["hub"] for name, preset in PRESETS.items() if "hub" in preset}  # the image teachers'
+# the image teachers': those whose teacher is a hub id
+HUB_IDS = {name: preset["teacher"] for name, preset in PRESETS.items() if "/" in preset["teacher"]}
+
+
+def flag(name):  # a Config field's command-line flag
+    return "--" + name.replace("_", "-")
 
 
 def check_config(cfg):  # fail loudly, with one line, on values the algorithm cannot use
-
-    def flag(name):
-        return "--" + name.replace("_", "-")
-
     for f in dataclasses.fields(cfg):
         value, choices = getattr(cfg, f.name), f.metadata["choices"]
         if choices and value not in choices:
@@ -893,13 +889,11 @@ def make_config(preset=None, **overrides):  # Config defaults <- preset <- overr
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    fields = {k: v for k, v in PRESETS.get(preset, {}).items() if k != "hub"}
-    return check_config(Config(**fields | {k: v for k, v in overrides.items() if v is not None}))
+    return check_config(Config(**PRESETS.get(preset, {}) | {k: v for k, v in overrides.items() if v is not None}))
 
 
-def add_config_flags(parser, skip=(), presets=None):
+def add_config_flags(parser, skip, presets):
     """A --flag per Config field (default None: the preset fills it), its help the defaults of presets {label: name}"""
-    presets = presets or {"": None}
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
@@ -914,7 +908,7 @@ def add_config_flags(parser, skip=(), presets=None):
         )
         if f.metadata["const"] is not None:
             kw.update(nargs="?", const=f.metadata["const"])
-        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help.replace("%", "%%"), **kw)
+        parser.add_argument(flag(f.name), default=None, help=help, **kw)
 
 
 class Parser(argparse.ArgumentParser):
@@ -924,9 +918,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         self._negative_number_matcher = re.compile(r"^-\.?\d")
 
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message):  # the one error path: main's caller prints it, exits 2
+        raise UserError(message)
 
 
 def resolve_device(name):  # 'auto': CUDA if there is one
@@ -960,14 +953,17 @@ def check_resolution(resolution, factor, patch):  # a whole number of latent pat
 # adapter may be active: the checkpoint function records the forward pass's adapter and replays it on that block's
 # LoRA layers.
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every diffusers DiT family
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of every diffusers DiT family
 LORA_TRAINABLE = ("generator", "fake")
 
 
 def _tuner_layers(module):  # [(peft LoRA layer, [(lora parameter, trains?)])] in `module`, found once, cached on it
     if "_sid_tuner_layers" not in module.__dict__:
         module.__dict__["_sid_tuner_layers"] = [
-            (m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")])
+            (
+                m,
+                [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")],
+            )
             for m in module.modules()
             if isinstance(m, BaseTunerLayer)
         ]
@@ -979,8 +975,8 @@ def _adapter_state(module):  # the adapter a forward pass of `module` runs with 
     return None if layer is None or layer.disable_adapters else layer.active_adapters[0]
 
 
-def _set_adapter_state(module, name, force=False):
-    if _adapter_state(module) == name and not force:
+def _set_adapter_state(module, name):
+    if _adapter_state(module) == name:
         return
     for layer, lora_params in _tuner_layers(module):
         layer.enable_adapters(name is not None)
@@ -1006,10 +1002,10 @@ def blocks(net):  # the repeated blocks of a diffusers DiT: its ModuleLists' mem
 
 def checkpoint_blocks(net, share):
     """Checkpoint a `share` of net's blocks, spread evenly (0.5: every second), replaying the forward's adapter."""
-    chosen = {id(b) for i, b in enumerate(blocks(net)) if math.floor((i + 1) * share) > math.floor(i * share)}
+    chosen = {b for i, b in enumerate(blocks(net)) if math.floor((i + 1) * share) > math.floor(i * share)}
 
     def checkpoint(block, *args):  # diffusers calls it for every block when checkpointing is enabled
-        if id(block) not in chosen:
+        if block not in chosen:
             return block(*args)
         state = _adapter_state(block)
 
@@ -1037,16 +1033,16 @@ class AdapterView(nn.Module):
         object.__setattr__(self, "base", base)
         self.adapter = adapter
 
-    config = property(lambda self: self.base.config)
-    proj_out = property(lambda self: self.base.proj_out)
+    def __getattr__(self, name):  # config, proj_out, dtype (the dtype to feed it): the base's
+        return getattr(self.base, name)
 
-    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+    def named_parameters(self, *args, **kwargs):
         for n, p in self.base.named_parameters():
             if (self.adapter is None and "lora_" not in n) or (self.adapter and f".{self.adapter}." in n):
                 yield n, p
 
     def _key(self, name):  # adapter-agnostic names, so generator and ema states are interchangeable
-        return name.replace(f".{self.adapter}.", ".") if self.adapter else name
+        return name.replace(f".{self.adapter}.", ".")  # (the teacher's, adapter None: unchanged)
 
     def state_dict(self, *args, **kwargs):
         return {self._key(n): p.detach() for n, p in self.named_parameters()}
@@ -1071,7 +1067,7 @@ def lora_students(backbone, rank):
         for p in view.parameters():
             p.data = p.data.float()
     views[2].load_state_dict(views[0].state_dict())
-    _set_adapter_state(base, None, force=True)
+    _set_adapter_state(base, None)
     backbone.teacher = AdapterView(base, None)
     return views
 
@@ -1124,7 +1120,7 @@ def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE,
 def shard(net, mp_policy=None, device_type=None, compiled=False):
     """FSDP2: each block a unit (compiled first with --compile), then the root, on a mesh of the net's device type."""
     mesh = init_device_mesh(device_type or next(net.parameters()).device.type, (dist.get_world_size(),))
-    kw = dict(mesh=mesh, **(dict(mp_policy=mp_policy) if mp_policy else {}))
+    kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
     for block in blocks(net):
         if compiled:
             block.compile(**COMPILE)
@@ -1145,8 +1141,7 @@ def sharded_copy(teacher, cfg, trainable):
     shard(net, bf16, device.type, cfg.compile)  # the module is still on the meta device: the teacher's mesh
     net.to_empty(device=device)
     with torch.no_grad():
-        for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
-            assert n == m, (n, m)
+        for p, q in zip(net.parameters(), teacher.parameters(), strict=True):
             p.to_local().copy_(q.to_local())  # the same FSDP2 layout: local shard to local shard
         for b, c in zip(net.buffers(), teacher.buffers(), strict=True):
             b.copy_(c)  # buffers are not sharded
@@ -1190,6 +1185,7 @@ class DiTBackbone(Backbone):
     step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
     zero_cfg_prompt = False  # a batch-wide kappa = 0 sees the empty prompt (Zero-CFG); FLUX: the prompt, embedded 0
     embedded_only = False  # every scale only as embedded guidance (FLUX with --embedded-guidance-only)
+    bank = None  # the prompts' cached conditioning (set_prompts), if it fits
     # The memory plan's facts: text tokens; the VAE's factor; the text encoders' parameters (on the GPU while the
     # prompts are encoded); activations a block saves for backward, in elements per token and channel, when its weights
     # train and when they are frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed
@@ -1203,12 +1199,11 @@ class DiTBackbone(Backbone):
         self.pipe, self.device, self.resolution = pipe, device, cfg.resolution or (c.get("sample_size") or 128) * f
         # every component on the device in the teacher's dtype, the text encoders too (a T5-XXL on a GPU machine's CPU
         # would take hours): set_prompts() frees them once the prompts are cached
-        self.teacher = pipe.transformer.to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
-        for name in ("vae", *self.text_encoders()):
+        for name in ("transformer", "vae", *self.text_encoders()):
             getattr(pipe, name).to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
+        self.teacher = pipe.transformer
         check_resolution(self.resolution, f, c.patch_size * self.packing)
         self.sample_shape = (c.in_channels // self.packing**2, self.resolution // f, self.resolution // f)  # (C, h, w)
-        self.prompts, self.bank, self.uncond = [], None, None
 
     def text_encoders(self):  # the names of the pipeline's text encoders still loaded (freed ones are None)
         return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(self.pipe, n, None)]
@@ -1266,12 +1261,9 @@ class DiTBackbone(Backbone):
     def decode(self, x):
         """Latents (B, C, h, w) -> images (B, H, W, 3) float in [0, 1], as the stock pipeline decodes them."""
         vae = self.pipe.vae
-        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        latents = x / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image.float(), output_type="np")
-
-    def _dtype(self, net):  # the dtype to feed `net`: its weights' (a LoRA view: its base's, not the adapters')
-        return net.base.dtype if isinstance(net, AdapterView) else next(net.parameters()).dtype
 
     def students(self, cfg, runtime):
         """LoRA adapters on the teacher itself, or full copies (under torchrun: sharded); ema None without one."""
@@ -1286,8 +1278,7 @@ class DiTBackbone(Backbone):
             nets = [replica(True), replica(True), replica(False) if cfg.ema_decay else None]
         # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
         for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
-            if cfg.grad_checkpointing:
-                checkpoint_blocks(net, cfg.grad_checkpointing)
+            checkpoint_blocks(net, cfg.grad_checkpointing)
             if cfg.compile and runtime.world == 1:
                 for block in blocks(net):
                     block.compile(**COMPILE)
@@ -1313,7 +1304,7 @@ class SanaBackbone(DiTBackbone):
         return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
 
     def forward(self, net, x_t, t, cond, guidance):
-        dt = self._dtype(net)
+        dt = net.dtype
         v = net(
             x_t.to(dt),
             encoder_hidden_states=cond["embeds"].to(dt),
@@ -1333,18 +1324,13 @@ class SD3Backbone(DiTBackbone):
     saved_per_block, checkpointed_inputs = (18.0, 10.0), (2.0, 1.35)
 
     def encode(self, prompts):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=prompts,
-            prompt_3=prompts,
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=256,
+        embeds, _, pooled, _ = self.pipe.encode_prompt(  # every text encoder the same prompts, T5's 256 tokens
+            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False
         )
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     def forward(self, net, x_t, t, cond, guidance):
-        dt = self._dtype(net)
+        dt = net.dtype
         return net(
             hidden_states=x_t.to(dt),
             timestep=t * 1000,
@@ -1374,9 +1360,8 @@ class FluxBackbone(DiTBackbone):
         self.student_guidance = cfg.cfg_eval_real if self.embedded_only else 1.0
 
     def encode(self, prompts):
-        embeds, pooled, self.txt_ids = self.pipe.encode_prompt(  # txt_ids (L, 3), the same for every prompt
-            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=512
-        )
+        # the same prompts for both text encoders (prompt_2's default), T5's 512 tokens (the stock pipeline's default)
+        embeds, pooled, self.txt_ids = self.pipe.encode_prompt(prompts, device=self.device)  # txt_ids (L, 3), shared
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     @staticmethod
@@ -1388,7 +1373,7 @@ class FluxBackbone(DiTBackbone):
         return F.pixel_shuffle(x.transpose(1, 2).reshape(len(x), -1, h // 2, w // 2), 2)
 
     def forward(self, net, x_t, t, cond, guidance):
-        dt, (_, h, w) = self._dtype(net), self.sample_shape  # img_ids: (tokens, 3), each (0, row, column)
+        dt, (_, h, w) = net.dtype, self.sample_shape  # img_ids: (tokens, 3), each (0, row, column), as FluxPipeline's
         ids = torch.cartesian_prod(*(torch.arange(n, device=x_t.device).float() for n in (1, h // 2, w // 2)))
         g = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(len(x_t))  # (B,) embedded
         v = net(
@@ -1405,7 +1390,7 @@ class FluxBackbone(DiTBackbone):
 
     def step_noise(self, shape, rng):
         B, C, h, w = shape  # FlowMatchEulerDiscreteScheduler draws in the packed layout the pipeline steps in
-        return self.unpack(torch.randn((B, (h // 2) * (w // 2), C * 4), generator=rng, device=self.device), h, w)
+        return self.unpack(torch.randn((B, h * w // 4, C * 4), generator=rng, device=self.device), h, w)
 
 
 FAMILIES = {family.pipeline: family for family in (SanaBackbone, SD3Backbone, FluxBackbone)}
@@ -1439,8 +1424,9 @@ def encode_data(backbone, path, cache_path):
     latents, captions, unreadable = [], [], 0
     for image_path, caption in pairs:
         try:  # resized (shorter side) and center-cropped to a square by the pipeline's own processor: (1, 3, R, R)
-            with Image.open(image_path) as im:
-                x = backbone.pipe.image_processor.preprocess(im.convert("RGB"), R, R, resize_mode="crop")
+            x = backbone.pipe.image_processor.preprocess(
+                diffusers.utils.load_image(image_path), R, R, resize_mode="crop"
+            )
         except Exception:  # corrupt, truncated, missing, not an image: skip it, count it, go on
             unreadable += 1
             continue
@@ -1448,7 +1434,7 @@ def encode_data(backbone, path, cache_path):
             enc = vae.encode(x.to(backbone.device, vae.dtype))
             # KL VAEs (SD3, FLUX) give a distribution: take its mode; SANA's DC-AE gives the latent directly
             z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent
-            z = (z.float() - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+            z = (z.float() - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
         latents.append(z.cpu())
         captions.append(caption)
     if not latents:
@@ -1479,9 +1465,9 @@ def euler_sample(velocity_fn, z, steps):
     return x  # (B, *D)
 
 
-def grid_features(hidden, B, cells=4):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
+def grid_features(hidden, B):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
     h, side = hidden[-B:].float(), math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
-    return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), cells).flatten(1) if side else h
+    return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), 4).flatten(1) if side else h
 
 
 def frechet_to_standard(f):
@@ -1497,11 +1483,12 @@ class Quality:
 
     def __init__(self, backbone, cfg, cache=None, seed=0):
         self.backbone, self.cfg, self.seed, n, bb = backbone, cfg, seed, QUALITY_SIZE, backbone
-        idx = [i % len(bb.prompts) for i in range(n)] if bb.prompts else None
-        self.cond = idx and bb.cond_for(idx)  # (dict of (n, ...) tensors, or None: an unconditional teacher)
+        # the prompts in turn: a dict of (n, ...) tensors, or (): an unconditional teacher
+        self.cond = bb.prompts and bb.cond_for([i % len(bb.prompts) for i in range(n)])
         self.noises = bb.noises(n, cfg.steps, torch.Generator(bb.device).manual_seed(seed))  # (n, K, *D)
-        settings = (n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS, cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max)
-        key = dict(prompts=list(bb.prompts), shape=bb.sample_shape, seed=seed, settings=settings)
+        # what the reference depends on: the prompts, the samples' shape and seed, the metric's settings, the guidance
+        key = [list(bb.prompts), bb.sample_shape, seed, n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS]
+        key += [cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max]
         saved = torch.load(cache, bb.device, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
             self.mean, self.basis, self.lines = saved["stats"]
@@ -1566,7 +1553,7 @@ def plot_quality(out, lines, now):
     points = [
         (m["step"], m["eval"]["quality"])
         for m in map(json.loads, open(log) if os.path.exists(log) else [])
-        if "quality" in (m.get("eval") or {}) and m["step"] < now[0]
+        if "eval" in m and m["step"] < now[0]
     ] + [now]
     ax = Figure(figsize=(6, 3.5)).subplots()
     ax.plot(*zip(*points, strict=True), "o-", label="student")
@@ -1587,16 +1574,11 @@ def resolve_teacher(name, configs_only=False):
     src = HUB_IDS.get(name, name)
     if configs_only and name in HUB_IDS:
         src = os.path.join(HERE, "assets", "hf", "hub", f"models--{src.replace('/', '--')}", "snapshots", "0" * 40)
-    if os.path.exists(src):
-        index = os.path.join(src, "model_index.json")
-        if not os.path.isfile(index):
-            raise UserError(f"--teacher {name}: {src} is not a diffusers pipeline folder (no model_index.json)")
-    elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
-        index = _hub_file(name, src, "model_index.json")
-    else:
+    if os.path.exists(src) and not os.path.isfile(os.path.join(src, "model_index.json")):
+        raise UserError(f"--teacher {name}: {src} is not a diffusers pipeline folder (no model_index.json)")
+    if not os.path.exists(src) and (src.count("/") != 1 or src.startswith((".", "/", "~"))):
         raise UserError(f"--teacher {name}: not a preset ({', '.join(HUB_IDS)}), a folder, or a hub id owner/repo")
-    with open(index) as f:
-        pipeline = json.load(f).get("_class_name", "?")
+    pipeline = _read_json(src, "model_index.json").get("_class_name", "?")
     if pipeline not in FAMILIES:
         raise UserError(f"--teacher {name}: pipeline class {pipeline} is not supported ({', '.join(FAMILIES)} are)")
     return src, FAMILIES[pipeline]
@@ -1643,14 +1625,13 @@ def load_backbone(cfg, device, src=None, family=None):
             f"cannot load the pipeline {src}: {' '.join(str(e).split())} (a cache or folder holding only "
             "configs, such as assets/hf, serves --dry-run alone)"
         ) from None
-    pipe.set_progress_bar_config(disable=True)
     backbone = family(pipe, cfg, device)
     backbone.source = src
     return backbone
 
 
 def _read_json(src, name):  # a file of a pipeline folder, or of a hub id (from the hub cache when it is there)
-    with open(os.path.join(src, name) if os.path.isdir(src) else huggingface_hub.hf_hub_download(src, name)) as f:
+    with open(os.path.join(src, name) if os.path.isdir(src) else _hub_file(src, src, name)) as f:
         return json.load(f)
 
 
@@ -1676,7 +1657,7 @@ def memory_plan(cfg, net, family, world_size=1, factor=None):
     c, P = net.config, sum(p.numel() for p in net.parameters())
     base_bytes, train_bytes = teacher_dtype(cfg).itemsize, trainable_dtype(cfg).itemsize
     if cfg.mode == "lora":
-        targets = [m for name, m in net.named_modules() if name.endswith(tuple(LORA_TARGETS))]
+        targets = [m for name, m in net.named_modules() if name.endswith(LORA_TARGETS)]
         lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for m in targets)
         trainable, shard, weights, grad_bytes, copies = 2 * lora, 1, P * base_bytes + 3 * lora * 4, 4, 0
     else:
@@ -1687,8 +1668,9 @@ def memory_plan(cfg, net, family, world_size=1, factor=None):
     image_tokens = (cfg.resolution // (factor or family.vae_factor) // (c.get("patch_size", 1) * family.packing)) ** 2
     tokens = image_tokens + family.text_tokens * family.text_in_blocks
     per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D18)
-    embedded_only = family is FluxBackbone and cfg.embedded_guidance_only
-    branches = [cfg_branches(w, embedded_only, per_sample) for w in (1.0, cfg.cfg_eval_real, cfg.cfg_eval_fake)]
+    branches = [
+        cfg_branches(w, cfg.embedded_guidance_only, per_sample) for w in (1.0, cfg.cfg_eval_real, cfg.cfg_eval_fake)
+    ]
     # generator, teacher, fake: their batches, whether their weights take gradients in the generator update
     batches, trains = [cfg.batch_size * n for n in branches], (cfg.mode == "full", False, cfg.mode == "full")
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
@@ -1698,33 +1680,33 @@ def memory_plan(cfg, net, family, world_size=1, factor=None):
     unit_in = (image_tokens + family.text_tokens) * width * base_bytes
     inputs = sum(b * family.checkpointed_inputs[0 if t else 1] * unit_in for b, t in zip(batches, trains, strict=True))
     stored, recompute = n_ck * inputs + (layers - n_ck) * sum(per_block), (max(per_block) if n_ck else 0)
-    plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=trainable * grad_bytes / shard)
-    plan |= dict(optimizer=2 * trainable * grad_bytes / shard, activations=stored + recompute + copies)
+    grads = trainable * grad_bytes / shard
+    plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=grads, optimizer=2 * grads)
+    plan |= dict(activations=stored + recompute + copies, recompute=recompute)
     plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + plan["activations"]
     plan["startup"] = (P + family.text_encoder_params) * base_bytes
-    return plan | dict(recompute=recompute)
+    return plan
 
 
 def check_inputs(cfg, configs_only=False):
-    """What inputs and configs tell before any weights load: (prompts, src, family, meta-device net, VAE factor)."""
+    """What inputs and configs tell before any weights load: (cfg at its resolution, prompts, src, family, meta-device
+    net, VAE factor). Resolution 0 becomes the transformer's native side, as DiTBackbone takes it."""
     if cfg.data and cfg.prompts:
         raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
-    if cfg.data and not os.path.isdir(cfg.data):
-        raise UserError(f"--data {cfg.data}: no such folder")
+    if cfg.data:  # (its folder checked now, read again when the data is encoded)
+        read_image_captions(cfg.data)
     prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS
     src, family = resolve_teacher(cfg.teacher, configs_only)
     net, factor = meta_transformer(src), vae_factor(src, family)
-    if cfg.resolution:
-        check_resolution(cfg.resolution, factor, net.config.patch_size * family.packing)
+    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or (net.config.get("sample_size") or 128) * factor)
+    check_resolution(cfg.resolution, factor, net.config.patch_size * family.packing)
     if cfg.embedded_guidance_only and family is not FluxBackbone:
         raise UserError(f"--embedded-guidance-only: {cfg.teacher} takes no embedded guidance (FLUX.1-dev does)")
-    return prompts, src, family, net, factor
+    return cfg, prompts, src, family, net, factor
 
 
 def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
-    _, _, family, net, factor = check_inputs(cfg, configs_only=True)
-    if not cfg.resolution:
-        raise UserError(f"--dry-run needs --resolution for {cfg.teacher}, which is not a preset")
+    cfg, _, _, family, net, factor = check_inputs(cfg, configs_only=True)
     plan = memory_plan(cfg, net, family, world_size, factor)
     print(
         f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
@@ -1744,7 +1726,7 @@ STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to s
 def export_student(backbone, net, cfg, folder):
     """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
     and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D15)."""
-    tmp, transformer = f"{folder}.tmp{os.getpid()}", net
+    tmp = f"{folder}.tmp{os.getpid()}"
     remove_path(tmp)  # (a crashed export's leftovers: a process id comes back)
     if isinstance(net, AdapterView):  # the adapter alone too (load_lora_adapter()), then fused into the base in place:
         # W + delta summed in float32 and rounded once to W's dtype (a bf16 sum would drop a delta < 2^-9 |W|). The
@@ -1752,10 +1734,10 @@ def export_student(backbone, net, cfg, folder):
         net.base.save_lora_adapter(os.path.join(tmp, "lora"), adapter_name=net.adapter)
         net.base.fuse_lora(adapter_names=[net.adapter])
         net.base.unload_lora()  # (the LoRA layers replaced by their base layers, fused weights kept)
-        transformer = net.base
+        net = net.base
     pipe = diffusers.DiffusionPipeline.from_pretrained(
         backbone.source,
-        transformer=transformer,
+        transformer=net,
         dtype=teacher_dtype(cfg),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True
@@ -1779,7 +1761,7 @@ def export_student(backbone, net, cfg, folder):
 
 
 def cmd_distill(cfg):
-    prompts, src, family, shapes, factor = check_inputs(cfg)  # bad input fails here, before any weights load
+    cfg, prompts, src, family, shapes, factor = check_inputs(cfg)  # bad input fails here, before any weights load
     runtime = setup_runtime(cfg)
     check_fits(cfg, shapes, family, factor, runtime)
     backbone = load_backbone(cfg, runtime.device, src, family)
@@ -1792,16 +1774,16 @@ def cmd_distill(cfg):
                 f"{skipped['no_caption']} without caption"
             )
     backbone.set_prompts(prompts)
-    quality = []  # built at the first evaluation: a run without evaluations draws no reference set
+    quality = None  # built at the first evaluation: a run without evaluations draws no reference set
 
     def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
-        quality[:] = quality or [Quality(backbone, cfg, os.path.join(cfg.out, "reference.pt"))]
-        q = quality[0](generator if ema is None else ema)
+        nonlocal quality
+        quality = quality or Quality(backbone, cfg, os.path.join(cfg.out, "reference.pt"))
+        q = quality(generator if ema is None else ema)
         if runtime.rank == 0:  # the preview, one PNG row: the first 4 samples it scored (the run's first 4 prompts)
-            row = torch.as_tensor(backbone.decode(quality[0].samples[:4].float())).clamp(0, 1)  # (4, H, W, 3)
-            path = os.path.join(cfg.out, f"preview_{step:07d}.png")
-            Image.fromarray((torch.cat(list(row), 1) * 255).round().byte().numpy()).save(path)
-            plot_quality(cfg.out, quality[0].lines, (step, q))
+            row = diffusers.utils.numpy_to_pil(backbone.decode(quality.samples[:4].float()))  # 4 images, one row
+            diffusers.utils.make_image_grid(row, 1, 4).save(os.path.join(cfg.out, f"preview_{step:07d}.png"))
+            plot_quality(cfg.out, quality.lines, (step, q))
         return dict(quality=q)
 
     res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
@@ -1821,7 +1803,6 @@ def check_fits(cfg, net, family, factor, runtime):
     """On CUDA, before any weights load: one line if the memory plan exceeds the free memory, naming what would fit."""
     if runtime.device.type != "cuda":
         return
-    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or (net.config.get("sample_size") or 128) * factor)
     free = torch.cuda.mem_get_info(runtime.device)[0]
 
     def need(**change):  # bytes per GPU of the run with these fields changed
@@ -1842,12 +1823,11 @@ def checkpointed_net(path, which, backbone, cfg):
     """Network `which` of a checkpoint, reading only its tensors, in this process alone: an adapter view on the
     teacher's base (LoRA), or a plain transformer on the CPU in the teacher's dtype (full mode)."""
     if cfg.mode == "lora":
-        net = dict(zip(("generator", "fake", "ema"), lora_students(backbone, cfg.lora_rank), strict=True))[which]
+        net = lora_students(backbone, cfg.lora_rank)[("generator", "fake", "ema").index(which)]
     else:
         net = meta_transformer(backbone.source).to(teacher_dtype(cfg)).to_empty(device="cpu")
     state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
     dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
-    net.load_state_dict(state[which]["model"])
     return net
 
 
@@ -1857,16 +1837,15 @@ def cmd_export(out, weights, device):
     if not os.path.isdir(path):
         raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
     meta = read_meta(path)
-    weights = weights or ("ema" if meta["config"]["ema_decay"] else "generator")  # the student the run keeps
-    if weights == "ema" and not meta["config"]["ema_decay"]:
+    cfg = Config(**meta["config"] | dict(device=device))
+    weights = weights or ("ema" if cfg.ema_decay else "generator")  # the student the run keeps
+    if weights == "ema" and not cfg.ema_decay:
         raise UserError(f"--out {out}: the run kept no EMA (--ema-decay 0); export --weights generator")
-    if meta["config"]["teacher"] in ("toy", "digits"):
+    if cfg.teacher in ("toy", "digits"):
         raise UserError(
-            f"--out {out}: a run of the {meta['config']['teacher']} teacher; export writes diffusers "
+            f"--out {out}: a run of the {cfg.teacher} teacher; export writes diffusers "
             "pipelines of image teachers, and this student's weights are already in its checkpoint.pt"
         )
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in names}, "device": device})
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     net = checkpointed_net(path, weights, backbone, cfg)
     print(
@@ -1941,7 +1920,7 @@ def _public(path):  # a config.json's entries, without diffusers' bookkeeping ('
 
 def slug(name):
     """A folder name (letters, digits, '.-_'; never '' or a dot name) from the last part of a name, path or hub id."""
-    base = os.path.basename(os.path.abspath(name) if os.path.exists(name) else name.rstrip("/"))
+    base = os.path.basename(os.path.abspath(name))  # (abspath drops a trailing '/': a hub id's repo name, too)
     return re.sub(r"[^\w.-]", "_", base).strip(".") or "run"
 
 
