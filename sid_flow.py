@@ -705,8 +705,9 @@ class Checkpoints(Runtime):
                 opt.state[p] = dict(
                     step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
                 )
-        state = checkpointed(sid)  # filled in place; partial: Adam has no state for a weight that never had a grad
-        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        # the networks' and optimizers' own tensors, filled in place (partial: a weight that never had a gradient has
+        # no saved Adam state and keeps the zeros; Adam's settings come from the config, which a resume keeps)
+        dcp.load(checkpointed(sid), checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         sid.rng.set_state(meta["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at iteration {meta['step']}")
@@ -1066,13 +1067,13 @@ def lora_students(backbone, rank):
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
         for p in view.parameters():
             p.data = p.data.float()
-    views[2].load_state_dict(views[0].state_dict())
-    _set_adapter_state(base, None)
+    views[2].load_state_dict(views[0].state_dict())  # the EMA starts as the generator
+    _set_adapter_state(base, None)  # (add_adapter left "ema" active: every layer switched off, what trains set)
     backbone.teacher = AdapterView(base, None)
     return views
 
 
-# --- 11. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, sharded checkpoints
+# --- 11. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, a barrier -----------
 
 # cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through FLUX's joint
 # attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed finite: switched off.
