@@ -1130,15 +1130,20 @@ def shard(net, mp_policy=None, device_type=None, compiled=False):
     return net
 
 
+# bf16 autocast over sharded float32 masters: FSDP2 all-gathers the weights in bf16, reduces gradients in float32, and
+# leaves the inputs as they are given (by default it casts them to bf16: a student would see the timestep 700.3 as
+# 700.0 while the teacher sees 700.3, and one process sees 700.3 everywhere)
+STUDENTS_BF16 = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
+
+
 def sharded_copy(teacher, cfg, trainable):
     """A copy of the sharded teacher in the students' dtype: made on the meta device, sharded alike, each rank fills
-    its own shards. Under bf16 autocast, FSDP2 all-gathers its float32 weights in bf16 and reduces gradients in
-    float32."""
+    its own shards."""
     with torch.device("meta"):
         net = type(teacher).from_config(teacher.config).to(trainable_dtype(cfg))
     device = next(teacher.parameters()).device
     net.requires_grad_(trainable).train(trainable)
-    bf16 = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cfg.precision == "bf16-autocast" else None
+    bf16 = STUDENTS_BF16 if cfg.precision == "bf16-autocast" else None
     shard(net, bf16, device.type, cfg.compile)  # the module is still on the meta device: the teacher's mesh
     net.to_empty(device=device)
     with torch.no_grad():

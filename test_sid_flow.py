@@ -2241,7 +2241,7 @@ def _torchrun(args, timeout=300):
 TOY_TWO_PROCESSES = r"""
 import json, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, sys.argv[1])
 import run_toy
 import sid_flow as sf
@@ -2259,11 +2259,14 @@ def run(world, rank, layout, precision):
     gen, fake = sid.generator, sid.fake
     start = {n: p.detach().clone() for n, p in bb.teacher.named_parameters()}
     if world > 1 and layout == "sharded":  # FSDP2, as full mode; else replicas averaged by hand, as LoRA mode
-        student = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if precision == "bf16-autocast" else None
-        for net, mp in ((bb.teacher, None), (gen, student), (fake, student)):  # (as sf.sharded_copy's)
+        student = sf.STUDENTS_BF16 if precision == "bf16-autocast" else None  # (as sf.sharded_copy's)
+        for net, mp in ((bb.teacher, None), (gen, student), (fake, student)):
             for layer in net.body[::2]:  # each Linear a unit of its own, as each block of a DiT, then the root
                 fully_shard(layer, mesh=init_device_mesh("cpu", (world,)), **({"mp_policy": mp} if mp else {}))
             sf.shard(net, mp)
+    seen = set()  # the dtypes of t as the students' forward receives it (after FSDP2's own pre-forward)
+    for net in (gen, fake):
+        net.register_forward_pre_hook(lambda module, args: seen.add(str(args[1].dtype)))
     sid.runtime = sf.Distributed(rank, world, cpu, sharded=layout == "sharded") if world > 1 else sf.Runtime(cpu)
     sid.optimizers = sf.make_optimizers(cfg, gen, fake)  # over the sharded weights
     for group in (g for opt in sid.optimizers.values() for g in opt.param_groups):
@@ -2272,19 +2275,19 @@ def run(world, rank, layout, precision):
         sid.iteration(i)
     full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float()
     return {f"{name}.{n}": full(p) for name, net in (("generator", gen), ("fake", fake))
-            for n, p in net.named_parameters()}, start
+            for n, p in net.named_parameters()}, start, seen
 
 
 dist.init_process_group("gloo")
 results = {}
 for layout in ("sharded", "replicated"):
     for precision in ("fp32", "bf16-autocast"):
-        two, start = run(2, dist.get_rank(), layout, precision)
-        one, _ = run(1, 0, layout, precision)
+        two, start, seen = run(2, dist.get_rank(), layout, precision)
+        one, _, _ = run(1, 0, layout, precision)
         moved = max((one[k] - start[k.split(".", 1)[1]]).abs().max().item() for k in one)
         results[f"{layout} {precision}"] = dict(  # the largest difference, relative to the largest update
             diff=max((two[k] - one[k]).abs().max().item() for k in one) / moved,
-            unmoved=[k for k in two if torch.equal(two[k], start[k.split(".", 1)[1]])])
+            unmoved=[k for k in two if torch.equal(two[k], start[k.split(".", 1)[1]])], t_dtypes=sorted(seen))
 if dist.get_rank() == 0:
     print(json.dumps(results))
 dist.destroy_process_group()
@@ -2296,8 +2299,9 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     one process with micro-batches of 4, two of each per step (every draw is made for the global batch of 8 from one
     seed, each rank keeping its rows of each micro-batch). FSDP2
     sharding (full mode; the generator's gradient routed through d loss / d x_g) and replicas with all-reduced
-    gradients (LoRA mode) alike, in fp32 and bf16 autocast (FSDP2 all-gathering bf16). Adam runs with eps >> |grad|,
-    so its step is proportional to the gradient: a sum over ranks instead of a mean would show as a factor 2."""
+    gradients (LoRA mode) alike, in fp32 and bf16 autocast (FSDP2 all-gathering bf16, the inputs left in float32).
+    Adam runs with eps >> |grad|, so its step is proportional to the gradient: a sum over ranks instead of a mean
+    would show as a factor 2."""
     script = tmp_path / "two.py"
     script.write_text(TOY_TWO_PROCESSES)
     r = _torchrun_script([str(script), HERE], timeout=300)
@@ -2305,6 +2309,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     results = json.loads(r.stdout.strip().splitlines()[-1])
     for name, res in results.items():
         assert res["unmoved"] == [], name  # every weight of both networks trained
+        assert res["t_dtypes"] == ["torch.float32"], name  # the students see t as one process does (not cast to bf16)
         assert res["diff"] < (1e-5 if "fp32" in name else 5e-2), (name, res["diff"])
 
 
@@ -2320,10 +2325,10 @@ def _sana_blocks_changed(state, teacher):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
     """torchrun, two gloo processes with batch 1 each, against one process with batch 2 (the same global batch):
-    2 iterations, then a resumed third. Full mode shards every network with FSDP2 (sharded checkpoint folder); LoRA
-    mode all-reduces the adapters' gradients (one file). The weights equal the one-process run's within float
-    tolerance, every transformer block trained, and the exported student (written by rank 0 from the checkpoint,
-    and again by `export`) is the checkpoint's EMA in a stock-loadable pipeline."""
+    2 iterations, then a resumed third. Full mode shards every network with FSDP2; LoRA mode all-reduces the adapters'
+    gradients; each process writes its part of the one checkpoint folder. The weights equal the one-process run's
+    within float tolerance, every transformer block trained, and the exported student (written by rank 0 from the
+    checkpoint, and again by `export`) is the checkpoint's EMA in a stock-loadable pipeline."""
     from diffusers import DiffusionPipeline
 
     common = dict(
