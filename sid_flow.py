@@ -1850,7 +1850,7 @@ def cmd_export(out, weights, device):
     if cfg.teacher in ("toy", "digits"):
         raise UserError(
             f"--out {out}: a run of the {cfg.teacher} teacher; export writes diffusers "
-            "pipelines of image teachers, and this student's weights are already in its checkpoint.pt"
+            f"pipelines of image teachers, and this student's weights are already in {out}/checkpoint"
         )
     backbone = load_backbone(cfg, resolve_device(cfg.device))
     net = checkpointed_net(path, weights, backbone, cfg)

@@ -1371,10 +1371,12 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, case):
     args, message = _bad_teacher_cases(tiny, tmp_path)[case]
     out = tmp_path / "out"
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes(b"precious")
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "meta.pt").write_bytes(b"precious")
     with pytest.raises(sf.UserError, match=message):
         sf.main([*args, "--out", str(out)])
-    assert [p.name for p in out.iterdir()] == ["checkpoint.pt"] and (out / "checkpoint.pt").read_bytes() == b"precious"
+    assert [p.name for p in out.rglob("*")] == ["checkpoint", "meta.pt"]
+    assert (out / "checkpoint" / "meta.pt").read_bytes() == b"precious"
 
 
 def test_bad_resolution_fails_before_any_weights_load(tiny, tmp_path, monkeypatch):
