@@ -961,10 +961,7 @@ LORA_TRAINABLE = ("generator", "fake")
 def _tuner_layers(module):  # [(peft LoRA layer, [(lora parameter, trains?)])] in `module`, found once, cached on it
     if "_sid_tuner_layers" not in module.__dict__:
         module.__dict__["_sid_tuner_layers"] = [
-            (
-                m,
-                [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")],
-            )
+            (m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")])
             for m in module.modules()
             if isinstance(m, BaseTunerLayer)
         ]
@@ -1699,8 +1696,8 @@ def check_inputs(cfg, configs_only=False):
     net, VAE factor). Resolution 0 becomes the transformer's native side, as DiTBackbone takes it."""
     if cfg.data and cfg.prompts:
         raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
-    if cfg.data:  # (its folder checked now, read again when the data is encoded)
-        read_image_captions(cfg.data)
+    if cfg.data and not os.path.isdir(cfg.data):  # (its files are read once, when encoded, unless cached)
+        raise UserError(f"--data {cfg.data}: no such folder")
     prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS
     src, family = resolve_teacher(cfg.teacher, configs_only)
     net, factor = meta_transformer(src), vae_factor(src, family)
@@ -1910,14 +1907,14 @@ def main(argv=None):
 
 
 def known_preset(teacher):
-    """The preset whose model `teacher` is: a preset's name, its hub id, or a pipeline folder whose transformer config
-    is the preset's (a local copy of the model); None for any other teacher."""
+    """The preset whose model `teacher` is: an image preset's name, its hub id, or a pipeline folder whose transformer
+    config is the preset's (a local copy of the model); None for any other teacher."""
     config = os.path.join(teacher, "transformer", "config.json")
     for name, hub in HUB_IDS.items():
         ours = os.path.join(resolve_teacher(name, configs_only=True)[0], "transformer", "config.json")
         if teacher in (name, hub) or os.path.isfile(config) and _public(config) == _public(ours):
             return name
-    return teacher if teacher in PRESETS else None
+    return None  # (the toy and digits presets are refused before: they are not pipelines)
 
 
 def _public(path):  # a config.json's entries, without diffusers' bookkeeping ('_class_name', '_name_or_path', ...)
