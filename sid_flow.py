@@ -114,15 +114,18 @@ def sample_t(n, rng):
 
 
 # w(t) of the generator loss, per sample: the seven weightings of the official code; 'inv-l1' is original SiD's
-# 1 / mean|x_g - x0_teacher|. Stop-gradient: a weight scales the step, it is not part of the objective.       (D14)
+# 1 / mean|x_g - x0_teacher|. A weight written 1 / d has its denominator d clipped at 1e-5, as officially (a bound
+# the logit-normal t never reaches in practice). Stop-gradient: a weight scales the step, it is not part of the
+# objective.                                                                                                     (D14)
+WEIGHT_FLOOR = 1e-5
 WEIGHTS = {
     "1-t": lambda t, l1: 1 - t,
     "(1-t)^2": lambda t, l1: (1 - t) ** 2,
-    "inv-l1": lambda t, l1: 1 / l1,
-    "(1-t)/t": lambda t, l1: (1 - t) / t,
-    "((1-t)/t)^2": lambda t, l1: ((1 - t) / t) ** 2,
-    "1/t": lambda t, l1: 1 / t,
-    "1/t^2": lambda t, l1: 1 / t**2,
+    "inv-l1": lambda t, l1: 1 / l1.clamp_min(WEIGHT_FLOOR),
+    "(1-t)/t": lambda t, l1: 1 / (t / (1 - t)).clamp_min(WEIGHT_FLOOR),
+    "((1-t)/t)^2": lambda t, l1: 1 / ((t / (1 - t)) ** 2).clamp_min(WEIGHT_FLOOR),
+    "1/t": lambda t, l1: 1 / t.clamp_min(WEIGHT_FLOOR),
+    "1/t^2": lambda t, l1: 1 / (t**2).clamp_min(WEIGHT_FLOOR),
 }
 WEIGHTINGS = tuple(WEIGHTS)
 
@@ -131,7 +134,7 @@ def sid_weight(name, t, x_g, x0_teacher):
     """Per-sample weight w (B,), computed without gradient."""
     if name not in WEIGHTS:
         raise ValueError(f"unknown weighting {name!r}; choose from {', '.join(WEIGHTINGS)}")
-    l1 = (x_g - x0_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-8)  # (B,)
+    l1 = (x_g - x0_teacher).detach().abs().flatten(1).mean(1)  # (B,)
     return WEIGHTS[name](t.detach(), l1)
 
 
@@ -251,21 +254,26 @@ class Interrupted(Exception):
     """SIGTERM or Ctrl-C stopped the run after checkpointing its current iteration: main() says so in one line."""
 
 
-@contextlib.contextmanager
-def capture_features(net):
-    """Record the input of the network's output projection (`head` of the toy MLP, `proj_out` of every diffusers
-    DiT: the last hidden states) in every call inside the block. Yields the list of those tensors, one per call."""
-    seen = []
+def velocity_and_features(velocity_fn, net, x_t, t, cond, guidance):
+    """One velocity call, velocity_fn(net, ...) (B, *D) (a Backbone's velocity or prompt_velocity), and the hidden
+    states that this call -- and no other --
+    fed to the network's output projection (`head` of the toy MLP, `proj_out` of every diffusers DiT: its last hidden
+    states, (B, C), (B, N, C), or 2B rows when CFG ran two branches). The features of data-aided SiD (D17) and of the
+    quality number. Read from this call alone, not from a list of every call of a hooked layer: in LoRA mode the
+    generator, the fake network and the teacher are views of ONE base, and share its output projection."""
     head = net.head if hasattr(net, "head") else net.proj_out
+    seen = []
     handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
-        yield seen
+        v = velocity_fn(net, x_t, t, cond, guidance)
     finally:
         handle.remove()
+    assert len(seen) == 1, f"one velocity call ran the output projection {len(seen)} times"
+    return v, seen[0]
 
 
 def pooled_logits(hidden, B):
-    """Discriminator logits (B, C) from captured hidden states: the last B rows (the prompt's branch when CFG
+    """Discriminator logits (B, C) from one call's hidden states: the last B rows (the prompt's branch when CFG
     doubled the batch), mean-pooled over tokens when there are tokens ((B, N, C) -> (B, C))."""
     h = hidden[-B:]
     return (h.mean(1) if h.dim() == 3 else h).float()
@@ -277,11 +285,16 @@ class Backbone:
         velocity(net, x_t, t, cond, guidance) -> v (B, *D)   CFG, timestep scale and latent packing inside
         sample_batch(n, rng) -> {name: (n, ...) tensor}       what a batch draws besides noise: prompts, real data
         condition(d) -> (cond, x0_real, cond_real)            a micro-batch's conditioning and real data (or None)
-    and inherits students(), the trainable copies, and noise() / noises(), the N(0, I) draws. `real`: the data of
-    data-aided SiD (D17), or None."""
+    and inherits prompt_velocity(), the prompt's branch alone, students(), the trainable copies, and noise() /
+    noises(), the N(0, I) draws. `real`: the data of data-aided SiD (D17), or None."""
 
     uncond, prompts, real = None, (), None  # the empty prompt's conditioning (CFG's unconditional branch), the prompts
     student_guidance = 1.0  # the guidance the generator is called with: none (FLUX: an embedded scale)
+
+    def prompt_velocity(self, net, x_t, t, cond, guidance):
+        """The prompt's branch alone, no two-branch CFG (data-aided SiD's real samples, D17): v_c, the velocity at
+        scale 1 -- a guidance-distilled teacher (FLUX.1-dev) overrides it to take kappa as its embedded guidance."""
+        return self.velocity(net, x_t, t, cond, 1.0)
 
     def trainable_copy(self, dtype=torch.float32):  # (no cast that changes nothing: diffusers would warn)
         net = copy.deepcopy(self.teacher)
@@ -400,21 +413,28 @@ class SiD:
 
     def fake_loss(self, d, k):
         """Flow matching of the fake network on the generator's samples x_g, detached (D9); with real data it is also
-        the discriminator (D17): BCE on its pooled features of real and generated samples, noised alike."""
+        the discriminator (D17): BCE on its pooled features of real and generated samples, noised alike -- each read
+        from the one call that makes it."""
         cfg, bb, t, eps = self.cfg, self.backbone, d["t"], d["eps"]
         student = functools.partial(self.student, cond=d["cond"])
-        with autocast(cfg, bb.device), capture_features(self.fake) as hidden:
+        data_aided = d["x0_real"] is not None
+        with autocast(cfg, bb.device):
             with torch.no_grad():  # stop-gradient: the fake network fits the generator's samples, it must not move G
                 x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()
-            kappa = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, d["x0_real"] is not None)
-            v = bb.velocity(self.fake, add_noise(x_g, eps, t), t, d["cond"], kappa)  # (B, *D) (D18)
+            kappa = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, data_aided)  # (D18)
+            v, hidden_fake = velocity_and_features(bb.velocity, self.fake, add_noise(x_g, eps, t), t, d["cond"], kappa)
             loss = flow_matching_loss(v.float(), x_g, eps, t).mean()  # (B, *D) -> ()
             stats = dict(loss_fake=loss.item())
-            if d["x0_real"] is not None:  # real samples with their own captions, through the prompt's branch alone
-                bb.velocity(self.fake, add_noise(d["x0_real"], eps, t), t, d["cond_real"], 1.0)  # -> hidden[-1]
-                logits_real, logits_fake = pooled_logits(hidden[-1], len(t)), pooled_logits(hidden[0], len(t))
+            if data_aided:  # real samples with their own captions, through the prompt's branch alone (at the
+                # same scale kappa, which only a guidance-distilled teacher sees: FLUX.1-dev, as its embedded guidance)
+                x_t_real = add_noise(d["x0_real"], eps, t)  # (B, *D) the same eps and t as the fakes
+                cond_real = d["cond_real"]
+                _, hidden_real = velocity_and_features(bb.prompt_velocity, self.fake, x_t_real, t, cond_real, kappa)
+                logits_fake = pooled_logits(hidden_fake, len(t))  # (B, C), with the fake network's gradient
+                logits_real = pooled_logits(hidden_real, len(t))
                 loss_d = discriminator_loss(logits_real, logits_fake, x_g[0].numel()).mean()
-                loss, stats["loss_d"] = loss + loss_d, loss_d.item()
+                stats["loss_d"] = loss_d.item()
+                loss = loss + loss_d
         return loss, None, stats
 
     def generator_loss(self, d, k, gan_weight):
@@ -428,20 +448,25 @@ class SiD:
             x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()  # (B, *D)
             x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
             critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D16)
-            with critic, capture_features(self.fake) as hidden:
-                x0_teacher = velocity_to_x0(x_t, t, bb.velocity(bb.teacher, x_t, t, cond, kappa_real).float())
-                x0_fake = velocity_to_x0(x_t, t, bb.velocity(self.fake, x_t, t, cond, kappa_fake).float())  # (B, *D)
+            with critic:
+                v_teacher = bb.velocity(bb.teacher, x_t, t, cond, kappa_real)
+                v_fake, hidden_fake = velocity_and_features(bb.velocity, self.fake, x_t, t, cond, kappa_fake)
+                x0_teacher = velocity_to_x0(x_t, t, v_teacher.float())  # (B, *D)
+                x0_fake = velocity_to_x0(x_t, t, v_fake.float())  # (B, *D)
         weight = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
         if cfg.loss == "sid":
             loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, weight).mean()
         else:
             loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, weight).mean()
         # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
-        stats = dict(score_gap=_sum_pixels((x0_teacher - x0_fake).detach() ** 2).mean().item(), loss_gen=loss.item())
+        score_gap = _sum_pixels((x0_teacher - x0_fake).detach() ** 2).mean()
+        stats = dict(score_gap=score_gap.item(), loss_gen=loss.item())
         loss = SID_LOSS_SCALE * loss
-        if gan_weight:  # the fake network's features of the generator's x_t, from the call just made
-            loss_gan = gan_generator_loss(pooled_logits(hidden[-1], len(t)), weight, x_g[0].numel()).mean()
-            loss, stats["loss_gan"] = (1 - gan_weight) * loss + gan_weight * loss_gan, loss_gan.item()
+        if gan_weight:  # the fake network's features of the generator's x_t, from its call just made
+            logits = pooled_logits(hidden_fake, len(t))  # (B, C)
+            loss_gan = gan_generator_loss(logits, weight, x_g[0].numel()).mean()
+            stats["loss_gan"] = loss_gan.item()
+            loss = (1 - gan_weight) * loss + gan_weight * loss_gan
         return loss, x_g, stats
 
     def update(self, name, loss_fn):
@@ -705,18 +730,36 @@ class Checkpoints(Runtime):
                 opt.state[p] = dict(
                     step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
                 )
-        # the networks' and optimizers' own tensors, filled in place (partial: a weight that never had a gradient has
-        # no saved Adam state and keeps the zeros; Adam's settings come from the config, which a resume keeps)
-        dcp.load(checkpointed(sid), checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        state = checkpointed(sid)
+        # every network weight must be in the checkpoint: a missing one would silently keep the teacher's value.
+        # (Only Adam's state may be missing: a weight that never had a gradient has none, and keeps the zeros.)
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata  # {"generator.model.<name>": ...}
+        for name, entry in state.items():
+            missing = [key for key in entry["model"] if f"{name}.model.{key}" not in saved]
+            if missing:
+                raise UserError(f"{path} lacks the {name} network's weight {missing[0]}: it cannot resume this run")
+        # the networks' and optimizers' own tensors, filled in place (Adam's settings come from the config)
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         sid.rng.set_state(meta["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at iteration {meta['step']}")
-            with open(os.path.join(cfg.out, "log.jsonl"), "a+") as f:  # drop the lines after the checkpoint: redone
-                f.seek(0)
-                kept = [line for line in f if json.loads(line)["step"] <= meta["step"]]
-                f.truncate(0)
-                f.writelines(kept)
+            keep_log_until(os.path.join(cfg.out, "log.jsonl"), meta["step"])
         return meta["step"], meta["skipped"]
+
+
+def keep_log_until(path, step):
+    """Drop the lines of log.jsonl after iteration `step` (their iterations are redone), and a last line torn by a kill
+    in mid-write."""
+    kept = []
+    with open(path, "a+") as f:
+        f.seek(0)
+        for line in f:
+            if not line.endswith("\n"):  # torn: the process was killed while writing it
+                break
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        f.truncate(0)
+        f.writelines(kept)
 
 
 def remove_path(path):  # a folder (every path this file removes is one), if it is there
@@ -1240,6 +1283,9 @@ class DiTBackbone(Backbone):
             return self.cond_for(d["prompt"]), None, None
         return self.cond_for(d["prompt"]), self.real[d["real"]].to(self.device), self.cond_for(d["real"])
 
+    def prompt_velocity(self, net, x_t, t, cond, guidance):  # v_c alone; FLUX.1-dev: at embedded guidance kappa
+        return self.forward(net, x_t, t, cond, guidance)
+
     def velocity(self, net, x_t, t, cond, guidance):
         """v_u + kappa (v_c - v_u) (D18), the empty prompt's v_u and the prompt's v_c in one call of 2B; kappa (the
         argument `guidance`) a float or a per-sample (B,) tensor. One branch at a batch-wide kappa = 1 (v_c) or 0
@@ -1435,8 +1481,10 @@ def encode_data(backbone, path, cache_path):
             continue
         with torch.no_grad():
             enc = vae.encode(x.to(backbone.device, vae.dtype))
-            # KL VAEs (SD3, FLUX) give a distribution: take its mode; SANA's DC-AE gives the latent directly
-            z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent
+            # KL VAEs (SD3, FLUX) give a distribution: one draw of it, as the official pre-computation (seeded: the
+            # cache is the same for the same images); SANA's DC-AE gives the latent directly
+            draw = torch.Generator(backbone.device).manual_seed(len(latents))
+            z = enc.latent_dist.sample(draw) if hasattr(enc, "latent_dist") else enc.latent
             z = (z.float() - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
         latents.append(z.cpu())
         captions.append(caption)
@@ -1529,9 +1577,9 @@ class Quality:
 
         def pooled(x_t, _):  # (the rows' prompts unused: the empty prompt's conditioning, or None for the toy)
             empty = bb.uncond and {k: v.expand(len(x_t), *v.shape[1:]) for k, v in bb.uncond.items()}
-            with torch.no_grad(), capture_features(bb.teacher) as hidden:
-                bb.velocity(bb.teacher, x_t, t[: len(x_t)], empty, 1.0)
-            return grid_features(hidden[0], len(x_t))
+            with torch.no_grad():
+                _, hidden = velocity_and_features(bb.velocity, bb.teacher, x_t, t[: len(x_t)], empty, 1.0)
+            return grid_features(hidden, len(x_t))
 
         eps = bb.noise(x.shape, torch.Generator(bb.device).manual_seed(self.seed + 1))  # the same each time
         return self.chunked(pooled, add_noise(x, eps, t)).double()
@@ -1720,6 +1768,9 @@ def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, a
     print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
     for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
         print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("  (teacher + text encoders)" * (key == "startup")))
+    if torch.cuda.is_available():  # on a GPU machine: does it fit this GPU's free memory, and if not, what would
+        advice = fit_advice(cfg, net, family, factor, world_size, torch.cuda.mem_get_info()[0])
+        print(advice or f"  fits the {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free on this GPU")
     return plan
 
 
@@ -1802,24 +1853,49 @@ def cmd_distill(cfg):
         dist.destroy_process_group()
 
 
-def check_fits(cfg, net, family, factor, runtime):
-    """On CUDA, before any weights load: one line if the memory plan exceeds the free memory, naming what would fit."""
-    if runtime.device.type != "cuda":
-        return
-    free = torch.cuda.mem_get_info(runtime.device)[0]
+def lighter_settings(cfg):
+    """Settings that lower a run's planned memory per GPU, lightest change first, each at the same global batch: every
+    block checkpointed; then smaller micro-batches, with --grad-accum raised to match; in full mode then LoRA."""
+    settings = [dict(grad_checkpointing=1.0)]
+    global_batch = cfg.batch_size * cfg.grad_accum
+    for batch_size in range(cfg.batch_size - 1, 0, -1):
+        if cfg.batch_size % batch_size == 0:
+            settings.append(dict(grad_checkpointing=1.0, batch_size=batch_size, grad_accum=global_batch // batch_size))
+    if cfg.mode == "full":
+        settings += [dict(setting, mode="lora") for setting in settings]
+    return settings
+
+
+def fit_advice(cfg, net, family, factor, world, free):
+    """None if cfg's memory plan fits `free` bytes per GPU on `world` GPUs; else one line that says so and names the
+    lightest change of settings (lighter_settings) whose own plan fits, at the same global batch."""
 
     def need(**change):  # bytes per GPU of the run with these fields changed
-        plan = memory_plan(dataclasses.replace(cfg, **change), net, family, runtime.world, factor)
+        plan = memory_plan(dataclasses.replace(cfg, **change), net, family, world, factor)
         return max(plan["total"], plan["startup"])
 
-    if need() > free:  # lighter settings, in this order: every block checkpointed, then LoRA, then micro-batches of 1
-        lighter = [dict(grad_checkpointing=1.0), dict(mode="lora", grad_checkpointing=1.0)]
-        fits = [d for d in lighter + [dict(lighter[1], batch_size=1)] if need(**d) <= free]
-        hint = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fits[0].items()) if fits else "more GPUs (torchrun)"
-        raise UserError(
-            f"the memory plan needs {need() / 2**30:.1f} GiB per GPU ({cfg.mode} mode, micro-batch {cfg.batch_size} "
-            f"at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: try {hint} (--dry-run prints the plan)"
-        )
+    if need() <= free:
+        return None
+    fits = [setting for setting in lighter_settings(cfg) if need(**setting) <= free]
+    if fits:
+        hint = "try " + " ".join(f"{flag(k)} {v}" for k, v in fits[0].items())
+    elif cfg.mode == "full":  # FSDP2 shards full mode's weights, gradients and Adam's state over the GPUs
+        hint = "more GPUs (torchrun) or a GPU with more memory"
+    else:  # LoRA mode is replicated on every GPU: more GPUs lower no GPU's memory
+        hint = "a GPU with more memory"
+    return (
+        f"the memory plan needs {need() / 2**30:.1f} GiB per GPU ({cfg.mode} mode, micro-batch {cfg.batch_size} "
+        f"at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: {hint} (--dry-run prints the plan)"
+    )
+
+
+def check_fits(cfg, net, family, factor, runtime):
+    """On CUDA, before any weights load: a one-line error if the memory plan exceeds the free memory (fit_advice)."""
+    if runtime.device.type != "cuda":
+        return
+    advice = fit_advice(cfg, net, family, factor, runtime.world, torch.cuda.mem_get_info(runtime.device)[0])
+    if advice:
+        raise UserError(advice)
 
 
 def checkpointed_net(path, which, backbone, cfg):

@@ -75,9 +75,9 @@ def features(quality, x, conditioning, t):
     def pooled(x_t, cond):
         if conditioning == "empty":
             cond = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in bb.uncond.items()}
-        with torch.no_grad(), sf.capture_features(bb.teacher) as hidden:
-            bb.velocity(bb.teacher, x_t, tt[: len(x_t)], cond, 1.0)
-        return sf.grid_features(hidden[0], len(x_t))
+        with torch.no_grad():
+            _, hidden = sf.velocity_and_features(bb.velocity, bb.teacher, x_t, tt[: len(x_t)], cond, 1.0)
+        return sf.grid_features(hidden, len(x_t))
 
     eps = bb.noise(x.shape, torch.Generator().manual_seed(quality.seed + 1))
     return quality.chunked(pooled, sf.add_noise(x, eps, tt)).double()
