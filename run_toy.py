@@ -237,11 +237,11 @@ def train_teacher(dataset, seed, path):
     )
 
 
-def run_folder(out, name, cfg, **teacher):
+def run_folder(out, name, config, **teacher):
     """(OUT/runs/<name>-<hash>, the iterations its checkpoint holds): a folder per config (less the fields a resumed
-    run may change: sf.resumable) and teacher: the same command resumes or reuses its run, a changed one trains
-    anew."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sf.resumable(cfg)}
+    run may change: sf.changeable_on_resume) and teacher: the same command resumes or reuses its run, a changed one
+    trains anew."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in sf.changeable_on_resume(config)}
     key = json.dumps(dict(fields, **teacher), sort_keys=True)
     folder = os.path.join(out, "runs", f"{sf.slug(name)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     path = sf.checkpoint_path(folder)
@@ -272,11 +272,11 @@ NOT_HERE = (
     "lora_rank",  # sid_flow.py
     "grad_checkpointing",
     "embedded_guidance_only",
-    "cfg_train_fake",
-    "cfg_eval_fake",
-    "cfg_eval_real",
-    "cfg_t_min",
-    "cfg_t_max",
+    "guidance_train_fake",
+    "guidance_eval_fake",
+    "guidance_eval_real",
+    "guidance_t_min",
+    "guidance_t_max",
     "compile",
 )  # flags that mean nothing for the 2-D MLPs (unconditional, CPU): not offered
 
@@ -341,19 +341,21 @@ def run_name(args, overrides):
 
 def main(argv=None):
     args, overrides = parse_args(argv)
-    cfg = sf.make_config("toy", **overrides)
+    config = sf.make_config("toy", **overrides)
     if args.n_eval < 64 * R:
         raise sf.UserError(f"--n-eval must be at least {64 * R}, got {args.n_eval}")
-    t_start, folder = time.time(), os.path.join(cfg.out, run_name(args, overrides))
+    t_start, folder = time.time(), os.path.join(config.out, run_name(args, overrides))
     os.makedirs(folder, exist_ok=True)
-    teacher, t_teacher = train_teacher(args.dataset, cfg.seed, os.path.join(cfg.out, f"teacher-{args.dataset}.pt"))
-    ev = Evaluation(args.dataset, args.n_eval // R, R, cfg.seed, max_steps=max(4, cfg.steps))
+    teacher, t_teacher = train_teacher(
+        args.dataset, config.seed, os.path.join(config.out, f"teacher-{args.dataset}.pt")
+    )
+    ev = Evaluation(args.dataset, args.n_eval // R, R, config.seed, max_steps=max(4, config.steps))
     t0 = time.time()
     samples = {"data (another draw)": ev.twin}  # its distance is the estimator's floor at this n
     for n in (1, 2, 4, 8, 32, 128):
         samples[f"teacher {n} steps"] = ev.samples(lambda noises, n=n: sf.euler_sample(teacher, noises[:, 0], n), 1)
     # the teacher's own weights used as a K-step SiD generator: where distillation starts
-    samples["teacher as 4-step generator"] = ev.samples(lambda noises: sf.generate(teacher, noises, cfg.noise), 4)
+    samples["teacher as 4-step generator"] = ev.samples(lambda noises: sf.generate(teacher, noises, config.noise), 4)
     t_eval = time.time() - t0
 
     curves, t_distill = {}, {}
@@ -361,7 +363,7 @@ def main(argv=None):
         aided = args.data_aided or name.endswith("data-aided")
         name += " data-aided" if aided and not name.endswith("data-aided") else ""
         vcfg = sf.make_config("toy", **{**overrides, **extra})
-        vcfg.out, done = run_folder(cfg.out, name, vcfg, dataset=args.dataset, teacher=TEACHER, data_aided=aided)
+        vcfg.out, done = run_folder(config.out, name, vcfg, dataset=args.dataset, teacher=TEACHER, data_aided=aided)
         backbone = sf.ToyBackbone(teacher, real=(lambda n, g: draw(args.dataset, n, g)) if aided else None)
         curves[name], res, t_distill[name] = distil_variant(vcfg, backbone, ev, done)
         for kind, net in (("EMA", res["ema"]), ("raw", res["generator"])):
@@ -374,7 +376,7 @@ def main(argv=None):
     seconds = dict(
         teacher=t_teacher, distill=t_distill, evaluation=t_eval + time.time() - t0, total=time.time() - t_start
     )
-    return report(args, cfg, folder, ev, samples, ed, curves, seconds, argv)
+    return report(args, config, folder, ev, samples, ed, curves, seconds, argv)
 
 
 def distil_variant(vcfg, backbone, ev, done):
@@ -400,7 +402,7 @@ def distil_variant(vcfg, backbone, ev, done):
     return curve, res, None if done >= vcfg.iters else time.time() - t0
 
 
-def report(args, cfg, folder, ev, samples, ed, curves, seconds, argv):
+def report(args, config, folder, ev, samples, ed, curves, seconds, argv):
     """Print the table and the times; write the samples (*.npy), metrics.json and toy.png to `folder`."""
     ref4, ref128 = ed["teacher 4 steps"][0], ed["teacher 128 steps"][0]
     print(
@@ -432,7 +434,7 @@ def report(args, cfg, folder, ev, samples, ed, curves, seconds, argv):
         seconds=seconds,
         energy_distance={k: v[0] for k, v in ed.items()},
         standard_error={k: v[1] for k, v in ed.items()},
-        config=dataclasses.asdict(cfg),
+        config=dataclasses.asdict(config),
         folder=folder,
         command="python run_toy.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )

@@ -11,7 +11,6 @@ export and the command line.
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -140,8 +139,8 @@ def sid_weight(name, t, x_g, x0_teacher):
 
 # Classifier-free guidance inside the losses (D18): a call with scale kappa evaluates v_u + kappa (v_c - v_u) (the
 # empty prompt's velocity v_u, the prompt's v_c); kappa = 1 is v_c alone, kappa = 0 v_u alone (Zero-CFG), kappa < 0
-# pushes away from the prompt (Anti-CFG). Outside the guidance interval [cfg_t_min, cfg_t_max] of noise levels every
-# call uses kappa = 1.
+# pushes away from the prompt (Anti-CFG). Outside the guidance interval [guidance_t_min, guidance_t_max] of noise
+# levels every call uses kappa = 1.
 
 
 def guidance_scale(kappa, t, t_min=0.0, t_max=1.0, features=False):
@@ -220,13 +219,16 @@ def generator_rollout(velocity_fn, noises, k, mode):
     'fresh': that step's draw (FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)), 'fixed': z again, or
     'ddim': the noise the previous input implies, E[eps | x_t] (D4) (stochastic_sampling=False: a plain Euler step).
     Backward simulation: earlier outputs are detached, so only step k will carry gradient into the generator."""
-    times, z = generator_times(noises.shape[1]), noises[:, 0]
-    x_t, t = z, torch.full((len(z),), times[0], device=z.device, dtype=z.dtype)  # (B, *D), (B,)
+    times = generator_times(noises.shape[1])
+    z = noises[:, 0]  # (B, *D) the initial noise: step 1's input
+    x_t = z
+    t = torch.full((len(z),), times[0], device=z.device, dtype=z.dtype)  # (B,)
     with torch.no_grad():  # stop-gradient: steps 1..k-1 are simulation, not training signal
         for j in range(1, k):
             v = velocity_fn(x_t, t)  # (B, *D)
             n = {"fresh": noises[:, j], "fixed": z, "ddim": velocity_to_eps(x_t, t, v)}[mode]
-            x0, t = velocity_to_x0(x_t, t, v), torch.full_like(t, times[j])
+            x0 = velocity_to_x0(x_t, t, v)  # (B, *D) step j's output
+            t = torch.full_like(t, times[j])
             x_t = add_noise(x0, n, t)  # (B, *D)
     return x_t, t
 
@@ -284,11 +286,13 @@ class Backbone:
     (network: run_toy.py) is one; SANA, SD3, FLUX are Part II's. It sets teacher, device, sample_shape D; supplies
         velocity(net, x_t, t, cond, guidance) -> v (B, *D)   CFG, timestep scale and latent packing inside
         sample_batch(n, rng) -> {name: (n, ...) tensor}       what a batch draws besides noise: prompts, real data
-        condition(d) -> (cond, x0_real, cond_real)            a micro-batch's conditioning and real data (or None)
+        condition(draws) -> (cond, x0_real, cond_real)        a micro-batch's conditioning and real data (or None)
     and inherits prompt_velocity(), the prompt's branch alone, students(), the trainable copies, and noise() /
     noises(), the N(0, I) draws. `real`: the data of data-aided SiD (D17), or None."""
 
-    uncond, prompts, real = None, (), None  # the empty prompt's conditioning (CFG's unconditional branch), the prompts
+    uncond = None  # the empty prompt's conditioning (CFG's unconditional branch)
+    prompts = ()  # the prompts (none: an unconditional teacher)
+    real = None  # the real data of data-aided SiD
     student_guidance = 1.0  # the guidance the generator is called with: none (FLUX: an embedded scale)
 
     def prompt_velocity(self, net, x_t, t, cond, guidance):
@@ -300,13 +304,14 @@ class Backbone:
         net = copy.deepcopy(self.teacher)
         return (net if next(net.parameters()).dtype == dtype else net.to(dtype)).requires_grad_(True).train()
 
-    def students(self, cfg, runtime):
+    def students(self, config, runtime):
         """(generator, fake, ema), all starting as the teacher (D15): full copies on one process, trainable weights in
         float32 (bf16 with --precision bf16); ema None when --ema-decay is 0. Part II adds LoRA and FSDP2 sharding."""
-        if cfg.mode != "full" or runtime.world > 1:
+        if config.mode != "full" or runtime.world > 1:
             raise UserError("the toy MLP trains in full mode on one process (LoRA and FSDP2 need a diffusers teacher)")
-        generator, fake = self.trainable_copy(trainable_dtype(cfg)), self.trainable_copy(trainable_dtype(cfg))
-        return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval() if cfg.ema_decay else None
+        generator = self.trainable_copy(trainable_dtype(config))
+        fake = self.trainable_copy(trainable_dtype(config))
+        return generator, fake, copy.deepcopy(generator).requires_grad_(False).eval() if config.ema_decay else None
 
     def noise(self, shape, rng):
         """N(0, I) in the sample layout (B, *D), drawn from `rng` as the stock pipeline draws its initial noise."""
@@ -327,7 +332,9 @@ class ToyBackbone(Backbone):
 
     def __init__(self, teacher, real=None):
         self.teacher = teacher.requires_grad_(False).eval()  # frozen for the whole run
-        self.device, self.sample_shape, self.real = teacher.head.weight.device, (teacher.config["dim"],), real
+        self.device = teacher.head.weight.device
+        self.sample_shape = (teacher.config["dim"],)
+        self.real = real
 
     def velocity(self, net, x_t, t, cond, guidance):
         return net(x_t, t)  # (B, 2)
@@ -335,8 +342,8 @@ class ToyBackbone(Backbone):
     def sample_batch(self, n, rng):
         return {"x0_real": self.real(n, rng)} if self.real else {}
 
-    def condition(self, d):
-        return None, d.get("x0_real"), None
+    def condition(self, draws):
+        return None, draws.get("x0_real"), None
 
 
 # --- 6. One SiD iteration: a fake-network update, then a generator update, each on fresh draws (D9)-(D17) ----------
@@ -346,28 +353,32 @@ class ToyBackbone(Backbone):
 # micro-batches see different samples, and one process with the same global batch computes the same update.
 
 SID_LOSS_SCALE = 100  # the official generator loss is 100 x (D13) (loss_scaling_G): Adam only notices it through eps
-MAX_NONFINITE, LOG_EVERY = 3, 10  # stop after 3 non-finite iterations in a row; a line of OUT/log.jsonl every 10
-GAN_FREEZE_IMAGES, GAN_START_IMAGES = 20_000, 40_000  # data-aided (D17): the generator waits, then the GAN term
+MAX_NONFINITE = 3  # a run stops after 3 iterations in a row with a non-finite loss
+LOG_EVERY = 10  # a line of OUT/log.jsonl every 10 iterations
+GAN_FREEZE_IMAGES = 20_000  # data-aided (D17): the generator waits until more images than this have been generated,
+GAN_START_IMAGES = 40_000  # and the adversarial term joins once more than this have been
 GAN_WEIGHT = 0.5  # data-aided (D17): the adversarial term's share of the generator loss from then on (official)
 
 
-def trainable_dtype(cfg):
+def trainable_dtype(config):
     """The generator's and fake network's weights: float32 masters, or bf16 with --precision bf16 (pure bf16)."""
-    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    return torch.bfloat16 if config.precision == "bf16" else torch.float32
 
 
-def autocast(cfg, device):
+def autocast(config, device):
     """bf16 autocast (--precision bf16-autocast, bf16), on the CPU as on CUDA: the CPU tests run the GPU's path."""
-    return contextlib.nullcontext() if cfg.precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+    return (
+        contextlib.nullcontext() if config.precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+    )
 
 
-def make_optimizers(cfg, generator, fake):
+def make_optimizers(config, generator, fake):
     """{'generator': Adam, 'fake': Adam}, betas (0, 0.999) as the official code (no momentum); eps 1e-4 in pure
     bf16 (--precision bf16), as the official SD3 and FLUX scripts."""
     # foreach=False: the default multi-tensor step allocates temporaries the size of every gradient at once (on a
     # GPU, tens of GB for a full DiT copy: the peak of a checkpointed run); one tensor at a time costs ~nothing
-    adam = dict(betas=(0.0, 0.999), eps=1e-4 if cfg.precision == "bf16" else 1e-8, foreach=False)
-    trainable = {"generator": (generator, cfg.lr_gen), "fake": (fake, cfg.lr_fake)}
+    adam = dict(betas=(0.0, 0.999), eps=1e-4 if config.precision == "bf16" else 1e-8, foreach=False)
+    trainable = {"generator": (generator, config.lr_gen), "fake": (fake, config.lr_fake)}
     return {
         name: torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr, **adam)
         for name, (net, lr) in trainable.items()
@@ -384,78 +395,99 @@ def ema_update(ema, net, decay, step):
 
 
 class SiD:
-    """The state of a distillation and its one iteration. iteration(step) -> diagnostics runs cfg.fake_updates updates
-    of the fake network, then one of the generator (update(), with fake_loss() and generator_loss()), each on its own
-    draws (micro_batches()). The networks and optimizers start as students() makes them: the teacher's copies."""
+    """The state of a distillation and its one iteration. iteration(step) -> diagnostics runs config.fake_updates
+    fake_update()s, then one generator_update(), each on its own draws (micro_batches()) and with its own backward.
+    The networks and optimizers start as students() makes them: the teacher's copies."""
 
-    def __init__(self, cfg, backbone, runtime):
-        self.cfg, self.backbone, self.runtime = cfg, backbone, runtime
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 broadcasts nothing)
-        self.generator, self.fake, self.ema = backbone.students(cfg, runtime)
-        self.optimizers = make_optimizers(cfg, self.generator, self.fake)  # {"generator": Adam, "fake": Adam}
+    def __init__(self, config, backbone, runtime):
+        self.config = config
+        self.backbone = backbone
+        self.runtime = runtime
+        torch.manual_seed(config.seed)  # identical initial weights on every rank (FSDP2 broadcasts nothing)
+        self.generator, self.fake, self.ema = backbone.students(config, runtime)
+        self.optimizers = make_optimizers(config, self.generator, self.fake)  # {"generator": Adam, "fake": Adam}
         # the only source of randomness, the same on every rank; the global RNGs are never drawn from, so this state is
         # all a checkpoint needs to resume exactly
-        self.rng = torch.Generator(runtime.device or backbone.device).manual_seed(cfg.seed)
+        self.rng = torch.Generator(runtime.device or backbone.device).manual_seed(config.seed)
 
-    def student(self, x_t, t, cond):  # the generator's velocity: no two-branch CFG (FLUX: its embedded guidance)
-        return self.backbone.velocity(self.generator, x_t, t, cond, self.backbone.student_guidance)
+    def student(self, cond):
+        """The generator's velocity function (x_t, t) -> v given the prompts' conditioning: no two-branch CFG (FLUX:
+        its embedded guidance)."""
+
+        def velocity(x_t, t):
+            return self.backbone.velocity(self.generator, x_t, t, cond, self.backbone.student_guidance)
+
+        return velocity
 
     def micro_batches(self):
         """Fresh draws for one update, this process's micro-batches of them: dicts of (B, ...) tensors -- noises
         (B, K, *D), t (B,), eps (B, *D), what backbone.sample_batch draws -- and 'cond', 'x0_real', 'cond_real'."""
-        cfg, bb, rng = self.cfg, self.backbone, self.rng
-        n = cfg.batch_size * cfg.grad_accum * self.runtime.world  # the global batch
-        d = dict(noises=bb.noises(n, cfg.steps, rng), t=sample_t(n, rng), eps=bb.noise((n, *bb.sample_shape), rng))
-        d |= bb.sample_batch(n, rng)
-        for j in range(cfg.grad_accum):
-            rows = {name: v[self.runtime.rows(cfg.batch_size, j)] for name, v in d.items()}
-            yield rows | dict(zip(("cond", "x0_real", "cond_real"), bb.condition(rows), strict=True))
+        config = self.config
+        backbone = self.backbone
+        n = config.batch_size * config.grad_accum * self.runtime.world  # the global batch
+        draws = dict(noises=backbone.noises(n, config.steps, self.rng))  # (n, K, *D)
+        draws["t"] = sample_t(n, self.rng)  # (n,)
+        draws["eps"] = backbone.noise((n, *backbone.sample_shape), self.rng)  # (n, *D)
+        draws.update(backbone.sample_batch(n, self.rng))  # prompts, real data
+        for j in range(config.grad_accum):
+            rows = {name: v[self.runtime.rows(config.batch_size, j)] for name, v in draws.items()}
+            rows["cond"], rows["x0_real"], rows["cond_real"] = backbone.condition(rows)
+            yield rows
 
-    def fake_loss(self, d, k):
+    def fake_loss(self, draws, k):
         """Flow matching of the fake network on the generator's samples x_g, detached (D9); with real data it is also
         the discriminator (D17): BCE on its pooled features of real and generated samples, noised alike -- each read
-        from the one call that makes it."""
-        cfg, bb, t, eps = self.cfg, self.backbone, d["t"], d["eps"]
-        student = functools.partial(self.student, cond=d["cond"])
-        data_aided = d["x0_real"] is not None
-        with autocast(cfg, bb.device):
+        from the one call that makes it. Returns (loss, diagnostics)."""
+        config, backbone = self.config, self.backbone
+        t, eps, cond = draws["t"], draws["eps"], draws["cond"]
+        data_aided = draws["x0_real"] is not None
+        student = self.student(cond)
+        with autocast(config, backbone.device):
             with torch.no_grad():  # stop-gradient: the fake network fits the generator's samples, it must not move G
-                x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()
-            kappa = guidance_scale(cfg.cfg_train_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, data_aided)  # (D18)
-            v, hidden_fake = velocity_and_features(bb.velocity, self.fake, add_noise(x_g, eps, t), t, d["cond"], kappa)
+                x_g = generator_step(student, *generator_rollout(student, draws["noises"], k, config.noise)).float()
+            kappa = guidance_scale(
+                config.guidance_train_fake, t, config.guidance_t_min, config.guidance_t_max, data_aided
+            )
+            x_t = add_noise(x_g, eps, t)  # (B, *D)
+            v, hidden_fake = velocity_and_features(backbone.velocity, self.fake, x_t, t, cond, kappa)  # (D18)
             loss = flow_matching_loss(v.float(), x_g, eps, t).mean()  # (B, *D) -> ()
             stats = dict(loss_fake=loss.item())
             if data_aided:  # real samples with their own captions, through the prompt's branch alone (at the
                 # same scale kappa, which only a guidance-distilled teacher sees: FLUX.1-dev, as its embedded guidance)
-                x_t_real = add_noise(d["x0_real"], eps, t)  # (B, *D) the same eps and t as the fakes
-                cond_real = d["cond_real"]
-                _, hidden_real = velocity_and_features(bb.prompt_velocity, self.fake, x_t_real, t, cond_real, kappa)
+                x_t_real = add_noise(draws["x0_real"], eps, t)  # (B, *D) the same eps and t as the fakes
+                velocity = backbone.prompt_velocity
+                _, hidden_real = velocity_and_features(velocity, self.fake, x_t_real, t, draws["cond_real"], kappa)
                 logits_fake = pooled_logits(hidden_fake, len(t))  # (B, C), with the fake network's gradient
                 logits_real = pooled_logits(hidden_real, len(t))
                 loss_d = discriminator_loss(logits_real, logits_fake, x_g[0].numel()).mean()
                 stats["loss_d"] = loss_d.item()
                 loss = loss + loss_d
-        return loss, None, stats
+        return loss, stats
 
-    def generator_loss(self, d, k, gan_weight):
+    def generator_loss(self, draws, k, gan_weight):
         """SiD's generator loss (D13) through step k, DMD's (D16) for contrast; data-aided, the adversarial term joins
-        with weight gan_weight (D17). Returns the loss and x_g, where its gradient is routed (see update())."""
-        cfg, bb, t, eps, cond = self.cfg, self.backbone, d["t"], d["eps"], d["cond"]
-        student = functools.partial(self.student, cond=cond)
-        kappa_real = guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)  # (D18)
-        kappa_fake = guidance_scale(cfg.cfg_eval_fake, t, cfg.cfg_t_min, cfg.cfg_t_max, gan_weight > 0)
-        with autocast(cfg, bb.device):
-            x_g = generator_step(student, *generator_rollout(student, d["noises"], k, cfg.noise)).float()  # (B, *D)
+        with weight gan_weight (D17). Returns (loss, x_g -- where its gradient is routed, see generator_update --,
+        diagnostics)."""
+        config, backbone = self.config, self.backbone
+        t, eps, cond = draws["t"], draws["eps"], draws["cond"]
+        kappa_real = guidance_scale(config.guidance_eval_real, t, config.guidance_t_min, config.guidance_t_max)
+        kappa_fake = guidance_scale(
+            config.guidance_eval_fake, t, config.guidance_t_min, config.guidance_t_max, gan_weight > 0
+        )  # (D18)
+        student = self.student(cond)
+        with autocast(config, backbone.device):
+            x_g = generator_step(student, *generator_rollout(student, draws["noises"], k, config.noise)).float()
             x_t = add_noise(x_g, eps, t)  # (B, *D) differentiable in x_g: SiD's gradient also flows through here
-            critic = torch.no_grad() if cfg.loss == "dmd" else contextlib.nullcontext()  # DMD: no input gradient (D16)
+            # DMD: no gradient through the networks' inputs (D16)
+            critic = torch.no_grad() if config.loss == "dmd" else contextlib.nullcontext()
             with critic:
-                v_teacher = bb.velocity(bb.teacher, x_t, t, cond, kappa_real)
-                v_fake, hidden_fake = velocity_and_features(bb.velocity, self.fake, x_t, t, cond, kappa_fake)
+                v_teacher = backbone.velocity(backbone.teacher, x_t, t, cond, kappa_real)
+                v_fake, hidden_fake = velocity_and_features(backbone.velocity, self.fake, x_t, t, cond, kappa_fake)
                 x0_teacher = velocity_to_x0(x_t, t, v_teacher.float())  # (B, *D)
                 x0_fake = velocity_to_x0(x_t, t, v_fake.float())  # (B, *D)
-        weight = sid_weight(cfg.weighting, t, x_g, x0_teacher)  # (B,) no gradient
-        if cfg.loss == "sid":
-            loss = sid_generator_loss(x_g, x0_teacher, x0_fake, cfg.alpha, weight).mean()
+        weight = sid_weight(config.weighting, t, x_g, x0_teacher)  # (B,) no gradient
+        if config.loss == "sid":
+            loss = sid_generator_loss(x_g, x0_teacher, x0_fake, config.alpha, weight).mean()
         else:
             loss = dmd_generator_loss(x_g, x0_teacher, x0_fake, weight).mean()
         # the diagnostic that means something: how far the fake network's posterior mean is from the teacher's
@@ -469,66 +501,88 @@ class SiD:
             loss = (1 - gan_weight) * loss + gan_weight * loss_gan
         return loss, x_g, stats
 
-    def update(self, name, loss_fn):
-        """One optimizer step of network `name` ('fake' or 'generator') on fresh draws: every micro-batch's loss
-        backpropagated with weight 1/grad_accum -- N micro-batches of B give the gradient of one batch of N B --,
-        gradients averaged over processes, one step. Returns (diagnostics, averaged over micro-batches; whether every
-        loss was finite: if not, the step is skipped)."""
-        net, opt, N = getattr(self, name), self.optimizers[name], self.cfg.grad_accum
-        opt.zero_grad(set_to_none=True)
-        out = {}
-        for d in self.micro_batches():
-            loss, x_g, stats = loss_fn(d)
-            out = {key: out.get(key, 0.0) + v / N for key, v in stats.items()}
+    def fake_update(self, k):
+        """One optimizer step of the fake network on fresh draws: every micro-batch's loss backpropagated with weight
+        1/N (N = grad_accum: N micro-batches of B give the gradient of one batch of N B), gradients averaged over
+        processes, one step. Returns (diagnostics averaged over micro-batches, whether every loss was finite: if
+        not, the step is skipped)."""
+        N = self.config.grad_accum
+        self.optimizers["fake"].zero_grad(set_to_none=True)
+        stats = {}
+        for draws in self.micro_batches():
+            loss, micro_stats = self.fake_loss(draws, k)
+            add_share(stats, micro_stats, N)
             if self.runtime.any_rank(not torch.isfinite(loss).item()):  # (every rank skips: a backward is collective)
-                return out, False
-            # the fake update: its weights are the only trainable tensors here (x_g: no_grad; the teacher: frozen)
-            if x_g is None:
-                (loss / N).backward()
-            else:
-                # The generator's gradient, routed in two stages. (1) d loss / d x_g: through x_g itself and through
-                # x_t into BOTH networks' inputs; autograd.grad accumulates into no weight, so neither the fake
-                # network nor the teacher gets a gradient from this loss. (2) That gradient pushed back through the
-                # generator's step alone. (Both are plain backward passes of the graph as built, which is what
-                # FSDP2's sharded weights need: section 11.) This is the pathwise gradient (D12) of the Fisher
-                # divergence (D10): both networks as fixed functions, their inputs differentiable.
-                (grad_x_g,) = torch.autograd.grad(loss / N, x_g)  # (B, *D)
-                x_g.backward(grad_x_g)
-        self.runtime.average_grads(net)  # (one process: nothing to average)
-        opt.step()
-        return out, True
+                return stats, False
+            # the fake network's weights are the only trainable tensors in this graph (x_g: no_grad; teacher: frozen)
+            (loss / N).backward()
+        self.step("fake")
+        return stats, True
+
+    def generator_update(self, k, gan_weight):
+        """One optimizer step of the generator on fresh draws, as fake_update, with SiD's two-stage backward."""
+        N = self.config.grad_accum
+        self.optimizers["generator"].zero_grad(set_to_none=True)
+        stats = {}
+        for draws in self.micro_batches():
+            loss, x_g, micro_stats = self.generator_loss(draws, k, gan_weight)
+            add_share(stats, micro_stats, N)
+            if self.runtime.any_rank(not torch.isfinite(loss).item()):
+                return stats, False
+            # The generator's gradient, routed in two stages. (1) d loss / d x_g: through x_g itself and through x_t
+            # into BOTH networks' inputs; autograd.grad accumulates into no weight, so neither the fake network nor
+            # the teacher gets a gradient from this loss. (2) That gradient pushed back through the generator's step
+            # alone. (Both are plain backward passes of the graph as built, which is what FSDP2's sharded weights
+            # need: section 11.) This is the pathwise gradient (D12) of the Fisher divergence (D10): both networks as
+            # fixed functions, their inputs differentiable.
+            (grad_x_g,) = torch.autograd.grad(loss / N, x_g)  # (B, *D)
+            x_g.backward(grad_x_g)
+        self.step("generator")
+        return stats, True
+
+    def step(self, name):  # network `name`'s gradients averaged over the processes (one: nothing to do), one step
+        self.runtime.average_grads(getattr(self, name))
+        self.optimizers[name].step()
 
     def iteration(self, step):
-        """Iteration `step` (derivation.md, section 4): the learning rates, cfg.fake_updates fake-network updates, then
-        one generator update, each on fresh draws, then the EMA. Returns the diagnostics; a phase whose loss was not
-        finite skipped its optimizer step and is named under 'nonfinite' (the loop decides when to stop)."""
-        cfg = self.cfg
-        images_seen = step * cfg.batch_size * cfg.grad_accum * self.runtime.world
+        """Iteration `step` (derivation.md, section 4): the learning rates, config.fake_updates fake-network
+        updates, then one generator update, each on fresh draws, then the EMA. Returns the diagnostics; an update
+        whose loss was not finite skipped its optimizer step and is named under 'nonfinite' (the loop decides when
+        to stop)."""
+        config = self.config
+        images_seen = step * config.batch_size * config.grad_accum * self.runtime.world
         # the learning rates: constant (official) or a cosine from 1 to 0 over the run
-        scale = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
-        for opt in self.optimizers.values():
-            opt.param_groups[0]["lr"] = opt.defaults["lr"] * scale
+        scale = 1.0
+        if config.lr_schedule == "cosine":
+            scale = 0.5 * (1 + math.cos(math.pi * step / config.iters))
+        for optimizer in self.optimizers.values():
+            optimizer.param_groups[0]["lr"] = optimizer.defaults["lr"] * scale
         # the trained step k, the same for both updates: uniform in {1..K} (the paper's mixture) or always K (D15)
-        k = (
-            cfg.steps
-            if cfg.train_step == "last"
-            else int(torch.randint(1, cfg.steps + 1, (1,), generator=self.rng, device=self.rng.device))
-        )
+        k = config.steps
+        if config.train_step == "uniform":
+            k = int(torch.randint(1, config.steps + 1, (1,), generator=self.rng, device=self.rng.device))
+        metrics = dict(k=k, nonfinite=[])
+        for _ in range(config.fake_updates):
+            stats, finite = self.fake_update(k)
+            metrics.update(stats)
+            if not finite:
+                metrics["nonfinite"].append("fake")
         # data-aided (D17), counted in images seen as officially: the generator waits, then the GAN term joins
         data_aided = self.backbone.real is not None
-        gan_weight = GAN_WEIGHT if data_aided and images_seen > GAN_START_IMAGES else 0.0
-        fake_loss = functools.partial(self.fake_loss, k=k)
-        generator_loss = functools.partial(self.generator_loss, k=k, gan_weight=gan_weight)
-        phases = [("fake", fake_loss)] * cfg.fake_updates
-        phases += [("generator", generator_loss)] * (not data_aided or images_seen > GAN_FREEZE_IMAGES)
-        out = dict(k=k, nonfinite=[])
-        for name, loss_fn in phases:
-            stats, finite = self.update(name, loss_fn)
-            out |= stats
-            out["nonfinite"] += [] if finite else [name]
+        if not data_aided or images_seen > GAN_FREEZE_IMAGES:
+            gan_weight = GAN_WEIGHT if data_aided and images_seen > GAN_START_IMAGES else 0.0
+            stats, finite = self.generator_update(k, gan_weight)
+            metrics.update(stats)
+            if not finite:
+                metrics["nonfinite"].append("generator")
         if self.ema is not None:
-            ema_update(self.ema, self.generator, cfg.ema_decay, step + 1)
-        return out
+            ema_update(self.ema, self.generator, config.ema_decay, step + 1)
+        return metrics
+
+
+def add_share(totals, stats, N):  # totals += stats / N, key by key: the mean of N micro-batches' diagnostics
+    for key, value in stats.items():
+        totals[key] = totals.get(key, 0.0) + value / N
 
 
 # --- 7. The loop: distill(), with the runtime's one-process defaults --------------------------------------------
@@ -536,10 +590,11 @@ class SiD:
 
 class Runtime:
     """Where the ranks and the checkpoints live, so that the method never sees them. This one: one process (rank 0 of
-    1), the run in memory (nothing resumed, nothing saved), all the toy needs. Part II's Checkpoints writes cfg.out
+    1), the run in memory (nothing resumed, nothing saved), all the toy needs. Part II's Checkpoints writes config.out
     and resumes from it; Distributed runs under torchrun."""
 
-    rank, world = 0, 1
+    rank = 0
+    world = 1
 
     def __init__(self, device=None):
         self.device = device
@@ -554,19 +609,20 @@ class Runtime:
     def average_grads(self, net):  # after a backward, make net's gradients the global batch's (here they are)
         pass
 
-    def resume(self, cfg, sid):  # -> (step, skipped) of the checkpoint it restored sid from
+    def resume(self, config, sid):  # -> (step, skipped) of the checkpoint it restored sid from
         return 0, 0
 
-    def save(self, cfg, sid, step, skipped):  # a checkpoint of iteration `step`
+    def save(self, config, sid, step, skipped):  # a checkpoint of iteration `step`
         pass
 
 
-def log(cfg, bar, m):
+def log(config, bar, metrics):
     """The progress bar's numbers, and a line of OUT/log.jsonl."""
-    bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss_fake", "score_gap", "loss_gen", "loss_d") if k in m})
-    if cfg.out:
-        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps({k: v for k, v in m.items() if k != "nonfinite" and v is not None}) + "\n")
+    shown = ("loss_fake", "score_gap", "loss_gen", "loss_d")
+    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics})
+    if config.out:
+        with open(os.path.join(config.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps({k: v for k, v in metrics.items() if k != "nonfinite" and v is not None}) + "\n")
 
 
 @contextlib.contextmanager
@@ -582,43 +638,50 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
-def distill(cfg, backbone, on_eval=None, runtime=None):
-    """Distil `backbone.teacher` into a K-step generator, resuming from cfg.out's checkpoint when there is one.
-    `on_eval(step, generator, ema)` is called (on every rank) every cfg.eval_every iterations and at the end (ema:
+def distill(config, backbone, on_eval=None, runtime=None):
+    """Distil `backbone.teacher` into a K-step generator, resuming from config.out's checkpoint when there is one.
+    `on_eval(step, generator, ema)` is called (on every rank) every config.eval_every iterations and at the end (ema:
     None without one). `runtime`: Runtime() (one process, in memory) unless given -- Checkpoints() to write and
-    resume cfg.out. Returns dict(generator=, ema=, fake=, step=, skipped=, sid=)."""
-    sid = SiD(cfg, backbone, runtime or Runtime())
-    (step, skipped), rank, in_a_row, t0 = sid.runtime.resume(cfg, sid), sid.runtime.rank, 0, time.time()
+    resume config.out. Returns dict(generator=, ema=, fake=, step=, skipped=, sid=)."""
+    sid = SiD(config, backbone, runtime or Runtime())
+    step, skipped = sid.runtime.resume(config, sid)  # 0, 0 for a new run
+    rank = sid.runtime.rank
+    in_a_row = 0  # iterations in a row with a non-finite loss
+    t0 = time.time()
     bar = tqdm(
-        total=cfg.iters,
+        total=config.iters,
         initial=step,
-        desc=cfg.loss.upper(),
+        desc=config.loss.upper(),
         dynamic_ncols=True,
-        disable=True if rank or step >= cfg.iters else None,
+        disable=True if rank or step >= config.iters else None,
     )  # None: a bar only on a terminal
     with bar, stop_requests() as stop:
-        while step < cfg.iters:
-            m = sid.iteration(step)
+        while step < config.iters:
+            metrics = sid.iteration(step)
             step += 1
-            skipped, in_a_row = (skipped + 1, in_a_row + 1) if m["nonfinite"] else (skipped, 0)
+            if metrics["nonfinite"]:
+                skipped += 1
+                in_a_row += 1
+            else:
+                in_a_row = 0
             if in_a_row >= MAX_NONFINITE:
-                phases = " and ".join(m["nonfinite"])
+                phases = " and ".join(metrics["nonfinite"])
                 raise FloatingPointError(
                     f"non-finite {phases} loss at iteration {step} ({in_a_row} in a row, {skipped} skipped); the "
                     "last good checkpoint is kept"
                 )
-            if on_eval and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
-                m["eval"] = on_eval(step, sid.generator, sid.ema)  # e.g. a quality number: logged with the losses
-            if rank == 0 and (step % LOG_EVERY == 0 or step == cfg.iters or "eval" in m):
-                log(cfg, bar, dict(step=step, time=round(time.time() - t0, 3), skipped=skipped, **m))
-            stopping = sid.runtime.any_rank(bool(stop)) and step < cfg.iters  # SIGTERM or Ctrl-C on some rank
-            if stopping or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters):
-                sid.runtime.save(cfg, sid, step, skipped)
+            if on_eval and config.eval_every and (step % config.eval_every == 0 or step == config.iters):
+                metrics["eval"] = on_eval(step, sid.generator, sid.ema)  # e.g. a quality number, logged
+            if rank == 0 and (step % LOG_EVERY == 0 or step == config.iters or "eval" in metrics):
+                log(config, bar, dict(step=step, time=round(time.time() - t0, 3), skipped=skipped, **metrics))
+            stopping = sid.runtime.any_rank(bool(stop)) and step < config.iters  # SIGTERM or Ctrl-C on some rank
+            if stopping or (config.save_every and step % config.save_every == 0 and step < config.iters):
+                sid.runtime.save(config, sid, step, skipped)
             bar.update(1)
             if stopping:
-                where = f"; {cfg.out} holds it: run the same command to continue" if cfg.out else ""
-                raise Interrupted(f"stopped at iteration {step} of {cfg.iters}{where}")
-    sid.runtime.save(cfg, sid, step, skipped)
+                where = f"; {config.out} holds it: run the same command to continue" if config.out else ""
+                raise Interrupted(f"stopped at iteration {step} of {config.iters}{where}")
+    sid.runtime.save(config, sid, step, skipped)
     return dict(generator=sid.generator, ema=sid.ema, fake=sid.fake, step=step, skipped=skipped, sid=sid)
 
 
@@ -629,6 +692,7 @@ import inspect
 import re
 import shutil
 import socket
+import statistics
 import sys
 import urllib.parse
 import warnings
@@ -647,9 +711,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Two warnings that say what is meant here: torch.distributed.checkpoint writing or reading in one process (no
-# process group), and peft giving one model several adapters (LoRA mode's generator, fake and EMA)
-warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)|Already found a `peft_config`")
+
 
 # --- 8. Runs on disk: checkpoints, resume ---------------------------------------------------------------------
 
@@ -661,8 +723,8 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def resumable(cfg):  # the fields a resumed run may change, the rest must not: --iters too, unless a cosine spans it
-    return ("out", "save_every", "eval_every", "device") + (("iters",) if cfg.lr_schedule == "constant" else ())
+def changeable_on_resume(config):  # the fields a resumed run may change: --iters too, unless a cosine spans it
+    return ("out", "save_every", "eval_every", "device") + (("iters",) if config.lr_schedule == "constant" else ())
 
 
 def checkpoint_path(out):  # a run's checkpoint: a torch.distributed.checkpoint folder, with its meta.pt
@@ -673,7 +735,7 @@ def read_meta(path):  # a checkpoint's step, rng, skipped count and config (no w
     return torch.load(os.path.join(path, "meta.pt"), weights_only=False)
 
 
-def checkpointed(sid):
+def saved_state(sid):
     """What a checkpoint holds: {name: {"model": state dict, "optim": state dict}} of every network and optimizer --
     their tensors themselves (under FSDP2, this process's shards): torch.distributed.checkpoint saves them, or loads
     into them in place."""
@@ -685,52 +747,55 @@ def checkpointed(sid):
 
 
 class Checkpoints(Runtime):
-    """Part I's Runtime, with the run kept in cfg.out: OUT/checkpoint, one torch.distributed.checkpoint folder for one
-    process or several (each writes its own shards), holding every network, optimizer and the rng, written beside
+    """Part I's Runtime, with the run kept in config.out: OUT/checkpoint, one torch.distributed.checkpoint folder for
+    one process or several (each writes its own shards), holding every network, optimizer and the rng, written beside
     and renamed into place: a resume is exact, and a crash mid-write never leaves half a checkpoint."""
 
     def barrier(self):  # (under torchrun: every process waits here for the others)
         pass
 
-    def save(self, cfg, sid, step, skipped):
-        if not cfg.out:
+    def save(self, config, sid, step, skipped):
+        if not config.out:
             return
-        path = checkpoint_path(cfg.out)
+        path = checkpoint_path(config.out)
         if self.rank == 0:
             remove_path(f"{path}.tmp")
         self.barrier()
-        dcp.save(checkpointed(sid), checkpoint_id=f"{path}.tmp")
+        dcp.save(saved_state(sid), checkpoint_id=f"{path}.tmp", no_dist=self.world == 1)  # (one process: no group)
         if self.rank == 0:
-            meta = dict(rng=sid.rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(cfg))
+            meta = dict(rng=sid.rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(config))
             torch.save(meta, os.path.join(f"{path}.tmp", "meta.pt"))
             replace_path(f"{path}.tmp", path)
         self.barrier()
 
-    def resume(self, cfg, sid):
-        """Restore the networks, optimizers and rng from cfg.out's checkpoint if there is one: (step, skipped)."""
-        if not cfg.out:
+    def resume(self, config, sid):
+        """Restore the networks, optimizers and rng from config.out's checkpoint if there is one: (step, skipped)."""
+        if not config.out:
             return 0, 0
-        os.makedirs(cfg.out, exist_ok=True)
-        path = checkpoint_path(cfg.out)
+        os.makedirs(config.out, exist_ok=True)
+        path = checkpoint_path(config.out)
         if not os.path.exists(path) and os.path.exists(f"{path}.old"):  # stopped between replace_path's two renames
             os.replace(f"{path}.old", path)
         if not os.path.exists(path):
             return 0, 0
         meta = read_meta(path)
-        changed = [k for k, v in meta["config"].items() if k not in resumable(cfg) and getattr(cfg, k) != v]
+        changed = [
+            k for k, v in meta["config"].items() if k not in changeable_on_resume(config) and getattr(config, k) != v
+        ]
         if changed:
-            was = ", ".join(f"{k}: {meta['config'][k]} -> {getattr(cfg, k)}" for k in changed)
+            was = ", ".join(f"{k}: {meta['config'][k]} -> {getattr(config, k)}" for k in changed)
             raise UserError(
                 f"{path} was written with a different config ({was}); use another --out or the same settings"
             )
-        if meta["step"] > cfg.iters:
-            raise UserError(f"{path} is at iteration {meta['step']}, beyond --iters {cfg.iters}; use another --out")
-        for opt in sid.optimizers.values():  # Adam's state as its first step makes it: the tensors to load into
-            for p in opt.param_groups[0]["params"]:
-                opt.state[p] = dict(
-                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
-                )
-        state = checkpointed(sid)
+        if meta["step"] > config.iters:
+            raise UserError(f"{path} is at iteration {meta['step']}, beyond --iters {config.iters}; use another --out")
+        for optimizer in sid.optimizers.values():  # Adam makes its state on its first step: one at learning rate 0,
+            for p in optimizer.param_groups[0]["params"]:  # on zero gradients, makes the tensors the load fills
+                p.grad = torch.zeros_like(p)
+            optimizer.param_groups[0]["lr"] = 0.0  # (iteration() sets the learning rates anew)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state = saved_state(sid)
         # every network weight must be in the checkpoint: a missing one would silently keep the teacher's value.
         # (Only Adam's state may be missing: a weight that never had a gradient has none, and keeps the zeros.)
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata  # {"generator.model.<name>": ...}
@@ -739,25 +804,21 @@ class Checkpoints(Runtime):
             if missing:
                 raise UserError(f"{path} lacks the {name} network's weight {missing[0]}: it cannot resume this run")
         # the networks' and optimizers' own tensors, filled in place (Adam's settings come from the config)
-        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+        dcp.load(state, checkpoint_id=path, planner=planner, no_dist=self.world == 1)
         sid.rng.set_state(meta["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at iteration {meta['step']}")
-            keep_log_until(os.path.join(cfg.out, "log.jsonl"), meta["step"])
+            keep_log_until(os.path.join(config.out, "log.jsonl"), meta["step"])
         return meta["step"], meta["skipped"]
 
 
 def keep_log_until(path, step):
     """Drop the lines of log.jsonl after iteration `step` (their iterations are redone), and a last line torn by a kill
-    in mid-write."""
-    kept = []
+    in mid-write (it has no newline)."""
     with open(path, "a+") as f:
         f.seek(0)
-        for line in f:
-            if not line.endswith("\n"):  # torn: the process was killed while writing it
-                break
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
+        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         f.truncate(0)
         f.writelines(kept)
 
@@ -802,11 +863,11 @@ class Config:
         ("uniform", "last"),
     )
     fake_updates: int = option(1, "fake-network updates per generator update")
-    cfg_train_fake: float = option(1.0, "guidance scale of the fake network in its own update (1: none; D18)")
-    cfg_eval_fake: float = option(1.0, "guidance scale of the fake network inside the generator loss (D18)")
-    cfg_eval_real: float = option(1.0, "guidance scale of the teacher inside the generator loss (D18)")
-    cfg_t_min: float = option(0.0, "the guidance scales apply only for noise levels t >= this (D18)")
-    cfg_t_max: float = option(1.0, "the guidance scales apply only for noise levels t <= this (D18)")
+    guidance_train_fake: float = option(1.0, "guidance scale of the fake network in its own update (1: none; D18)")
+    guidance_eval_fake: float = option(1.0, "guidance scale of the fake network inside the generator loss (D18)")
+    guidance_eval_real: float = option(1.0, "guidance scale of the teacher inside the generator loss (D18)")
+    guidance_t_min: float = option(0.0, "the guidance scales apply only for noise levels t >= this (D18)")
+    guidance_t_max: float = option(1.0, "the guidance scales apply only for noise levels t <= this (D18)")
     iters: int = option(1000, "generator updates in the run")
     batch_size: int = option(256, "generated samples per micro-batch, per process")
     grad_accum: int = option(
@@ -862,17 +923,20 @@ class Config:
 # is untuned: the official code publishes none. Micro-batch and checkpointed share fill one 80 GB GPU (at most 69 GiB
 # by the memory plan): larger teachers train LoRA there, on several GPUs full (FSDP2). The toy and the digits depart
 # further, each choice measured in experiments/README.md: the last step trained, a cosine, an EMA, ...
-_INTERVAL = dict(cfg_t_min=0.2, cfg_t_max=0.6)
+_INTERVAL = dict(guidance_t_min=0.2, guidance_t_max=0.6)
 _SMALL = dict(train_step="last", weighting="inv-l1", ema_decay=0.99, save_every=0)  # toy and digits
 
 
 def _guided(w):  # one CFG scale for all three
-    return dict(cfg_train_fake=w, cfg_eval_fake=w, cfg_eval_real=w)
+    return dict(guidance_train_fake=w, guidance_eval_fake=w, guidance_eval_real=w)
 
 
-def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micro-batch; 256 = micro-batch x accum
+GLOBAL_BATCH = 256  # the paper's, every DiT preset's: micro-batch x --grad-accum on one GPU
+
+
+def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micro-batch
     fields = dict(
-        _guided(4.5), teacher=hub, resolution=resolution, batch_size=batch_size, grad_accum=256 // batch_size
+        _guided(4.5), teacher=hub, resolution=resolution, batch_size=batch_size, grad_accum=GLOBAL_BATCH // batch_size
     )
     return fields | dict(precision="bf16-autocast", iters=4000, save_every=50, eval_every=200, **_INTERVAL) | kw
 
@@ -900,9 +964,10 @@ def flag(name):  # a Config field's command-line flag
     return "--" + name.replace("_", "-")
 
 
-def check_config(cfg):  # fail loudly, with one line, on values the algorithm cannot use
-    for f in dataclasses.fields(cfg):
-        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+def check_config(config):  # fail loudly, with one line, on values the algorithm cannot use
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        choices = f.metadata["choices"]
         if choices and value not in choices:
             raise UserError(f"{flag(f.name)} {value!r} is not one of: {', '.join(choices)}")
         if f.type is float and not math.isfinite(value):
@@ -920,13 +985,14 @@ def check_config(cfg):  # fail loudly, with one line, on values the algorithm ca
     )
     for names, ok, rule in rules:
         for name in names:
-            if not ok(getattr(cfg, name)):
-                raise UserError(f"{flag(name)} must {rule}, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.cfg_t_min < cfg.cfg_t_max <= 1.0:
+            if not ok(getattr(config, name)):
+                raise UserError(f"{flag(name)} must {rule}, got {getattr(config, name)}")
+    if not 0.0 <= config.guidance_t_min < config.guidance_t_max <= 1.0:
         raise UserError(
-            f"the guidance interval needs 0 <= --cfg-t-min < --cfg-t-max <= 1, not {cfg.cfg_t_min} and {cfg.cfg_t_max}"
+            "the guidance interval needs 0 <= --guidance-t-min < --guidance-t-max <= 1, "
+            f"not {config.guidance_t_min} and {config.guidance_t_max}"
         )
-    return cfg
+    return config
 
 
 def make_config(preset=None, **overrides):  # Config defaults <- preset <- overrides (None ignored), then checked
@@ -942,7 +1008,7 @@ def add_config_flags(parser, skip, presets):
         if f.name in skip:
             continue
         values = {label: PRESETS.get(name, {}).get(f.name, f.default) for label, name in presets.items()}
-        common = max(values.values(), key=list(values.values()).count)  # the value most presets share
+        common = statistics.mode(values.values())  # the value most presets share (the first, if tied)
         rest = "; ".join(f"{label}: {v}" for label, v in values.items() if v != common)
         help = f"{f.metadata['help']} [default: {common if common != '' else 'none'}{f' ({rest})' if rest else ''}]"
         kw = (
@@ -975,8 +1041,8 @@ def resolve_device(name):  # 'auto': CUDA if there is one
         raise UserError(f"--device {name!r} is not a device torch knows") from None
 
 
-def teacher_dtype(cfg):  # the frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32
-    return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+def teacher_dtype(config):  # the frozen teacher's (and every pipeline component's) dtype: bf16 unless the run is fp32
+    return torch.float32 if config.precision == "fp32" else torch.bfloat16
 
 
 MAX_RESOLUTION = 4096  # pixels: twice the largest side any supported teacher was trained at
@@ -1041,7 +1107,7 @@ def blocks(net):  # the repeated blocks of a diffusers DiT: its ModuleLists' mem
     return [block for child in net.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
-def checkpoint_blocks(net, share):
+def recompute_blocks(net, share):
     """Checkpoint a `share` of net's blocks, spread evenly (0.5: every second), replaying the forward's adapter."""
     chosen = {b for i, b in enumerate(blocks(net)) if math.floor((i + 1) * share) > math.floor(i * share)}
 
@@ -1062,7 +1128,6 @@ def checkpoint_blocks(net, share):
 # torch.compile of each block alone: one graph serves every block of a kind (minutes, not tens of minutes). Per-sample
 # guidance scales stay outside; the batch sizes (B, 2B with CFG) and LoRA's four adapter states each compile once.
 COMPILE = dict(dynamic=False)
-torch._dynamo.config.cache_size_limit = 64
 
 
 class AdapterView(nn.Module):
@@ -1074,8 +1139,11 @@ class AdapterView(nn.Module):
         object.__setattr__(self, "base", base)
         self.adapter = adapter
 
-    def __getattr__(self, name):  # config, proj_out, dtype (the dtype to feed it): the base's
-        return getattr(self.base, name)
+    # what the families read of a network, the base's: its config, its output projection (the features, D17), and
+    # its dtype (the dtype to feed it; the adapters' float32 is not)
+    config = property(lambda self: self.base.config)
+    proj_out = property(lambda self: self.base.proj_out)
+    dtype = property(lambda self: self.base.dtype)
 
     def named_parameters(self, *args, **kwargs):
         for n, p in self.base.named_parameters():
@@ -1102,7 +1170,9 @@ def lora_students(backbone, rank):
     """(generator, fake, ema) adapter views on the teacher, all starting as it (LoRA B = 0); teacher: adapters off."""
     base = backbone.teacher
     for name in ("generator", "fake", "ema"):
-        base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
+        with warnings.catch_warnings():  # peft's warning that one model gets several adapters: as meant here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
     views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
         for p in view.parameters():
@@ -1115,10 +1185,6 @@ def lora_students(backbone, rank):
 
 # --- 11. torchrun: Part I's Runtime for several processes -- FSDP2 sharding, gradient averaging, a barrier -----------
 
-# cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through FLUX's joint
-# attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed finite: switched off.
-torch.backends.cuda.enable_cudnn_sdp(False)
-
 
 class Distributed(Checkpoints):
     """Several processes under torchrun. Full mode (`sharded`): FSDP2 shards every network and averages gradients
@@ -1128,7 +1194,9 @@ class Distributed(Checkpoints):
 
     def __init__(self, rank, world, device, sharded):
         super().__init__(device)
-        self.rank, self.world, self.sharded = rank, world, sharded
+        self.rank = rank
+        self.world = world
+        self.sharded = sharded
 
     def any_rank(self, flag):
         flag = torch.tensor([float(flag)], device=self.device)
@@ -1146,8 +1214,14 @@ class Distributed(Checkpoints):
         dist.barrier()
 
 
-def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
-    device, world = resolve_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
+def setup_runtime(config):  # one process, or torchrun's process group (WORLD_SIZE, RANK, LOCAL_RANK; NCCL or gloo)
+    device = resolve_device(config.device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device.type == "cuda":
+        # cuDNN's fused attention, torch's first choice on Hopper GPUs, returned NaN in the backward pass through
+        # FLUX's joint attention on an H200 (torch 2.11) where the flash, memory-efficient and math kernels stayed
+        # finite: switched off for the run
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if world == 1:
         return Checkpoints(device)
     if device.type == "cuda":
@@ -1155,7 +1229,7 @@ def setup_runtime(cfg):  # one process, or torchrun's process group (WORLD_SIZE,
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(int(os.environ["RANK"]), world, device, sharded=cfg.mode == "full")
+    return Distributed(int(os.environ["RANK"]), world, device, sharded=config.mode == "full")
 
 
 def shard(net, mp_policy=None, device_type=None, compiled=False):
@@ -1176,22 +1250,51 @@ def shard(net, mp_policy=None, device_type=None, compiled=False):
 STUDENTS_BF16 = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
 
 
-def sharded_copy(teacher, cfg, trainable):
+def sharded_copy(teacher, config, trainable):
     """A copy of the sharded teacher in the students' dtype: made on the meta device, sharded alike, each rank fills
     its own shards."""
     with torch.device("meta"):
-        net = type(teacher).from_config(teacher.config).to(trainable_dtype(cfg))
+        net = type(teacher).from_config(teacher.config).to(trainable_dtype(config))
     device = next(teacher.parameters()).device
     net.requires_grad_(trainable).train(trainable)
-    bf16 = STUDENTS_BF16 if cfg.precision == "bf16-autocast" else None
-    shard(net, bf16, device.type, cfg.compile)  # the module is still on the meta device: the teacher's mesh
+    bf16 = STUDENTS_BF16 if config.precision == "bf16-autocast" else None
+    shard(net, bf16, device.type, config.compile)  # the module is still on the meta device: the teacher's mesh
     net.to_empty(device=device)
     with torch.no_grad():
-        for p, q in zip(net.parameters(), teacher.parameters(), strict=True):
+        for (n, p), (m, q) in zip(net.named_parameters(), teacher.named_parameters(), strict=True):
+            assert n == m, (n, m)  # the same module tree, in the same order
             p.to_local().copy_(q.to_local())  # the same FSDP2 layout: local shard to local shard
         for b, c in zip(net.buffers(), teacher.buffers(), strict=True):
             b.copy_(c)  # buffers are not sharded
     return net
+
+
+def place_students(backbone, config, runtime):
+    """The students of a diffusers teacher, placed: (generator, fake, ema) as LoRA adapters on the teacher itself
+    (section 10), or full copies -- under torchrun sharded by FSDP2 --; ema None without one. Then the share
+    --grad-checkpointing of every running network's blocks is recomputed in backward, and with --compile each block
+    is compiled (before sharding, under torchrun)."""
+    if config.compile:  # one graph per kind of block, batch size and LoRA adapter state
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if config.mode == "lora":
+        generator, fake, ema = lora_students(backbone, config.lora_rank)  # (an EMA adapter costs MBs: made anyway)
+        students = [generator, fake, ema if config.ema_decay else None]
+    elif runtime.world == 1:
+        students = Backbone.students(backbone, config, runtime)
+    else:  # generator and fake train, the EMA (if any) does not
+        shard(backbone.teacher, compiled=config.compile)
+        generator = sharded_copy(backbone.teacher, config, trainable=True)
+        fake = sharded_copy(backbone.teacher, config, trainable=True)
+        ema = sharded_copy(backbone.teacher, config, trainable=False) if config.ema_decay else None
+        students = [generator, fake, ema]
+    # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
+    running = [backbone.teacher.base] if config.mode == "lora" else [backbone.teacher, *students[:2]]
+    for net in running:
+        recompute_blocks(net, config.grad_checkpointing)
+        if config.compile and runtime.world == 1:
+            for block in blocks(net):
+                block.compile(**COMPILE)
+    return students
 
 
 # --- 12. Diffusers teachers: SANA, SD3 / SD3.5, FLUX behind the Backbone interface ---------------------------------
@@ -1211,10 +1314,13 @@ def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates 
 DEFAULT_PROMPTS = read_prompts(os.path.join(HERE, "assets", "prompts.txt"))  # when no --prompts file is given
 
 
-def cfg_branches(kappa, embedded_only=False, per_sample=False):
+def guidance_branches(kappa, embedded_only=False, per_sample=False):
     """Batches of work of a velocity call at CFG scale kappa: 1 with embedded guidance alone, at kappa = 1 or a
     batch-wide kappa = 0; else 2 (the empty prompt's branch and the prompt's, in one call)."""
     return 1 if embedded_only or kappa == 1 or (kappa == 0 and not per_sample) else 2
+
+
+FAMILIES = {}  # pipeline class name (model_index.json's _class_name) -> its DiTBackbone subclass, which registers here
 
 
 def _cat(conds):  # conditioning dicts concatenated along the batch
@@ -1227,26 +1333,38 @@ class DiTBackbone(Backbone):
     states its facts below: its pipeline class, and what the memory plan needs (section 15)."""
 
     pipeline = ""  # the diffusers pipeline class it loads, as model_index.json names it
+    embedded_guidance = False  # does the transformer take a guidance scale as an input (FLUX.1-dev)?
     packing = 1  # FLUX packs 2x2 latent patches into tokens before the transformer
     step_noise_from_generator = True  # does the stock pipeline draw its per-step noise from `generator`? (sampling)
-    zero_cfg_prompt = False  # a batch-wide kappa = 0 sees the empty prompt (Zero-CFG); FLUX: the prompt, embedded 0
     embedded_only = False  # every scale only as embedded guidance (FLUX with --embedded-guidance-only)
-    bank = None  # the prompts' cached conditioning (set_prompts), if it fits
+    prompt_cache = None  # the prompts' cached conditioning (set_prompts), if it fits
     # The memory plan's facts: text tokens; the VAE's factor; the text encoders' parameters (on the GPU while the
     # prompts are encoded); activations a block saves for backward, in elements per token and channel, when its weights
     # train and when they are frozen (only what the input's gradient needs: the teacher, LoRA's base); a checkpointed
     # block's inputs, alike; a text token's cost in a block, relative to an image token's. Measured with saved-tensor
     # hooks (experiments/bench.py); test_memory_plan_matches_measured_bytes checks them.
-    text_tokens, vae_factor, text_encoder_params = 0, 8, 0.0
-    saved_per_block, checkpointed_inputs, text_in_blocks = (0.0, 0.0), (0.0, 0.0), 1.0
+    text_tokens = 0
+    vae_factor = 8
+    text_encoder_params = 0.0
+    saved_per_block = (0.0, 0.0)
+    recomputed_inputs = (0.0, 0.0)
+    text_in_blocks = 1.0
 
-    def __init__(self, pipe, cfg, device):
-        c, f = pipe.transformer.config, pipe.vae_scale_factor
-        self.pipe, self.device, self.resolution = pipe, device, cfg.resolution or (c.get("sample_size") or 128) * f
+    def __init_subclass__(cls, **kwargs):  # a family is registered by being defined: a subclass naming its pipeline
+        super().__init_subclass__(**kwargs)
+        if "pipeline" in cls.__dict__:  # (a subclass of a family that keeps its pipeline, e.g. a study's, is not one)
+            FAMILIES[cls.pipeline] = cls
+
+    def __init__(self, pipe, config, device):
+        c = pipe.transformer.config
+        f = pipe.vae_scale_factor
+        self.pipe = pipe
+        self.device = device
+        self.resolution = config.resolution or (c.get("sample_size") or 128) * f
         # every component on the device in the teacher's dtype, the text encoders too (a T5-XXL on a GPU machine's CPU
         # would take hours): set_prompts() frees them once the prompts are cached
         for name in ("transformer", "vae", *self.text_encoders()):
-            getattr(pipe, name).to(device, teacher_dtype(cfg)).requires_grad_(False).eval()
+            getattr(pipe, name).to(device, teacher_dtype(config)).requires_grad_(False).eval()
         self.teacher = pipe.transformer
         check_resolution(self.resolution, f, c.patch_size * self.packing)
         self.sample_shape = (c.in_channels // self.packing**2, self.resolution // f, self.resolution // f)  # (C, h, w)
@@ -1262,14 +1380,14 @@ class DiTBackbone(Backbone):
             per_prompt = sum(v.numel() * v.element_size() for v in self.encode(self.prompts[:1]).values())
             if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:  # encoded 16 at a time, each chunk to the CPU
                 chunks = [self.encode(self.prompts[i : i + 16]) for i in range(0, len(self.prompts), 16)]
-                self.bank = _cat([{k: v.cpu() for k, v in chunk.items()} for chunk in chunks])
+                self.prompt_cache = _cat([{k: v.cpu() for k, v in chunk.items()} for chunk in chunks])
                 for name in self.text_encoders():
                     setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
                 torch.cuda.empty_cache()  # (nothing to do without CUDA)
 
     def cond_for(self, idx):  # conditioning for prompt indices idx ((B,) tensor or list of int), on the device
-        if self.bank is not None:
-            return {k: v[idx].to(self.device) for k, v in self.bank.items()}
+        if self.prompt_cache is not None:
+            return {k: v[idx].to(self.device) for k, v in self.prompt_cache.items()}
         with torch.no_grad():
             return self.encode([self.prompts[i] for i in idx])
 
@@ -1278,10 +1396,11 @@ class DiTBackbone(Backbone):
         names = ("prompt", "real") if self.real is not None else ("prompt",)
         return {k: torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device).cpu() for k in names}
 
-    def condition(self, d):  # the prompts' conditioning; data-aided, the pairs' latents and their captions' too
-        if "real" not in d:
-            return self.cond_for(d["prompt"]), None, None
-        return self.cond_for(d["prompt"]), self.real[d["real"]].to(self.device), self.cond_for(d["real"])
+    def condition(self, draws):  # the prompts' conditioning; data-aided, the pairs' latents and their captions' too
+        if "real" not in draws:
+            return self.cond_for(draws["prompt"]), None, None
+        x0_real = self.real[draws["real"]].to(self.device)  # (B, C, h, w)
+        return self.cond_for(draws["prompt"]), x0_real, self.cond_for(draws["real"])
 
     def prompt_velocity(self, net, x_t, t, cond, guidance):  # v_c alone; FLUX.1-dev: at embedded guidance kappa
         return self.forward(net, x_t, t, cond, guidance)
@@ -1289,16 +1408,18 @@ class DiTBackbone(Backbone):
     def velocity(self, net, x_t, t, cond, guidance):
         """v_u + kappa (v_c - v_u) (D18), the empty prompt's v_u and the prompt's v_c in one call of 2B; kappa (the
         argument `guidance`) a float or a per-sample (B,) tensor. One branch at a batch-wide kappa = 1 (v_c) or 0
-        (Zero-CFG), or with embedded guidance alone (cfg_branches). A guidance-distilled teacher (FLUX.1-dev) gets
+        (Zero-CFG), or with embedded guidance alone (guidance_branches). A guidance-distilled teacher (FLUX.1-dev) gets
         kappa as its embedded guidance too, in both branches as in the official code -- where a per-sample kappa of 0
         (a guidance interval, or a call whose features the discriminator reads) is the empty prompt's branch at
-        embedded 0, not the prompt's as a batch-wide 0 (zero_cfg_prompt)."""
-        B, per_sample = len(x_t), torch.is_tensor(guidance)
+        embedded 0, not the prompt's as a batch-wide 0."""
+        B = len(x_t)
+        per_sample = torch.is_tensor(guidance)
         if self.embedded_only or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond, guidance)
         uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
         if not per_sample and guidance == 0.0:  # Zero-CFG: one branch
-            return self.forward(net, x_t, t, cond if self.zero_cfg_prompt else uncond, guidance)
+            # (a guidance-distilled teacher: the prompt at embedded 0, as the official code)
+            return self.forward(net, x_t, t, cond if self.embedded_guidance else uncond, guidance)
         g = torch.cat([guidance, guidance]) if per_sample else guidance  # (2B,) or a float
         v_uncond, v_cond = self.forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), _cat([uncond, cond]), g).chunk(
             2
@@ -1314,24 +1435,8 @@ class DiTBackbone(Backbone):
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image.float(), output_type="np")
 
-    def students(self, cfg, runtime):
-        """LoRA adapters on the teacher itself, or full copies (under torchrun: sharded); ema None without one."""
-        if cfg.mode == "lora":
-            generator, fake, ema = lora_students(self, cfg.lora_rank)  # (an EMA adapter costs megabytes: made anyway)
-            nets = [generator, fake, ema if cfg.ema_decay else None]
-        elif runtime.world == 1:
-            nets = super().students(cfg, runtime)
-        else:  # compiled blocks, then sharded (section 11); generator and fake train, the EMA (if any) does not
-            shard(self.teacher, compiled=cfg.compile)
-            replica = functools.partial(sharded_copy, self.teacher, cfg)  # (trainable?)
-            nets = [replica(True), replica(True), replica(False) if cfg.ema_decay else None]
-        # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
-        for net in [self.teacher.base] if cfg.mode == "lora" else [self.teacher, *nets[:2]]:
-            checkpoint_blocks(net, cfg.grad_checkpointing)
-            if cfg.compile and runtime.world == 1:
-                for block in blocks(net):
-                    block.compile(**COMPILE)
-        return nets
+    def students(self, config, runtime):  # where they live is not a family's business: section 11's placement
+        return place_students(self, config, runtime)
 
 
 class SanaBackbone(DiTBackbone):
@@ -1339,8 +1444,12 @@ class SanaBackbone(DiTBackbone):
     empty prompt without it, as the pipeline's negative prompt and the official code); t * 1000 * timestep_scale."""
 
     pipeline = "SanaPipeline"
-    text_tokens, vae_factor, text_encoder_params = 300, 32, 2.61e9
-    saved_per_block, checkpointed_inputs, text_in_blocks = (41.0, 35.0), (2.8, 1.1), 0.1  # text: cross-attention only
+    text_tokens = 300
+    vae_factor = 32
+    text_encoder_params = 2.61e9
+    saved_per_block = (41.0, 35.0)
+    recomputed_inputs = (2.8, 1.1)
+    text_in_blocks = 0.1  # text: cross-attention only
     instruction = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
     def encode(self, prompts):
@@ -1353,10 +1462,10 @@ class SanaBackbone(DiTBackbone):
         return {"embeds": embeds, "mask": mask}  # (B, L, C), (B, L)
 
     def forward(self, net, x_t, t, cond, guidance):
-        dt = net.dtype
+        dtype = net.dtype
         v = net(
-            x_t.to(dt),
-            encoder_hidden_states=cond["embeds"].to(dt),
+            x_t.to(dtype),
+            encoder_hidden_states=cond["embeds"].to(dtype),
             encoder_attention_mask=cond["mask"],
             timestep=t * 1000 * net.config.timestep_scale,
             return_dict=False,
@@ -1369,22 +1478,28 @@ class SD3Backbone(DiTBackbone):
 
     pipeline = "StableDiffusion3Pipeline"
     step_noise_from_generator = False
-    text_tokens, text_encoder_params = 77 + 256, 0.12e9 + 0.69e9 + 4.76e9
-    saved_per_block, checkpointed_inputs = (18.0, 10.0), (2.0, 1.35)
+    text_tokens = 77 + 256
+    text_encoder_params = 0.12e9 + 0.69e9 + 4.76e9
+    saved_per_block = (18.0, 10.0)
+    recomputed_inputs = (2.0, 1.35)
 
     def encode(self, prompts):
         embeds, _, pooled, _ = self.pipe.encode_prompt(  # every text encoder the same prompts, T5's 256 tokens
-            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False
+            prompt=prompts,
+            prompt_2=prompts,
+            prompt_3=prompts,
+            device=self.device,
+            do_classifier_free_guidance=False,
         )
         return {"embeds": embeds, "pooled": pooled}  # (B, L, C), (B, P)
 
     def forward(self, net, x_t, t, cond, guidance):
-        dt = net.dtype
+        dtype = net.dtype
         return net(
-            hidden_states=x_t.to(dt),
+            hidden_states=x_t.to(dtype),
             timestep=t * 1000,
-            encoder_hidden_states=cond["embeds"].to(dt),
-            pooled_projections=cond["pooled"].to(dt),
+            encoder_hidden_states=cond["embeds"].to(dtype),
+            pooled_projections=cond["pooled"].to(dtype),
             return_dict=False,
         )[0]
 
@@ -1397,16 +1512,18 @@ class FluxBackbone(DiTBackbone):
     student at the teacher's scale (the stock FluxPipeline's guidance_scale samples it at the same)."""
 
     pipeline = "FluxPipeline"
+    embedded_guidance = True
     packing = 2
     step_noise_from_generator = False
-    zero_cfg_prompt = True
-    text_tokens, text_encoder_params = 512, 0.12e9 + 4.76e9
-    saved_per_block, checkpointed_inputs = (24.0, 12.0), (2.15, 1.6)
+    text_tokens = 512
+    text_encoder_params = 0.12e9 + 4.76e9
+    saved_per_block = (24.0, 12.0)
+    recomputed_inputs = (2.15, 1.6)
 
-    def __init__(self, pipe, cfg, device):
-        super().__init__(pipe, cfg, device)
-        self.embedded_only = cfg.embedded_guidance_only
-        self.student_guidance = cfg.cfg_eval_real if self.embedded_only else 1.0
+    def __init__(self, pipe, config, device):
+        super().__init__(pipe, config, device)
+        self.embedded_only = config.embedded_guidance_only
+        self.student_guidance = config.guidance_eval_real if self.embedded_only else 1.0
 
     def encode(self, prompts):
         # the same prompts for both text encoders (prompt_2's default), T5's 512 tokens (the stock pipeline's default)
@@ -1422,15 +1539,16 @@ class FluxBackbone(DiTBackbone):
         return F.pixel_shuffle(x.transpose(1, 2).reshape(len(x), -1, h // 2, w // 2), 2)
 
     def forward(self, net, x_t, t, cond, guidance):
-        dt, (_, h, w) = net.dtype, self.sample_shape  # img_ids: (tokens, 3), each (0, row, column), as FluxPipeline's
+        dtype = net.dtype  # the dtype to feed it
+        _, h, w = self.sample_shape  # img_ids: (tokens, 3), each (0, row, column), as FluxPipeline's
         ids = torch.cartesian_prod(*(torch.arange(n, device=x_t.device).float() for n in (1, h // 2, w // 2)))
         g = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device).expand(len(x_t))  # (B,) embedded
         v = net(
-            hidden_states=self.pack(x_t).to(dt),
+            hidden_states=self.pack(x_t).to(dtype),
             timestep=t,
             guidance=g if net.config.guidance_embeds else None,
-            pooled_projections=cond["pooled"].to(dt),
-            encoder_hidden_states=cond["embeds"].to(dt),
+            pooled_projections=cond["pooled"].to(dtype),
+            encoder_hidden_states=cond["embeds"].to(dtype),
             txt_ids=self.txt_ids,
             img_ids=ids,
             return_dict=False,
@@ -1442,8 +1560,6 @@ class FluxBackbone(DiTBackbone):
         return self.unpack(torch.randn((B, h * w // 4, C * 4), generator=rng, device=self.device), h, w)
 
 
-FAMILIES = {family.pipeline: family for family in (SanaBackbone, SD3Backbone, FluxBackbone)}
-
 # --- 13. Real images for data-aided SiD (D17): read, resize + center-crop, encode once with the teacher's VAE ------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -1454,12 +1570,15 @@ def read_image_captions(path):
     if not os.path.isdir(path):
         raise UserError(f"--data {path}: not a folder of images with same-name .txt captions")
     images = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_EXTENSIONS)]
-    pairs = [
-        (im, open(txt, encoding="utf-8").read().strip())
-        for im in images
-        if os.path.isfile(txt := os.path.splitext(im)[0] + ".txt")
-    ]
-    pairs = [(image, caption) for image, caption in pairs if caption]
+    pairs = []
+    for image in images:
+        caption_file = os.path.splitext(image)[0] + ".txt"
+        if not os.path.isfile(caption_file):
+            continue
+        with open(caption_file, encoding="utf-8") as f:
+            caption = f.read().strip()
+        if caption:  # (a blank caption counts as none)
+            pairs.append((image, caption))
     return pairs, len(images) - len(pairs)
 
 
@@ -1469,8 +1588,12 @@ def encode_data(backbone, path, cache_path):
     cache = torch.load(cache_path, weights_only=False) if os.path.isfile(cache_path) else {}
     if cache.get("key") == key:
         return cache["latents"], cache["captions"], cache["skipped"]
-    (pairs, no_caption), vae, R = read_image_captions(path), backbone.pipe.vae, backbone.resolution
-    latents, captions, unreadable = [], [], 0
+    pairs, no_caption = read_image_captions(path)
+    vae = backbone.pipe.vae
+    R = backbone.resolution
+    latents = []
+    captions = []
+    unreadable = 0
     for image_path, caption in pairs:
         try:  # resized (shorter side) and center-cropped to a square by the pipeline's own processor: (1, 3, R, R)
             x = backbone.pipe.image_processor.preprocess(
@@ -1492,7 +1615,8 @@ def encode_data(backbone, path, cache_path):
         raise UserError(
             f"--data {path}: no usable image-caption pairs ({unreadable} unreadable, {no_caption} without caption)"
         )
-    latents, skipped = torch.cat(latents), dict(unreadable=unreadable, no_caption=no_caption)  # (N, C, h, w)
+    latents = torch.cat(latents)  # (N, C, h, w)
+    skipped = dict(unreadable=unreadable, no_caption=no_caption)
     atomic_save(dict(key=key, latents=latents, captions=captions, skipped=skipped), cache_path)
     return latents, captions, skipped
 
@@ -1504,12 +1628,16 @@ def encode_data(backbone, path, cache_path):
 # states at t = QUALITY_T, averaged over a 4 x 4 grid of image regions, whitened on the reference's top QUALITY_DIMS
 # principal directions (there the reference is N(0, I)), then FID's Frechet distance to N(0, I). Validated by
 # experiments/digits.py --metric-study; the alternatives weighed by experiments/metric_variants.py.
-QUALITY_SIZE, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS = 512, 0.3, 8, 32
+QUALITY_SIZE = 512  # samples of the reference set and of each evaluation
+QUALITY_T = 0.3  # the noise level at which the teacher sees them
+QUALITY_DIMS = 8  # principal directions kept
+REFERENCE_STEPS = 32  # the teacher's Euler steps for the reference set
 
 
 def euler_sample(velocity_fn, z, steps):
     """The teacher's own sampler: Euler on dx/dt = v from t = 1 to t = 0 on a uniform grid, no gradient."""
-    x, ts = z, torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
+    x = z
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
     with torch.no_grad():
         for i in range(steps):
             x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(z.shape[0]))
@@ -1517,7 +1645,8 @@ def euler_sample(velocity_fn, z, steps):
 
 
 def grid_features(hidden, B):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
-    h, side = hidden[-B:].float(), math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
+    h = hidden[-B:].float()
+    side = math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
     return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), 4).flatten(1) if side else h
 
 
@@ -1532,40 +1661,51 @@ class Quality:
     """quality(net) -> the score of a generator's K-step samples, kept in .samples (the preview); lower is better;
     .lines: the teacher's own 4- and 8-step scores. `seed`: the samples' noises'; the features' noise's + 1."""
 
-    def __init__(self, backbone, cfg, cache=None, seed=0):
-        self.backbone, self.cfg, self.seed, n, bb = backbone, cfg, seed, QUALITY_SIZE, backbone
-        # the prompts in turn: a dict of (n, ...) tensors, or (): an unconditional teacher
-        self.cond = bb.prompts and bb.cond_for([i % len(bb.prompts) for i in range(n)])
-        self.noises = bb.noises(n, cfg.steps, torch.Generator(bb.device).manual_seed(seed))  # (n, K, *D)
+    def __init__(self, backbone, config, cache=None, seed=0):
+        self.backbone = backbone
+        self.config = config
+        self.seed = seed
+        n = QUALITY_SIZE
+        self.cond = None  # the prompts in turn, a dict of (n, ...) tensors; None: an unconditional teacher
+        if backbone.prompts:
+            self.cond = backbone.cond_for([i % len(backbone.prompts) for i in range(n)])
+        self.noises = backbone.noises(
+            n, config.steps, torch.Generator(backbone.device).manual_seed(seed)
+        )  # (n, K, *D)
         # what the reference depends on: the prompts, the samples' shape and seed, the metric's settings, the guidance
-        key = [list(bb.prompts), bb.sample_shape, seed, n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS]
-        key += [cfg.cfg_eval_real, cfg.cfg_t_min, cfg.cfg_t_max]
-        saved = torch.load(cache, bb.device, weights_only=False) if cache and os.path.isfile(cache) else {}
+        key = [list(backbone.prompts), backbone.sample_shape, seed, n, QUALITY_T, QUALITY_DIMS, REFERENCE_STEPS]
+        key += [config.guidance_eval_real, config.guidance_t_min, config.guidance_t_max]
+        saved = torch.load(cache, backbone.device, weights_only=False) if cache and os.path.isfile(cache) else {}
         if saved.get("key") == key:
             self.mean, self.basis, self.lines = saved["stats"]
             return
-        with autocast(cfg, bb.device):
+        with autocast(config, backbone.device):
             f = self.features(self.teacher_samples(REFERENCE_STEPS))  # (n, C), float64 (as all that follows)
-            self.mean, std = f.mean(0), f.std(0) + 1e-6
+            self.mean = f.mean(0)
+            std = f.std(0) + 1e-6
             _, s, v = torch.linalg.svd((f - self.mean) / std, full_matrices=False)  # principal directions
-            d = min(QUALITY_DIMS, n - 1)  # directions kept (n - 1 at most: centred, the reference spans no more)
-            self.basis = v[:d].T * (n - 1) ** 0.5 / s[:d] / std[:, None]  # (C, d): the reference's covariance -> I
+            dims = min(QUALITY_DIMS, n - 1)  # directions kept (n - 1 at most: centred, the reference spans no more)
+            self.basis = v[:dims].T * (n - 1) ** 0.5 / s[:dims] / std[:, None]  # (C, dims): the covariance -> I
             self.lines = {K: self.score(self.teacher_samples(K)) for K in (4, 8)}  # the plot's: same prompts, seeds
         if cache and int(os.environ.get("RANK", 0)) == 0:
             atomic_save(dict(key=key, stats=(self.mean, self.basis, self.lines)), cache)
 
     def chunked(self, fn, x):  # fn(rows, their conditioning) over 16 rows at a time: no batch larger than that
-        rows = [slice(i, i + 16) for i in range(0, len(x), 16)]
-        return torch.cat([fn(x[r], self.cond and {k: v[r] for k, v in self.cond.items()}) for r in rows])
+        out = []
+        for i in range(0, len(x), 16):
+            rows = slice(i, i + 16)
+            cond = None if self.cond is None else {k: v[rows] for k, v in self.cond.items()}
+            out.append(fn(x[rows], cond))
+        return torch.cat(out)
 
     def teacher_samples(self, steps):  # the teacher's Euler sampler from the noises' z, guided as in the losses
-        bb, cfg = self.backbone, self.cfg
+        backbone = self.backbone
+        config = self.config
 
         def sample(z, cond):
             def velocity(x, t):
-                return bb.velocity(
-                    bb.teacher, x, t, cond, guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)
-                )
+                kappa = guidance_scale(config.guidance_eval_real, t, config.guidance_t_min, config.guidance_t_max)
+                return backbone.velocity(backbone.teacher, x, t, cond, kappa)
 
             return euler_sample(velocity, z, steps)
 
@@ -1573,27 +1713,35 @@ class Quality:
 
     def features(self, x):
         """The teacher's grid-averaged last hidden states of x (N, *D) noised to QUALITY_T, prompt-free: (N, 16 C)."""
-        bb, t = self.backbone, torch.full((len(x),), QUALITY_T, device=x.device)
+        backbone = self.backbone
+        t = torch.full((len(x),), QUALITY_T, device=x.device)
 
         def pooled(x_t, _):  # (the rows' prompts unused: the empty prompt's conditioning, or None for the toy)
-            empty = bb.uncond and {k: v.expand(len(x_t), *v.shape[1:]) for k, v in bb.uncond.items()}
+            empty = None
+            if backbone.uncond is not None:
+                empty = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in backbone.uncond.items()}
             with torch.no_grad():
-                _, hidden = velocity_and_features(bb.velocity, bb.teacher, x_t, t[: len(x_t)], empty, 1.0)
+                _, hidden = velocity_and_features(backbone.velocity, backbone.teacher, x_t, t[: len(x_t)], empty, 1.0)
             return grid_features(hidden, len(x_t))
 
-        eps = bb.noise(x.shape, torch.Generator(bb.device).manual_seed(self.seed + 1))  # the same each time
+        eps = backbone.noise(
+            x.shape, torch.Generator(backbone.device).manual_seed(self.seed + 1)
+        )  # the same each time
         return self.chunked(pooled, add_noise(x, eps, t)).double()
 
     def score(self, x):  # whitened as the reference: (N, d)
         return frechet_to_standard((self.features(x) - self.mean) @ self.basis)
 
     def __call__(self, net):
-        bb, cfg = self.backbone, self.cfg
+        backbone = self.backbone
 
         def sample(noises, cond):  # K generator steps from the fixed noises
-            return generate(lambda x, t: bb.velocity(net, x, t, cond, bb.student_guidance), noises, cfg.noise)
+            def velocity(x, t):
+                return backbone.velocity(net, x, t, cond, backbone.student_guidance)
 
-        with autocast(cfg, bb.device):
+            return generate(velocity, noises, self.config.noise)
+
+        with autocast(self.config, backbone.device):
             self.samples = self.chunked(sample, self.noises)
             return self.score(self.samples)
 
@@ -1638,8 +1786,10 @@ def resolve_teacher(name, configs_only=False):
 def _hub_file(name, repo, filename):
     """hf_hub_download of one file: the cache, else the hub after a 5-second probe (not half a minute of retries); or
     a line that says why not: offline, unreachable, gated, missing."""
-    hub, where = huggingface_hub.constants, f"--teacher {name}: cannot read {repo}/{filename}"
-    local, url = "; or give --teacher a local pipeline folder", urllib.parse.urlparse(hub.ENDPOINT)
+    hub = huggingface_hub.constants
+    where = f"--teacher {name}: cannot read {repo}/{filename}"
+    local = "; or give --teacher a local pipeline folder"
+    url = urllib.parse.urlparse(hub.ENDPOINT)
     with contextlib.suppress(Exception):
         return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
     if hub.HF_HUB_OFFLINE:
@@ -1661,22 +1811,22 @@ def _hub_file(name, repo, filename):
     raise UserError(f"{where}: {why}{local}")
 
 
-def load_backbone(cfg, device, src=None, family=None):
-    """The teacher pipeline as a Backbone, at cfg.resolution (0: the transformer's native size)."""
+def load_backbone(config, device, src=None, family=None):
+    """The teacher pipeline as a Backbone, at config.resolution (0: the transformer's native size)."""
     for lib in (diffusers, transformers, huggingface_hub):  # their notes are noise; failures raise
         lib.utils.logging.set_verbosity(lib.utils.logging.CRITICAL)
     for lib in (diffusers, transformers):  # and so are their progress bars
         lib.utils.logging.disable_progress_bar()
     if src is None:
-        src, family = resolve_teacher(cfg.teacher)
+        src, family = resolve_teacher(config.teacher)
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(cfg))
+        pipe = diffusers.DiffusionPipeline.from_pretrained(src, dtype=teacher_dtype(config))
     except (OSError, ValueError) as e:  # missing weights (a configs-only cache or folder), a broken pipeline
         raise UserError(
             f"cannot load the pipeline {src}: {' '.join(str(e).split())} (a cache or folder holding only "
             "configs, such as assets/hf, serves --dry-run alone)"
         ) from None
-    backbone = family(pipe, cfg, device)
+    backbone = family(pipe, config, device)
     backbone.source = src
     return backbone
 
@@ -1687,7 +1837,8 @@ def _read_json(src, name):  # a file of a pipeline folder, or of a hub id (from 
 
 
 def meta_transformer(src):  # the teacher's transformer on the meta device from its config.json: shapes, no weights
-    index, config = _read_json(src, "model_index.json"), _read_json(src, "transformer/config.json")
+    index = _read_json(src, "model_index.json")
+    config = _read_json(src, "transformer/config.json")
     with torch.device("meta"):
         return getattr(diffusers, index["transformer"][1]).from_config(config)
 
@@ -1699,77 +1850,94 @@ def vae_factor(src, family):
     return 2 ** (len(blocks) - 1) if blocks else family.vae_factor
 
 
-def memory_plan(cfg, net, family, world_size=1, factor=None):
-    """Bytes per GPU of weights, gradients, Adam's moments and activations for cfg on `world_size` GPUs (`net` on the
-    meta device, `family` its Backbone class). full: teacher, generator, fake (and EMA), sharded by FSDP2; lora: a
+def memory_plan(config, net, family, world_size=1, factor=None):
+    """Bytes per GPU of weights, gradients, Adam's moments and activations for config on `world_size` GPUs (`net` on
+    the meta device, `family` its Backbone class). full: teacher, generator, fake (and EMA), sharded by FSDP2; lora: a
     frozen base + three float32 adapters. Activations: one micro-batch's (--grad-accum adds none), at their peak in
     the generator update: the generator's graph (batch B), the teacher's and fake's (2B with two-branch CFG), and on
     one GPU bf16 copies of trainable weights. A run needs max('total', 'startup')."""
-    c, P = net.config, sum(p.numel() for p in net.parameters())
-    base_bytes, train_bytes = teacher_dtype(cfg).itemsize, trainable_dtype(cfg).itemsize
-    if cfg.mode == "lora":
+    c = net.config
+    P = sum(p.numel() for p in net.parameters())  # the transformer's parameters
+    base_bytes = teacher_dtype(config).itemsize  # per frozen weight and per activation
+    # full: teacher, generator, fake (, EMA), FSDP2 shards each over the GPUs; lora: one frozen base, three float32
+    # adapters, replicated on every GPU
+    shards = world_size if config.mode == "full" else 1
+    grad_bytes = trainable_dtype(config).itemsize if config.mode == "full" else 4
+    trainable = 2 * P  # the generator's and the fake network's weights, or adapters:
+    copies = 2 * P * 2 if config.precision == "bf16-autocast" and world_size == 1 else 0  # autocast's bf16 copies
+    weights = P * base_bytes + (3 if config.ema_decay else 2) * P * grad_bytes
+    if config.mode == "lora":
         targets = [m for name, m in net.named_modules() if name.endswith(LORA_TARGETS)]
-        lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for m in targets)
-        trainable, shard, weights, grad_bytes, copies = 2 * lora, 1, P * base_bytes + 3 * lora * 4, 4, 0
-    else:
-        trainable, shard, grad_bytes = 2 * P, world_size, train_bytes
-        weights = P * base_bytes + (3 if cfg.ema_decay else 2) * P * train_bytes  # teacher, generator, fake (, EMA)
-        copies = 2 * P * 2 if cfg.precision == "bf16-autocast" and world_size == 1 else 0
-    width, layers = c.num_attention_heads * c.attention_head_dim, len(blocks(net))
-    image_tokens = (cfg.resolution // (factor or family.vae_factor) // (c.get("patch_size", 1) * family.packing)) ** 2
+        lora = sum(config.lora_rank * (m.in_features + m.out_features) for m in targets)
+        trainable = 2 * lora
+        copies = 0
+        weights = P * base_bytes + 3 * lora * 4
+    width = c.num_attention_heads * c.attention_head_dim
+    layers = len(blocks(net))
+    image_tokens = (
+        config.resolution // (factor or family.vae_factor) // (c.get("patch_size", 1) * family.packing)
+    ) ** 2
     tokens = image_tokens + family.text_tokens * family.text_in_blocks
-    per_sample = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D18)
+    per_sample = config.guidance_t_min > 0 or config.guidance_t_max < 1  # a guidance interval: per-sample scales (D18)
     branches = [
-        cfg_branches(w, cfg.embedded_guidance_only, per_sample) for w in (1.0, cfg.cfg_eval_real, cfg.cfg_eval_fake)
+        guidance_branches(w, config.embedded_guidance_only, per_sample)
+        for w in (1.0, config.guidance_eval_real, config.guidance_eval_fake)
     ]
     # generator, teacher, fake: their batches, whether their weights take gradients in the generator update
-    batches, trains = [cfg.batch_size * n for n in branches], (cfg.mode == "full", False, cfg.mode == "full")
+    batches = [config.batch_size * n for n in branches]
+    trains = (config.mode == "full", False, config.mode == "full")
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
     per_block = [b * family.saved_per_block[0 if t else 1] * unit for b, t in zip(batches, trains, strict=True)]
     # a checkpointed block keeps its inputs (text tokens in full: they are inputs) and is recomputed one at a time
-    n_ck = math.floor(layers * cfg.grad_checkpointing)  # as many as checkpoint_blocks chooses
+    recomputed = math.floor(layers * config.grad_checkpointing)  # as many as recompute_blocks chooses
     unit_in = (image_tokens + family.text_tokens) * width * base_bytes
-    inputs = sum(b * family.checkpointed_inputs[0 if t else 1] * unit_in for b, t in zip(batches, trains, strict=True))
-    stored, recompute = n_ck * inputs + (layers - n_ck) * sum(per_block), (max(per_block) if n_ck else 0)
-    grads = trainable * grad_bytes / shard
-    plan = dict(parameters=P, trainable=trainable, weights=weights / shard, gradients=grads, optimizer=2 * grads)
+    inputs = sum(b * family.recomputed_inputs[0 if t else 1] * unit_in for b, t in zip(batches, trains, strict=True))
+    stored = recomputed * inputs + (layers - recomputed) * sum(per_block)
+    recompute = max(per_block) if recomputed else 0  # one block's activations, rebuilt in backward
+    grads = trainable * grad_bytes / shards
+    plan = dict(parameters=P, trainable=trainable, weights=weights / shards, gradients=grads, optimizer=2 * grads)
     plan |= dict(activations=stored + recompute + copies, recompute=recompute)
     plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + plan["activations"]
     plan["startup"] = (P + family.text_encoder_params) * base_bytes
     return plan
 
 
-def check_inputs(cfg, configs_only=False):
-    """What inputs and configs tell before any weights load: (cfg at its resolution, prompts, src, family, meta-device
-    net, VAE factor). Resolution 0 becomes the transformer's native side, as DiTBackbone takes it."""
-    if cfg.data and cfg.prompts:
+def check_inputs(config, configs_only=False):
+    """What inputs and configs tell before any weights load: (config at its resolution, prompts, src, family,
+    meta-device net, VAE factor). Resolution 0 becomes the transformer's native side, as DiTBackbone takes it."""
+    if config.data and config.prompts:
         raise UserError("--data and --prompts: with a data set its captions are the prompts; give one of them")
-    if cfg.data and not os.path.isdir(cfg.data):  # (its files are read once, when encoded, unless cached)
-        raise UserError(f"--data {cfg.data}: no such folder")
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else DEFAULT_PROMPTS
-    src, family = resolve_teacher(cfg.teacher, configs_only)
-    net, factor = meta_transformer(src), vae_factor(src, family)
-    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or (net.config.get("sample_size") or 128) * factor)
-    check_resolution(cfg.resolution, factor, net.config.patch_size * family.packing)
-    if cfg.embedded_guidance_only and family is not FluxBackbone:
-        raise UserError(f"--embedded-guidance-only: {cfg.teacher} takes no embedded guidance (FLUX.1-dev does)")
-    return cfg, prompts, src, family, net, factor
+    if config.data and not os.path.isdir(config.data):  # (its files are read once, when encoded, unless cached)
+        raise UserError(f"--data {config.data}: no such folder")
+    prompts = read_prompts(config.prompts) if config.prompts else DEFAULT_PROMPTS
+    src, family = resolve_teacher(config.teacher, configs_only)
+    net = meta_transformer(src)
+    factor = vae_factor(src, family)
+    config = dataclasses.replace(
+        config, resolution=config.resolution or (net.config.get("sample_size") or 128) * factor
+    )
+    check_resolution(config.resolution, factor, net.config.patch_size * family.packing)
+    if config.embedded_guidance_only and not family.embedded_guidance:
+        raise UserError(f"--embedded-guidance-only: {config.teacher} takes no embedded guidance (FLUX.1-dev does)")
+    return config, prompts, src, family, net, factor
 
 
-def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
-    cfg, _, _, family, net, factor = check_inputs(cfg, configs_only=True)
-    plan = memory_plan(cfg, net, family, world_size, factor)
+def cmd_dry_run(config, world_size):  # the memory plan per GPU from the configs, after the checks a run makes first
+    config, _, _, family, net, factor = check_inputs(config, configs_only=True)
+    plan = memory_plan(config, net, family, world_size, factor)
     print(
-        f"memory plan per GPU: {cfg.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
-        f"mode {cfg.mode}, precision {cfg.precision}, {world_size} GPU(s), micro-batches of {cfg.batch_size}/GPU at "
-        f"{cfg.resolution} px (global batch {cfg.batch_size} x {world_size} GPU(s) x {cfg.grad_accum} = "
-        f"{cfg.batch_size * world_size * cfg.grad_accum}), {cfg.grad_checkpointing:.0%} of the blocks checkpointed"
+        f"memory plan per GPU: {config.teacher} ({type(net).__name__}, {plan['parameters'] / 1e9:.2f} B parameters), "
+        f"mode {config.mode}, precision {config.precision}, {world_size} GPU(s), "
+        f"micro-batches of {config.batch_size}/GPU at "
+        f"{config.resolution} px (global batch {config.batch_size} x {world_size} GPU(s) x {config.grad_accum} = "
+        f"{config.batch_size * world_size * config.grad_accum}), "
+        f"{config.grad_checkpointing:.0%} of the blocks checkpointed"
     )
     print(f"  trainable parameters  {plan['trainable'] / 1e6:12.1f} M")
     for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
         print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("  (teacher + text encoders)" * (key == "startup")))
     if torch.cuda.is_available():  # on a GPU machine: does it fit this GPU's free memory, and if not, what would
-        advice = fit_advice(cfg, net, family, factor, world_size, torch.cuda.mem_get_info()[0])
+        advice = fit_advice(config, net, family, factor, world_size, torch.cuda.mem_get_info()[0])
         print(advice or f"  fits the {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free on this GPU")
     return plan
 
@@ -1777,7 +1945,7 @@ def cmd_dry_run(cfg, world_size):  # the memory plan per GPU from the configs, a
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
 
 
-def export_student(backbone, net, cfg, folder):
+def export_student(backbone, net, config, folder):
     """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
     and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D15)."""
     tmp = f"{folder}.tmp{os.getpid()}"
@@ -1792,7 +1960,7 @@ def export_student(backbone, net, cfg, folder):
     pipe = diffusers.DiffusionPipeline.from_pretrained(
         backbone.source,
         transformer=net,
-        dtype=teacher_dtype(cfg),
+        dtype=teacher_dtype(config),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True
         ),
@@ -1802,10 +1970,10 @@ def export_student(backbone, net, cfg, folder):
         family=backbone.pipeline,
         teacher=backbone.source,
         resolution=backbone.resolution,
-        steps=cfg.steps,
-        sigmas=generator_times(cfg.steps),
+        steps=config.steps,
+        sigmas=generator_times(config.steps),
         guidance_scale=backbone.student_guidance,
-        precision=cfg.precision,
+        precision=config.precision,
         global_rng_step_noise=not backbone.step_noise_from_generator,
     )
     with open(os.path.join(tmp, STUDENT_META), "w") as f:
@@ -1814,14 +1982,18 @@ def export_student(backbone, net, cfg, folder):
     return folder
 
 
-def cmd_distill(cfg):
-    cfg, prompts, src, family, shapes, factor = check_inputs(cfg)  # bad input fails here, before any weights load
-    runtime = setup_runtime(cfg)
-    check_fits(cfg, shapes, family, factor, runtime)
-    backbone = load_backbone(cfg, runtime.device, src, family)
-    os.makedirs(cfg.out, exist_ok=True)
-    if cfg.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
-        backbone.real, prompts, skipped = encode_data(backbone, cfg.data, os.path.join(cfg.out, "data_cache.pt"))
+def cmd_distill(config):
+    # bad input fails here, before any weights load
+    config, prompts, src, family, shapes, factor = check_inputs(config)
+    runtime = setup_runtime(config)
+    global_batch = config.batch_size * runtime.world * config.grad_accum
+    if global_batch != GLOBAL_BATCH and runtime.rank == 0:
+        print(f"global batch {global_batch} (--batch-size x processes x --grad-accum), not the paper's {GLOBAL_BATCH}")
+    check_fits(config, shapes, family, factor, runtime)
+    backbone = load_backbone(config, runtime.device, src, family)
+    os.makedirs(config.out, exist_ok=True)
+    if config.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
+        backbone.real, prompts, skipped = encode_data(backbone, config.data, os.path.join(config.out, "data_cache.pt"))
         if runtime.rank == 0:
             print(
                 f"data: {len(prompts)} image-caption pairs; skipped {skipped['unreadable']} unreadable images and "
@@ -1832,19 +2004,23 @@ def cmd_distill(cfg):
 
     def on_eval(step, generator, ema):  # every rank draws (a sharded forward is collective), rank 0 writes
         nonlocal quality
-        quality = quality or Quality(backbone, cfg, os.path.join(cfg.out, "reference.pt"))
+        quality = quality or Quality(backbone, config, os.path.join(config.out, "reference.pt"))
         q = quality(generator if ema is None else ema)
         if runtime.rank == 0:  # the preview, one PNG row: the first 4 samples it scored (the run's first 4 prompts)
             row = diffusers.utils.numpy_to_pil(backbone.decode(quality.samples[:4].float()))  # 4 images, one row
-            diffusers.utils.make_image_grid(row, 1, 4).save(os.path.join(cfg.out, f"preview_{step:07d}.png"))
-            plot_quality(cfg.out, quality.lines, (step, q))
+            diffusers.utils.make_image_grid(row, 1, 4).save(os.path.join(config.out, f"preview_{step:07d}.png"))
+            plot_quality(config.out, quality.lines, (step, q))
         return dict(quality=q)
 
-    res = distill(cfg, backbone, on_eval=on_eval, runtime=runtime)
-    which = "ema" if cfg.ema_decay else "generator"  # the student a run keeps
+    res = distill(config, backbone, on_eval=on_eval, runtime=runtime)
+    which = "ema" if config.ema_decay else "generator"  # the student a run keeps
     if runtime.rank == 0:  # (full mode: rank 0 reads the student alone from the checkpoint, into a plain copy)
-        net = res[which] if cfg.mode == "lora" else checkpointed_net(checkpoint_path(cfg.out), which, backbone, cfg)
-        folder = export_student(backbone, net, cfg, os.path.join(cfg.out, "student"))
+        net = (
+            res[which]
+            if config.mode == "lora"
+            else saved_network(checkpoint_path(config.out), which, backbone, config)
+        )
+        folder = export_student(backbone, net, config, os.path.join(config.out, "student"))
         print(
             f"student pipeline: {folder} ({res['skipped']} non-finite iterations skipped, {runtime.world} processes)"
         )
@@ -1853,58 +2029,58 @@ def cmd_distill(cfg):
         dist.destroy_process_group()
 
 
-def lighter_settings(cfg):
+def lighter_settings(config):
     """Settings that lower a run's planned memory per GPU, lightest change first, each at the same global batch: every
     block checkpointed; then smaller micro-batches, with --grad-accum raised to match; in full mode then LoRA."""
     settings = [dict(grad_checkpointing=1.0)]
-    global_batch = cfg.batch_size * cfg.grad_accum
-    for batch_size in range(cfg.batch_size - 1, 0, -1):
-        if cfg.batch_size % batch_size == 0:
+    global_batch = config.batch_size * config.grad_accum
+    for batch_size in range(config.batch_size - 1, 0, -1):
+        if config.batch_size % batch_size == 0:
             settings.append(dict(grad_checkpointing=1.0, batch_size=batch_size, grad_accum=global_batch // batch_size))
-    if cfg.mode == "full":
+    if config.mode == "full":
         settings += [dict(setting, mode="lora") for setting in settings]
     return settings
 
 
-def fit_advice(cfg, net, family, factor, world, free):
-    """None if cfg's memory plan fits `free` bytes per GPU on `world` GPUs; else one line that says so and names the
+def fit_advice(config, net, family, factor, world, free):
+    """None if config's memory plan fits `free` bytes per GPU on `world` GPUs; else one line that says so and names the
     lightest change of settings (lighter_settings) whose own plan fits, at the same global batch."""
 
     def need(**change):  # bytes per GPU of the run with these fields changed
-        plan = memory_plan(dataclasses.replace(cfg, **change), net, family, world, factor)
+        plan = memory_plan(dataclasses.replace(config, **change), net, family, world, factor)
         return max(plan["total"], plan["startup"])
 
     if need() <= free:
         return None
-    fits = [setting for setting in lighter_settings(cfg) if need(**setting) <= free]
+    fits = [setting for setting in lighter_settings(config) if need(**setting) <= free]
     if fits:
         hint = "try " + " ".join(f"{flag(k)} {v}" for k, v in fits[0].items())
-    elif cfg.mode == "full":  # FSDP2 shards full mode's weights, gradients and Adam's state over the GPUs
+    elif config.mode == "full":  # FSDP2 shards full mode's weights, gradients and Adam's state over the GPUs
         hint = "more GPUs (torchrun) or a GPU with more memory"
     else:  # LoRA mode is replicated on every GPU: more GPUs lower no GPU's memory
         hint = "a GPU with more memory"
     return (
-        f"the memory plan needs {need() / 2**30:.1f} GiB per GPU ({cfg.mode} mode, micro-batch {cfg.batch_size} "
-        f"at {cfg.resolution} px), {free / 2**30:.1f} GiB are free: {hint} (--dry-run prints the plan)"
+        f"the memory plan needs {need() / 2**30:.1f} GiB per GPU ({config.mode} mode, micro-batch {config.batch_size} "
+        f"at {config.resolution} px), {free / 2**30:.1f} GiB are free: {hint} (--dry-run prints the plan)"
     )
 
 
-def check_fits(cfg, net, family, factor, runtime):
+def check_fits(config, net, family, factor, runtime):
     """On CUDA, before any weights load: a one-line error if the memory plan exceeds the free memory (fit_advice)."""
     if runtime.device.type != "cuda":
         return
-    advice = fit_advice(cfg, net, family, factor, runtime.world, torch.cuda.mem_get_info(runtime.device)[0])
+    advice = fit_advice(config, net, family, factor, runtime.world, torch.cuda.mem_get_info(runtime.device)[0])
     if advice:
         raise UserError(advice)
 
 
-def checkpointed_net(path, which, backbone, cfg):
+def saved_network(path, which, backbone, config):
     """Network `which` of a checkpoint, reading only its tensors, in this process alone: an adapter view on the
     teacher's base (LoRA), or a plain transformer on the CPU in the teacher's dtype (full mode)."""
-    if cfg.mode == "lora":
-        net = lora_students(backbone, cfg.lora_rank)[("generator", "fake", "ema").index(which)]
+    if config.mode == "lora":
+        net = lora_students(backbone, config.lora_rank)[("generator", "fake", "ema").index(which)]
     else:
-        net = meta_transformer(backbone.source).to(teacher_dtype(cfg)).to_empty(device="cpu")
+        net = meta_transformer(backbone.source).to(teacher_dtype(config)).to_empty(device="cpu")
     state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
     dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
     return net
@@ -1916,20 +2092,20 @@ def cmd_export(out, weights, device):
     if not os.path.isdir(path):
         raise UserError(f"--out {out}: no checkpoint there (export reads the run folder of sid_flow.py)")
     meta = read_meta(path)
-    cfg = Config(**meta["config"] | dict(device=device))
-    weights = weights or ("ema" if cfg.ema_decay else "generator")  # the student the run keeps
-    if weights == "ema" and not cfg.ema_decay:
+    config = Config(**meta["config"] | dict(device=device))
+    weights = weights or ("ema" if config.ema_decay else "generator")  # the student the run keeps
+    if weights == "ema" and not config.ema_decay:
         raise UserError(f"--out {out}: the run kept no EMA (--ema-decay 0); export --weights generator")
-    if cfg.teacher in ("toy", "digits"):
+    if config.teacher in ("toy", "digits"):
         raise UserError(
-            f"--out {out}: a run of the {cfg.teacher} teacher; export writes diffusers "
+            f"--out {out}: a run of the {config.teacher} teacher; export writes diffusers "
             f"pipelines of image teachers, and this student's weights are already in {out}/checkpoint"
         )
-    backbone = load_backbone(cfg, resolve_device(cfg.device))
-    net = checkpointed_net(path, weights, backbone, cfg)
+    backbone = load_backbone(config, resolve_device(config.device))
+    net = saved_network(path, weights, backbone, config)
     print(
         f"student pipeline ({weights}, iteration {meta['step']}):",
-        export_student(backbone, net, cfg, os.path.join(out, "student")),
+        export_student(backbone, net, config, os.path.join(out, "student")),
     )
 
 
@@ -1978,8 +2154,8 @@ def main(argv=None):
     preset = known_preset(a["teacher"])
     if preset not in (None, a["teacher"]):
         print(f"--teacher {a['teacher']}: {preset}'s model, so {preset}'s preset (override any field by its flag)")
-    cfg = make_config(preset, **a)
-    return cmd_dry_run(cfg, int(os.environ.get("WORLD_SIZE", 1))) if dry_run else cmd_distill(cfg)
+    config = make_config(preset, **a)
+    return cmd_dry_run(config, int(os.environ.get("WORLD_SIZE", 1))) if dry_run else cmd_distill(config)
 
 
 def known_preset(teacher):

@@ -305,8 +305,8 @@ def _tiny_backbone(seed=0, real=None):
     return sf.ToyBackbone(run_toy.ToyMLP(width=32, depth=2), real)
 
 
-def _run(cfg, bb, on_eval=None):  # a run that writes cfg.out and resumes from it
-    return sf.distill(cfg, bb, on_eval, sf.Checkpoints())
+def _run(config, bb, on_eval=None):  # a run that writes config.out and resumes from it
+    return sf.distill(config, bb, on_eval, sf.Checkpoints())
 
 
 def _checkpoint(out):
@@ -350,12 +350,12 @@ class Official:
     weights, and the iteration's raw global draws (prompt indices, noises, t, eps, real rows) and k. `family` None is
     the toy (an MLP called as net(x, t), no prompts)."""
 
-    def __init__(self, cfg, nets, family=None, pipe=None, real=None):
-        self.cfg, self.family, self.real = cfg, family, real
+    def __init__(self, config, nets, family=None, pipe=None, real=None):
+        self.config, self.family, self.real = config, family, real
         self.teacher, self.generator, self.fake = nets
         self.autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
-            if cfg.precision == "bf16-autocast"
+            if config.precision == "bf16-autocast"
             else contextlib.nullcontext()
         )
         if family is None:
@@ -407,16 +407,17 @@ class Official:
         """sid_dit_denoise: w = 1: one conditional call; w = 0: the empty prompt's call (FLUX: the prompt's at
         embedded 0) unless features are wanted (then both branches run); else both branches [empty, prompt],
         v_u + w (v_c - v_u), FLUX's embedding at w in both; the logits: the prompt's half, pooled over tokens.
-        sid-flow's interval: outside [cfg_t_min, cfg_t_max] a row's w is 1 (then every row runs both branches)."""
-        cfg, B, flux = self.cfg, len(x), self.family == "flux"
-        if cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1:
-            inside = (t >= cfg.cfg_t_min) & (t <= cfg.cfg_t_max)
+        sid-flow's interval: outside [guidance_t_min, guidance_t_max] a row's w is 1 (then every row runs both
+        branches)."""
+        config, B, flux = self.config, len(x), self.family == "flux"
+        if config.guidance_t_min > 0 or config.guidance_t_max < 1:
+            inside = (t >= config.guidance_t_min) & (t <= config.guidance_t_max)
             w = w if w == 1 else torch.where(inside, torch.full_like(t, w), torch.ones_like(t))  # (B,)
         seen = []
         head = net.head if self.family is None else net.proj_out
         hook = head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
         try:
-            if self.family is None or prompt_only or cfg.embedded_guidance_only:
+            if self.family is None or prompt_only or config.embedded_guidance_only:
                 v = self.call(net, x, t, c, w)  # one branch: the prompt's
                 h = seen[-1]
             elif not torch.is_tensor(w) and (w == 1 or (w == 0 and not features)):
@@ -440,14 +441,14 @@ class Official:
         """sid_dit_generate: k of K steps at t_i = 1 - i/K from the initial noise, re-noised between steps; only the
         last step with gradient, when `grad`. The student is called unguided (FLUX: embedded 1; with
         --embedded-guidance-only at the teacher's scale)."""
-        cfg, noises, c = self.cfg, d["noises"], d["cond"]
+        config, noises, c = self.config, d["noises"], d["cond"]
         K, z = noises.shape[1], noises[:, 0]
-        g = cfg.cfg_eval_real if cfg.embedded_guidance_only else 1.0
+        g = config.guidance_eval_real if config.embedded_guidance_only else 1.0
         D_x, latents, t_prev = torch.zeros_like(z), z, 1.0
         for i in range(k):
             t = 1.0 - i / K
             ddim = (latents - (1.0 - t_prev) * D_x) / t_prev  # the noise the previous input implies
-            noise = z if i == 0 else {"fresh": noises[:, i], "fixed": z, "ddim": ddim}[cfg.noise]
+            noise = z if i == 0 else {"fresh": noises[:, i], "fixed": z, "ddim": ddim}[config.noise]
             latents = (1.0 - t) * D_x + t * noise
             with torch.set_grad_enabled(grad and i == k - 1):
                 D_x = latents - t * self.call(G, latents, torch.full((len(z),), t), c, g).float()
@@ -456,9 +457,9 @@ class Official:
 
     def micro(self, draws):
         """The global draws split into grad_accum micro-batches of batch_size rows, with their conditioning."""
-        cfg, out = self.cfg, []
-        for j in range(cfg.grad_accum):
-            d = {k: v[j * cfg.batch_size : (j + 1) * cfg.batch_size] for k, v in draws.items()}
+        config, out = self.config, []
+        for j in range(config.grad_accum):
+            d = {k: v[j * config.batch_size : (j + 1) * config.batch_size] for k, v in draws.items()}
             d["cond"] = self.conditioning(d.get("prompt"))
             if "real" in d:  # an image-caption pair: its latents, its caption's conditioning
                 d["x0_real"], d["cond_real"] = self.real[d["real"]].to(d["t"].device), self.conditioning(d["real"])
@@ -470,7 +471,7 @@ class Official:
     def fake_phase(self, draws, k):
         """Summed over micro-batches: mse(noise - images, output, 'sum') / batch_total, plus, data-aided,
         (BCE(real -> 1) + BCE(fake -> 0)) / 2 * C*H*W summed / batch_total. Returns {name: gradient}."""
-        cfg, total = self.cfg, self.cfg.batch_size * self.cfg.grad_accum
+        config, total = self.config, self.config.batch_size * self.config.grad_accum
         params = _trainable(self.fake)
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         for d in self.micro(draws):
@@ -479,13 +480,13 @@ class Official:
                 tv = t.view(-1, *[1] * (images.dim() - 1))
                 aided = "x0_real" in d
                 output, logit_fake = self.denoise(
-                    self.fake, (1 - tv) * images + tv * noise, t, d["cond"], cfg.cfg_train_fake, aided
+                    self.fake, (1 - tv) * images + tv * noise, t, d["cond"], config.guidance_train_fake, aided
                 )
                 loss = ((noise - images) - output).pow(2).sum() / total
                 if aided:  # the real pairs, noised with the same noise and t; one branch at the fake's scale
                     r = d["x0_real"]
                     _, logit_real = self.denoise(
-                        self.fake, (1 - tv) * r + tv * noise, t, d["cond_real"], cfg.cfg_train_fake, True, True
+                        self.fake, (1 - tv) * r + tv * noise, t, d["cond_real"], config.guidance_train_fake, True, True
                     )
                     loss_D = (_bce(logit_real, 1) + _bce(logit_fake, 0)) / 2 * images[0].numel()
                     loss = loss + loss_D.sum() / total
@@ -496,7 +497,7 @@ class Official:
     def generator_phase(self, draws, k, gan):
         """Summed over micro-batches: sum((y_real - y_fake) ((y_real - images) - alpha (y_real - y_fake)) w) * 100 /
         batch_total; past 40k images 0.5 of it + 0.5 BCE(y_D -> 1) w C*H*W summed / batch_total."""
-        cfg, total = self.cfg, self.cfg.batch_size * self.cfg.grad_accum
+        config, total = self.config, self.config.batch_size * self.config.grad_accum
         params = _trainable(self.generator)
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         for d in self.micro(draws):
@@ -504,12 +505,12 @@ class Official:
                 images, t, noise = self.images(self.generator, d, k, True), d["t"], d["eps"]
                 tv = t.view(-1, *[1] * (images.dim() - 1))
                 x_t = (1 - tv) * images + tv * noise
-                v_real, _ = self.denoise(self.teacher, x_t, t, d["cond"], cfg.cfg_eval_real)
-                v_fake, y_D = self.denoise(self.fake, x_t, t, d["cond"], cfg.cfg_eval_fake, gan)
+                v_real, _ = self.denoise(self.teacher, x_t, t, d["cond"], config.guidance_eval_real)
+                v_fake, y_D = self.denoise(self.fake, x_t, t, d["cond"], config.guidance_eval_fake, gan)
             y_real, y_fake = x_t - tv * v_real, x_t - tv * v_fake
             l1 = (images - y_real).abs().flatten(1).mean(1)
-            scale = OFFICIAL_WEIGHTS[cfg.weighting](t, l1).detach().view_as(tv)
-            loss = ((y_real - y_fake) * ((y_real - images) - cfg.alpha * (y_real - y_fake)) * scale).sum()
+            scale = OFFICIAL_WEIGHTS[config.weighting](t, l1).detach().view_as(tv)
+            loss = ((y_real - y_fake) * ((y_real - images) - config.alpha * (y_real - y_fake)) * scale).sum()
             loss = loss * 100 / total
             if gan:
                 loss_gan = (_bce(y_D, 1) * scale.flatten() * images[0].numel()).sum() / total
@@ -602,7 +603,7 @@ def _check_against_official(sid, official, step, tol):
     assert not torch.equal(draws[0]["noises"], draws[1]["noises"]) and not torch.equal(
         draws[0]["eps"], draws[1]["eps"]
     )
-    images_seen = step * sid.cfg.batch_size * sid.cfg.grad_accum
+    images_seen = step * sid.config.batch_size * sid.config.grad_accum
     data_aided = "real" in draws[0] or "x0_real" in draws[0]
     assert not data_aided or images_seen > 20_000  # (before 20k images the generator waits: no update to compare)
     assert _relative_error(grads[0], official.fake_phase(draws[0], out["k"])) <= tol
@@ -610,13 +611,13 @@ def _check_against_official(sid, official, step, tol):
     # stepped with (equal to the oracle's, above; a first Adam step is nearly lr sign(g), which would magnify any
     # rounding between the two into a different fake network)
     with torch.no_grad():
-        stepped = Official.adam_step(_trainable(official.fake), grads[0], sid.cfg.lr_fake)
+        stepped = Official.adam_step(_trainable(official.fake), grads[0], sid.config.lr_fake)
         for n, p in _trainable(official.fake).items():
             p.copy_(stepped[n])
     gan = data_aided and images_seen > 40_000
     assert _relative_error(grads[1], official.generator_phase(draws[1], out["k"], gan)) <= tol
     # each optimizer's step: the official Adam from the starting weights with the gradient sid_flow stepped with
-    for (name, lr), grad in zip((("fake", sid.cfg.lr_fake), ("generator", sid.cfg.lr_gen)), grads, strict=True):
+    for (name, lr), grad in zip((("fake", sid.config.lr_fake), ("generator", sid.config.lr_gen)), grads, strict=True):
         moved = {n: p - start[name][n] for n, p in _trainable(getattr(sid, name)).items()}
         want = {n: p - start[name][n] for n, p in Official.adam_step(start[name], grad, lr).items()}
         assert _relative_error(moved, want) <= 1e-6
@@ -631,15 +632,15 @@ def test_toy_iteration_computes_the_official_iteration(weighting, data_aided):
     network's gradient and step, then the generator's, through x_g AND both networks' inputs."""
     real = (lambda n, g: torch.randn(n, 2, generator=g, device=g.device) * 0.5 + 1.0) if data_aided else None
     bb = _tiny_backbone(real=real)
-    cfg = _cfg(batch_size=16, grad_accum=2, weighting=weighting, alpha=1.2, noise="fresh", train_step="uniform")
-    cfg = dataclasses.replace(cfg, fake_updates=1, lr_schedule="constant", seed=1)  # seed 1: k = 2 of 4
-    sid = sf.SiD(cfg, bb, sf.Runtime())
+    config = _cfg(batch_size=16, grad_accum=2, weighting=weighting, alpha=1.2, noise="fresh", train_step="uniform")
+    config = dataclasses.replace(config, fake_updates=1, lr_schedule="constant", seed=1)  # seed 1: k = 2 of 4
+    sid = sf.SiD(config, bb, sf.Runtime())
     with torch.no_grad():  # a fake network unlike the teacher: a score gap to descend
         for p in sid.fake.parameters():
             p.add_(0.1 * torch.randn_like(p))
     nets = [copy.deepcopy(n) for n in (bb.teacher, sid.generator, sid.fake)]
     step = 2000 if data_aided else 0  # 2000 x 32 = 64k images: the generator trains with the GAN term
-    out = _check_against_official(sid, Official(cfg, nets), step, 1e-5)
+    out = _check_against_official(sid, Official(config, nets), step, 1e-5)
     assert out["k"] == 2 and ("loss_gan" in out) == data_aided and ("loss_d" in out) == data_aided
 
 
@@ -650,20 +651,22 @@ TRANSFORMERS["flux"] = "FluxTransformer2DModel"
 def _official_nets(sid, family, path):
     """The oracle's own teacher, generator and fake network: stock transformers from the pipeline folder, the
     students' starting weights copied in (LoRA: a peft adapter of its own on each copy, trained in float32)."""
-    cfg = sid.cfg
-    dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # sid-flow's teacher dtype (a departure)
+    config = sid.config
+    dtype = torch.float32 if config.precision == "fp32" else torch.bfloat16  # sid-flow's teacher dtype (a departure)
     cls = getattr(diffusers, TRANSFORMERS[family])
     teacher = cls.from_pretrained(path, subfolder="transformer", torch_dtype=dtype).requires_grad_(False)
     nets = [teacher]
     for name in ("generator", "fake"):
         state = getattr(sid, name).state_dict()
-        if cfg.mode == "full":
+        if config.mode == "full":
             net = cls.from_pretrained(path, subfolder="transformer", torch_dtype=torch.float32)
             net.load_state_dict(state)
             net.requires_grad_(True)
         else:
             net = cls.from_pretrained(path, subfolder="transformer", torch_dtype=dtype).requires_grad_(False)
-            net.add_adapter(peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_MODULES))
+            net.add_adapter(
+                peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=LORA_MODULES)
+            )
             for n, p in net.named_parameters():
                 if "lora_" in n:
                     p.data = state[_plain(n)].detach().clone().float()
@@ -674,12 +677,12 @@ def _official_nets(sid, family, path):
 
 OFFICIAL_CASES = {  # each preset's own mode, guidance and step settings, on the tiny stand-in of its family
     "sana-full-interval": ("sana-0.6b-512", "sana", {}),
-    "sana-full-every-t-data": ("sana-0.6b-512", "sana", dict(cfg_t_max=1.0, cfg_t_min=0.0, data=True)),
+    "sana-full-every-t-data": ("sana-0.6b-512", "sana", dict(guidance_t_max=1.0, guidance_t_min=0.0, data=True)),
     "sd3-lora-interval-last-step": ("sd3-medium", "sd3", dict(train_step="last")),
     "sd3-lora-interval-data": ("sd3-medium", "sd3", dict(data=True)),
-    "sd35-lora-every-t-data": ("sd3.5-medium", "sd35", dict(cfg_t_max=1.0, cfg_t_min=0.0, data=True)),
+    "sd35-lora-every-t-data": ("sd3.5-medium", "sd35", dict(guidance_t_max=1.0, guidance_t_min=0.0, data=True)),
     "flux-lora-interval": ("flux-dev", "flux", {}),
-    "flux-lora-every-t-data": ("flux-dev", "flux", dict(cfg_t_max=1.0, cfg_t_min=0.0, data=True)),
+    "flux-lora-every-t-data": ("flux-dev", "flux", dict(guidance_t_max=1.0, guidance_t_min=0.0, data=True)),
     "flux-lora-embedded-only": ("flux-dev", "flux", dict(embedded_guidance_only=True)),
     "sana-full-interval-data-bf16": ("sana-0.6b-512", "sana", dict(precision="bf16-autocast", data=True)),
     "flux-lora-interval-data-bf16": ("flux-dev", "flux", dict(precision="bf16-autocast", data=True)),
@@ -700,36 +703,38 @@ def test_iteration_computes_the_official_iteration_per_preset(tiny, case):
     fields = dict(fields)
     data_aided = fields.pop("data", False)
     fields = dict(precision="fp32") | fields
-    cfg = sf.make_config(preset, teacher=tiny[family], resolution=FAMILY_RES[family], **fields)
-    cfg = dataclasses.replace(cfg, batch_size=2, grad_accum=2, lora_rank=4, lr_gen=1e-3, lr_fake=1e-3, seed=1)
-    cfg = dataclasses.replace(cfg, device=DEVICE, out="", alpha=1.2)  # seed 1: k = 2 of 4 (uniform)
-    bb = sf.load_backbone(cfg, torch.device(DEVICE))
+    config = sf.make_config(preset, teacher=tiny[family], resolution=FAMILY_RES[family], **fields)
+    config = dataclasses.replace(config, batch_size=2, grad_accum=2, lora_rank=4, lr_gen=1e-3, lr_fake=1e-3, seed=1)
+    config = dataclasses.replace(config, device=DEVICE, out="", alpha=1.2)  # seed 1: k = 2 of 4 (uniform)
+    bb = sf.load_backbone(config, torch.device(DEVICE))
     bb.set_prompts(TEST_PROMPTS)
     if data_aided:  # latents of 3 "real" images, one per caption (the prompts)
         bb.real = torch.randn(len(TEST_PROMPTS), *bb.sample_shape, generator=torch.Generator().manual_seed(3))
-    sid = sf.SiD(cfg, bb, sf.Runtime(torch.device(DEVICE)))
+    sid = sf.SiD(config, bb, sf.Runtime(torch.device(DEVICE)))
     g = torch.Generator().manual_seed(1)
     # students unlike the teacher: a score gap to descend, adapters that would show if swapped. Under bf16 a wider
     # gap: at a small one the generator's gradient is fragile (on tiny FLUX, rounding the fake network's weights to
     # bf16 alone moves it by 11% at a fake adapter of scale 0.1, by 2% at scale 1)
     scales = (
-        dict(fake=0.1 if cfg.precision == "fp32" else 1.0, generator=0.1) if cfg.mode == "lora" else dict(fake=0.02)
+        dict(fake=0.1 if config.precision == "fp32" else 1.0, generator=0.1)
+        if config.mode == "lora"
+        else dict(fake=0.02)
     )
     with torch.no_grad():
         for name, scale in scales.items():
             for p in getattr(sid, name).parameters():
                 p.add_(scale * torch.randn(p.shape, generator=g).to(p.device))
-    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny[family], torch_dtype=sf.teacher_dtype(cfg)).to(DEVICE)
-    official = Official(cfg, _official_nets(sid, family, tiny[family]), family, pipe, bb.real)
-    tol = 1e-5 if cfg.precision == "fp32" else BF16_TOLERANCE
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny[family], torch_dtype=sf.teacher_dtype(config)).to(DEVICE)
+    official = Official(config, _official_nets(sid, family, tiny[family]), family, pipe, bb.real)
+    tol = 1e-5 if config.precision == "fp32" else BF16_TOLERANCE
     pooled, pooled_logits = [], sf.pooled_logits  # the hidden states the discriminator's logits are read from
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sf, "pooled_logits", lambda hidden, B: pooled.append(hidden) or pooled_logits(hidden, B))
         out = _check_against_official(sid, official, 10_001 if data_aided else 0, tol)  # 10,001 x 4 > 40k images
     # data-aided: real, fake (each micro-batch's fake update), then the GAN term's -- each a fake network's call with
     # its gradient (a generator roll-out's call, which shares LoRA's output projection, would have none)
-    assert len(pooled) == (3 * cfg.grad_accum if data_aided else 0) and all(h.requires_grad for h in pooled)
-    assert out["k"] == (4 if cfg.train_step == "last" else 2)
+    assert len(pooled) == (3 * config.grad_accum if data_aided else 0) and all(h.requires_grad for h in pooled)
+    assert out["k"] == (4 if config.train_step == "last" else 2)
     assert ("loss_gan" in out) == data_aided and ("loss_d" in out) == data_aided
 
 
@@ -737,10 +742,10 @@ def test_generator_gradient_flows_through_the_networks_inputs():
     """SiD's gradient (D13) is not DMD's direction (x_g alone, D16), which a detached x_t would silently give: the
     input paths carry a real share of the generator's gradient."""
     bb = _tiny_backbone()
-    cfg = _cfg(batch_size=32, weighting="1-t", train_step="last")
+    config = _cfg(batch_size=32, weighting="1-t", train_step="last")
     grads = {}
     for loss in ("sid", "dmd"):
-        sid = sf.SiD(dataclasses.replace(cfg, loss=loss), bb, sf.Runtime())
+        sid = sf.SiD(dataclasses.replace(config, loss=loss), bb, sf.Runtime())
         with torch.no_grad():
             for p in sid.fake.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
@@ -777,8 +782,8 @@ def test_adam_is_the_officials_without_momentum():
     lr g2 / (sqrt(v2 / (1 - 0.999^2)) + eps), v2 = 0.999 (1 - 0.999) g1^2 + (1 - 0.999) g2^2 -- no memory of g1 in
     the numerator. Checked on the weights, for both networks."""
     net = torch.nn.Linear(2, 1, bias=False)
-    cfg = _cfg(lr_gen=0.1, lr_fake=0.01)
-    opts = sf.make_optimizers(cfg, copy.deepcopy(net), copy.deepcopy(net))
+    config = _cfg(lr_gen=0.1, lr_fake=0.01)
+    opts = sf.make_optimizers(config, copy.deepcopy(net), copy.deepcopy(net))
     for name, lr in (("generator", 0.1), ("fake", 0.01)):
         opt = opts[name]
         (p,) = opt.param_groups[0]["params"]
@@ -828,12 +833,12 @@ class GuidanceSpy(sf.ToyBackbone):
 
 def test_guidance_interval_reaches_every_call_as_configured():
     """(D18): each network call of an iteration gets its CFG scale from one rule. Without an interval the three
-    scales arrive as the configured floats; with one, a call at t outside [cfg_t_min, cfg_t_max] gets 1 (the
+    scales arrive as the configured floats; with one, a call at t outside [guidance_t_min, guidance_t_max] gets 1 (the
     conditional velocity: the teacher's target is unguided there) and one inside gets its configured scale --
     Zero-CFG's 0 for the fake network's training, Anti-CFG's negative scale for its evaluation."""
     torch.manual_seed(0)
-    scales = dict(cfg_train_fake=0.0, cfg_eval_fake=-1.0, cfg_eval_real=2.0)
-    for interval in (dict(), dict(cfg_t_min=0.3, cfg_t_max=0.7)):
+    scales = dict(guidance_train_fake=0.0, guidance_eval_fake=-1.0, guidance_eval_real=2.0)
+    for interval in (dict(), dict(guidance_t_min=0.3, guidance_t_max=0.7)):
         bb = GuidanceSpy(run_toy.ToyMLP(width=16, depth=2))
         sid = sf.SiD(_cfg(batch_size=256, fake_updates=1, **scales, **interval), bb, sf.Runtime())
         sid.iteration(0)
@@ -849,7 +854,7 @@ def test_guidance_interval_reaches_every_call_as_configured():
         assert all(w == 1.0 for net, _, w in bb.calls if net is sid.generator)  # the student: no CFG
     assert sf.guidance_scale(3.0, torch.rand(4)) == 3.0
     with pytest.raises(sf.UserError, match="guidance interval"):
-        sf.make_config("toy", cfg_t_min=0.8, cfg_t_max=0.2)
+        sf.make_config("toy", guidance_t_min=0.8, guidance_t_max=0.2)
 
 
 def test_data_aided_discriminator_reads_the_prompts_branch():
@@ -860,7 +865,7 @@ def test_data_aided_discriminator_reads_the_prompts_branch():
     torch.manual_seed(0)
     for w in (0.0, 2.0):
         bb = GuidanceSpy(run_toy.ToyMLP(width=16, depth=2), real=lambda n, g: torch.randn(n, 2, generator=g))
-        sid = sf.SiD(_cfg(batch_size=32, cfg_train_fake=w, fake_updates=1), bb, sf.Runtime())
+        sid = sf.SiD(_cfg(batch_size=32, guidance_train_fake=w, fake_updates=1), bb, sf.Runtime())
         sid.iteration(0)  # images seen 0 < GAN_FREEZE_IMAGES: the fake update only
         (_, _, w_fake), (_, _, w_real) = [c for c in bb.calls if c[0] is sid.fake]
         assert w_real == 1.0
@@ -921,9 +926,9 @@ def test_resume_refuses_a_checkpoint_that_lacks_a_weight(tmp_path, monkeypatch):
     """Every network weight must be in the checkpoint a run resumes from: one that lacks a weight is refused in one
     line naming it (resuming would keep the teacher's value for it, silently), and the checkpoint is left as it was."""
     bb = _tiny_backbone()
-    checkpointed = sf.checkpointed
+    saved_state = sf.saved_state
     with monkeypatch.context() as m:  # a checkpoint written without the fake network's last bias
-        m.setattr(sf, "checkpointed", lambda sid: _without(checkpointed(sid), "fake", "head.bias"))
+        m.setattr(sf, "saved_state", lambda sid: _without(saved_state(sid), "fake", "head.bias"))
         _run(_cfg(tmp_path, iters=2, lr_schedule="constant"), bb)
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()}
     with pytest.raises(sf.UserError, match="lacks the fake network's weight head.bias") as e:
@@ -1220,8 +1225,8 @@ def test_cli_help_gives_every_flag_its_meaning_and_real_default():
 
 def test_config_presets():
     """Defaults live in one place: presets override fields of Config, unknown fields are refused."""
-    cfg = sf.make_config("toy")
-    assert cfg.train_step == "last" and cfg.alpha == sf.Config.alpha
+    config = sf.make_config("toy")
+    assert config.train_step == "last" and config.alpha == sf.Config.alpha
     with pytest.raises(sf.UserError):
         sf.make_config("toy", not_a_field=1)
     with pytest.raises(sf.UserError):
@@ -1252,7 +1257,9 @@ def test_derivation_labels():
         for name in re.findall(r"`([A-Za-z_][\w.]*)`", row.split("|")[2]):
             module = next((m for prefix, m in modules.items() if name.startswith(prefix)), sf)
             parts = name.removeprefix(module.__name__ + ".").split(".")
-            if not hasattr(module, parts[0]):  # a variable of the code, e.g. `x0_teacher`, `cfg.alpha`: whole, in it
+            if not hasattr(
+                module, parts[0]
+            ):  # a variable of the code, e.g. `x0_teacher`, `config.alpha`: whole, in it
                 assert re.search(rf"(?<![\w.]){re.escape(name)}\b", code), name
                 continue
             obj = module
@@ -1448,8 +1455,8 @@ def tiny(tmp_path_factory):
 
 
 def _backbone(path, family, device=DEVICE, **kw):
-    cfg = sf.make_config(None, teacher=path, resolution=FAMILY_RES[family], device=device, **kw)
-    return sf.load_backbone(cfg, torch.device(device))
+    config = sf.make_config(None, teacher=path, resolution=FAMILY_RES[family], device=device, **kw)
+    return sf.load_backbone(config, torch.device(device))
 
 
 def _euler_pipe(path, stochastic=False):
@@ -1471,7 +1478,7 @@ def test_adapter_velocity_matches_stock_pipeline(tiny, family):
     same scale. A tiny SANA has no resolution bin: binning off, as it is a no-op at a real SANA's native size.)"""
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS[:1])
-    assert bb.bank is not None and all(getattr(bb.pipe, n) is None for n in bb.text_encoders())  # freed
+    assert bb.prompt_cache is not None and all(getattr(bb.pipe, n) is None for n in bb.text_encoders())  # freed
     pipe = _euler_pipe(tiny[family])
     res, t = FAMILY_RES[family], 0.6
     x = torch.randn(1, *bb.sample_shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -1531,6 +1538,67 @@ def test_flux_packing_matches_pipeline():
     assert torch.equal(sf.FluxBackbone.unpack(packed, 8, 6), x)
 
 
+def test_a_model_family_is_one_subclass_and_a_preset(tiny, tmp_path, monkeypatch):
+    """A new model family is one DiTBackbone subclass naming its pipeline class (its facts as class attributes, its
+    encode and forward), plus a preset: no other edit. Here a pipeline class of its own (the tiny SANA's, under
+    another name) and a family written for it: one iteration runs through the command line's path and exports."""
+    import shutil
+
+    class TinyDiTPipeline(diffusers.SanaPipeline):
+        pass
+
+    monkeypatch.setattr(diffusers, "TinyDiTPipeline", TinyDiTPipeline, raising=False)  # as a library would add it
+    monkeypatch.setattr(sf, "FAMILIES", dict(sf.FAMILIES))  # (the registration below ends with the test)
+    folder = tmp_path / "tiny-dit"
+    shutil.copytree(tiny["sana"], folder)
+    index = json.load(open(folder / "model_index.json"))
+    json.dump(index | {"_class_name": "TinyDiTPipeline"}, open(folder / "model_index.json", "w"))
+
+    class TinyDiTBackbone(sf.DiTBackbone):
+        pipeline = "TinyDiTPipeline"
+        text_tokens = 300
+
+        def encode(self, prompts):
+            embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+            return {"embeds": embeds, "mask": mask}
+
+        def forward(self, net, x_t, t, cond, guidance):
+            return net(
+                x_t,
+                encoder_hidden_states=cond["embeds"],
+                encoder_attention_mask=cond["mask"],
+                timestep=t * 1000,
+                return_dict=False,
+            )[0]
+
+    assert sf.FAMILIES["TinyDiTPipeline"] is TinyDiTBackbone
+    monkeypatch.setitem(sf.PRESETS, "tiny-dit", dict(teacher=str(folder), iters=1, batch_size=2, save_every=0))
+    config = sf.make_config("tiny-dit", out=str(tmp_path / "run"), device=DEVICE)
+    sf.cmd_distill(config)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert log[-1]["step"] == 1 and math.isfinite(log[-1]["loss_gen"]) and math.isfinite(log[-1]["loss_fake"])
+    student = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "student"))
+    assert type(student) is TinyDiTPipeline
+
+
+def test_importing_sid_flow_changes_nothing_in_the_process():
+    """Importing the module leaves the process as it was -- warning filters, torch.compile's cache size, the choice of
+    attention kernels --: a run makes its settings when it starts. (The libraries it imports are imported first.)"""
+    code = (
+        "import warnings, torch, torch._dynamo, torch.distributed.checkpoint, torch.distributed.fsdp\n"
+        "import diffusers, peft, transformers, huggingface_hub, matplotlib.figure, tqdm.auto\n"
+        "import peft.tuners.tuners_utils\n"
+        "diffusers.SanaPipeline, diffusers.FluxPipeline, diffusers.StableDiffusion3Pipeline\n"
+        "def state():\n"
+        "    cudnn = torch.backends.cuda.cudnn_sdp_enabled()\n"
+        "    return list(warnings.filters), torch._dynamo.config.cache_size_limit, cudnn\n"
+        "before = state()\n"
+        "import sid_flow\n"
+        "assert state() == before, (state(), before)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, timeout=300)
+
+
 def test_family_is_read_from_model_index(tiny, tmp_path):
     """A SANA pipeline saved under a FLUX-looking name is still SANA: the name is never used."""
     import shutil
@@ -1544,7 +1612,7 @@ def test_family_is_read_from_model_index(tiny, tmp_path):
 def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_path):
     """A few SiD iterations on each family: the generator moves, the teacher does not. The exported OUT/student
     loads in the stock pipeline, whose 4-step images equal sid_flow's sampler's within 1e-4 (same prompt, seed)."""
-    cfg = sf.make_config(
+    config = sf.make_config(
         None,
         teacher=tiny[family],
         resolution=FAMILY_RES[family],
@@ -1553,15 +1621,15 @@ def test_sid_iterations_per_family_then_export_matches_sample(tiny, family, tmp_
         batch_size=2,
         lr_gen=1e-3,
         lr_fake=1e-3,
-        cfg_eval_real=2.0,
-        cfg_eval_fake=2.0,
-        cfg_train_fake=2.0,
+        guidance_eval_real=2.0,
+        guidance_eval_fake=2.0,
+        guidance_train_fake=2.0,
         out=str(tmp_path / "run"),
         save_every=0,
         ema_decay=0.0,
         eval_every=2,
     )
-    sf.cmd_distill(cfg)
+    sf.cmd_distill(config)
     from diffusers import DiffusionPipeline
 
     teacher_disk = DiffusionPipeline.from_pretrained(tiny[family]).transformer.state_dict()
@@ -1832,7 +1900,7 @@ def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys, monkeyp
     monkeypatch.setattr(sf, "GAN_FREEZE_IMAGES", -1)
     monkeypatch.setattr(sf, "GAN_START_IMAGES", -1)
     data = _image_folder(tmp_path / "data")
-    cfg = sf.make_config(
+    config = sf.make_config(
         None,
         teacher=tiny[family],
         resolution=FAMILY_RES[family],
@@ -1843,7 +1911,7 @@ def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys, monkeyp
         out=str(tmp_path / "run"),
         save_every=0,
     )
-    sf.cmd_distill(cfg)
+    sf.cmd_distill(config)
     assert "4 image-caption pairs; skipped 1 unreadable images and 1 without caption" in capsys.readouterr().out
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert math.isfinite(log[-1]["loss_d"]) and math.isfinite(log[-1]["loss_gan"])
@@ -1895,7 +1963,7 @@ def test_data_aided_toy_schedule():
 def _lora_setup(tiny, family, checkpointing=0.0, seed=0):
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS)
-    cfg = sf.make_config(
+    config = sf.make_config(
         None,
         teacher=tiny[family],
         resolution=FAMILY_RES[family],
@@ -1903,19 +1971,19 @@ def _lora_setup(tiny, family, checkpointing=0.0, seed=0):
         mode="lora",
         lora_rank=4,
         batch_size=2,
-        cfg_eval_real=2.0,
+        guidance_eval_real=2.0,
         grad_checkpointing=checkpointing,
         ema_decay=0.9,
         lr_gen=1e-3,
         lr_fake=1e-3,
         seed=seed,
     )
-    sid = sf.SiD(cfg, bb, sf.Runtime(torch.device(DEVICE)))
+    sid = sf.SiD(config, bb, sf.Runtime(torch.device(DEVICE)))
     g = torch.Generator(DEVICE).manual_seed(seed)
     with torch.no_grad():  # distinct, non-trivial adapters, so that running the wrong one would show
         for p in list(sid.generator.parameters()) + list(sid.fake.parameters()):
             p.add_(0.1 * torch.randn(p.shape, generator=g, device=p.device))
-    return bb, cfg, sid
+    return bb, config, sid
 
 
 @pytest.mark.parametrize("family", ["sana", "flux"])
@@ -1926,7 +1994,7 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
     of each forward is replayed)."""
     from diffusers import DiffusionPipeline
 
-    bb, cfg, sid = _lora_setup(tiny, family)
+    bb, config, sid = _lora_setup(tiny, family)
     fake = sid.fake
     plain = DiffusionPipeline.from_pretrained(tiny[family]).transformer.to(DEVICE)
     x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.4, device=DEVICE)
@@ -1948,8 +2016,8 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
 
     for checkpointing, replay in ((0.0, True), (1.0, True), (0.5, True), (1.0, False)):
         if not replay:
-            monkeypatch.setattr(sf, "checkpoint_blocks", no_replay)
-        bb, cfg, sid = _lora_setup(tiny, family, checkpointing)
+            monkeypatch.setattr(sf, "recompute_blocks", no_replay)
+        bb, config, sid = _lora_setup(tiny, family, checkpointing)
         gen, fake = sid.generator, sid.fake
         ema0 = {k: v.clone() for k, v in sid.ema.state_dict().items()}
         seen = {}
@@ -1980,16 +2048,16 @@ def test_partial_checkpointing_same_gradients_less_memory(tiny, family):
     for share in (0.0, 0.5, 1.0):
         bb = _backbone(tiny[family], family)
         bb.set_prompts(TEST_PROMPTS)
-        cfg = sf.make_config(
+        config = sf.make_config(
             None,
             teacher=tiny[family],
             resolution=FAMILY_RES[family],
             device=DEVICE,
             batch_size=2,
-            cfg_eval_real=2.0,
+            guidance_eval_real=2.0,
             grad_checkpointing=share,
         )
-        sid = sf.SiD(cfg, bb, sf.Runtime(torch.device(DEVICE)))
+        sid = sf.SiD(config, bb, sf.Runtime(torch.device(DEVICE)))
         meter = bench.SavedActivations([bb.teacher, sid.generator, sid.fake])
         with meter.hooks():
             sid.iteration(0)
@@ -2019,7 +2087,7 @@ def test_checkpointed_share_is_spread_over_the_network(monkeypatch, share, chose
         caption_channels=16,
         sample_size=4,
     )
-    sf.checkpoint_blocks(net, share)
+    sf.recompute_blocks(net, share)
     calls = [0] * len(net.transformer_blocks)
     for i, block in enumerate(net.transformer_blocks):  # a recomputed block runs twice: in forward, then in backward
         block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -2041,7 +2109,7 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, mode, monkeypatch):
     for compiled in (False, True):
         bb = _backbone(tiny["sana"], "sana")
         bb.set_prompts(TEST_PROMPTS)
-        cfg = sf.make_config(
+        config = sf.make_config(
             None,
             teacher=tiny["sana"],
             resolution=FAMILY_RES["sana"],
@@ -2049,16 +2117,16 @@ def test_compiled_blocks_equal_eager_and_compile_once(tiny, mode, monkeypatch):
             batch_size=2,
             mode=mode,
             lora_rank=4,
-            cfg_eval_real=2.0,
-            cfg_t_min=0.2,
-            cfg_t_max=0.6,
+            guidance_eval_real=2.0,
+            guidance_t_min=0.2,
+            guidance_t_max=0.6,
             train_step="uniform",
             precision="bf16-autocast",
             compile=compiled,
         )
         torch._dynamo.reset()
         counters.clear()
-        sid, graphs, losses[compiled] = sf.SiD(cfg, bb, sf.Runtime(torch.device(DEVICE))), [], []
+        sid, graphs, losses[compiled] = sf.SiD(config, bb, sf.Runtime(torch.device(DEVICE))), [], []
         for i in range(4):
             m = sid.iteration(i)
             losses[compiled].append((m["k"], m["loss_fake"], m["loss_gen"]))
@@ -2080,10 +2148,10 @@ def test_compile_reaches_every_kind_of_block(tiny, monkeypatch):
     monkeypatch.setitem(sf.COMPILE, "backend", "aot_eager")
     bb = _backbone(tiny["flux"], "flux")
     bb.set_prompts(TEST_PROMPTS)
-    cfg = sf.make_config(None, teacher=tiny["flux"], resolution=FAMILY_RES["flux"], batch_size=2, compile=True)
+    config = sf.make_config(None, teacher=tiny["flux"], resolution=FAMILY_RES["flux"], batch_size=2, compile=True)
     torch._dynamo.reset()
     counters.clear()
-    sid = sf.SiD(cfg, bb, sf.Runtime(torch.device(DEVICE)))
+    sid = sf.SiD(config, bb, sf.Runtime(torch.device(DEVICE)))
     kinds = [name for name, child in bb.teacher.named_children() if isinstance(child, torch.nn.ModuleList)]
     assert {"transformer_blocks", "single_transformer_blocks"} <= set(kinds)
     for net in (bb.teacher, sid.generator, sid.fake):
@@ -2098,7 +2166,7 @@ def test_compile_reaches_every_kind_of_block(tiny, monkeypatch):
 def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     """A LoRA run exports a plain transformer with the EMA adapter fused (same outputs as the adapter view), and the
     adapter alone beside it."""
-    cfg = sf.make_config(
+    config = sf.make_config(
         None,
         teacher=tiny["sana"],
         resolution=FAMILY_RES["sana"],
@@ -2113,7 +2181,7 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
         out=str(tmp_path / "run"),
         save_every=0,
     )
-    sf.cmd_distill(cfg)
+    sf.cmd_distill(config)
     from diffusers import DiffusionPipeline
 
     student = DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "student")).transformer.to(DEVICE)
@@ -2121,7 +2189,7 @@ def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     assert (tmp_path / "run" / "student" / "lora").is_dir()
     bb = _backbone(tiny["sana"], "sana")
     bb.set_prompts(TEST_PROMPTS)
-    _, _, ema = bb.students(cfg, sf.Runtime())
+    _, _, ema = bb.students(config, sf.Runtime())
     ema.load_state_dict(_checkpoint(tmp_path / "run")["ema"]["model"])
     x, t = torch.randn(2, *bb.sample_shape, device=DEVICE), torch.full((2,), 0.7, device=DEVICE)
     with torch.no_grad():
@@ -2184,12 +2252,12 @@ def test_dry_run_plan_matches_measured_tensors(tiny, mode):
     src = tiny["sd3"]
     for ema_decay in (0.0, 0.5) if mode == "full" else (0.5,):  # (LoRA makes its few-MB EMA adapter either way)
         kw = dict(resolution=32, device=DEVICE, mode=mode, lora_rank=4, batch_size=2, ema_decay=ema_decay)
-        cfg = sf.make_config(None, teacher=src, **kw)
-        plan = sf.memory_plan(cfg, sf.meta_transformer(src), sf.SD3Backbone)
+        config = sf.make_config(None, teacher=src, **kw)
+        plan = sf.memory_plan(config, sf.meta_transformer(src), sf.SD3Backbone)
         bb = _backbone(src, "sd3", mode=mode, lora_rank=4)
         assert plan["parameters"] == sum(p.numel() for p in bb.teacher.parameters())
         bb.set_prompts(TEST_PROMPTS)
-        sid = sf.SiD(cfg, bb, sf.Runtime(torch.device(DEVICE)))
+        sid = sf.SiD(config, bb, sf.Runtime(torch.device(DEVICE)))
         sid.iteration(0)
         nets = [bb.teacher, sid.generator, sid.fake] + ([sid.ema] if sid.ema is not None else [])
         weights, grads, optim = _measured(nets, sid.optimizers.values())
@@ -2265,7 +2333,7 @@ LADDER_RUNS = [
     dict(batch_size=3),
     dict(mode="lora"),
     dict(precision="bf16-autocast"),
-    dict(cfg_eval_real=2.0, cfg_eval_fake=2.0),
+    dict(guidance_eval_real=2.0, guidance_eval_fake=2.0),
     dict(grad_checkpointing=1.0),
     dict(grad_checkpointing=0.5),
     dict(mode="lora", grad_checkpointing=1.0),
@@ -2290,14 +2358,14 @@ def test_memory_plan_matches_measured_bytes(tiny, tmp_path, family):
         shutil.copy(os.path.join(tiny[family], "model_index.json"), folder)
         config = json.load(open(folder / "transformer" / "config.json"))
         json.dump({**config, **arch}, open(folder / "transformer" / "config.json", "w"))
-        cfg = sf.make_config(
+        config = sf.make_config(
             None,
             teacher=str(folder),
             **{**dict(resolution=32, batch_size=2, lora_rank=4, device="cpu", out=str(folder / "out")), **run},
         )
-        r = bench.bench(cfg, 1)
+        r = bench.bench(config, 1)
         fam = sf.resolve_teacher(str(folder))[1]
-        plan = sf.memory_plan(cfg, sf.meta_transformer(str(folder)), fam, 1, sf.vae_factor(str(folder), fam))
+        plan = sf.memory_plan(config, sf.meta_transformer(str(folder)), fam, 1, sf.vae_factor(str(folder), fam))
         planned = plan["total"] - plan["recompute"]
         assert abs(planned / r["measured"]["total"] - 1) < 0.25, (arch, run, planned, r["measured"])
 
@@ -2350,11 +2418,11 @@ def test_fit_advice_names_only_settings_that_fit_at_the_same_global_batch(
     hint = line.split(" are free: ")[1].removesuffix(" (--dry-run prints the plan)")
     assert re.search(advice, hint), hint
     assert "GPUs" not in hint or sf.PRESETS[preset].get("mode", "full") == "full"
-    cfg = sf.make_config(preset, teacher=preset)
+    config = sf.make_config(preset, teacher=preset)
     src, family = sf.resolve_teacher(preset, configs_only=True)
     net, factor = sf.meta_transformer(src), sf.vae_factor(src, family)
     with pytest.raises(sf.UserError) as e:  # a run: the same line, before any weights load
-        sf.check_fits(cfg, net, family, factor, sf.Runtime(device=torch.device("cuda")))
+        sf.check_fits(config, net, family, factor, sf.Runtime(device=torch.device("cuda")))
     assert str(e.value) == line
     if hint.startswith("try "):  # the named flags' own --dry-run plan fits, at the preset's global batch of 256
         plan = sf.main(["--teacher", preset, *hint.removeprefix("try ").split(), "--dry-run"])
@@ -2375,8 +2443,8 @@ def test_dry_run_cli_prints_a_plan_without_weights(tiny, tmp_path, capsys, monke
     plan = sf.main(["--teacher", str(folder), "--resolution", "64", "--dry-run"])
     out = capsys.readouterr().out
     assert "memory plan per GPU" in out and "FluxTransformer2DModel" in out and plan["total"] > 0
-    cfg = sf.make_config(None, teacher=str(folder), resolution=64)
-    full = sf.memory_plan(cfg, sf.meta_transformer(str(folder)), sf.FluxBackbone)
+    config = sf.make_config(None, teacher=str(folder), resolution=64)
+    full = sf.memory_plan(config, sf.meta_transformer(str(folder)), sf.FluxBackbone)
     assert plan["weights"] == pytest.approx(full["weights"] / 4)  # FSDP2 shards full mode over the GPUs
 
 
@@ -2401,7 +2469,7 @@ def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path)
     }
     for checkpointing in (0.0, 1.0):
         out = tmp_path / f"checkpointing{int(checkpointing)}"
-        cfg = sf.make_config(
+        config = sf.make_config(
             None,
             teacher=tiny[family],
             resolution=FAMILY_RES[family],
@@ -2414,15 +2482,15 @@ def test_bf16_autocast_trains_previews_and_exports(tiny, family, mode, tmp_path)
             batch_size=2,
             lr_gen=1e-2,
             lr_fake=1e-2,
-            cfg_eval_real=2.0,
+            guidance_eval_real=2.0,
             ema_decay=0.5,
-            cfg_t_min=0.2,
-            cfg_t_max=0.6,  # the DiT presets' guidance interval: per-sample scales
+            guidance_t_min=0.2,
+            guidance_t_max=0.6,  # the DiT presets' guidance interval: per-sample scales
             out=str(out),
             save_every=0,
             eval_every=1,
         )
-        sf.cmd_distill(cfg)
+        sf.cmd_distill(config)
         generator = _checkpoint(out)["generator"]["model"]
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in generator.values())
         if mode == "full":
@@ -2454,7 +2522,7 @@ def test_every_component_runs_on_the_runs_device(tiny, family, monkeypatch):
             "mask": torch.ones(len(prompts), 300, device="meta"),
         }  # is asserted above
     bb.set_prompts(TEST_PROMPTS)
-    assert bb.bank is None and bb.text_encoders()
+    assert bb.prompt_cache is None and bb.text_encoders()
     cond = bb.cond_for([0, 1])
     assert all(v.device.type == "meta" for v in cond.values())
     x, t = torch.zeros(2, *bb.sample_shape, device="meta"), torch.full((2,), 0.5, device="meta")
@@ -2569,10 +2637,10 @@ def run(world, rank, layout, precision):
     # a toy teacher; generator and fake start as copies; a global batch of 8: 2 micro-batches, split over the ranks
     torch.manual_seed(0)
     bb = sf.ToyBackbone(run_toy.ToyMLP(width=32, depth=2))
-    cfg = sf.make_config("toy", batch_size=4 // world, grad_accum=2, lr_gen=10.0, lr_fake=10.0, steps=2,
+    config = sf.make_config("toy", batch_size=4 // world, grad_accum=2, lr_gen=10.0, lr_fake=10.0, steps=2,
                          train_step="uniform", fake_updates=1, precision=precision, ema_decay=0.0)
     cpu = torch.device("cpu")
-    sid = sf.SiD(cfg, bb, sf.Runtime(cpu))  # one-process copies, sharded or replicated below
+    sid = sf.SiD(config, bb, sf.Runtime(cpu))  # one-process copies, sharded or replicated below
     gen, fake = sid.generator, sid.fake
     start = {n: p.detach().clone() for n, p in bb.teacher.named_parameters()}
     if world > 1 and layout == "sharded":  # FSDP2, as full mode; else replicas averaged by hand, as LoRA mode
@@ -2585,7 +2653,7 @@ def run(world, rank, layout, precision):
     for net in (gen, fake):
         net.register_forward_pre_hook(lambda module, args: seen.add(str(args[1].dtype)))
     sid.runtime = sf.Distributed(rank, world, cpu, sharded=layout == "sharded") if world > 1 else sf.Runtime(cpu)
-    sid.optimizers = sf.make_optimizers(cfg, gen, fake)  # over the sharded weights
+    sid.optimizers = sf.make_optimizers(config, gen, fake)  # over the sharded weights
     for group in (g for opt in sid.optimizers.values() for g in opt.param_groups):
         group["eps"] = 100.0  # eps >> |grad|: Adam's step is ~ lr / eps * grad
     for i in range(2):
@@ -2657,7 +2725,7 @@ def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
         lr_gen=1e-2,
         lr_fake=1e-2,
         ema_decay=0.5,
-        cfg_eval_real=2.0,
+        guidance_eval_real=2.0,
         save_every=2,
     )
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
@@ -2681,7 +2749,7 @@ def test_torchrun_two_processes(tiny, tmp_path, mode, monkeypatch):
     for which in ("generator", "ema"):
         if mode == "full":  # read back from the sharded checkpoint, one network only
             bb = _backbone(tiny["sana"], "sana", device="cpu")
-            net = sf.checkpointed_net(str(out / "checkpoint"), which, bb, sf.make_config(None, mode="full"))
+            net = sf.saved_network(str(out / "checkpoint"), which, bb, sf.make_config(None, mode="full"))
             assert sf.read_meta(out / "checkpoint")["step"] == 3
             two = net.state_dict()
         else:
@@ -2789,8 +2857,8 @@ def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tm
     assert r.returncode == 0, r.stderr[-3000:]
     bb, full = _backbone(tiny["sana"], "sana", device="cpu"), sf.make_config(None, mode="full")
     for which in ("generator", "fake", "ema"):
-        a = sf.checkpointed_net(out / "checkpoint", which, bb, full)
-        b = sf.checkpointed_net(tmp_path / "whole" / "checkpoint", which, bb, full)
+        a = sf.saved_network(out / "checkpoint", which, bb, full)
+        b = sf.saved_network(tmp_path / "whole" / "checkpoint", which, bb, full)
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()), which
 
 
@@ -2803,8 +2871,10 @@ def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, 
     monkeypatch.setattr(sf, "QUALITY_SIZE", 128)  # a quarter of the presets' set: the same code, a shorter test
     bb = _backbone(tiny["sana"], "sana")
     bb.set_prompts(TEST_PROMPTS)
-    cfg = sf.make_config(None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, cfg_eval_real=2.0)
-    q = sf.Quality(bb, cfg)
+    config = sf.make_config(
+        None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], device=DEVICE, guidance_eval_real=2.0
+    )
+    q = sf.Quality(bb, config)
 
     def teacher(x, t):
         return bb.velocity(bb.teacher, x, t, q.cond, 2.0)
@@ -2865,9 +2935,9 @@ import sid_flow as sf
 torch.set_num_threads(1)
 torch.manual_seed(0)
 bb = sf.ToyBackbone(run_toy.ToyMLP(width=64, depth=3))
-cfg = sf.make_config("toy", out={str(tmp_path / "run")!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1,
+config = sf.make_config("toy", out={str(tmp_path / "run")!r}, iters=int(sys.argv[1]), batch_size=256, save_every=1,
                      lr_schedule="constant")  # (a cosine is shaped by --iters: a resume may not change it)
-print(sf.distill(cfg, bb, runtime=sf.Checkpoints())["step"])
+print(sf.distill(config, bb, runtime=sf.Checkpoints())["step"])
 """)
     p = subprocess.Popen([sys.executable, str(script), "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpt = tmp_path / "run" / "checkpoint"

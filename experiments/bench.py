@@ -39,11 +39,11 @@ def random_transformer(src, dtype, device):
     return net.requires_grad_(False).eval()
 
 
-def bench_backbone(cfg, src, family, device):
+def bench_backbone(config, src, family, device):
     """A Backbone of class `family` (sf.FAMILIES') over a random-weight teacher whose prompts encode to random tensors
     of the shapes (and dtype) the family's text encoders produce. No text encoder, no VAE (an empty module in its
     place): the loop only needs conditioning tensors."""
-    teacher = random_transformer(src, sf.teacher_dtype(cfg), device)
+    teacher = random_transformer(src, sf.teacher_dtype(config), device)
     c, n_text = teacher.config, family.text_tokens
 
     class RandomText(family):
@@ -64,8 +64,8 @@ def bench_backbone(cfg, src, family, device):
     pipe = type("Components", (), dict(transformer=teacher, vae=torch.nn.Module(), vae_scale_factor=factor))()
     # the native resolution as DiTBackbone takes it, but read without assuming the config has sample_size (FLUX's has
     # none)
-    resolution = cfg.resolution or (c.get("sample_size") or 128) * factor
-    backbone = RandomText(pipe, dataclasses.replace(cfg, resolution=resolution), device)
+    resolution = config.resolution or (c.get("sample_size") or 128) * factor
+    backbone = RandomText(pipe, dataclasses.replace(config, resolution=resolution), device)
     backbone.source = src
     return backbone
 
@@ -121,14 +121,14 @@ def tensor_bytes(tensors):
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, by datasheet (SXM parts)
 
 
-def bench(cfg, iters, warmup=1):
+def bench(config, iters, warmup=1):
     """Warm-up + N real SiD iterations through sf.distill() on a full-size random-weight teacher; writes
     OUT/bench.json and prints a table: step time, images/s, measured and planned memory, FLOPs and MFU."""
-    src, family = sf.resolve_teacher(cfg.teacher, configs_only=True)  # family: its Backbone class
-    runtime = sf.setup_runtime(cfg)
+    src, family = sf.resolve_teacher(config.teacher, configs_only=True)  # family: its Backbone class
+    runtime = sf.setup_runtime(config)
     # every iteration trains the last step (k = K, the most expensive: K - 1 roll-out forwards), so that the timed
     # iterations and the one whose FLOPs are counted do the same work
-    run = dataclasses.replace(cfg, iters=warmup + iters, out="", eval_every=1, save_every=0, train_step="last")
+    run = dataclasses.replace(config, iters=warmup + iters, out="", eval_every=1, save_every=0, train_step="last")
     backbone = bench_backbone(run, src, family, runtime.device)
     run = dataclasses.replace(run, resolution=backbone.resolution)
     backbone.set_prompts(sf.DEFAULT_PROMPTS)
@@ -172,7 +172,7 @@ def bench(cfg, iters, warmup=1):
     name = torch.cuda.get_device_name(runtime.device) if cuda else "cpu"
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
     out = dict(
-        teacher=cfg.teacher,
+        teacher=config.teacher,
         family=family.pipeline,  # (its pipeline's name: sf.FAMILIES maps it to the class)
         mode=run.mode,
         precision=run.precision,
@@ -191,48 +191,51 @@ def bench(cfg, iters, warmup=1):
         planned={k: plan[k] for k in measured},
     )
     out["flops_per_step"] = iteration_flops(run, backbone, res["generator"])
-    out["evaluation_share"] = evaluation_share(cfg, backbone.embedded_only)  # at the run's eval_every and iters
+    out["evaluation_share"] = evaluation_share(config, backbone.embedded_only)  # at the run's eval_every and iters
     if peak:
         out["mfu"] = out["flops_per_step"] / step_s / peak
     if runtime.rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "bench.json"), "w") as f:
+        os.makedirs(config.out, exist_ok=True)
+        with open(os.path.join(config.out, "bench.json"), "w") as f:
             json.dump(out, f, indent=1)
         print_bench(out)
     return out
 
 
-def time_passes(cfg, backbone, gen, fake, sync):
+def time_passes(config, backbone, gen, fake, sync):
     """Seconds of the network passes of one iteration (k = K) alone: the same calls, batch sizes, CFG branches and
     gradient routing, without the loop around them (draws, losses, optimizer steps, EMA, logging). Each update draws
-    afresh (sid_flow.py, section 6) and runs its cfg.grad_accum micro-batches: each fake update rolls the generator out
-    to its sample, and so does the generator update before its trained step."""
-    B, device = cfg.batch_size, backbone.device
+    afresh (sid_flow.py, section 6) and runs its config.grad_accum micro-batches: each fake update rolls the generator
+    out to its sample, and so does the generator update before its trained step."""
+    B, device = config.batch_size, backbone.device
     x, t = torch.randn(B, *backbone.sample_shape, device=device), torch.full((B,), 0.5, device=device)
     cond = backbone.cond_for([i % len(backbone.prompts) for i in range(B)])
 
     def v(net, x, w):  # a loss's call: CFG scale w inside the guidance interval (D18)
-        return backbone.velocity(net, x, t, cond, sf.guidance_scale(w, t, cfg.cfg_t_min, cfg.cfg_t_max))
+        return backbone.velocity(
+            net, x, t, cond, sf.guidance_scale(w, t, config.guidance_t_min, config.guidance_t_max)
+        )
 
     def student(x):  # the generator's call, at the backbone's student guidance (SiD.student)
         return backbone.velocity(gen, x, t, cond, backbone.student_guidance)
 
     sync()
     t0 = time.perf_counter()
-    with sf.autocast(cfg, device):
-        for _ in range(cfg.fake_updates):
-            for _ in range(cfg.grad_accum):
+    with sf.autocast(config, device):
+        for _ in range(config.fake_updates):
+            for _ in range(config.grad_accum):
                 with torch.no_grad():
-                    for _ in range(cfg.steps):  # K - 1 roll-out steps, then the fake update's sample
+                    for _ in range(config.steps):  # K - 1 roll-out steps, then the fake update's sample
                         student(x)
-                v(fake, x, cfg.cfg_train_fake).float().square().mean().backward()
-        for _ in range(cfg.grad_accum):
+                v(fake, x, config.guidance_train_fake).float().square().mean().backward()
+        for _ in range(config.grad_accum):
             with torch.no_grad():
-                for _ in range(cfg.steps - 1):  # the generator update's own K - 1 roll-out steps
+                for _ in range(config.steps - 1):  # the generator update's own K - 1 roll-out steps
                     student(x)
             x_g = student(x).float()
             loss = (
-                v(backbone.teacher, x_g, cfg.cfg_eval_real).float() * v(fake, x_g, cfg.cfg_eval_fake).float()
+                v(backbone.teacher, x_g, config.guidance_eval_real).float()
+                * v(fake, x_g, config.guidance_eval_fake).float()
             ).mean()
             x_g.backward(torch.autograd.grad(loss, x_g)[0])
     sync()
@@ -241,9 +244,9 @@ def time_passes(cfg, backbone, gen, fake, sync):
     return time.perf_counter() - t0
 
 
-def iteration_flops(cfg, backbone, net):
+def iteration_flops(config, backbone, net):
     """Model FLOPs of one SiD iteration with k = K, from one counted forward of `net` on one sample, for each sample of
-    the update's batch (cfg.grad_accum micro-batches): per fake update K forwards without gradient (K - 1 roll-out
+    the update's batch (config.grad_accum micro-batches): per fake update K forwards without gradient (K - 1 roll-out
     steps, then its sample), then a forward and a backward (2 forwards' worth: weights and input); the generator
     update's K - 1 roll-out forwards, its step's forward and backward; the teacher's and the fake network's forwards
     with a backward to their input only (1 forward's worth) -- each doubled where two-branch CFG doubles the batch.
@@ -252,38 +255,42 @@ def iteration_flops(cfg, backbone, net):
     t = torch.full((1,), 0.5, device=backbone.device)
     with (
         torch.no_grad(),
-        sf.autocast(cfg, backbone.device),
+        sf.autocast(config, backbone.device),
         torch.compiler.set_stance("force_eager"),
         FlopCounterMode(display=False) as counter,
     ):  # (counted on the eager forward: the same model FLOPs)
         backbone.forward(net, x, t, backbone.cond_for([0]), backbone.student_guidance)
-    return counter.get_total_flops() * passes(cfg, backbone.embedded_only) * cfg.batch_size * cfg.grad_accum
+    return counter.get_total_flops() * passes(config, backbone.embedded_only) * config.batch_size * config.grad_accum
 
 
-def passes(cfg, embedded_only):
+def passes(config, embedded_only):
     """One iteration's network work (k = K) in forwards of one sample, per sample of the batch (each fake update and
     the generator update draw afresh: sid_flow.py, section 6). `embedded_only`: FLUX's guidance as its embedding
     alone (--embedded-guidance-only), one branch at every scale."""
-    interval = cfg.cfg_t_min > 0 or cfg.cfg_t_max < 1  # a guidance interval: per-sample scales (D18)
+    interval = config.guidance_t_min > 0 or config.guidance_t_max < 1  # a guidance interval: per-sample scales (D18)
 
     def branches(w):
-        return sf.cfg_branches(w, embedded_only, interval)
+        return sf.guidance_branches(w, embedded_only, interval)
 
-    fake_update = cfg.steps + 3 * branches(cfg.cfg_train_fake)  # its K-step sample, then forward and backward
-    generator_update = (cfg.steps - 1) + 3 + 2 * branches(cfg.cfg_eval_real) + 2 * branches(cfg.cfg_eval_fake)
-    return cfg.fake_updates * fake_update + generator_update
+    fake_update = config.steps + 3 * branches(
+        config.guidance_train_fake
+    )  # its K-step sample, then forward and backward
+    generator_update = (
+        (config.steps - 1) + 3 + 2 * branches(config.guidance_eval_real) + 2 * branches(config.guidance_eval_fake)
+    )
+    return config.fake_updates * fake_update + generator_update
 
 
-def evaluation_share(cfg, embedded_only):
-    """The share of a run's network work that its evaluations take, one every cfg.eval_every iterations: the quality
+def evaluation_share(config, embedded_only):
+    """The share of a run's network work that its evaluations take, one every config.eval_every iterations: the quality
     number (QUALITY_SIZE K-step student samples, the first four decoded as the preview, and their teacher features,
     sid_flow section 12); plus, once per run, the reference set (REFERENCE_STEPS-step guided teacher samples, the
-    teacher's own 4- and 8-step ones and their features), spread over cfg.iters. All in forwards of one sample, as
-    passes() counts; an iteration's batch is cfg.batch_size x cfg.grad_accum (one process)."""
-    n, per_eval = sf.QUALITY_SIZE, sf.QUALITY_SIZE * (cfg.steps + 1)
-    once = n * (sf.REFERENCE_STEPS + 4 + 8) * sf.cfg_branches(cfg.cfg_eval_real, embedded_only) + 3 * n
-    work = passes(cfg, embedded_only) * cfg.batch_size * cfg.grad_accum
-    return (per_eval / cfg.eval_every + once / cfg.iters) / work if cfg.eval_every else 0.0
+    teacher's own 4- and 8-step ones and their features), spread over config.iters. All in forwards of one sample, as
+    passes() counts; an iteration's batch is config.batch_size x config.grad_accum (one process)."""
+    n, per_eval = sf.QUALITY_SIZE, sf.QUALITY_SIZE * (config.steps + 1)
+    once = n * (sf.REFERENCE_STEPS + 4 + 8) * sf.guidance_branches(config.guidance_eval_real, embedded_only) + 3 * n
+    work = passes(config, embedded_only) * config.batch_size * config.grad_accum
+    return (per_eval / config.eval_every + once / config.iters) / work if config.eval_every else 0.0
 
 
 def print_bench(r):
@@ -322,11 +329,11 @@ def main(argv=None):
     timed, every, share = a.pop("timed"), a.pop("all"), a.pop("evaluation_share")
     if share:
         for name in sf.HUB_IDS:
-            cfg, family = sf.make_config(name), sf.resolve_teacher(name, configs_only=True)[1]
-            embedded_only = issubclass(family, sf.FluxBackbone) and cfg.embedded_guidance_only  # (as FluxBackbone)
+            config, family = sf.make_config(name), sf.resolve_teacher(name, configs_only=True)[1]
+            embedded_only = issubclass(family, sf.FluxBackbone) and config.embedded_guidance_only  # (as FluxBackbone)
             print(
                 f"{name:<16} evaluations every {sf.PRESETS[name]['eval_every']} iterations: "
-                f"{evaluation_share(cfg, embedded_only):.2%} of the run's network work"
+                f"{evaluation_share(config, embedded_only):.2%} of the run's network work"
             )
         return
     if timed < 1:
@@ -336,8 +343,8 @@ def main(argv=None):
     if a["teacher"] is None:
         raise sf.UserError("--teacher is required (or --all)")
     a["out"] = a["out"] or os.path.join("out", "bench", sf.slug(a["teacher"]))
-    cfg = sf.make_config(a["teacher"] if a["teacher"] in sf.HUB_IDS else None, **a)
-    return bench(cfg, timed)
+    config = sf.make_config(a["teacher"] if a["teacher"] in sf.HUB_IDS else None, **a)
+    return bench(config, timed)
 
 
 def bench_all(timed, argv):

@@ -69,7 +69,7 @@ class DigitsBackbone(sf.SanaBackbone):
         self.pipe, self.device, self.resolution = None, device, 8
         self.teacher = teacher.to(device).requires_grad_(False).eval()
         self.sample_shape = (1, 8, 8)
-        self.prompts, self.bank, self.uncond, self.real = [], None, None, None
+        self.prompts, self.prompt_cache, self.uncond, self.real = [], None, None, None
 
     def encode(self, prompts):
         idx = torch.tensor([int(p) if p else NULL_CLASS for p in prompts], device=self.device)
@@ -180,10 +180,10 @@ class DigitsBench:
     """The benchmark's fixed parts: the teacher (trained, or loaded from OUT) behind DigitsBackbone, the held-out
     classifier, the real reference features, and measure(x, labels) -> {fd, acc}."""
 
-    def __init__(self, cfg, data_aided=False):
-        os.makedirs(cfg.out, exist_ok=True)
+    def __init__(self, config, data_aided=False):
+        os.makedirs(config.out, exist_ok=True)
         self.x, self.y, x_h, y_h = digits_split()
-        teacher, self.t_teacher = digits_teacher(self.x, self.y, os.path.join(cfg.out, "teacher-digits.pt"))
+        teacher, self.t_teacher = digits_teacher(self.x, self.y, os.path.join(config.out, "teacher-digits.pt"))
         self.bb = bb = DigitsBackbone(teacher, torch.device("cpu"))
         if data_aided:  # the teacher's own training images as the real data, their labels as the prompts (row for row)
             bb.set_prompts([str(int(c)) for c in self.y])
@@ -240,7 +240,7 @@ def run_key(data_aided=False):
 STUDENTS = {
     "SiD, w=2": dict(),
     "SiD, w=2, 1 step": dict(steps=1),  # name -> Config fields over the command line's
-    "SiD, w=1": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.0),
+    "SiD, w=1": dict(guidance_train_fake=1.0, guidance_eval_fake=1.0, guidance_eval_real=1.0),
 }
 
 
@@ -269,26 +269,26 @@ def teacher_row(steps, w):
     return f"teacher, {steps} steps, w={w:g}"
 
 
-def benchmark_students(cfg, overrides, bb, data_aided):
+def benchmark_students(config, overrides, bb, data_aided):
     """Each of STUDENTS distilled (or reused from OUT/runs/, which sf.Checkpoints writes and resumes): (name, its
     Config, sf.distill's result, seconds)."""
     for name, extra in STUDENTS.items():
         scfg = sf.make_config("digits", **{**overrides, **extra})
-        scfg.out = run_folder(cfg.out, name, scfg, **run_key(data_aided))[0]
+        scfg.out = run_folder(config.out, name, scfg, **run_key(data_aided))[0]
         t0 = time.time()
         res = sf.distill(scfg, bb, runtime=sf.Checkpoints())
         yield name, scfg, res, time.time() - t0
 
 
-def step_cost(cfg, bb, iters=10):
+def step_cost(config, bb, iters=10):
     """Wall time of one SiD iteration against the sum of the network passes it makes, each timed alone. Each update
     draws afresh (sid_flow.py, section 6), so per fake update: K forwards without gradient (roll-out + its sample),
     the fake network's forward + backward (CFG batch); then the generator update's K - 1 roll-out forwards, its
     step (forward + backward), teacher and fake forwards with their input-backward (CFG); all once per micro-batch.
     A ratio near 1 says the iteration spends its time in the networks, not in the method's own arithmetic."""
-    sid = sf.SiD(cfg, bb, sf.Runtime())
+    sid = sf.SiD(config, bb, sf.Runtime())
     gen, fake = sid.generator, sid.fake
-    B = cfg.batch_size
+    B = config.batch_size
     cond = bb.encode([str(i % 10) for i in range(B)])
     x, t = torch.randn(B, 1, 8, 8), torch.rand(B)
 
@@ -309,12 +309,12 @@ def step_cost(cfg, bb, iters=10):
 
         return run
 
-    passes = cfg.grad_accum * (
-        (cfg.fake_updates * cfg.steps + cfg.steps - 1) * timed(fwd)
-        + cfg.fake_updates * timed(fwd_bwd(fake, cfg.cfg_train_fake))
+    passes = config.grad_accum * (
+        (config.fake_updates * config.steps + config.steps - 1) * timed(fwd)
+        + config.fake_updates * timed(fwd_bwd(fake, config.guidance_train_fake))
         + timed(fwd_bwd(gen, bb.student_guidance))
-        + timed(input_bwd(bb.teacher, cfg.cfg_eval_real))
-        + timed(input_bwd(fake, cfg.cfg_eval_fake))
+        + timed(input_bwd(bb.teacher, config.guidance_eval_real))
+        + timed(input_bwd(fake, config.guidance_eval_fake))
     )
     iteration = timed(lambda: sid.iteration(0))
     return dict(iteration=iteration, passes=passes, ratio=iteration / passes)
@@ -324,8 +324,8 @@ def benchmark(args, overrides, argv):
     """The table (the teacher's Euler sampler at 1-32 steps, unguided and at CFG DIGITS['guidance']; the STUDENTS,
     EMA and raw), the step-cost ratio, OUT/metrics.json and OUT/digits.png."""
     t_start = time.time()
-    cfg = sf.make_config("digits", **overrides)
-    bench = DigitsBench(cfg, args.data_aided)
+    config = sf.make_config("digits", **overrides)
+    bench = DigitsBench(config, args.data_aided)
     bb = bench.bb
     labels, cond, z = digits_inputs(bb)
     rows, samples = [], {}
@@ -334,20 +334,20 @@ def benchmark(args, overrides, argv):
         rows.append(dict(sampler="teacher (Euler)", guidance=w, steps=n, **bench.measure(x, labels)))
         samples[name] = x
     t_teacher_eval, t_distill = time.time() - t0, {}
-    for name, scfg, res, seconds in benchmark_students(cfg, overrides, bb, args.data_aided):
+    for name, scfg, res, seconds in benchmark_students(config, overrides, bb, args.data_aided):
         t_distill[name] = seconds
         for kind, net in kept(res):
             x = student_samples(bb, net, cond, z, scfg.steps)
             rows.append(
                 dict(
                     sampler=f"{name} ({kind})",
-                    guidance=scfg.cfg_eval_real,
+                    guidance=scfg.guidance_eval_real,
                     steps=scfg.steps,
                     **bench.measure(x, labels),
                 )
             )
             samples[f"{name} ({kind})"] = x
-    cost = step_cost(cfg, bb, DIGITS["cost_iters"])
+    cost = step_cost(config, bb, DIGITS["cost_iters"])
     seconds = dict(
         teacher=bench.t_teacher,
         classifier=bench.t_clf,
@@ -377,10 +377,10 @@ def benchmark(args, overrides, argv):
     metrics = dict(
         rows=rows, step_cost=cost, seconds=seconds, classifier_accuracy=bench.clf_acc, command=command(argv)
     )
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+    with open(os.path.join(config.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot_digits(samples, bench.x, labels, os.path.join(cfg.out, "digits.png"))
-    print(f"wrote {cfg.out}/digits.png, metrics.json")
+    plot_digits(samples, bench.x, labels, os.path.join(config.out, "digits.png"))
+    print(f"wrote {config.out}/digits.png, metrics.json")
     return metrics
 
 
@@ -412,16 +412,22 @@ def plot_digits(samples, real, labels, path):
 # (D18) at every t, give the reference rows. Rows run in parallel worker processes (one thread each).
 # ------------------------------------------------------------------------------------------------------------------
 
-LSG_2 = dict(cfg_train_fake=2.0, cfg_eval_fake=2.0, cfg_eval_real=2.0)  # SiD-LSG: one scale for all three calls
-EVERY_T = dict(cfg_t_min=0.0, cfg_t_max=1.0)  # no guidance interval
+LSG_2 = dict(
+    guidance_train_fake=2.0, guidance_eval_fake=2.0, guidance_eval_real=2.0
+)  # SiD-LSG: one scale for all three calls
+EVERY_T = dict(guidance_t_min=0.0, guidance_t_max=1.0)  # no guidance interval
 STRATEGIES = {  # name -> Config fields over the digits preset; the three scales are (fake's own update, fake inside
     # the generator loss, teacher inside the generator loss)
     "SiD-LSG, CFG 2 on all three": dict(LSG_2, **EVERY_T),
-    "CFG 2 on the teacher only": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=2.0, **EVERY_T),
-    "Zero-CFG": dict(cfg_train_fake=0.0, cfg_eval_fake=0.0, cfg_eval_real=1.0, **EVERY_T),
-    "Anti-CFG, fake at -1": dict(cfg_train_fake=1.0, cfg_eval_fake=-1.0, cfg_eval_real=1.0, **EVERY_T),
-    "lower scale: teacher at 1.5": dict(cfg_train_fake=1.0, cfg_eval_fake=1.0, cfg_eval_real=1.5, **EVERY_T),
-    "SiD-LSG in t [0.2, 0.6]": dict(LSG_2, cfg_t_min=0.2, cfg_t_max=0.6),
+    "CFG 2 on the teacher only": dict(
+        guidance_train_fake=1.0, guidance_eval_fake=1.0, guidance_eval_real=2.0, **EVERY_T
+    ),
+    "Zero-CFG": dict(guidance_train_fake=0.0, guidance_eval_fake=0.0, guidance_eval_real=1.0, **EVERY_T),
+    "Anti-CFG, fake at -1": dict(guidance_train_fake=1.0, guidance_eval_fake=-1.0, guidance_eval_real=1.0, **EVERY_T),
+    "lower scale: teacher at 1.5": dict(
+        guidance_train_fake=1.0, guidance_eval_fake=1.0, guidance_eval_real=1.5, **EVERY_T
+    ),
+    "SiD-LSG in t [0.2, 0.6]": dict(LSG_2, guidance_t_min=0.2, guidance_t_max=0.6),
 }
 STUDY = dict(batch_size=64)  # over the preset for every strategy: half the preset's batch keeps the study short
 LANGEVIN_SNR = (0.1, 0.2)  # the diagnostic's corrector strengths (one Langevin step after each Euler step)
@@ -492,10 +498,10 @@ def study_row(task):
     bb, cond, z, out = (_WORKER[k] for k in ("bb", "cond", "z", "out"))
     t0, iters_trained = time.time(), 0
     if kind == "student":
-        cfg = sf.make_config("digits", **a["fields"])
-        cfg.out, done = run_folder(out, f"{a['name']}-{a['K']}", cfg, **run_key())
-        iters_trained = cfg.iters - done
-        res = sf.distill(cfg, bb, runtime=sf.Checkpoints())  # (its run folder reused by the same command)
+        config = sf.make_config("digits", **a["fields"])
+        config.out, done = run_folder(out, f"{a['name']}-{a['K']}", config, **run_key())
+        iters_trained = config.iters - done
+        res = sf.distill(config, bb, runtime=sf.Checkpoints())  # (its run folder reused by the same command)
         student = res["generator"] if res["ema"] is None else res["ema"]  # the EMA (none with --ema-decay 0)
         samples = student_samples(bb, student, cond, z, a["K"])
     else:
@@ -516,8 +522,8 @@ def guidance_study(args, overrides, argv):
     """Every row of study_tasks on worker processes; the table, OUT/guidance-study.json, OUT/samples.npz (every row's
     samples under its name, the requested labels, the real digits) and OUT/guidance.png."""
     t_start = time.time()
-    cfg = sf.make_config("digits", **overrides)
-    bench = DigitsBench(cfg)  # trains (or loads) the teacher before any worker needs it
+    config = sf.make_config("digits", **overrides)
+    bench = DigitsBench(config)  # trains (or loads) the teacher before any worker needs it
     labels = digits_inputs(bench.bb)[0]
     tasks = study_tasks({k: v for k, v in overrides.items() if v is not None})
     workers = max(1, min(len(tasks), os.cpu_count() or 1))
@@ -525,7 +531,7 @@ def guidance_study(args, overrides, argv):
     done = {}
     spawn = multiprocessing.get_context("spawn")  # fresh processes: no forked torch thread pools
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=spawn, initializer=study_worker_init, initargs=(dict(DIGITS), cfg.out)
+        workers, mp_context=spawn, initializer=study_worker_init, initargs=(dict(DIGITS), config.out)
     ) as pool:
         for job in concurrent.futures.as_completed([pool.submit(study_row, task) for task in tasks]):
             name, x, seconds, iters_trained = job.result()
@@ -546,16 +552,16 @@ def guidance_study(args, overrides, argv):
     )
     print_study(rows, seconds, workers)
     arrays = {name: done[name]["samples"].numpy() for name, _, _ in tasks}
-    np.savez_compressed(os.path.join(cfg.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(), **arrays)
+    np.savez_compressed(os.path.join(config.out, "samples.npz"), labels=labels.numpy(), real=bench.x.numpy(), **arrays)
     metrics = dict(
         rows=rows, seconds=seconds, workers=workers, strategies=STRATEGIES, study=STUDY, command=command(argv)
     )
-    with open(os.path.join(cfg.out, "guidance-study.json"), "w") as f:
+    with open(os.path.join(config.out, "guidance-study.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     plot_study(
-        rows, {k: v["samples"] for k, v in done.items()}, bench.x, labels, os.path.join(cfg.out, "guidance.png")
+        rows, {k: v["samples"] for k, v in done.items()}, bench.x, labels, os.path.join(config.out, "guidance.png")
     )
-    print(f"wrote {cfg.out}/guidance-study.json, samples.npz, guidance.png")
+    print(f"wrote {config.out}/guidance-study.json, samples.npz, guidance.png")
     return metrics
 
 
@@ -652,13 +658,13 @@ OTHER_SEEDS = 7  # the floor: the reference sampler itself on other noise than t
 DRAWS = 8  # evaluation draws, at seeds 0, 4, 8, ... (sf.Quality takes seed and seed + 1)
 
 
-def run_quality(quality, cfg, net):
-    """quality(net) exactly as a run with config cfg evaluates it (its K, re-noising and student guidance) against
+def run_quality(quality, config, net):
+    """quality(net) exactly as a run with config config evaluates it (its K, re-noising and student guidance) against
     quality's reference set, and the samples it scored: (number, samples (QUALITY_SIZE, 1, 8, 8)). The noises are the
-    ones sf.Quality draws for cfg's K at quality's seed: the same initial noise as the reference set's."""
+    ones sf.Quality draws for config's K at quality's seed: the same initial noise as the reference set's."""
     q, bb = copy.copy(quality), quality.backbone
-    q.cfg = cfg
-    q.noises = bb.noises(sf.QUALITY_SIZE, cfg.steps, torch.Generator(bb.device).manual_seed(quality.seed))
+    q.config = config
+    q.noises = bb.noises(sf.QUALITY_SIZE, config.steps, torch.Generator(bb.device).manual_seed(quality.seed))
     return q(net), q.samples
 
 
@@ -676,51 +682,52 @@ def spearman(a, b):
     return (ra @ rb / (ra.norm() * rb.norm())).item()
 
 
-def teacher_rows(cfg, bb, cond, z):
+def teacher_rows(config, bb, cond, z):
     """Every teacher row from the noise z (N, 1, 8, 8): the benchmark's (unguided, and at CFG 2 at every t), then
     guided as in the losses (the reference's sampler at 32 steps): {name: samples (N, 1, 8, 8)}."""
-    with sf.autocast(cfg, bb.device), torch.no_grad():
+    with sf.autocast(config, bb.device), torch.no_grad():
         rows = {name: x for name, _, _, x in teacher_samples(bb, cond, z)}
         for n in (1, 2, 4, 8, 16, 32):
-            rows[interval_row(cfg, n)] = sf.euler_sample(
-                lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, interval(cfg, tt)), z, n
+            rows[interval_row(config, n)] = sf.euler_sample(
+                lambda xx, tt: bb.velocity(bb.teacher, xx, tt, cond, interval(config, tt)), z, n
             )
     return rows
 
 
-def fd_samples(cfg, bb, students):
+def fd_samples(config, bb, students):
     """Each row's samples for the classifier's FD, from the benchmark's noise: the teacher rows, then the students'
     EMA and raw generators, {name: (N, 1, 8, 8)}."""
     _, cond, z = digits_inputs(bb)
-    rows = teacher_rows(cfg, bb, cond, z)
+    rows = teacher_rows(config, bb, cond, z)
     for name, scfg, res in students:
         for kind, net in kept(res):
             rows[f"{name} ({kind})"] = student_samples(bb, net, cond, z, scfg.steps)
     return rows
 
 
-def run_numbers(cfg, bb, students, quality):
+def run_numbers(config, bb, students, quality):
     """Each row scored by `quality` exactly as a run would, on its prompts and noises (quality.cond, quality.noises;
     the teacher rows from their initial noise quality.noises[:, 0]): {name: (the number, the samples it scored
     (QUALITY_SIZE, 1, 8, 8))}, in fd_samples' order."""
     z = quality.noises[:, 0]  # (QUALITY_SIZE, 1, 8, 8)
-    out = {name: (quality.score(x), x) for name, x in teacher_rows(cfg, bb, quality.cond, z).items()}
+    out = {name: (quality.score(x), x) for name, x in teacher_rows(config, bb, quality.cond, z).items()}
     for name, scfg, res in students:
         for kind, net in kept(res):
             out[f"{name} ({kind})"] = run_quality(quality, scfg, net)
     return out
 
 
-def interval(cfg, t):
+def interval(config, t):
     """The CFG scale of the teacher in the losses at times t: the run's, inside its guidance interval (D18)."""
-    return sf.guidance_scale(cfg.cfg_eval_real, t, cfg.cfg_t_min, cfg.cfg_t_max)
+    return sf.guidance_scale(config.guidance_eval_real, t, config.guidance_t_min, config.guidance_t_max)
 
 
-def interval_row(cfg, steps):
-    return f"teacher, {steps} steps, w={cfg.cfg_eval_real:g} in [{cfg.cfg_t_min:g}, {cfg.cfg_t_max:g}]"
+def interval_row(config, steps):
+    interval = f"[{config.guidance_t_min:g}, {config.guidance_t_max:g}]"
+    return f"teacher, {steps} steps, w={config.guidance_eval_real:g} in {interval}"
 
 
-def study_floor(cfg, bench, quality, ref_features):
+def study_floor(config, bench, quality, ref_features):
     """The reference sampler itself on other noise: the number and the FD of a student that were the teacher."""
     bb = bench.bb
     _, cond, z = digits_inputs(bb)
@@ -728,22 +735,22 @@ def study_floor(cfg, bench, quality, ref_features):
 
     def other(c, x):  # the reference's sampler, from fresh noise shaped like x
         def velocity(xx, tt):
-            return bb.velocity(bb.teacher, xx, tt, c, interval(cfg, tt))
+            return bb.velocity(bb.teacher, xx, tt, c, interval(config, tt))
 
         return sf.euler_sample(velocity, bb.noise(x.shape, g), sf.REFERENCE_STEPS)
 
-    with sf.autocast(cfg, bb.device), torch.no_grad():
+    with sf.autocast(config, bb.device), torch.no_grad():
         return dict(
             metric=quality.score(other(quality.cond, quality.noises[:, 0])),
             fd_to_reference=frechet_distance(bench.clf.features(other(cond, z)), ref_features),
         )
 
 
-def quality_cost(cfg, bb, quality, repeats=3):
+def quality_cost(config, bb, quality, repeats=3):
     """Seconds, at the digits preset's settings, of one quality(ema) evaluation (the generator's without an EMA) and
     of one SiD iteration (each the mean of `repeats` after a warm-up), on fresh students: the cost does not depend on
     their weights."""
-    sid = sf.SiD(cfg, bb, sf.Runtime())
+    sid = sf.SiD(config, bb, sf.Runtime())
     student = sid.generator if sid.ema is None else sid.ema  # the student a run evaluates
     return dict(
         evaluation=mean_seconds(lambda: quality(student), repeats),
@@ -757,21 +764,21 @@ def metric_study(args, overrides, argv):
     run. The table, OUT/metric-study.json, OUT/samples.npz (each row's FD samples under its name, the run's under
     'quality: <name>', the requested classes of both, the real digits)."""
     t_start = time.time()
-    cfg = sf.make_config("digits", **overrides)
-    bench = DigitsBench(cfg, args.data_aided)
+    config = sf.make_config("digits", **overrides)
+    bench = DigitsBench(config, args.data_aided)
     students, t_distill = [], {}
-    for name, scfg, res, seconds in benchmark_students(cfg, overrides, bench.bb, args.data_aided):
+    for name, scfg, res, seconds in benchmark_students(config, overrides, bench.bb, args.data_aided):
         students.append((name, scfg, res))
         t_distill[name] = seconds
     t0 = time.time()
-    quality = sf.Quality(bench.bb, cfg)  # the reference set, drawn as a run of the digits preset draws it
+    quality = sf.Quality(bench.bb, config)  # the reference set, drawn as a run of the digits preset draws it
     t_reference = time.time() - t0
-    reference = interval_row(cfg, sf.REFERENCE_STEPS)
-    fd_x = fd_samples(cfg, bench.bb, students)
+    reference = interval_row(config, sf.REFERENCE_STEPS)
+    fd_x = fd_samples(config, bench.bb, students)
     assert reference in fd_x, f"{reference}: the reference sampler must be one of the teacher rows"
     draws = [
-        run_numbers(cfg, bench.bb, students, q)
-        for q in [quality] + [sf.Quality(bench.bb, cfg, seed=4 * d) for d in range(1, DRAWS)]
+        run_numbers(config, bench.bb, students, q)
+        for q in [quality] + [sf.Quality(bench.bb, config, seed=4 * d) for d in range(1, DRAWS)]
     ]  # draws[0]: the run's own
     labels = digits_inputs(bench.bb)[0]
     with torch.no_grad():
@@ -797,37 +804,37 @@ def metric_study(args, overrides, argv):
         spearman_draws=per_draw,
         spearman_without_reference=spearman([r["metric"] for r in others], [r["fd_to_reference"] for r in others]),
         spearman_fd_run_samples=spearman([r["fd_run_samples"] for r in rows], fd),
-        floor=study_floor(cfg, bench, quality, ref_f),
+        floor=study_floor(config, bench, quality, ref_f),
         samples=dict(
             fd=len(labels), metric=sf.QUALITY_SIZE, quality_t=sf.QUALITY_T, quality_dims=sf.QUALITY_DIMS, draws=DRAWS
         ),
     )
     result.update(
-        cost=study_cost(cfg, bench.bb, quality, t_reference),
+        cost=study_cost(config, bench.bb, quality, t_reference),
         command=command(argv),
         seconds=dict(teacher=bench.t_teacher, classifier=bench.t_clf, distill=t_distill, wall=time.time() - t_start),
     )
-    print_metric_study(result, cfg)
+    print_metric_study(result, config)
     q_labels = [int(bench.bb.prompts[i % len(bench.bb.prompts)]) for i in range(sf.QUALITY_SIZE)]
     np.savez_compressed(
-        os.path.join(cfg.out, "samples.npz"),
+        os.path.join(config.out, "samples.npz"),
         labels=labels.numpy(),
         real=bench.x.numpy(),
         quality_labels=np.array(q_labels),
         **{k: v.numpy() for k, v in fd_x.items()},
         **{f"quality: {k}": v[1].numpy() for k, v in draws[0].items()},
     )
-    with open(os.path.join(cfg.out, "metric-study.json"), "w") as f:
+    with open(os.path.join(config.out, "metric-study.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {cfg.out}/metric-study.json, samples.npz")
+    print(f"wrote {config.out}/metric-study.json, samples.npz")
     return result
 
 
-def study_cost(cfg, bb, quality, t_reference):
+def study_cost(config, bb, quality, t_reference):
     """quality_cost's seconds, and the number's share of a run's time with these seconds: one evaluation per the DiT
     presets' eval_every; a run of their length (the reference set once, an evaluation every eval_every and at the
-    end); a digits run (cfg.iters iterations, one evaluation at the end, the same reference set)."""
-    cost, dit = quality_cost(cfg, bb, quality), sf.PRESETS["flux-dev"]  # (eval_every, iters: every DiT preset's)
+    end); a digits run (config.iters iterations, one evaluation at the end, the same reference set)."""
+    cost, dit = quality_cost(config, bb, quality), sf.PRESETS["flux-dev"]  # (eval_every, iters: every DiT preset's)
     cost.update(
         reference_set=t_reference,
         threads=torch.get_num_threads(),
@@ -842,12 +849,12 @@ def study_cost(cfg, bb, quality, t_reference):
     cost.update(
         share_at_eval_every=cost["evaluation"] / (dit["eval_every"] * cost["iteration"] + cost["evaluation"]),
         share_preset_run=share(dit["iters"], dit["eval_every"]),
-        share_digits_run=share(cfg.iters, cfg.iters),
+        share_digits_run=share(config.iters, config.iters),
     )
     return cost
 
 
-def print_metric_study(m, cfg):
+def print_metric_study(m, config):
     n, c, rho = m["samples"], m["cost"], torch.tensor(m["spearman_draws"])
     print(
         f"\nmetric study: every sampler against one reference, {m['reference']} (sf.Quality of the digits preset)."
@@ -878,7 +885,7 @@ def print_metric_study(m, cfg):
         f"{c['evaluation']:.3f} s, one SiD iteration {c['iteration']:.3f} s: {100 * c['share_at_eval_every']:.2f}% "
         f"of a run evaluating every {c['eval_every']} iterations, {100 * c['share_preset_run']:.2f}% of a run of "
         f"{c['preset_iters']} (reference set included), {100 * c['share_digits_run']:.2f}% of a digits run "
-        f"({cfg.iters} iterations, one evaluation)"
+        f"({config.iters} iterations, one evaluation)"
     )
     print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in m['seconds'].items() if not isinstance(v, dict))}")
 
@@ -898,9 +905,9 @@ def parse_args(argv):
         description=__doc__,
         epilog=(
             "Not offered: sid_flow.py's flags for image teachers (--teacher, --prompts, --resolution, --device,\n"
-            "--mode, ...: the teacher is this one, on the CPU), its guidance flags (--cfg-*: the benchmark's guided\n"
-            "students use the digits preset's, each strategy of --guidance-study its own) and --eval-every (no\n"
-            "previews here)."
+            "--mode, ...: the teacher is this one, on the CPU), its guidance flags (--guidance-*: the benchmark's\n"
+            "guided students use the digits preset's, each strategy of --guidance-study its own) and --eval-every\n"
+            "(no previews here)."
         ),
     )
     p.add_argument(

@@ -100,14 +100,14 @@ def main(out="out/digits", first_seed="0"):
     fd = {r["row"]: r["fd_to_reference"] for r in study["rows"]}
     if "--data-aided" in study["command"]:
         raise SystemExit("the study's students were data-aided: this file redraws the default ones")
-    cfg = sf.make_config("digits", out=out)
-    bb = DigitsBench(cfg).bb  # the cached teacher; the students below are the cached ones (OUT/runs/)
-    students = [(name, scfg, res) for name, scfg, res, _ in benchmark_students(cfg, {}, bb, False)]
-    reference, rho = interval_row(cfg, sf.REFERENCE_STEPS), {v: [] for v in VARIANTS}
+    config = sf.make_config("digits", out=out)
+    bb = DigitsBench(config).bb  # the cached teacher; the students below are the cached ones (OUT/runs/)
+    students = [(name, scfg, res) for name, scfg, res, _ in benchmark_students(config, {}, bb, False)]
+    reference, rho = interval_row(config, sf.REFERENCE_STEPS), {v: [] for v in VARIANTS}
     saved = {r["row"]: r["metric_draws"] for r in study["rows"]}  # the study's number on each draw
     for d in range(DRAWS):
-        quality = sf.Quality(bb, cfg, seed=int(first_seed) + 4 * d)
-        drawn = run_numbers(cfg, bb, students, quality)  # {row: (the run's number, its samples)}
+        quality = sf.Quality(bb, config, seed=int(first_seed) + 4 * d)
+        drawn = run_numbers(config, bb, students, quality)  # {row: (the run's number, its samples)}
         for look in dict.fromkeys(v[:2] for v in VARIANTS):  # (conditioning, t): the features, once per draw
             feats = {row: features(quality, x, *look) for row, (_, x) in drawn.items()}
             for v in (v for v in VARIANTS if v[:2] == look):

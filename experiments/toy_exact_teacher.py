@@ -154,10 +154,10 @@ def main(argv=None):
         "Tweedie's formula on its closed-form density"
     )
     assert mc_z < 5 and tweedie < 1e-8, (mc_z, tweedie)
-    cfg = sf.make_config("toy", **overrides)
-    mlp, _ = run_toy.train_teacher("checkerboard", cfg.seed, os.path.join(args.out, "teacher-checkerboard.pt"))
+    config = sf.make_config("toy", **overrides)
+    mlp, _ = run_toy.train_teacher("checkerboard", config.seed, os.path.join(args.out, "teacher-checkerboard.pt"))
     exact = ExactTeacherBackbone(mlp)
-    ev = run_toy.Evaluation("checkerboard", 16384 // run_toy.R, run_toy.R, cfg.seed, max_steps=max(4, cfg.steps))
+    ev = run_toy.Evaluation("checkerboard", 16384 // run_toy.R, run_toy.R, config.seed, max_steps=max(4, config.steps))
 
     def euler(velocity, steps):  # a sampler of a replicate's noises (n, K, 2): Euler from the first of them, z
         return lambda noises: sf.euler_sample(velocity, noises[:, 0], steps)
@@ -169,7 +169,7 @@ def main(argv=None):
     }
     # the demo's student (run_toy.py with the same flags: its run is shared, reused when it has run) and the exact one
     for name, backbone in (("SiD", sf.ToyBackbone(mlp)), ("SiD exact teacher", exact)):
-        vcfg = dataclasses.replace(cfg)
+        vcfg = dataclasses.replace(config)
         vcfg.out, done = run_toy.run_folder(
             args.out, name, vcfg, dataset="checkerboard", teacher=run_toy.TEACHER, data_aided=False
         )
@@ -178,7 +178,7 @@ def main(argv=None):
         for kind in ("ema", "generator"):
             if res[kind] is not None:  # (no EMA with --ema-decay 0)
                 rows[f"{name} student ({kind})"] = ev.samples(
-                    lambda noises, net=res[kind]: sf.generate(net, noises, cfg.noise), cfg.steps
+                    lambda noises, net=res[kind]: sf.generate(net, noises, config.noise), config.steps
                 )
     ed = {name: ev.distance(xs) for name, xs in rows.items()}
     ref = ed["trained teacher, 128 Euler steps"][0]
