@@ -44,7 +44,7 @@ PATHS = [sf.FLOW, sf.VP]
 
 @pytest.fixture(autouse=True)
 def small_quality_sets(request, monkeypatch):
-    """Runs with evaluations draw a reference set for their quality number (sid_flow section 11): a small one in the
+    """Runs with evaluations draw a reference set for their quality number (sid_flow section 14): a small one in the
     tests, except in the test of the number itself."""
     if "quality_number" not in request.node.name:
         monkeypatch.setattr(sf, "QUALITY_SIZE", 8)
@@ -2381,6 +2381,30 @@ def test_every_preset_plans_offline_without_a_token(monkeypatch, capsys):
     assert capsys.readouterr().out.count("memory plan per GPU") == len(sf.HUB_IDS)
 
 
+def test_every_gpu_command_of_the_readme_plans_what_it_says_and_fits(monkeypatch, capsys):
+    """Each GPU row of the README's "What to run on what you have": the command with --dry-run appended (torchrun's
+    rows with WORLD_SIZE=8) plans the GiB the row states, and that fits the row's GPU (8 GPUs: 80 GB each), within the
+    69 GiB the presets leave an 80 GB GPU for the plan's error; and it trains at the paper's global batch of 256."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    readme = open(os.path.join(HERE, "README.md")).read()
+    table = readme.split("## What to run on what you have")[1].split("\n\n")[1]
+    rows = [line.split(" | ") for line in table.splitlines() if "GPU" in line.split(" | ")[0]]
+    assert len(rows) >= 7 and any("24 GB" in row[0] for row in rows) and any("16 GB" in row[0] for row in rows)
+    for row in rows:
+        command = row[1].strip("`").split()
+        world = 8 if command[0] == "torchrun" else 1
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        args = command[command.index("sid_flow.py") + 1 :]
+        args = [os.path.join(HERE, "assets", "prompts.txt") if a == "my_prompts.txt" else a for a in args]  # (yours)
+        plan = sf.main([*args, "--dry-run"])
+        out = capsys.readouterr().out
+        planned = max(plan["total"], plan["startup"]) / 2**30
+        assert f"{planned:.1f}" == row[3].split()[0], (row[1], planned)
+        gpu = 80 if world == 8 else int(re.search(r"(\d+) GB", row[0]).group(1))
+        assert planned <= min(gpu, 80) * 69 / 80, (row[1], planned)
+        assert "= 256)" in out, row[1]
+
+
 def test_a_local_copy_of_a_presets_model_gets_its_preset(tmp_path, capsys, monkeypatch):
     """A pipeline folder whose transformer config is a preset's model (a downloaded FLUX.1-dev), or that preset's hub
     id, runs with the preset's settings, and one line says so; a folder of another model gets the plain defaults."""
@@ -2863,7 +2887,7 @@ def test_sigterm_checkpoints_the_current_iteration_then_resumes_exactly(tiny, tm
 
 
 def test_quality_number_ranks_samplers_and_is_cached_for_resume(tiny, tmp_path, monkeypatch):
-    """The run's quality number (section 11) on a tiny SANA: finite; the teacher's own 32-step samples of other seeds
+    """The run's quality number (section 14) on a tiny SANA: finite; the teacher's own 32-step samples of other seeds
     score below its 1-step samples; the features are the empty prompt's (the samples' prompts change nothing), and on
     the reference's top QUALITY_DIMS directions the reference is N(0, I); a run logs the number at every
     evaluation and draws OUT/quality.png; on resume the reference set comes from OUT/reference.pt, the teacher draws

@@ -643,7 +643,7 @@ def plot_study(rows, samples, real, labels, path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# --metric-study: does the run's quality number (sid_flow.py, section 11) rank samplers as the classifier does?
+# --metric-study: does the run's quality number (sid_flow.py, section 14) rank samplers as the classifier does?
 # A data-free run has no real images: its number compares the student with a reference set the teacher draws, so what
 # it stands for is the distance to that reference. Every sampler of the benchmark is scored against ONE reference, the
 # one sf.Quality draws for the digits preset: by the number exactly as a run computes it (sf.QUALITY_SIZE samples, the

@@ -1,4 +1,4 @@
-"""metric_variants.py -- how the run's quality number (sid_flow.py, section 11) was chosen: alternatives for its
+"""metric_variants.py -- how the run's quality number (sid_flow.py, section 14) was chosen: alternatives for its
 features (the teacher given the prompt or the empty prompt, the noise level t, how many of the reference's principal
 directions) and for its distance (KID's unbiased squared MMD, or a Frechet distance), each judged as the metric study
 judges the number: by its Spearman correlation with the classifier's FD to the reference over all rows, on each of the
