@@ -713,6 +713,18 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@contextlib.contextmanager
+def expected(warning):
+    """Inside the block, a warning whose message matches `warning` (a regex) says what is meant and is not shown; the
+    process's warning filters are left as they were."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=warning)
+        yield
+
+
+ONE_PROCESS = "torch.distributed is disabled"  # torch.distributed.checkpoint noting that one process saves alone
+
+
 # --- 8. Runs on disk: checkpoints, resume ---------------------------------------------------------------------
 
 
@@ -761,7 +773,8 @@ class Checkpoints(Runtime):
         if self.rank == 0:
             remove_path(f"{path}.tmp")
         self.barrier()
-        dcp.save(saved_state(sid), checkpoint_id=f"{path}.tmp", no_dist=self.world == 1)  # (one process: no group)
+        with expected(ONE_PROCESS):
+            dcp.save(saved_state(sid), checkpoint_id=f"{path}.tmp")
         if self.rank == 0:
             meta = dict(rng=sid.rng.get_state(), step=step, skipped=skipped, config=dataclasses.asdict(config))
             torch.save(meta, os.path.join(f"{path}.tmp", "meta.pt"))
@@ -804,8 +817,8 @@ class Checkpoints(Runtime):
             if missing:
                 raise UserError(f"{path} lacks the {name} network's weight {missing[0]}: it cannot resume this run")
         # the networks' and optimizers' own tensors, filled in place (Adam's settings come from the config)
-        planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
-        dcp.load(state, checkpoint_id=path, planner=planner, no_dist=self.world == 1)
+        with expected(ONE_PROCESS):
+            dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         sid.rng.set_state(meta["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at iteration {meta['step']}")
@@ -1170,8 +1183,7 @@ def lora_students(backbone, rank):
     """(generator, fake, ema) adapter views on the teacher, all starting as it (LoRA B = 0); teacher: adapters off."""
     base = backbone.teacher
     for name in ("generator", "fake", "ema"):
-        with warnings.catch_warnings():  # peft's warning that one model gets several adapters: as meant here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        with expected("Already found a `peft_config`"):  # (one model, several adapters: as meant)
             base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
     views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
@@ -1305,7 +1317,8 @@ PROMPT_CACHE_BYTES = 8 << 30  # the rule: encode every prompt once and free the 
 def read_prompts(path):  # one prompt per line; blank lines dropped, duplicates kept once (first occurrence order)
     if not os.path.isfile(path):
         raise UserError(f"--prompts {path}: no such file")
-    prompts = list(dict.fromkeys(line.strip() for line in open(path, encoding="utf-8") if line.strip()))
+    with open(path, encoding="utf-8") as f:
+        prompts = list(dict.fromkeys(line.strip() for line in f if line.strip()))
     if not prompts:
         raise UserError(f"--prompts {path}: the file has no prompts (one per line)")
     return prompts
@@ -1748,12 +1761,15 @@ class Quality:
 
 def plot_quality(out, lines, now):
     """OUT/quality.png: the student's number over the run (OUT/log.jsonl's, and `now`), the teacher's as lines."""
+    points = []  # (iteration, quality) of the evaluations logged before this one
     log = os.path.join(out, "log.jsonl")
-    points = [
-        (m["step"], m["eval"]["quality"])
-        for m in map(json.loads, open(log) if os.path.exists(log) else [])
-        if "eval" in m and m["step"] < now[0]
-    ] + [now]
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                metrics = json.loads(line)
+                if "eval" in metrics and metrics["step"] < now[0]:
+                    points.append((metrics["step"], metrics["eval"]["quality"]))
+    points.append(now)
     ax = Figure(figsize=(6, 3.5)).subplots()
     ax.plot(*zip(*points, strict=True), "o-", label="student")
     for (K, q), ls in zip(lines.items(), ("--", ":"), strict=True):
@@ -2082,7 +2098,8 @@ def saved_network(path, which, backbone, config):
     else:
         net = meta_transformer(backbone.source).to(teacher_dtype(config)).to_empty(device="cpu")
     state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
-    dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
+    with expected(ONE_PROCESS):
+        dcp.load(state, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
     return net
 
 
@@ -2099,7 +2116,8 @@ def cmd_export(out, weights, device):
     if config.teacher in ("toy", "digits"):
         raise UserError(
             f"--out {out}: a run of the {config.teacher} teacher; export writes diffusers "
-            f"pipelines of image teachers, and this student's weights are already in {out}/checkpoint"
+            f"pipelines of image teachers, and this student's weights are already in {out}/checkpoint "
+            "(torch.distributed.checkpoint.format_utils.dcp_to_torch_save makes it one file for torch.load)"
         )
     backbone = load_backbone(config, resolve_device(config.device))
     net = saved_network(path, weights, backbone, config)
@@ -2170,7 +2188,8 @@ def known_preset(teacher):
 
 
 def _public(path):  # a config.json's entries, without diffusers' bookkeeping ('_class_name', '_name_or_path', ...)
-    return {k: v for k, v in json.load(open(path)).items() if not k.startswith("_")}
+    with open(path) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
 
 def slug(name):
