@@ -16,6 +16,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run_toy.py, sid_flow.py
+import torch  # noqa: E402
+
 import run_toy  # noqa: E402
 import sid_flow as sf  # noqa: E402
 
@@ -33,18 +35,27 @@ def main(argv=None):
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds [default: 0 1 2]")
     p.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads (torch.set_num_threads); the default OUT becomes out/toy-threads-N, so that runs at "
+        "another thread count are not reused [default: torch's, one per core]",
+    )
+    p.add_argument(
         "--out",
-        default=sf.PRESETS["toy"]["out"],
-        help="seed 0's folder; seed S's is OUT/seed-S [default: %(default)s]",
+        help=f"seed 0's folder; seed S's is OUT/seed-S [default: {sf.PRESETS['toy']['out']}]",
     )
     args, rest = p.parse_known_args(argv)
+    if args.threads:  # the floating-point sums, and so a run's last digits, depend on the thread count
+        torch.set_num_threads(args.threads)
+    args.out = args.out or (f"out/toy-threads-{args.threads}" if args.threads else sf.PRESETS["toy"]["out"])
     rows = {}
     for s in args.seeds:
         out = args.out if s == 0 else os.path.join(args.out, f"seed-{s}")
         m = run_toy.main(["--seed", str(s), "--out", out, *rest])
         ed, se = m["energy_distance"], m["standard_error"]
         rows[s] = (ed[STUDENT], se[STUDENT], ed[TEACHER_128], ed[STUDENT] / ed[TEACHER_128])
-    print(f"\n{STUDENT} over training seeds (python run_toy.py --seed S {' '.join(rest)}):")
+    threads = torch.get_num_threads()
+    print(f"\n{STUDENT} over training seeds (python run_toy.py --seed S {' '.join(rest)}), {threads} thread(s):")
     print(f"{'seed':>6} {'distance':>10} {'+- (eval)':>10} {'teacher-128':>12} {'/ teacher-128':>14}")
     for s, (d, e, t, r) in rows.items():
         print(f"{s:>6} {d:10.6f} {e:10.6f} {t:12.6f} {r:14.2f}")

@@ -3,6 +3,7 @@
     python experiments/toy_tune.py default                               # the toy preset itself, seed 0
     python experiments/toy_tune.py iters=1200,lr_gen=3e-3 fake_updates=1 --seeds 0 1 2
     python experiments/toy_tune.py iters=1200,betas=0.9/0.999            # Adam's betas changed (a departure)
+    python experiments/toy_tune.py --table                               # every result so far, one markdown table
 
 Each positional argument is one candidate: comma-separated Config overrides over PRESETS["toy"] (field=value, typed
 as the field), or "default" for none; `betas=B1/B2` replaces the official Adam betas (0, 0.999) of both optimizers.
@@ -117,16 +118,40 @@ class Seed:
         )
 
 
+def table(path):
+    """The markdown table of every line of results.jsonl, then each candidate's mean and worst over its seeds."""
+    rows = [json.loads(line) for line in open(path)]
+    print("| candidate (overrides of the toy preset) | seed | / teacher-128 | +- | distill s | threads |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| `{r['spec']}` | {r['seed']} | {r['ratio']:.3f} | {r['se_ratio']:.3f} | {r['seconds']:.1f} "
+            f"| {r['threads']} |"
+        )
+    by_spec = {}
+    for r in rows:  # the last result of each (candidate, seed, threads)
+        by_spec.setdefault((r["spec"], r["threads"]), {})[r["seed"]] = r["ratio"]
+    print("\n| candidate | threads | seeds | mean | worst |\n|---|---|---|---|---|")
+    for (spec, threads), ratios in by_spec.items():
+        if len(ratios) > 1:
+            mean = sum(ratios.values()) / len(ratios)
+            seeds = ", ".join(f"{s}: {v:.3f}" for s, v in sorted(ratios.items()))
+            print(f"| `{spec}` | {threads} | {seeds} | {mean:.3f} | {max(ratios.values()):.3f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="experiments/toy_tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("candidates", nargs="+", help="'field=value,...' over the toy preset, or 'default'")
+    p.add_argument("candidates", nargs="*", help="'field=value,...' over the toy preset, or 'default'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds [default: 0]")
     p.add_argument("--threads", type=int, default=1, help="torch threads [default: 1]")
     p.add_argument("--curve", type=int, default=0, help="points of replicate 0's distance during each run [0: none]")
     p.add_argument("--root", default="/tmp/toytune", help="teachers and results.jsonl [default: %(default)s]")
+    p.add_argument("--table", action="store_true", help="print ROOT/results.jsonl as a table, and run nothing")
     args = p.parse_args(argv)
+    if args.table:
+        return table(os.path.join(args.root, "results.jsonl"))
     torch.set_num_threads(args.threads)
     os.makedirs(args.root, exist_ok=True)
     for spec in args.candidates:
