@@ -955,8 +955,8 @@ def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micr
 
 
 PRESETS = {
-    "toy": dict(_SMALL, teacher="toy", iters=2400, batch_size=2048, lr_gen=1.6e-3, lr_fake=2.4e-3, fake_updates=2)
-    | dict(weighting="1/t", noise="fixed", lr_schedule="cosine", out="out/toy"),
+    "toy": dict(_SMALL, teacher="toy", iters=2200, batch_size=1024, lr_gen=1.2e-3, lr_fake=3.6e-3, fake_updates=3)
+    | dict(weighting="1/t", noise="fixed", lr_schedule="cosine", ema_decay=0.999, out="out/toy"),
     # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
     "digits": dict(_SMALL, **_guided(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4)
     | dict(lr_fake=3e-4, out="out/digits"),
