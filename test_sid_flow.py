@@ -1912,7 +1912,9 @@ def test_data_aided_iteration_per_family(tiny, family, tmp_path, capsys, monkeyp
         save_every=0,
     )
     sf.cmd_distill(config)
-    assert "4 image-caption pairs; skipped 1 unreadable images and 1 without caption" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 image-caption pairs; skipped 1 unreadable images and 1 without caption" in out
+    assert "global batch 2 (--batch-size x processes x --grad-accum), not the paper's 256" in out  # said at the start
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert math.isfinite(log[-1]["loss_d"]) and math.isfinite(log[-1]["loss_gan"])
     cache = torch.load(tmp_path / "run" / "data_cache.pt", weights_only=False, map_location="cpu")

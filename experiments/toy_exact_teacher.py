@@ -1,6 +1,6 @@
 """toy_exact_teacher.py -- what limits the 2-D student: distil the checkerboard's EXACT velocity, not a trained one.
 
-    python experiments/toy_exact_teacher.py              # after `python run_toy.py`: 142 s on 2 CPU cores
+    python experiments/toy_exact_teacher.py              # after `python run_toy.py`: about 2 min on a CPU core
     python experiments/toy_exact_teacher.py --iters 1600 # run_toy.py's Config flags, with the toy preset's defaults
 
 The checkerboard is a mixture of 8 unit squares Q_k = [a_k, a_k + 1) x [b_k, b_k + 1), each of mass 1/8. On the path
