@@ -1343,6 +1343,22 @@ def _kl_vae(channels):
     )
 
 
+def _tiny_sana_transformer(num_layers, sample_size):  # 4 latent channels, width 16, a 16-wide caption
+    return diffusers.SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        sample_size=sample_size,
+    )
+
+
 def build_tiny_pipeline(family, folder):
     """A random-weight pipeline of the family, written with save_pretrained (the path a hub id resolves to)."""
     import diffusers as d
@@ -1383,19 +1399,7 @@ def build_tiny_pipeline(family, folder):
                 decoder_act_fns="silu",
                 scaling_factor=0.41407,
             ),
-            transformer=d.SanaTransformer2DModel(
-                patch_size=1,
-                in_channels=4,
-                out_channels=4,
-                num_layers=2,
-                num_attention_heads=2,
-                attention_head_dim=8,
-                num_cross_attention_heads=2,
-                cross_attention_head_dim=8,
-                cross_attention_dim=16,
-                caption_channels=16,
-                sample_size=16,
-            ),
+            transformer=_tiny_sana_transformer(num_layers=2, sample_size=16),
             scheduler=sched,
         )
     elif family in ("sd3", "sd35"):
@@ -2072,23 +2076,11 @@ def test_partial_checkpointing_same_gradients_less_memory(tiny, family):
 @pytest.mark.parametrize(
     "share, chosen", [(0.0, []), (0.25, [3]), (0.5, [1, 3]), (0.75, [1, 2, 3]), (1.0, [0, 1, 2, 3])]
 )
-def test_checkpointed_share_is_spread_over_the_network(monkeypatch, share, chosen):
+def test_checkpointed_share_is_spread_over_the_network(share, chosen):
     """--grad-checkpointing s recomputes a share s of the blocks spread evenly over the network (0.5: every second
     one), so that the memory it saves is spread over the forward pass as the memory plan assumes."""
     torch.manual_seed(0)
-    net = diffusers.SanaTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_cross_attention_heads=2,
-        cross_attention_head_dim=8,
-        cross_attention_dim=16,
-        caption_channels=16,
-        sample_size=4,
-    )
+    net = _tiny_sana_transformer(num_layers=4, sample_size=4)
     sf.recompute_blocks(net, share)
     calls = [0] * len(net.transformer_blocks)
     for i, block in enumerate(net.transformer_blocks):  # a recomputed block runs twice: in forward, then in backward
