@@ -300,7 +300,7 @@ class Backbone:
         scale 1 -- a guidance-distilled teacher (FLUX.1-dev) overrides it to take kappa as its embedded guidance."""
         return self.velocity(net, x_t, t, cond, 1.0)
 
-    def trainable_copy(self, dtype=torch.float32):  # (no cast that changes nothing: diffusers would warn)
+    def trainable_copy(self, dtype):  # (no cast that changes nothing: diffusers would warn)
         net = copy.deepcopy(self.teacher)
         return (net if next(net.parameters()).dtype == dtype else net.to(dtype)).requires_grad_(True).train()
 
@@ -599,12 +599,12 @@ class Runtime:
     def __init__(self, device=None):
         self.device = device
 
-    def rows(self, B, j=0):  # this rank's rows of micro-batch j in a draw made for the global batch: (j, rank, B)
+    def rows(self, B, j):  # this rank's rows of micro-batch j in a draw made for the global batch: (j, rank, B)
         i = j * self.world + self.rank
         return slice(i * B, (i + 1) * B)
 
-    def any_rank(self, flag):  # under torchrun: true on some rank, so that all ranks skip or stop alike
-        return flag
+    def any_rank(self, value):  # under torchrun: true on some rank, so that all ranks skip or stop alike
+        return value
 
     def average_grads(self, net):  # after a backward, make net's gradients the global batch's (here they are)
         pass
@@ -755,7 +755,9 @@ def saved_state(sid):
         name: dict(model=getattr(sid, name).state_dict(), optim=opt.state_dict())
         for name, opt in sid.optimizers.items()
     }
-    return state | ({"ema": dict(model=sid.ema.state_dict())} if sid.ema is not None else {})
+    if sid.ema is not None:
+        state["ema"] = dict(model=sid.ema.state_dict())
+    return state
 
 
 class Checkpoints(Runtime):
@@ -1037,8 +1039,8 @@ def add_config_flags(parser, skip, presets):
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit status 2, negative numbers (-1e-4 too) as values, text as written."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):  # the one error path: main's caller prints it, exits 2
@@ -1077,17 +1079,18 @@ def check_resolution(resolution, factor, patch):  # a whole number of latent pat
 # LoRA layers.
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of every diffusers DiT family
+LORA_ADAPTERS = ("generator", "fake", "ema")  # lora_students' order
 LORA_TRAINABLE = ("generator", "fake")
 
 
 def _tuner_layers(module):  # [(peft LoRA layer, [(lora parameter, trains?)])] in `module`, found once, cached on it
-    if "_sid_tuner_layers" not in module.__dict__:
-        module.__dict__["_sid_tuner_layers"] = [
+    if not hasattr(module, "_sid_tuner_layers"):
+        module._sid_tuner_layers = [
             (m, [(p, n.split(".")[1] in LORA_TRAINABLE) for n, p in m.named_parameters() if n.startswith("lora_")])
             for m in module.modules()
             if isinstance(m, BaseTunerLayer)
         ]
-    return module.__dict__["_sid_tuner_layers"]
+    return module._sid_tuner_layers
 
 
 def _adapter_state(module):  # the adapter a forward pass of `module` runs with now: its name, or None (adapters off)
@@ -1158,7 +1161,7 @@ class AdapterView(nn.Module):
     proj_out = property(lambda self: self.base.proj_out)
     dtype = property(lambda self: self.base.dtype)
 
-    def named_parameters(self, *args, **kwargs):
+    def named_parameters(self, **kwargs):  # (parameters() passes recurse=)
         for n, p in self.base.named_parameters():
             if (self.adapter is None and "lora_" not in n) or (self.adapter and f".{self.adapter}." in n):
                 yield n, p
@@ -1166,10 +1169,10 @@ class AdapterView(nn.Module):
     def _key(self, name):  # adapter-agnostic names, so generator and ema states are interchangeable
         return name.replace(f".{self.adapter}.", ".")  # (the teacher's, adapter None: unchanged)
 
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self):
         return {self._key(n): p.detach() for n, p in self.named_parameters()}
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self, state):
         with torch.no_grad():
             for n, p in self.named_parameters():
                 p.copy_(state[self._key(n)])
@@ -1182,10 +1185,10 @@ class AdapterView(nn.Module):
 def lora_students(backbone, rank):
     """(generator, fake, ema) adapter views on the teacher, all starting as it (LoRA B = 0); teacher: adapters off."""
     base = backbone.teacher
-    for name in ("generator", "fake", "ema"):
+    for name in LORA_ADAPTERS:
         with expected("Already found a `peft_config`"):  # (one model, several adapters: as meant)
             base.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name=name)
-    views = [AdapterView(base, name) for name in ("generator", "fake", "ema")]
+    views = [AdapterView(base, name) for name in LORA_ADAPTERS]
     for view in views:  # trainable adapter weights in float32 even on a bf16 base (bf16 compute comes from autocast)
         for p in view.parameters():
             p.data = p.data.float()
@@ -1210,10 +1213,10 @@ class Distributed(Checkpoints):
         self.world = world
         self.sharded = sharded
 
-    def any_rank(self, flag):
-        flag = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def any_rank(self, value):
+        votes = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return bool(votes.item())
 
     def average_grads(self, net):
         if not self.sharded:  # (FSDP2 averaged them in backward)
@@ -1253,7 +1256,6 @@ def shard(net, mp_policy=None, device_type=None, compiled=False):
             block.compile(**COMPILE)
         fully_shard(block, **kw)
     fully_shard(net, **kw)
-    return net
 
 
 # bf16 autocast over sharded float32 masters: FSDP2 all-gathers the weights in bf16, reduces gradients in float32, and
@@ -1295,15 +1297,16 @@ def place_students(backbone, config, runtime):
         students = Backbone.students(backbone, config, runtime)
     else:  # generator and fake train, the EMA (if any) does not
         shard(backbone.teacher, compiled=config.compile)
-        generator = sharded_copy(backbone.teacher, config, trainable=True)
-        fake = sharded_copy(backbone.teacher, config, trainable=True)
-        ema = sharded_copy(backbone.teacher, config, trainable=False) if config.ema_decay else None
-        students = [generator, fake, ema]
+        students = [
+            sharded_copy(backbone.teacher, config, trainable=True),  # the generator
+            sharded_copy(backbone.teacher, config, trainable=True),  # the fake network
+            sharded_copy(backbone.teacher, config, trainable=False) if config.ema_decay else None,  # the EMA
+        ]
     # the networks that run: LoRA's one base, seen through its adapter states; else teacher, generator and fake
     running = [backbone.teacher.base] if config.mode == "lora" else [backbone.teacher, *students[:2]]
     for net in running:
         recompute_blocks(net, config.grad_checkpointing)
-        if config.compile and runtime.world == 1:
+        if config.compile and (config.mode == "lora" or runtime.world == 1):  # (FSDP2's shard() compiled its own)
             for block in blocks(net):
                 block.compile(**COMPILE)
     return students
@@ -1363,8 +1366,8 @@ class DiTBackbone(Backbone):
     recomputed_inputs = (0.0, 0.0)
     text_in_blocks = 1.0
 
-    def __init_subclass__(cls, **kwargs):  # a family is registered by being defined: a subclass naming its pipeline
-        super().__init_subclass__(**kwargs)
+    def __init_subclass__(cls):  # a family is registered by being defined: a subclass naming its pipeline
+        super().__init_subclass__()
         if "pipeline" in cls.__dict__:  # (a subclass of a family that keeps its pipeline, e.g. a study's, is not one)
             FAMILIES[cls.pipeline] = cls
 
@@ -1392,8 +1395,11 @@ class DiTBackbone(Backbone):
             self.uncond = self.encode([""])  # the CFG unconditional branch, on the device
             per_prompt = sum(v.numel() * v.element_size() for v in self.encode(self.prompts[:1]).values())
             if per_prompt * len(self.prompts) <= PROMPT_CACHE_BYTES:  # encoded 16 at a time, each chunk to the CPU
-                chunks = [self.encode(self.prompts[i : i + 16]) for i in range(0, len(self.prompts), 16)]
-                self.prompt_cache = _cat([{k: v.cpu() for k, v in chunk.items()} for chunk in chunks])
+                chunks = [
+                    {k: v.cpu() for k, v in self.encode(self.prompts[i : i + 16]).items()}
+                    for i in range(0, len(self.prompts), 16)
+                ]
+                self.prompt_cache = _cat(chunks)
                 for name in self.text_encoders():
                     setattr(self.pipe, name, None)  # freed: every embedding the run will need is cached
                 torch.cuda.empty_cache()  # (nothing to do without CUDA)
@@ -1410,10 +1416,11 @@ class DiTBackbone(Backbone):
         return {k: torch.randint(len(self.prompts), (n,), generator=rng, device=rng.device).cpu() for k in names}
 
     def condition(self, draws):  # the prompts' conditioning; data-aided, the pairs' latents and their captions' too
+        cond = self.cond_for(draws["prompt"])
         if "real" not in draws:
-            return self.cond_for(draws["prompt"]), None, None
+            return cond, None, None
         x0_real = self.real[draws["real"]].to(self.device)  # (B, C, h, w)
-        return self.cond_for(draws["prompt"]), x0_real, self.cond_for(draws["real"])
+        return cond, x0_real, self.cond_for(draws["real"])
 
     def prompt_velocity(self, net, x_t, t, cond, guidance):  # v_c alone; FLUX.1-dev: at embedded guidance kappa
         return self.forward(net, x_t, t, cond, guidance)
@@ -1425,11 +1432,10 @@ class DiTBackbone(Backbone):
         kappa as its embedded guidance too, in both branches as in the official code -- where a per-sample kappa of 0
         (a guidance interval, or a call whose features the discriminator reads) is the empty prompt's branch at
         embedded 0, not the prompt's as a batch-wide 0."""
-        B = len(x_t)
         per_sample = torch.is_tensor(guidance)
         if self.embedded_only or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond, guidance)
-        uncond = {k: v.expand(B, *v.shape[1:]) for k, v in self.uncond.items()}
+        uncond = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in self.uncond.items()}
         if not per_sample and guidance == 0.0:  # Zero-CFG: one branch
             # (a guidance-distilled teacher: the prompt at embedded 0, as the official code)
             return self.forward(net, x_t, t, cond if self.embedded_guidance else uncond, guidance)
@@ -1448,8 +1454,7 @@ class DiTBackbone(Backbone):
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image.float(), output_type="np")
 
-    def students(self, config, runtime):  # where they live is not a family's business: section 11's placement
-        return place_students(self, config, runtime)
+    students = place_students  # (backbone, config, runtime): where they live is not a family's business (section 11)
 
 
 class SanaBackbone(DiTBackbone):
@@ -1647,20 +1652,21 @@ QUALITY_DIMS = 8  # principal directions kept
 REFERENCE_STEPS = 32  # the teacher's Euler steps for the reference set
 
 
-def euler_sample(velocity_fn, z, steps):
-    """The teacher's own sampler: Euler on dx/dt = v from t = 1 to t = 0 on a uniform grid, no gradient."""
-    x = z
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
+def euler_sample(velocity_fn, x, steps):
+    """The teacher's own sampler: Euler on dx/dt = v from the noise x at t = 1 to t = 0, uniform steps, no gradient."""
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=x.device, dtype=x.dtype)
     with torch.no_grad():
         for i in range(steps):
-            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(z.shape[0]))
+            x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i].expand(len(x)))
     return x  # (B, *D)
 
 
 def grid_features(hidden, B):  # (B, N, C) -> (B, C, side, side) -> 4 x 4 averages (B, 16 C); toy: (B, C)
     h = hidden[-B:].float()
-    side = math.isqrt(hidden.shape[1]) if hidden.dim() == 3 else 0  # N tokens: side x side
-    return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), 4).flatten(1) if side else h
+    if h.dim() != 3:  # (B, C): the toy's
+        return h
+    side = math.isqrt(h.shape[1])  # N tokens: side x side
+    return F.adaptive_avg_pool2d(h.reshape(B, side, side, -1).permute(0, 3, 1, 2), 4).flatten(1)
 
 
 def frechet_to_standard(f):
@@ -1679,9 +1685,8 @@ class Quality:
         self.config = config
         self.seed = seed
         n = QUALITY_SIZE
-        self.cond = None  # the prompts in turn, a dict of (n, ...) tensors; None: an unconditional teacher
-        if backbone.prompts:
-            self.cond = backbone.cond_for([i % len(backbone.prompts) for i in range(n)])
+        # the prompts in turn, a dict of (n, ...) tensors; None: an unconditional teacher
+        self.cond = backbone.cond_for([i % len(backbone.prompts) for i in range(n)]) if backbone.prompts else None
         self.noises = backbone.noises(
             n, config.steps, torch.Generator(backbone.device).manual_seed(seed)
         )  # (n, K, *D)
@@ -1861,9 +1866,9 @@ def meta_transformer(src):  # the teacher's transformer on the meta device from 
 
 def vae_factor(src, family):
     """The VAE's spatial factor: 2^(blocks - 1) by the pipeline's vae/config.json (as diffusers), else the family's."""
-    c = _read_json(src, "vae/config.json") if os.path.isfile(os.path.join(src, "vae", "config.json")) else {}
-    blocks = c.get("encoder_block_out_channels") or c.get("block_out_channels")
-    return 2 ** (len(blocks) - 1) if blocks else family.vae_factor
+    c = _read_json(src, "vae/config.json") if os.path.isfile(os.path.join(src, "vae/config.json")) else {}
+    channels = c.get("encoder_block_out_channels") or c.get("block_out_channels")  # one entry a block
+    return 2 ** (len(channels) - 1) if channels else family.vae_factor
 
 
 def memory_plan(config, net, family, world_size=1, factor=None):
@@ -1877,12 +1882,13 @@ def memory_plan(config, net, family, world_size=1, factor=None):
     base_bytes = teacher_dtype(config).itemsize  # per frozen weight and per activation
     # full: teacher, generator, fake (, EMA), FSDP2 shards each over the GPUs; lora: one frozen base, three float32
     # adapters, replicated on every GPU
-    shards = world_size if config.mode == "full" else 1
-    grad_bytes = trainable_dtype(config).itemsize if config.mode == "full" else 4
+    full = config.mode == "full"
+    shards = world_size if full else 1
+    grad_bytes = trainable_dtype(config).itemsize if full else 4
     trainable = 2 * P  # the generator's and the fake network's weights, or adapters:
     copies = 2 * P * 2 if config.precision == "bf16-autocast" and world_size == 1 else 0  # autocast's bf16 copies
     weights = P * base_bytes + (3 if config.ema_decay else 2) * P * grad_bytes
-    if config.mode == "lora":
+    if not full:
         targets = [m for name, m in net.named_modules() if name.endswith(LORA_TARGETS)]
         lora = sum(config.lora_rank * (m.in_features + m.out_features) for m in targets)
         trainable = 2 * lora
@@ -1895,13 +1901,12 @@ def memory_plan(config, net, family, world_size=1, factor=None):
     ) ** 2
     tokens = image_tokens + family.text_tokens * family.text_in_blocks
     per_sample = config.guidance_t_min > 0 or config.guidance_t_max < 1  # a guidance interval: per-sample scales (D18)
-    branches = [
-        guidance_branches(w, config.embedded_guidance_only, per_sample)
+    # generator, teacher, fake: their batches, whether their weights take gradients in the generator update
+    batches = [
+        config.batch_size * guidance_branches(w, config.embedded_guidance_only, per_sample)
         for w in (1.0, config.guidance_eval_real, config.guidance_eval_fake)
     ]
-    # generator, teacher, fake: their batches, whether their weights take gradients in the generator update
-    batches = [config.batch_size * n for n in branches]
-    trains = (config.mode == "full", False, config.mode == "full")
+    trains = (full, False, full)
     unit = tokens * width * base_bytes  # one element per token-channel, in bytes
     per_block = [b * family.saved_per_block[0 if t else 1] * unit for b, t in zip(batches, trains, strict=True)]
     # a checkpointed block keeps its inputs (text tokens in full: they are inputs) and is recomputed one at a time
@@ -1912,7 +1917,7 @@ def memory_plan(config, net, family, world_size=1, factor=None):
     recompute = max(per_block) if recomputed else 0  # one block's activations, rebuilt in backward
     grads = trainable * grad_bytes / shards
     plan = dict(parameters=P, trainable=trainable, weights=weights / shards, gradients=grads, optimizer=2 * grads)
-    plan |= dict(activations=stored + recompute + copies, recompute=recompute)
+    plan.update(activations=stored + recompute + copies, recompute=recompute)
     plan["total"] = plan["weights"] + plan["gradients"] + plan["optimizer"] + plan["activations"]
     plan["startup"] = (P + family.text_encoder_params) * base_bytes
     return plan
@@ -1953,17 +1958,18 @@ def cmd_dry_run(config, world_size):  # the memory plan per GPU from the configs
     for key in ("weights", "gradients", "optimizer", "activations", "total", "startup"):
         print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("  (teacher + text encoders)" * (key == "startup")))
     if torch.cuda.is_available():  # on a GPU machine: does it fit this GPU's free memory, and if not, what would
-        advice = fit_advice(config, net, family, factor, world_size, torch.cuda.mem_get_info()[0])
-        print(advice or f"  fits the {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free on this GPU")
+        free = torch.cuda.mem_get_info()[0]
+        print(fit_advice(config, net, family, factor, world_size, free) or f"  fits the {free / 2**30:.1f} GiB free")
     return plan
 
 
 STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
 
 
-def export_student(backbone, net, config, folder):
+def export_student(backbone, net, config, out):
     """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
     and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D15)."""
+    folder = os.path.join(out, "student")
     tmp = f"{folder}.tmp{os.getpid()}"
     remove_path(tmp)  # (a crashed export's leftovers: a process id comes back)
     if isinstance(net, AdapterView):  # the adapter alone too (load_lora_adapter()), then fused into the base in place:
@@ -2005,7 +2011,12 @@ def cmd_distill(config):
     global_batch = config.batch_size * runtime.world * config.grad_accum
     if global_batch != GLOBAL_BATCH and runtime.rank == 0:
         print(f"global batch {global_batch} (--batch-size x processes x --grad-accum), not the paper's {GLOBAL_BATCH}")
-    check_fits(config, shapes, family, factor, runtime)
+    if runtime.device.type == "cuda":  # before any weights load: a one-line error if the memory plan exceeds the free
+        # memory, naming the lightest settings that would fit (fit_advice)
+        free = torch.cuda.mem_get_info(runtime.device)[0]
+        advice = fit_advice(config, shapes, family, factor, runtime.world, free)
+        if advice:
+            raise UserError(advice)
     backbone = load_backbone(config, runtime.device, src, family)
     os.makedirs(config.out, exist_ok=True)
     if config.data:  # data-aided SiD: captions become the prompt set, latents the real samples (row for row)
@@ -2036,7 +2047,7 @@ def cmd_distill(config):
             if config.mode == "lora"
             else saved_network(checkpoint_path(config.out), which, backbone, config)
         )
-        folder = export_student(backbone, net, config, os.path.join(config.out, "student"))
+        folder = export_student(backbone, net, config, config.out)
         print(
             f"student pipeline: {folder} ({res['skipped']} non-finite iterations skipped, {runtime.world} processes)"
         )
@@ -2081,20 +2092,11 @@ def fit_advice(config, net, family, factor, world, free):
     )
 
 
-def check_fits(config, net, family, factor, runtime):
-    """On CUDA, before any weights load: a one-line error if the memory plan exceeds the free memory (fit_advice)."""
-    if runtime.device.type != "cuda":
-        return
-    advice = fit_advice(config, net, family, factor, runtime.world, torch.cuda.mem_get_info(runtime.device)[0])
-    if advice:
-        raise UserError(advice)
-
-
 def saved_network(path, which, backbone, config):
     """Network `which` of a checkpoint, reading only its tensors, in this process alone: an adapter view on the
     teacher's base (LoRA), or a plain transformer on the CPU in the teacher's dtype (full mode)."""
     if config.mode == "lora":
-        net = lora_students(backbone, config.lora_rank)[("generator", "fake", "ema").index(which)]
+        net = lora_students(backbone, config.lora_rank)[LORA_ADAPTERS.index(which)]
     else:
         net = meta_transformer(backbone.source).to(teacher_dtype(config)).to_empty(device="cpu")
     state = {which: {"model": net.state_dict()}}  # in place: DCP reads into these tensors, casting to their dtype
@@ -2123,7 +2125,7 @@ def cmd_export(out, weights, device):
     net = saved_network(path, weights, backbone, config)
     print(
         f"student pipeline ({weights}, iteration {meta['step']}):",
-        export_student(backbone, net, config, os.path.join(out, "student")),
+        export_student(backbone, net, config, out),
     )
 
 
@@ -2163,15 +2165,16 @@ def main(argv=None):
     )
     a = vars(p.parse_args(argv))
     dry_run = a.pop("dry_run")
-    if a["teacher"] is None:
+    teacher = a["teacher"]
+    if teacher is None:
         raise UserError(f"--teacher is required: a preset ({', '.join(HUB_IDS)}), a pipeline folder or a hub id")
-    if a["teacher"] in PRESETS and a["teacher"] not in HUB_IDS:
-        where = "python experiments/digits.py" if a["teacher"] == "digits" else "python run_toy.py"
-        raise UserError(f"--teacher {a['teacher']}: that teacher is trained by {where.split()[1]}: run `{where}`")
-    a["out"] = a["out"] or f"out/{slug(a['teacher'])}"
-    preset = known_preset(a["teacher"])
-    if preset not in (None, a["teacher"]):
-        print(f"--teacher {a['teacher']}: {preset}'s model, so {preset}'s preset (override any field by its flag)")
+    if teacher in PRESETS and teacher not in HUB_IDS:
+        where = "python experiments/digits.py" if teacher == "digits" else "python run_toy.py"
+        raise UserError(f"--teacher {teacher}: that teacher is trained by {where.split()[1]}: run `{where}`")
+    a["out"] = a["out"] or f"out/{slug(teacher)}"
+    preset = known_preset(teacher)
+    if preset not in (None, teacher):
+        print(f"--teacher {teacher}: {preset}'s model, so {preset}'s preset (override any field by its flag)")
     config = make_config(preset, **a)
     return cmd_dry_run(config, int(os.environ.get("WORLD_SIZE", 1))) if dry_run else cmd_distill(config)
 
@@ -2179,9 +2182,9 @@ def main(argv=None):
 def known_preset(teacher):
     """The preset whose model `teacher` is: an image preset's name, its hub id, or a pipeline folder whose transformer
     config is the preset's (a local copy of the model); None for any other teacher."""
-    config = os.path.join(teacher, "transformer", "config.json")
+    config = os.path.join(teacher, "transformer/config.json")
     for name, hub in HUB_IDS.items():
-        ours = os.path.join(resolve_teacher(name, configs_only=True)[0], "transformer", "config.json")
+        ours = os.path.join(resolve_teacher(name, configs_only=True)[0], "transformer/config.json")
         if teacher in (name, hub) or os.path.isfile(config) and _public(config) == _public(ours):
             return name
     return None  # (the toy and digits presets are refused before: they are not pipelines)

@@ -7,6 +7,7 @@ independent oracle -- closed-form Gaussian mixtures, autograd, Monte Carlo, brut
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -1866,7 +1867,7 @@ def test_discriminator_per_family(tiny, family):
     half is used; their gradient reaches the fake network's weights and never the teacher's."""
     bb = _backbone(tiny[family], family)
     bb.set_prompts(TEST_PROMPTS)
-    fake = bb.trainable_copy()
+    fake = bb.trainable_copy(torch.float32)
     B = 3
     x = torch.randn(B, *bb.sample_shape, device=DEVICE)
     t = torch.full((B,), 0.5, device=DEVICE)
@@ -2157,6 +2158,19 @@ def test_compile_reaches_every_kind_of_block(tiny, monkeypatch):
     assert counters["stats"]["unique_graphs"] >= 2  # a graph per kind of block
 
 
+def test_compile_reaches_lora_mode_under_torchrun(tiny):
+    """LoRA mode under torchrun replicates one base on every process, unsharded: --compile compiles its blocks there
+    as on one process (FSDP2's shard() compiles full mode's, and only those)."""
+    bb = _backbone(tiny["sana"], "sana")
+    config = sf.make_config(
+        None, teacher=tiny["sana"], resolution=FAMILY_RES["sana"], mode="lora", lora_rank=4, compile=True
+    )
+    runtime = sf.Runtime(torch.device(DEVICE))
+    runtime.world = 2  # (placement asks only how many processes there are; LoRA's needs no process group)
+    sf.place_students(bb, config, runtime)
+    assert all(block._compiled_call_impl is not None for block in sf.blocks(bb.teacher.base))
+
+
 def test_lora_export_fuses_the_adapter(tiny, tmp_path):
     """A LoRA run exports a plain transformer with the EMA adapter fused (same outputs as the adapter view), and the
     adapter alone beside it."""
@@ -2436,11 +2450,11 @@ def test_fit_advice_names_only_settings_that_fit_at_the_same_global_batch(
     hint = line.split(" are free: ")[1].removesuffix(" (--dry-run prints the plan)")
     assert re.search(advice, hint), hint
     assert "GPUs" not in hint or sf.PRESETS[preset].get("mode", "full") == "full"
-    config = sf.make_config(preset, teacher=preset)
-    src, family = sf.resolve_teacher(preset, configs_only=True)
-    net, factor = sf.meta_transformer(src), sf.vae_factor(src, family)
+    monkeypatch.setattr(sf, "check_inputs", functools.partial(sf.check_inputs, configs_only=True))  # (no weights)
+    monkeypatch.setattr(sf, "setup_runtime", lambda config: sf.Runtime(torch.device("cuda")))
+    monkeypatch.setattr(sf, "load_backbone", lambda *args: pytest.fail("a weight was loaded"))
     with pytest.raises(sf.UserError) as e:  # a run: the same line, before any weights load
-        sf.check_fits(config, net, family, factor, sf.Runtime(device=torch.device("cuda")))
+        sf.main(["--teacher", preset])
     assert str(e.value) == line
     if hint.startswith("try "):  # the named flags' own --dry-run plan fits, at the preset's global batch of 256
         plan = sf.main(["--teacher", preset, *hint.removeprefix("try ").split(), "--dry-run"])

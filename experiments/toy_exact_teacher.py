@@ -135,7 +135,7 @@ class ExactTeacherBackbone(sf.ToyBackbone):
         super().__init__(init)  # device and sample shape from the MLP
         self.init, self.teacher = init, ExactCheckerboard().to(self.device).requires_grad_(False)
 
-    def trainable_copy(self, dtype=torch.float32):
+    def trainable_copy(self, dtype):
         return copy.deepcopy(self.init).to(dtype).requires_grad_(True).train()
 
 
