@@ -1287,7 +1287,7 @@ def place_students(backbone, config, runtime):
     """The students of a diffusers teacher, placed: (generator, fake, ema) as LoRA adapters on the teacher itself
     (section 10), or full copies -- under torchrun sharded by FSDP2 --; ema None without one. Then the share
     --grad-checkpointing of every running network's blocks is recomputed in backward, and with --compile each block
-    is compiled (before sharding, under torchrun)."""
+    is compiled (in full mode under torchrun, before sharding)."""
     if config.compile:  # one graph per kind of block, batch size and LoRA adapter state
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if config.mode == "lora":
@@ -1454,7 +1454,9 @@ class DiTBackbone(Backbone):
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image.float(), output_type="np")
 
-    students = place_students  # (backbone, config, runtime): where they live is not a family's business (section 11)
+    # students(config, runtime) is section 11's place_students(backbone, config, runtime), as a method: where the
+    # students live (LoRA, FSDP2, checkpointing, compile) is not a family's business
+    students = place_students
 
 
 class SanaBackbone(DiTBackbone):
@@ -1959,16 +1961,18 @@ def cmd_dry_run(config, world_size):  # the memory plan per GPU from the configs
         print(f"  {key:<20}  {plan[key] / 2**30:12.1f} GiB" + ("  (teacher + text encoders)" * (key == "startup")))
     if torch.cuda.is_available():  # on a GPU machine: does it fit this GPU's free memory, and if not, what would
         free = torch.cuda.mem_get_info()[0]
-        print(fit_advice(config, net, family, factor, world_size, free) or f"  fits the {free / 2**30:.1f} GiB free")
+        advice = fit_advice(config, net, family, factor, world_size, free)
+        print(advice or f"  fits the {free / 2**30:.1f} GiB free on this GPU")
     return plan
 
 
-STUDENT_META = "sid_flow.json"  # written beside the exported pipeline: how to sample it
+STUDENT_META = "sid_flow.json"  # written into the exported pipeline folder: how to sample it
 
 
 def export_student(backbone, net, config, out):
-    """A diffusers pipeline folder, written beside and renamed into place: the teacher's components, `net` (LoRA fused)
-    and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, no shift): with sigmas generator_times(K), (D15)."""
+    """The run folder `out`'s student/, a diffusers pipeline folder written under a temporary name and renamed into
+    place: the teacher's components, `net` (LoRA fused) and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True,
+    no shift): with sigmas generator_times(K), (D15). Returns its path."""
     folder = os.path.join(out, "student")
     tmp = f"{folder}.tmp{os.getpid()}"
     remove_path(tmp)  # (a crashed export's leftovers: a process id comes back)
@@ -2011,8 +2015,8 @@ def cmd_distill(config):
     global_batch = config.batch_size * runtime.world * config.grad_accum
     if global_batch != GLOBAL_BATCH and runtime.rank == 0:
         print(f"global batch {global_batch} (--batch-size x processes x --grad-accum), not the paper's {GLOBAL_BATCH}")
-    if runtime.device.type == "cuda":  # before any weights load: a one-line error if the memory plan exceeds the free
-        # memory, naming the lightest settings that would fit (fit_advice)
+    # on CUDA, before any weights load: one line if the memory plan exceeds free memory (fit_advice: what would fit)
+    if runtime.device.type == "cuda":
         free = torch.cuda.mem_get_info(runtime.device)[0]
         advice = fit_advice(config, shapes, family, factor, runtime.world, free)
         if advice:

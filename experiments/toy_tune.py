@@ -15,7 +15,6 @@ line is also appended to ROOT/results.jsonl. Runs with --threads threads (defaul
 MKL_NUM_THREADS to the same number, so that the timings are the ones a run_toy.py run at that many threads sees.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -120,7 +119,10 @@ class Seed:
 
 def table(path):
     """The markdown table of every line of results.jsonl, then each candidate's mean and worst over its seeds."""
-    rows = [json.loads(line) for line in open(path)]
+    if not os.path.isfile(path):
+        raise sf.UserError(f"{path}: no results yet (distil a candidate first, or give --root)")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
     print("| candidate (overrides of the toy preset) | seed | / teacher-128 | +- | distill s | threads |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -140,14 +142,12 @@ def table(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="experiments/toy_tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = sf.Parser(prog="experiments/toy_tune.py", description=__doc__)
     p.add_argument("candidates", nargs="*", help="'field=value,...' over the toy preset, or 'default'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds [default: 0]")
     p.add_argument("--threads", type=int, default=1, help="torch threads [default: 1]")
     p.add_argument("--curve", type=int, default=0, help="points of replicate 0's distance during each run [0: none]")
-    p.add_argument("--root", default="/tmp/toytune", help="teachers and results.jsonl [default: %(default)s]")
+    p.add_argument("--root", default="out/toy-tune", help="teachers and results.jsonl [default: %(default)s]")
     p.add_argument("--table", action="store_true", help="print ROOT/results.jsonl as a table, and run nothing")
     args = p.parse_args(argv)
     if args.table:
@@ -172,4 +172,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # one thread unless --threads says otherwise
-    main()
+    try:
+        main()
+    except (sf.UserError, sf.Interrupted) as e:
+        print(f"error: {e}" if isinstance(e, sf.UserError) else e, file=sys.stderr)
+        sys.exit(2 if isinstance(e, sf.UserError) else 130)
