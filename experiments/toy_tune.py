@@ -3,10 +3,20 @@
     python experiments/toy_tune.py default                               # the toy preset itself, seed 0
     python experiments/toy_tune.py iters=1200,lr_gen=3e-3 fake_updates=1 --seeds 0 1 2
     python experiments/toy_tune.py iters=1200,betas=0.9/0.999            # Adam's betas changed (a departure)
+    python experiments/toy_tune.py fake_schedule=floor0.1 --ema-warmups 4 6
     python experiments/toy_tune.py --table                               # every result so far, one markdown table
 
 Each positional argument is one candidate: comma-separated Config overrides over PRESETS["toy"] (field=value, typed
-as the field), or "default" for none; `betas=B1/B2` replaces the official Adam betas (0, 0.999) of both optimizers.
+as the field), or "default" for none, and these departures, each patched in for its run only:
+    betas=B1/B2          both optimizers' Adam betas instead of the official (0, 0.999); fake_betas=B1/B2: the fake's
+    gen_schedule=S       the generator's learning rate over the run instead of the preset's cosine to 0, one of
+    fake_schedule=S        floorF (the cosine to F), powP (the cosine to the power P), constant, warmN (the cosine
+                           times a linear warm-up over the first N iterations); fake_schedule: the fake network's
+    t_loc=M, t_scale=S   sample_t's logit-normal, sigmoid(N(M, S^2)), instead of the official (ln 2, 1.6)
+    gen_batches=N        the generator update on N micro-batches of --batch-size (N times the samples)
+--ema-warmups G ...: also keep, in the same run, EMAs whose warm-up is min(decay, (1 + s) / (G + s)) instead of
+sf.ema_update's G = 10, and score each: at step s such an EMA averages over about s / (G - 1) iterations (G = 10: the
+last ninth of the run; G = 4: the last third).
 For every seed the teacher is run_toy.py's (trained once, cached in ROOT/teacher-checkerboard[-seedS].pt), the
 evaluation is run_toy.py's (4 replicates of 4096 scrambled-Sobol points, seeded by S), and the yardstick is the
 teacher's 128-step Euler sampler; each candidate is distilled in memory (nothing written) and its EMA student scored.
@@ -15,8 +25,11 @@ line is also appended to ROOT/results.jsonl. Runs with --threads threads (defaul
 MKL_NUM_THREADS to the same number, so that the timings are the ones a run_toy.py run at that many threads sees.
 """
 
+import contextlib
+import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -29,38 +42,137 @@ import sid_flow as sf  # noqa: E402
 
 DATASET = "checkerboard"
 FIELDS = {f.name: getattr(f.type, "__name__", f.type) for f in dataclasses.fields(sf.Config)}  # name -> 'int', ...
+# a candidate's keys that are no Config field: the departures of the docstring, patched into sf for one run
+DEPARTURES = ("betas", "fake_betas", "gen_schedule", "fake_schedule", "t_loc", "t_scale", "gen_batches")
 
 
 def parse_candidate(spec):
-    """'k=v,k=v' (or 'default') -> (Config overrides, Adam betas or None)."""
-    overrides, betas = {}, None
+    """'k=v,k=v' (or 'default') -> (Config overrides, {departure: value string})."""
+    overrides, departures = {}, {}
     for item in [] if spec == "default" else spec.split(","):
-        key, value = item.split("=", 1)
-        if key == "betas":
-            betas = tuple(float(b) for b in value.split("/"))
-        elif key not in FIELDS:
-            raise sf.UserError(f"unknown config field {key!r} in candidate {spec!r}")
-        else:
-            cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true")}.get(FIELDS[key], str)
-            overrides[key] = cast(value)
-    return overrides, betas
+        try:
+            key, value = item.split("=", 1)
+            if key in DEPARTURES:
+                check_departure(key, value)
+                departures[key] = value
+            elif key not in FIELDS:
+                raise sf.UserError(f"unknown config field {key!r} in candidate {spec!r}")
+            else:
+                cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true")}.get(FIELDS[key], str)
+                overrides[key] = cast(value)
+        except ValueError:
+            raise sf.UserError(
+                f"cannot read {item!r} in candidate {spec!r}: field=value, the value a number"
+            ) from None
+    if any(key.endswith("schedule") for key in departures) and overrides.get("lr_schedule", "cosine") != "cosine":
+        raise sf.UserError(f"a schedule departure reshapes the preset's cosine: not with lr_schedule= ({spec!r})")
+    return overrides, departures
 
 
-def with_betas(betas):
-    """sf.make_optimizers, or a wrapper that sets both optimizers' Adam betas to `betas`."""
-    official = sf.make_optimizers
-    if betas is None:
-        return official
+def check_departure(key, value):
+    """Fail before any training, in one line, on a departure's value the run could not use."""
+    if key.endswith("betas"):
+        valid = len([float(b) for b in value.split("/")]) == 2
+    elif key.endswith("schedule"):
+        valid = schedule_shape(value) is not None
+    elif key == "gen_batches":
+        valid = int(value) >= 1
+    else:
+        valid = math.isfinite(float(value))
+    if not valid:
+        raise sf.UserError(f"{key}={value}: not a value it takes (see --help)")
+
+
+SHAPES = dict(constant=None, floor=lambda f: 0 <= f <= 1, pow=lambda p: p > 0, warm=lambda n: n >= 1)
+
+
+def schedule_shape(shape):
+    """'floor0.1' -> ('floor', 0.1), 'constant' -> ('constant', None); None for a shape it does not take."""
+    kind = next((k for k in SHAPES if shape.startswith(k)), None)
+    if kind is None or (kind == "constant") != (shape == "constant"):
+        return None
+    number = None if kind == "constant" else float(shape[len(kind) :])
+    return (kind, number) if kind == "constant" or SHAPES[kind](number) else None
+
+
+def schedule_scale(shape, cosine, step):
+    """The learning rate's factor for `shape`, given the preset's cosine factor at this step (1 -> 0 over the run)."""
+    kind, number = schedule_shape(shape)
+    if kind == "constant":
+        return 1.0
+    if kind == "floor":
+        return number + (1 - number) * cosine
+    if kind == "pow":
+        return cosine**number
+    return cosine * min(1.0, (step + 1) / number)  # warm
+
+
+class Scheduled(dict):
+    """An optimizer's param group whose 'lr', as SiD.iteration writes it (base rate x the preset's cosine), is
+    rewritten by schedule_scale: the step is read back from the cosine factor."""
+
+    def __init__(self, group, base, shape, iters):
+        super().__init__(group)
+        self.base, self.shape, self.iters = base, shape, iters
+
+    def __setitem__(self, key, value):
+        if key == "lr":
+            cosine = value / self.base
+            step = self.iters * math.acos(max(-1.0, min(1.0, 2 * cosine - 1))) / math.pi
+            value = self.base * schedule_scale(self.shape, cosine, step)
+        super().__setitem__(key, value)
+
+
+@contextlib.contextmanager
+def patched(departures, ema_warmups):
+    """sf patched for one run with the candidate's departures; yields {G: the extra EMA} (filled at the first step)."""
+    official = (sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update)
+    extra_emas = {}
 
     def make_optimizers(cfg, generator, fake):
-        opts = official(cfg, generator, fake)
-        for opt in opts.values():
-            for group in opt.param_groups:
-                group["betas"] = betas
-            opt.defaults["betas"] = betas
+        opts = official[0](cfg, generator, fake)
+        for name, opt in opts.items():
+            key = "gen" if name == "generator" else name
+            betas = departures.get(f"{key}_betas", departures.get("betas"))
+            if betas:
+                opt.param_groups[0]["betas"] = tuple(float(b) for b in betas.split("/"))
+            if f"{key}_schedule" in departures:
+                shape = departures[f"{key}_schedule"]
+                opt.param_groups[0] = Scheduled(opt.param_groups[0], opt.defaults["lr"], shape, cfg.iters)
         return opts
 
-    return make_optimizers
+    def sample_t(n, rng):
+        loc, scale = float(departures.get("t_loc", math.log(2.0))), float(departures.get("t_scale", 1.6))
+        return torch.sigmoid(torch.randn(n, generator=rng, device=rng.device) * scale + loc)
+
+    def ema_update(ema, net, decay, step):
+        for G in ema_warmups:
+            if G not in extra_emas:
+                extra_emas[G] = copy.deepcopy(ema)
+            extra = extra_emas[G]
+            d = min(decay, (1 + step) / (G + step))
+            with torch.no_grad():
+                for p_ema, p in zip(extra.parameters(), net.parameters(), strict=True):
+                    p_ema.lerp_(p.detach(), 1 - d)
+        official[2](ema, net, decay, step)
+
+    def generator_update(sid, k, gan_weight):  # on gen_batches micro-batches of the global batch
+        micro_batches = sid.config.grad_accum
+        sid.config.grad_accum = int(departures["gen_batches"])
+        try:
+            return official[3](sid, k, gan_weight)
+        finally:
+            sid.config.grad_accum = micro_batches
+
+    sf.make_optimizers, sf.ema_update = make_optimizers, ema_update
+    if "t_loc" in departures or "t_scale" in departures:
+        sf.sample_t = sample_t
+    if "gen_batches" in departures:
+        sf.SiD.generator_update = generator_update
+    try:
+        yield extra_emas
+    finally:
+        sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update = official
 
 
 class Seed:
@@ -77,8 +189,8 @@ class Seed:
         """The student's (mean, standard error) energy distance over the replicates, as run_toy.py's table."""
         return self.ev.distance(self.ev.samples(lambda noises: sf.generate(net, noises, cfg.noise), cfg.steps))
 
-    def run(self, spec, curve_points=0):
-        overrides, betas = parse_candidate(spec)
+    def run(self, spec, curve_points=0, ema_warmups=()):
+        overrides, departures = parse_candidate(spec)
         cfg = sf.make_config("toy", **overrides, seed=self.seed)
         cfg.out, cfg.save_every = "", 0  # in memory: nothing written
         curve = []
@@ -93,14 +205,12 @@ class Seed:
             eval_seconds[0] += time.time() - t0
 
         eval_seconds = [0.0]
-        sf.make_optimizers, official = with_betas(betas), sf.make_optimizers
-        try:
+        with patched(departures, ema_warmups) as extra_emas:
             t0 = time.time()
             res = sf.distill(cfg, sf.ToyBackbone(self.teacher), on_eval=on_eval if curve_points else None)
             seconds = time.time() - t0 - eval_seconds[0]
-        finally:
-            sf.make_optimizers = official
         d, se = self.score(res["ema"] if res["ema"] is not None else res["generator"], cfg)
+        warmups = {G: round(self.score(ema, cfg)[0] / self.ref128, 4) for G, ema in extra_emas.items()}
         return dict(
             spec=spec,
             seed=self.seed,
@@ -113,7 +223,8 @@ class Seed:
             skipped=res["skipped"],
             curve=curve,
             config={k: v for k, v in dataclasses.asdict(cfg).items() if k in overrides},
-            betas=betas,
+            departures=departures,
+            ema_warmups=warmups,
         )
 
 
@@ -147,6 +258,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds [default: 0]")
     p.add_argument("--threads", type=int, default=1, help="torch threads [default: 1]")
     p.add_argument("--curve", type=int, default=0, help="points of replicate 0's distance during each run [0: none]")
+    p.add_argument(
+        "--ema-warmups", type=float, nargs="+", default=[], help="G of extra EMAs, warm-up (1 + s)/(G + s) [none]"
+    )
     p.add_argument("--root", default="out/toy-tune", help="teachers and results.jsonl [default: %(default)s]")
     p.add_argument("--table", action="store_true", help="print ROOT/results.jsonl as a table, and run nothing")
     args = p.parse_args(argv)
@@ -159,13 +273,14 @@ def main(argv=None):
     for s in args.seeds:
         seed = Seed(s, args.root)
         for spec in args.candidates:
-            r = seed.run(spec, args.curve)
+            r = seed.run(spec, args.curve, args.ema_warmups)
             with open(os.path.join(args.root, "results.jsonl"), "a") as f:
                 f.write(json.dumps(r) + "\n")
             curve = " ".join(f"{step}:{ratio}" for step, ratio in r["curve"])
             print(
                 f"{spec:<60} seed {s}  {r['ratio']:6.3f} +- {r['se_ratio']:.3f} x teacher-128  "
-                f"{r['seconds']:6.1f} s ({r['threads']} thr)  {curve}",
+                f"{r['seconds']:6.1f} s ({r['threads']} thr)  {curve}"
+                + "".join(f"  EMA warm-up G={G:g}: {v:.3f}" for G, v in r["ema_warmups"].items()),
                 flush=True,
             )
 
