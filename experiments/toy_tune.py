@@ -7,16 +7,18 @@
     python experiments/toy_tune.py --table                               # every result so far, one markdown table
 
 Each positional argument is one candidate: comma-separated Config overrides over PRESETS["toy"] (field=value, typed
-as the field), or "default" for none, and these departures, each patched in for its run only:
-    betas=B1/B2          both optimizers' Adam betas instead of the official (0, 0.999); fake_betas=B1/B2: the fake's
-    gen_schedule=S       the generator's learning rate over the run instead of the preset's cosine to 0, one of
-    fake_schedule=S        floorF (the cosine to F), powP (the cosine to the power P), constant, warmN (the cosine
-                           times a linear warm-up over the first N iterations); fake_schedule: the fake network's
-    t_loc=M, t_scale=S   sample_t's logit-normal, sigmoid(N(M, S^2)), instead of the official (ln 2, 1.6)
-    gen_batches=N        the generator update on N micro-batches of --batch-size (N times the samples)
+as the field), or "default" for none. A candidate may also carry departures, each patched into sid_flow for its run:
+    betas=B1/B2        both optimizers' Adam betas, instead of the official (0, 0.999)
+    fake_betas=B1/B2   the fake network's alone
+    gen_schedule=S     the generator's learning rate over the run, instead of the preset's cosine from 1 to 0:
+                       floorF (the cosine from 1 to F), powP (the cosine to the power P), constant, or warmN (the
+                       cosine times a linear warm-up over the first N iterations)
+    fake_schedule=S    the fake network's, the same shapes
+    t_loc=M, t_scale=S sample_t's logit-normal, sigmoid(N(M, S^2)), instead of the official (ln 2, 1.6)
+    gen_batches=N      the generator update on N micro-batches of batch_size (N times the samples)
 --ema-warmups G ...: also keep, in the same run, EMAs whose warm-up is min(decay, (1 + s) / (G + s)) instead of
-sf.ema_update's G = 10, and score each: at step s such an EMA averages over about s / (G - 1) iterations (G = 10: the
-last ninth of the run; G = 4: the last third).
+sf.ema_update's G = 10, and score each: at step s such an EMA averages over about s / (G - 1) iterations (G = 10:
+roughly the last tenth of the run; G = 4: the last third).
 For every seed the teacher is run_toy.py's (trained once, cached in ROOT/teacher-checkerboard[-seedS].pt), the
 evaluation is run_toy.py's (4 replicates of 4096 scrambled-Sobol points, seeded by S), and the yardstick is the
 teacher's 128-step Euler sampler; each candidate is distilled in memory (nothing written) and its EMA student scored.
@@ -72,7 +74,8 @@ def parse_candidate(spec):
 def check_departure(key, value):
     """Fail before any training, in one line, on a departure's value the run could not use."""
     if key.endswith("betas"):
-        valid = len([float(b) for b in value.split("/")]) == 2
+        betas = [float(b) for b in value.split("/")]
+        valid = len(betas) == 2 and all(0 <= b < 1 for b in betas)
     elif key.endswith("schedule"):
         valid = schedule_shape(value) is not None
     elif key == "gen_batches":
@@ -153,7 +156,7 @@ def patched(departures, ema_warmups):
             d = min(decay, (1 + step) / (G + step))
             with torch.no_grad():
                 for p_ema, p in zip(extra.parameters(), net.parameters(), strict=True):
-                    p_ema.lerp_(p.detach(), 1 - d)
+                    p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - d)
         official[2](ema, net, decay, step)
 
     def generator_update(sid, k, gan_weight):  # on gen_batches micro-batches of the global batch
@@ -270,6 +273,8 @@ def main(argv=None):
     os.makedirs(args.root, exist_ok=True)
     for spec in args.candidates:
         parse_candidate(spec)  # fail before any training
+    if any(not G >= 1 for G in args.ema_warmups):
+        raise sf.UserError(f"--ema-warmups: each G at least 1, got {args.ema_warmups}")
     for s in args.seeds:
         seed = Seed(s, args.root)
         for spec in args.candidates:
