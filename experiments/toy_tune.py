@@ -16,6 +16,7 @@ as the field), or "default" for none. A candidate may also carry departures, eac
     fake_schedule=S    the fake network's, the same shapes
     t_loc=M, t_scale=S sample_t's logit-normal, sigmoid(N(M, S^2)), instead of the official (ln 2, 1.6)
     gen_batches=N      the generator update on N micro-batches of batch_size (N times the samples)
+    late_batches=N@F   both networks' updates on N micro-batches from the fraction F of the run on
 --ema-warmups G ...: also keep, in the same run, EMAs whose warm-up is min(decay, (1 + s) / (G + s)) instead of
 sf.ema_update's G = 10, and score each: at step s such an EMA averages over about s / (G - 1) iterations (G = 10:
 roughly the last tenth of the run; G = 4: the last third).
@@ -45,7 +46,16 @@ import sid_flow as sf  # noqa: E402
 DATASET = "checkerboard"
 FIELDS = {f.name: getattr(f.type, "__name__", f.type) for f in dataclasses.fields(sf.Config)}  # name -> 'int', ...
 # a candidate's keys that are no Config field: the departures of the docstring, patched into sf for one run
-DEPARTURES = ("betas", "fake_betas", "gen_schedule", "fake_schedule", "t_loc", "t_scale", "gen_batches")
+DEPARTURES = (
+    "betas",
+    "fake_betas",
+    "gen_schedule",
+    "fake_schedule",
+    "t_loc",
+    "t_scale",
+    "gen_batches",
+    "late_batches",
+)
 
 
 def parse_candidate(spec):
@@ -63,9 +73,7 @@ def parse_candidate(spec):
                 cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true")}.get(FIELDS[key], str)
                 overrides[key] = cast(value)
         except ValueError:
-            raise sf.UserError(
-                f"cannot read {item!r} in candidate {spec!r}: field=value, the value a number"
-            ) from None
+            raise sf.UserError(f"cannot read {item!r} in candidate {spec!r} (field=value; see --help)") from None
     if any(key.endswith("schedule") for key in departures) and overrides.get("lr_schedule", "cosine") != "cosine":
         raise sf.UserError(f"a schedule departure reshapes the preset's cosine: not with lr_schedule= ({spec!r})")
     return overrides, departures
@@ -80,6 +88,9 @@ def check_departure(key, value):
         valid = schedule_shape(value) is not None
     elif key == "gen_batches":
         valid = int(value) >= 1
+    elif key == "late_batches":
+        n, fraction = value.split("@")
+        valid = int(n) >= 1 and 0 <= float(fraction) <= 1
     else:
         valid = math.isfinite(float(value))
     if not valid:
@@ -129,8 +140,9 @@ class Scheduled(dict):
 @contextlib.contextmanager
 def patched(departures, ema_warmups):
     """sf patched for one run with the candidate's departures; yields {G: the extra EMA} (filled at the first step)."""
-    official = (sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update)
+    official = (sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update, sf.SiD.iteration)
     extra_emas = {}
+    late_start = {}
 
     def make_optimizers(cfg, generator, fake):
         opts = official[0](cfg, generator, fake)
@@ -167,15 +179,23 @@ def patched(departures, ema_warmups):
         finally:
             sid.config.grad_accum = micro_batches
 
+    def iteration(sid, step):  # from late_batches' fraction of the run on, N micro-batches for both networks
+        n, fraction = departures["late_batches"].split("@")
+        before = late_start.setdefault("micro_batches", sid.config.grad_accum)  # the candidate's own, read once
+        sid.config.grad_accum = int(n) if step >= float(fraction) * sid.config.iters else before
+        return official[4](sid, step)
+
     sf.make_optimizers, sf.ema_update = make_optimizers, ema_update
     if "t_loc" in departures or "t_scale" in departures:
         sf.sample_t = sample_t
     if "gen_batches" in departures:
         sf.SiD.generator_update = generator_update
+    if "late_batches" in departures:
+        sf.SiD.iteration = iteration
     try:
         yield extra_emas
     finally:
-        sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update = official
+        sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update, sf.SiD.iteration = official
 
 
 class Seed:
