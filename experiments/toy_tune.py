@@ -109,9 +109,8 @@ def schedule_shape(shape):
     return (kind, number) if kind == "constant" or SHAPES[kind](number) else None
 
 
-def schedule_scale(shape, cosine, step):
-    """The learning rate's factor for `shape`, given the preset's cosine factor at this step (1 -> 0 over the run)."""
-    kind, number = schedule_shape(shape)
+def schedule_scale(kind, number, cosine, step):
+    """The learning rate's factor for a shape (schedule_shape's), given the preset's cosine factor at this step."""
     if kind == "constant":
         return 1.0
     if kind == "floor":
@@ -127,25 +126,25 @@ class Scheduled(dict):
 
     def __init__(self, group, base, shape, iters):
         super().__init__(group)
-        self.base, self.shape, self.iters = base, shape, iters
+        self.base, self.shape, self.iters = base, schedule_shape(shape), iters  # shape: (kind, number)
 
     def __setitem__(self, key, value):
         if key == "lr":
             cosine = value / self.base
             step = self.iters * math.acos(max(-1.0, min(1.0, 2 * cosine - 1))) / math.pi
-            value = self.base * schedule_scale(self.shape, cosine, step)
+            value = self.base * schedule_scale(*self.shape, cosine, step)
         super().__setitem__(key, value)
 
 
 @contextlib.contextmanager
-def patched(departures, ema_warmups):
-    """sf patched for one run with the candidate's departures; yields {G: the extra EMA} (filled at the first step)."""
+def patched(cfg, departures, ema_warmups):
+    """sf patched for one run of `cfg` with the candidate's departures; yields {G: the extra EMA} (filled at the
+    first step)."""
     official = (sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update, sf.SiD.iteration)
     extra_emas = {}
-    late_start = {}
 
-    def make_optimizers(cfg, generator, fake):
-        opts = official[0](cfg, generator, fake)
+    def make_optimizers(config, generator, fake):
+        opts = official[0](config, generator, fake)
         for name, opt in opts.items():
             key = "gen" if name == "generator" else name
             betas = departures.get(f"{key}_betas", departures.get("betas"))
@@ -153,11 +152,12 @@ def patched(departures, ema_warmups):
                 opt.param_groups[0]["betas"] = tuple(float(b) for b in betas.split("/"))
             if f"{key}_schedule" in departures:
                 shape = departures[f"{key}_schedule"]
-                opt.param_groups[0] = Scheduled(opt.param_groups[0], opt.defaults["lr"], shape, cfg.iters)
+                opt.param_groups[0] = Scheduled(opt.param_groups[0], opt.defaults["lr"], shape, config.iters)
         return opts
 
+    loc, scale = float(departures.get("t_loc", math.log(2.0))), float(departures.get("t_scale", 1.6))
+
     def sample_t(n, rng):
-        loc, scale = float(departures.get("t_loc", math.log(2.0))), float(departures.get("t_scale", 1.6))
         return torch.sigmoid(torch.randn(n, generator=rng, device=rng.device) * scale + loc)
 
     def ema_update(ema, net, decay, step):
@@ -179,10 +179,13 @@ def patched(departures, ema_warmups):
         finally:
             sid.config.grad_accum = micro_batches
 
+    late_n, late_fraction = departures.get("late_batches", "1@1").split("@")
+    late_n, late_fraction = int(late_n), float(late_fraction)
+    own_micro_batches = cfg.grad_accum
+
     def iteration(sid, step):  # from late_batches' fraction of the run on, N micro-batches for both networks
-        n, fraction = departures["late_batches"].split("@")
-        before = late_start.setdefault("micro_batches", sid.config.grad_accum)  # the candidate's own, read once
-        sid.config.grad_accum = int(n) if step >= float(fraction) * sid.config.iters else before
+        late = step >= late_fraction * sid.config.iters
+        sid.config.grad_accum = late_n if late else own_micro_batches
         return official[4](sid, step)
 
     sf.make_optimizers, sf.ema_update = make_optimizers, ema_update
@@ -228,7 +231,7 @@ class Seed:
             eval_seconds[0] += time.time() - t0
 
         eval_seconds = [0.0]
-        with patched(departures, ema_warmups) as extra_emas:
+        with patched(cfg, departures, ema_warmups) as extra_emas:
             t0 = time.time()
             res = sf.distill(cfg, sf.ToyBackbone(self.teacher), on_eval=on_eval if curve_points else None)
             seconds = time.time() - t0 - eval_seconds[0]
