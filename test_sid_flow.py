@@ -1039,14 +1039,44 @@ def test_toy_run_beats_teacher_at_same_steps(tmp_path, monkeypatch):
     assert m2["seconds"]["teacher"] == 0.0 and m2["folder"] != m["folder"] and (run / "toy.png").read_bytes() == png
 
 
+def _cached_toy_teacher(out):
+    """OUT with run_toy.py's teacher cached in it, untrained (its recipe, seed 0; the same weights at every call): a
+    run there trains no teacher."""
+    out.mkdir()
+    recipe = dict(run_toy.TEACHER, dataset="checkerboard", seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = run_toy.ToyMLP(**{k: run_toy.TEACHER[k] for k in ("width", "depth", "fourier", "fourier_scale")})
+    sf.atomic_save(dict(recipe=recipe, state=net.state_dict()), str(out / "teacher-checkerboard.pt"))
+    return out
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL_CBWR is MKL's setting")
+def test_toy_run_is_the_same_at_any_thread_count_with_mkl_strict_mode(tmp_path):
+    """With MKL_CBWR=AUTO,STRICT (README, "Results") the demo's student is the same to the bit at one and two threads:
+    MKL then sums a matrix product in one order whatever the thread count, and no other step of the toy depends on it.
+    (Without it, MKL splits the weight gradients' sums over the batch among threads on this machine, and the two
+    students differ.)"""
+    students = []
+    for threads in ("1", "2"):
+        out = _cached_toy_teacher(tmp_path / threads)
+        env = dict(os.environ, MKL_CBWR="AUTO,STRICT", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        r = subprocess.run(
+            [sys.executable, os.path.join(HERE, "run_toy.py"), "--out", str(out), "--iters", "30", "--n-eval", "1024"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        students.append(np.load(out / "checkerboard-iters-30-n-eval-1024" / "student.npy"))
+    assert np.isfinite(students[0]).all() and np.array_equal(students[0], students[1])
+
+
 def test_toy_interrupt_then_same_command_continues(tmp_path):
     """Ctrl-C while the demo distils: one line says where it stopped and how to go on, exit status 130, and curve.json
     ends at the checkpointed iteration; the same command then finishes the run, its curve and log each step once."""
-    out = tmp_path / "o"
-    out.mkdir()
-    recipe = dict(run_toy.TEACHER, dataset="checkerboard", seed=0)  # a cached teacher (untrained): no teacher training
-    net = run_toy.ToyMLP(**{k: run_toy.TEACHER[k] for k in ("width", "depth", "fourier", "fourier_scale")})
-    sf.atomic_save(dict(recipe=recipe, state=net.state_dict()), str(out / "teacher-checkerboard.pt"))
+    out = _cached_toy_teacher(tmp_path / "o")
     cmd = [
         sys.executable,
         os.path.join(HERE, "run_toy.py"),

@@ -10,6 +10,7 @@ Each positional argument is one candidate: comma-separated Config overrides over
 as the field), or "default" for none. A candidate may also carry departures, each patched into sid_flow for its run:
     betas=B1/B2        both optimizers' Adam betas, instead of the official (0, 0.999)
     fake_betas=B1/B2   the fake network's alone
+    gen_betas=B1/B2    the generator's alone
     gen_schedule=S     the generator's learning rate over the run, instead of the preset's cosine from 1 to 0:
                        floorF (the cosine from 1 to F), powP (the cosine to the power P), constant, or warmN (the
                        cosine times a linear warm-up over the first N iterations)
@@ -17,6 +18,7 @@ as the field), or "default" for none. A candidate may also carry departures, eac
     t_loc=M, t_scale=S sample_t's logit-normal, sigmoid(N(M, S^2)), instead of the official (ln 2, 1.6)
     gen_batches=N      the generator update on N micro-batches of batch_size (N times the samples)
     late_batches=N@F   both networks' updates on N micro-batches from the fraction F of the run on
+    gen_times=T1/.../TK  the generator's K input times, falling from 1, instead of sf.generator_times' 1 - (k-1)/K
 --ema-warmups G ...: also keep, in the same run, EMAs whose warm-up is min(decay, (1 + s) / (G + s)) instead of
 sf.ema_update's G = 10, and score each: at step s such an EMA averages over about s / (G - 1) iterations (G = 10:
 roughly the last tenth of the run; G = 4: the last third).
@@ -49,12 +51,14 @@ FIELDS = {f.name: getattr(f.type, "__name__", f.type) for f in dataclasses.field
 DEPARTURES = (
     "betas",
     "fake_betas",
+    "gen_betas",
     "gen_schedule",
     "fake_schedule",
     "t_loc",
     "t_scale",
     "gen_batches",
     "late_batches",
+    "gen_times",
 )
 
 
@@ -74,6 +78,11 @@ def parse_candidate(spec):
                 overrides[key] = cast(value)
         except ValueError:
             raise sf.UserError(f"cannot read {item!r} in candidate {spec!r} (field=value; see --help)") from None
+    if (
+        "gen_times" in departures
+        and len(departures["gen_times"].split("/")) != sf.make_config("toy", **overrides).steps
+    ):
+        raise sf.UserError(f"gen_times: one time per generator step ({spec!r})")
     if any(key.endswith("schedule") for key in departures) and overrides.get("lr_schedule", "cosine") != "cosine":
         raise sf.UserError(f"a schedule departure reshapes the preset's cosine: not with lr_schedule= ({spec!r})")
     return overrides, departures
@@ -88,6 +97,9 @@ def check_departure(key, value):
         valid = schedule_shape(value) is not None
     elif key == "gen_batches":
         valid = int(value) >= 1
+    elif key == "gen_times":
+        times = [float(x) for x in value.split("/")]
+        valid = times[0] == 1 and all(a > b > 0 for a, b in zip(times, times[1:], strict=False))
     elif key == "late_batches":
         n, fraction = value.split("@")
         valid = int(n) >= 1 and 0 <= float(fraction) <= 1
@@ -140,7 +152,14 @@ class Scheduled(dict):
 def patched(cfg, departures, ema_warmups):
     """sf patched for one run of `cfg` with the candidate's departures; yields {G: the extra EMA} (filled at the
     first step)."""
-    official = (sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update, sf.SiD.iteration)
+    official = (
+        sf.make_optimizers,
+        sf.sample_t,
+        sf.ema_update,
+        sf.SiD.generator_update,
+        sf.SiD.iteration,
+        sf.generator_times,
+    )
     extra_emas = {}
 
     def make_optimizers(config, generator, fake):
@@ -188,7 +207,12 @@ def patched(cfg, departures, ema_warmups):
         sid.config.grad_accum = late_n if late else own_micro_batches
         return official[4](sid, step)
 
+    def generator_times(K):  # the rollout's and the evaluation's (sf.generate) alike; K checked by parse_candidate
+        return [float(x) for x in departures["gen_times"].split("/")]
+
     sf.make_optimizers, sf.ema_update = make_optimizers, ema_update
+    if "gen_times" in departures:
+        sf.generator_times = generator_times
     if "t_loc" in departures or "t_scale" in departures:
         sf.sample_t = sample_t
     if "gen_batches" in departures:
@@ -198,7 +222,14 @@ def patched(cfg, departures, ema_warmups):
     try:
         yield extra_emas
     finally:
-        sf.make_optimizers, sf.sample_t, sf.ema_update, sf.SiD.generator_update, sf.SiD.iteration = official
+        (
+            sf.make_optimizers,
+            sf.sample_t,
+            sf.ema_update,
+            sf.SiD.generator_update,
+            sf.SiD.iteration,
+            sf.generator_times,
+        ) = official
 
 
 class Seed:
@@ -235,8 +266,9 @@ class Seed:
             t0 = time.time()
             res = sf.distill(cfg, sf.ToyBackbone(self.teacher), on_eval=on_eval if curve_points else None)
             seconds = time.time() - t0 - eval_seconds[0]
-        d, se = self.score(res["ema"] if res["ema"] is not None else res["generator"], cfg)
-        warmups = {G: round(self.score(ema, cfg)[0] / self.ref128, 4) for G, ema in extra_emas.items()}
+            # scored inside: a gen_times departure is the student's sampler too
+            d, se = self.score(res["ema"] if res["ema"] is not None else res["generator"], cfg)
+            warmups = {G: round(self.score(ema, cfg)[0] / self.ref128, 4) for G, ema in extra_emas.items()}
         return dict(
             spec=spec,
             seed=self.seed,
