@@ -149,6 +149,7 @@ def main(argv=None):
         help="run_toy.py's folder: its cached teacher, and the run under runs/ [default: %(default)s]",
     )
     args, overrides = run_toy.parse_flags(p, argv, run_toy.NOT_HERE)
+    run_toy.strict_sums()  # as run_toy.py: the thread count changes no sum
     mc_z, tweedie = check_exact_velocity()
     print(
         f"exact E[x0 | x_t]: within {mc_z:.1f} standard errors of Monte Carlo (1e6 samples), within {tweedie:.0e} of "

@@ -324,6 +324,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.table:
         return table(os.path.join(args.root, "results.jsonl"))
+    run_toy.strict_sums()  # as run_toy.py: the thread count changes no sum
     torch.set_num_threads(args.threads)
     os.makedirs(args.root, exist_ok=True)
     for spec in args.candidates:
