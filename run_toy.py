@@ -343,8 +343,9 @@ def strict_sums():
     """MKL, torch's BLAS on x86 CPUs, splits a matrix product's long sums (a weight gradient's, over the batch) among
     its threads, so the thread count would change their rounding -- and distillation, which amplifies any difference,
     the student by about 0.1x its teacher's distance. Its strict reproducible mode keeps one order at any thread
-    count: the same seed prints the same table at one thread or two. MKL reads the setting at its first call, so this
-    runs before any computation; a value already in the environment is kept (it means nothing to other BLAS)."""
+    count: the same seed prints the same table at one thread or two. MKL reads the setting once, at its first call:
+    this works in a fresh process, before any computation. A value already in the environment is kept; the setting
+    means nothing to other BLAS (Apple silicon's, ARM's)."""
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 

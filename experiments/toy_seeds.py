@@ -37,15 +37,17 @@ def main(argv=None):
     p.add_argument(
         "--threads",
         type=int,
-        help="torch's CPU threads (torch.set_num_threads); the default OUT becomes out/toy-threads-N, so that runs at "
-        "another thread count are not reused [default: torch's, one per core]",
+        help="torch's CPU threads (torch.set_num_threads); the default OUT becomes out/toy-threads-N, so that a run "
+        "at another thread count is trained anew, not reused: with run_toy.py's strict sums it prints the same "
+        "digits [default: torch's, one per core]",
     )
     p.add_argument(
         "--out",
         help=f"seed 0's folder; seed S's is OUT/seed-S [default: {sf.PRESETS['toy']['out']}]",
     )
     args, rest = p.parse_known_args(argv)
-    if args.threads:  # the floating-point sums, and so a run's last digits, depend on the thread count
+    run_toy.strict_sums()  # before the first MKL call, which set_num_threads may be
+    if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or (f"out/toy-threads-{args.threads}" if args.threads else sf.PRESETS["toy"]["out"])
     rows = {}

@@ -278,6 +278,7 @@ class Seed:
             teacher128=self.ref128,
             seconds=round(seconds, 1),
             threads=torch.get_num_threads(),
+            mkl_cbwr=os.environ.get("MKL_CBWR"),  # "AUTO,STRICT" (run_toy.strict_sums), or None: MKL's default sums
             skipped=res["skipped"],
             curve=curve,
             config={k: v for k, v in dataclasses.asdict(cfg).items() if k in overrides},
@@ -292,22 +293,23 @@ def table(path):
         raise sf.UserError(f"{path}: no results yet (distil a candidate first, or give --root)")
     with open(path) as f:
         rows = [json.loads(line) for line in f]
-    print("| candidate (overrides of the toy preset) | seed | / teacher-128 | +- | distill s | threads |")
-    print("|---|---|---|---|---|---|")
+    sums = lambda r: "strict" if "STRICT" in (r.get("mkl_cbwr") or "") else "MKL's default"  # noqa: E731
+    print("| candidate (overrides of the toy preset) | seed | / teacher-128 | +- | distill s | threads | sums |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| `{r['spec']}` | {r['seed']} | {r['ratio']:.3f} | {r['se_ratio']:.3f} | {r['seconds']:.1f} "
-            f"| {r['threads']} |"
+            f"| {r['threads']} | {sums(r)} |"
         )
     by_spec = {}
-    for r in rows:  # the last result of each (candidate, seed, threads)
-        by_spec.setdefault((r["spec"], r["threads"]), {})[r["seed"]] = r["ratio"]
-    print("\n| candidate | threads | seeds | mean | worst |\n|---|---|---|---|---|")
-    for (spec, threads), ratios in by_spec.items():
+    for r in rows:  # the last result of each (candidate, seed, threads, sums)
+        by_spec.setdefault((r["spec"], r["threads"], sums(r)), {})[r["seed"]] = r["ratio"]
+    print("\n| candidate | threads | sums | seeds | mean | worst |\n|---|---|---|---|---|---|")
+    for (spec, threads, kind), ratios in by_spec.items():
         if len(ratios) > 1:
             mean = sum(ratios.values()) / len(ratios)
             seeds = ", ".join(f"{s}: {v:.3f}" for s, v in sorted(ratios.items()))
-            print(f"| `{spec}` | {threads} | {seeds} | {mean:.3f} | {max(ratios.values()):.3f} |")
+            print(f"| `{spec}` | {threads} | {kind} | {seeds} | {mean:.3f} | {max(ratios.values()):.3f} |")
 
 
 def main(argv=None):
