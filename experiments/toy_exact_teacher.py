@@ -23,9 +23,9 @@ Then it distils the exact velocity with the toy preset through sf.ToyBackbone: t
 start from the demo's trained MLP teacher (the student must be a network), and only the teacher inside the generator
 loss is exact. It prints, with run_toy.py's own evaluation, that student beside the demo's (the trained teacher's,
 same flags; the run in OUT/runs/ is shared with run_toy.py, so whichever runs second reuses it) and the trained and
-exact teachers' Euler samples (the trained one's also at 1,024 steps: near the distribution its velocity defines,
-which a perfect student would reach), each with the share of its samples that falls between the squares. The demo's
-teacher and student are read from (or trained into) OUT, out/toy.
+exact teachers' Euler samples (the trained one's also at 1,024 steps: closer to the distribution its velocity
+defines, which a perfect student would reach or pass), each with the share of its samples that falls between the
+squares. The demo's teacher and student are read from (or trained into) OUT, out/toy.
 """
 
 import copy
@@ -166,7 +166,7 @@ def main(argv=None):
 
     rows = {
         "trained teacher, 128 Euler steps": ev.samples(euler(mlp, 128), 1),
-        # the trained teacher's own distribution, near its ODE's limit: what a perfect student of it would reach
+        # closer to the trained teacher's own distribution (its ODE's limit), where a perfect student of it would end
         "trained teacher, 1024 Euler steps": ev.samples(euler(mlp, 1024), 1),
         "exact teacher, 128 Euler steps": ev.samples(euler(exact.teacher, 128), 1),
         "exact teacher, 4 Euler steps": ev.samples(euler(exact.teacher, 4), 1),

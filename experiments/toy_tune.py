@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import unittest.mock
 
 import torch
 
@@ -152,18 +153,14 @@ class Scheduled(dict):
 def patched(cfg, departures, ema_warmups):
     """sf patched for one run of `cfg` with the candidate's departures; yields {G: the extra EMA} (filled at the
     first step)."""
-    official = (
-        sf.make_optimizers,
-        sf.sample_t,
-        sf.ema_update,
-        sf.SiD.generator_update,
-        sf.SiD.iteration,
-        sf.generator_times,
-    )
+    official_make_optimizers = sf.make_optimizers
+    official_ema_update = sf.ema_update
+    official_generator_update = sf.SiD.generator_update
+    official_iteration = sf.SiD.iteration
     extra_emas = {}
 
     def make_optimizers(config, generator, fake):
-        opts = official[0](config, generator, fake)
+        opts = official_make_optimizers(config, generator, fake)
         for name, opt in opts.items():
             key = "gen" if name == "generator" else name
             betas = departures.get(f"{key}_betas", departures.get("betas"))
@@ -188,13 +185,13 @@ def patched(cfg, departures, ema_warmups):
             with torch.no_grad():
                 for p_ema, p in zip(extra.parameters(), net.parameters(), strict=True):
                     p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - d)
-        official[2](ema, net, decay, step)
+        official_ema_update(ema, net, decay, step)
 
     def generator_update(sid, k, gan_weight):  # on gen_batches micro-batches of the global batch
         micro_batches = sid.config.grad_accum
         sid.config.grad_accum = int(departures["gen_batches"])
         try:
-            return official[3](sid, k, gan_weight)
+            return official_generator_update(sid, k, gan_weight)
         finally:
             sid.config.grad_accum = micro_batches
 
@@ -205,31 +202,26 @@ def patched(cfg, departures, ema_warmups):
     def iteration(sid, step):  # from late_batches' fraction of the run on, N micro-batches for both networks
         late = step >= late_fraction * sid.config.iters
         sid.config.grad_accum = late_n if late else own_micro_batches
-        return official[4](sid, step)
+        return official_iteration(sid, step)
 
     def generator_times(K):  # the rollout's and the evaluation's (sf.generate) alike; K checked by parse_candidate
         return [float(x) for x in departures["gen_times"].split("/")]
 
-    sf.make_optimizers, sf.ema_update = make_optimizers, ema_update
+    patches = {"make_optimizers": make_optimizers, "ema_update": ema_update}  # sf's name -> its stand-in
     if "gen_times" in departures:
-        sf.generator_times = generator_times
+        patches["generator_times"] = generator_times
     if "t_loc" in departures or "t_scale" in departures:
-        sf.sample_t = sample_t
+        patches["sample_t"] = sample_t
+    methods = {}  # sf.SiD's
     if "gen_batches" in departures:
-        sf.SiD.generator_update = generator_update
+        methods["generator_update"] = generator_update
     if "late_batches" in departures:
-        sf.SiD.iteration = iteration
-    try:
+        methods["iteration"] = iteration
+    with contextlib.ExitStack() as undo:  # every patch undone on leaving, however the run ends
+        for owner, stand_ins in ((sf, patches), (sf.SiD, methods)):
+            for name, stand_in in stand_ins.items():
+                undo.enter_context(unittest.mock.patch.object(owner, name, stand_in))
         yield extra_emas
-    finally:
-        (
-            sf.make_optimizers,
-            sf.sample_t,
-            sf.ema_update,
-            sf.SiD.generator_update,
-            sf.SiD.iteration,
-            sf.generator_times,
-        ) = official
 
 
 class Seed:
