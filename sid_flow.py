@@ -126,13 +126,12 @@ WEIGHTS = {
     "1/t": lambda t, l1: 1 / t.clamp_min(WEIGHT_FLOOR),
     "1/t^2": lambda t, l1: 1 / (t**2).clamp_min(WEIGHT_FLOOR),
 }
-WEIGHTINGS = tuple(WEIGHTS)
 
 
 def sid_weight(name, t, x_g, x0_teacher):
     """Per-sample weight w (B,), computed without gradient."""
     if name not in WEIGHTS:
-        raise ValueError(f"unknown weighting {name!r}; choose from {', '.join(WEIGHTINGS)}")
+        raise ValueError(f"unknown weighting {name!r}; choose from {', '.join(WEIGHTS)}")
     l1 = (x_g - x0_teacher).detach().abs().flatten(1).mean(1)  # (B,)
     return WEIGHTS[name](t.detach(), l1)
 
@@ -258,11 +257,11 @@ class Interrupted(Exception):
 
 def velocity_and_features(velocity_fn, net, x_t, t, cond, guidance):
     """One velocity call, velocity_fn(net, ...) (B, *D) (a Backbone's velocity or prompt_velocity), and the hidden
-    states that this call -- and no other --
-    fed to the network's output projection (`head` of the toy MLP, `proj_out` of every diffusers DiT: its last hidden
-    states, (B, C), (B, N, C), or 2B rows when CFG ran two branches). The features of data-aided SiD (D17) and of the
-    quality number. Read from this call alone, not from a list of every call of a hooked layer: in LoRA mode the
-    generator, the fake network and the teacher are views of ONE base, and share its output projection."""
+    states that this call -- and no other -- fed to the network's output projection (`head` of the toy MLP, `proj_out`
+    of every diffusers DiT: its last hidden states, (B, C), (B, N, C), or 2B rows when CFG ran two branches). The
+    features of data-aided SiD (D17) and of the quality number. Read from this call alone, not from a list of every
+    call of a hooked layer: in LoRA mode the generator, the fake network and the teacher are views of ONE base, and
+    share its output projection."""
     head = net.head if hasattr(net, "head") else net.proj_out
     seen = []
     handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -386,10 +385,11 @@ def make_optimizers(config, generator, fake):
 
 
 @torch.no_grad()
-def ema_update(ema, net, decay, step):
-    """EMA with warm-up: the effective decay min(decay, (1 + step) / (10 + step)) lets the average follow the fast
-    early moves away from the teacher and average only once training settles."""
-    decay = min(decay, (1 + step) / (10 + step))
+def ema_update(ema, net, decay, warmup, step):
+    """EMA with warm-up: the effective decay min(decay, (1 + step) / (warmup + step)) lets the average follow the fast
+    early moves away from the teacher and average only once training settles. While the warm-up binds, the average
+    spans about the last step / (warmup - 1) iterations: a tenth of the run so far for warmup 10, a fifth for 6."""
+    decay = min(decay, (1 + step) / (warmup + step))
     for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
@@ -576,7 +576,7 @@ class SiD:
             if not finite:
                 metrics["nonfinite"].append("generator")
         if self.ema is not None:
-            ema_update(self.ema, self.generator, config.ema_decay, step + 1)
+            ema_update(self.ema, self.generator, config.ema_decay, config.ema_warmup, step + 1)
         return metrics
 
 
@@ -864,7 +864,7 @@ class Config:
     teacher: str = option("toy", "the teacher: a preset (listed below), a local diffusers pipeline folder or a hub id")
     loss: str = option("sid", "the generator loss: SiD's (D13), or DMD's for contrast (D16)", ("sid", "dmd"))
     alpha: float = option(1.0, "weight of the fake-score term in SiD's generator loss (D13); original SiD: 1.2")
-    weighting: str = option("1-t", "the generator loss's weight w(t) over noise levels (D14)", WEIGHTINGS)
+    weighting: str = option("1-t", "the generator loss's weight w(t) over noise levels (D14)", WEIGHTS)
     steps: int = option(4, "K, the generator's number of steps, at t = 1, 1 - 1/K, ... (D15)")
     noise: str = option(
         "fresh",
@@ -895,6 +895,11 @@ class Config:
         0.0,
         "decay of a moving average of the generator, the student a run then keeps (0: none, "
         "the generator is the student, as the official code)",
+    )
+    ema_warmup: int = option(
+        10,
+        "the EMA's warm-up G: its decay at iteration s is at most (1 + s) / (G + s), an average over about the last "
+        "s / (G - 1) iterations",
     )
     seed: int = option(0, "seed of every random draw of the run")
     resolution: int = option(0, "image side in pixels (0: the teacher's native size)")
@@ -958,7 +963,7 @@ def _dit(hub, resolution, batch_size, **kw):  # a DiT preset: hub id, side, micr
 
 PRESETS = {
     "toy": dict(_SMALL, teacher="toy", iters=2200, batch_size=1024, lr_gen=1.2e-3, lr_fake=3.6e-3, fake_updates=3)
-    | dict(weighting="1/t", noise="fixed", lr_schedule="cosine", ema_decay=0.999, out="out/toy"),
+    | dict(weighting="1/t", noise="fixed", lr_schedule="cosine", ema_decay=0.999, ema_warmup=5, out="out/toy"),
     # experiments/digits.py: a 3-block SANA DiT on 8x8 digits, the class as a one-token caption, guided at CFG 2
     "digits": dict(_SMALL, **_guided(2.0), **_INTERVAL, teacher="digits", iters=300, batch_size=128, lr_gen=1e-4)
     | dict(lr_fake=3e-4, out="out/digits"),
@@ -989,7 +994,7 @@ def check_config(config):  # fail loudly, with one line, on values the algorithm
             raise UserError(f"{flag(f.name)} must be finite, got {value}")
     rules = (
         (
-            ("steps", "iters", "batch_size", "grad_accum", "fake_updates", "lora_rank"),
+            ("steps", "iters", "batch_size", "grad_accum", "fake_updates", "lora_rank", "ema_warmup"),
             lambda v: v >= 1,
             "be at least 1",
         ),
@@ -1343,6 +1348,10 @@ def _cat(conds):  # conditioning dicts concatenated along the batch
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
+def expanded(cond, n):  # a conditioning of one row (the empty prompt's) as n rows, no copy; None (the toy's) as None
+    return None if cond is None else {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
 class DiTBackbone(Backbone):
     """A diffusers pipeline as a Backbone (teacher: pipe.transformer): prompt cache, CFG in one call (D18), decoding. A
     family adds encode(prompts) -> cond, batch-first tensors, and forward(net, x_t, t, cond, guidance) -> v (D2), and
@@ -1435,7 +1444,7 @@ class DiTBackbone(Backbone):
         per_sample = torch.is_tensor(guidance)
         if self.embedded_only or (not per_sample and guidance == 1.0):
             return self.forward(net, x_t, t, cond, guidance)
-        uncond = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in self.uncond.items()}
+        uncond = expanded(self.uncond, len(x_t))
         if not per_sample and guidance == 0.0:  # Zero-CFG: one branch
             # (a guidance-distilled teacher: the prompt at embedded 0, as the official code)
             return self.forward(net, x_t, t, cond if self.embedded_guidance else uncond, guidance)
@@ -1737,9 +1746,7 @@ class Quality:
         t = torch.full((len(x),), QUALITY_T, device=x.device)
 
         def pooled(x_t, _):  # (the rows' prompts unused: the empty prompt's conditioning, or None for the toy)
-            empty = None
-            if backbone.uncond is not None:
-                empty = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in backbone.uncond.items()}
+            empty = expanded(backbone.uncond, len(x_t))
             with torch.no_grad():
                 _, hidden = velocity_and_features(backbone.velocity, backbone.teacher, x_t, t[: len(x_t)], empty, 1.0)
             return grid_features(hidden, len(x_t))
@@ -1806,11 +1813,11 @@ def resolve_teacher(name, configs_only=False):
     return src, FAMILIES[pipeline]
 
 
-def _hub_file(name, repo, filename):
+def _hub_file(repo, filename):
     """hf_hub_download of one file: the cache, else the hub after a 5-second probe (not half a minute of retries); or
     a line that says why not: offline, unreachable, gated, missing."""
     hub = huggingface_hub.constants
-    where = f"--teacher {name}: cannot read {repo}/{filename}"
+    where = f"--teacher {repo}: cannot read {repo}/{filename}"
     local = "; or give --teacher a local pipeline folder"
     url = urllib.parse.urlparse(hub.ENDPOINT)
     with contextlib.suppress(Exception):
@@ -1855,7 +1862,7 @@ def load_backbone(config, device, src=None, family=None):
 
 
 def _read_json(src, name):  # a file of a pipeline folder, or of a hub id (from the hub cache when it is there)
-    with open(os.path.join(src, name) if os.path.isdir(src) else _hub_file(src, src, name)) as f:
+    with open(os.path.join(src, name) if os.path.isdir(src) else _hub_file(src, name)) as f:
         return json.load(f)
 
 
@@ -1888,13 +1895,13 @@ def memory_plan(config, net, family, world_size=1, factor=None):
     shards = world_size if full else 1
     grad_bytes = trainable_dtype(config).itemsize if full else 4
     trainable = 2 * P  # the generator's and the fake network's weights, or adapters:
-    copies = 2 * P * 2 if config.precision == "bf16-autocast" and world_size == 1 else 0  # autocast's bf16 copies
+    # full mode on one GPU under autocast: bf16 copies of the two trainable networks' weights, 2 bytes each
+    copies = 2 * P * 2 if full and config.precision == "bf16-autocast" and world_size == 1 else 0
     weights = P * base_bytes + (3 if config.ema_decay else 2) * P * grad_bytes
     if not full:
         targets = [m for name, m in net.named_modules() if name.endswith(LORA_TARGETS)]
         lora = sum(config.lora_rank * (m.in_features + m.out_features) for m in targets)
         trainable = 2 * lora
-        copies = 0
         weights = P * base_bytes + 3 * lora * 4
     width = c.num_attention_heads * c.attention_head_dim
     layers = len(blocks(net))

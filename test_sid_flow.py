@@ -232,7 +232,7 @@ def test_weightings_and_times():
     t = sf.sample_t(100_000, g)
     assert abs(t.median().item() - 2 / 3) < 0.01 and t.min() > 0 and t.max() < 1
     x_g = torch.randn(16, 2, requires_grad=True)
-    for name in sf.WEIGHTINGS:
+    for name in sf.WEIGHTS:
         w = sf.sid_weight(name, t[:16], x_g, torch.randn(16, 2))
         assert w.shape == (16,) and torch.isfinite(w).all() and (w > 0).all() and not w.requires_grad
     with pytest.raises(ValueError):
@@ -626,7 +626,7 @@ def _check_against_official(sid, official, step, tol):
 
 
 @pytest.mark.parametrize("data_aided", [False, True])
-@pytest.mark.parametrize("weighting", sf.WEIGHTINGS)
+@pytest.mark.parametrize("weighting", list(sf.WEIGHTS))
 def test_toy_iteration_computes_the_official_iteration(weighting, data_aided):
     """One toy iteration, data-free and data-aided (the GAN term on: past 40k images), with two micro-batches per
     step, uniform k and every weighting, equals the official iteration (class Official) on the same draws: the fake
@@ -874,16 +874,17 @@ def test_data_aided_discriminator_reads_the_prompts_branch():
 
 
 def test_ema_update_closed_form():
-    """EMA with warm-up: ema <- ema + (1 - d) (net - ema) with d = min(decay, (1 + step) / (10 + step)), checked
-    against that closed form early (warm-up active), late (the configured decay), and with decay 0 (a copy)."""
+    """EMA with warm-up G: ema <- ema + (1 - d) (net - ema) with d = min(decay, (1 + step) / (G + step)), checked
+    against that closed form early (warm-up active, G = 10 and the toy's 5), late (the configured decay), and with
+    decay 0 (a copy)."""
     torch.manual_seed(0)
     ema, net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    for decay, step in ((0.99, 5), (0.9, 10**6), (0.0, 7)):
+    for decay, warmup, step in ((0.99, 10, 5), (0.99, 5, 5), (0.9, 10, 10**6), (0.0, 10, 7)):
         before = [p.detach().clone() for p in ema.parameters()]
-        d = min(decay, (1 + step) / (10 + step))
-        sf.ema_update(ema, net, decay, step)
+        d = min(decay, (1 + step) / (warmup + step))
+        sf.ema_update(ema, net, decay, warmup, step)
         for b, p_ema, p in zip(before, ema.parameters(), net.parameters(), strict=True):
-            assert torch.allclose(p_ema, b + (1 - d) * (p - b), atol=1e-7), (decay, step)
+            assert torch.allclose(p_ema, b + (1 - d) * (p - b), atol=1e-7), (decay, warmup, step)
         assert decay == 0.0 or not torch.allclose(ema.weight, net.weight)
 
 
@@ -1735,10 +1736,10 @@ def test_hub_errors_say_why(monkeypatch):
     monkeypatch.setattr(sf.huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(sf.socket, "create_connection", no_route)
     with pytest.raises(sf.UserError, match="the hub .* is unreachable .*Network is unreachable"):
-        sf._hub_file("owner/repo", "owner/repo", "model_index.json")
+        sf._hub_file("owner/repo", "model_index.json")
     monkeypatch.setattr(sf.socket, "create_connection", lambda *args, **kwargs: open(os.devnull))  # a route: closed
     with pytest.raises(sf.UserError, match="Entry Not Found") as e:
-        sf._hub_file("owner/repo", "owner/repo", "model_index.json")
+        sf._hub_file("owner/repo", "model_index.json")
     assert "unreachable" not in str(e.value)
 
 

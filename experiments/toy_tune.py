@@ -20,8 +20,8 @@ as the field), or "default" for none. A candidate may also carry departures, eac
     late_batches=N@F   both networks' updates on N micro-batches from the fraction F of the run on
     gen_times=T1/.../TK  the generator's K input times, falling from 1, instead of sf.generator_times' 1 - (k-1)/K
 --ema-warmups G ...: also keep, in the same run, EMAs whose warm-up is min(decay, (1 + s) / (G + s)) instead of
-sf.ema_update's G = 10, and score each: at step s such an EMA averages over about s / (G - 1) iterations (G = 10:
-roughly the last tenth of the run; G = 4: the last third).
+the candidate's ema_warmup (the toy preset's: 5), and score each: at step s such an EMA averages over about
+s / (G - 1) iterations (G = 10: roughly the last tenth of the run; G = 5: the last quarter; G = 4: the last third).
 For every seed the teacher is run_toy.py's (trained once, cached in ROOT/teacher-checkerboard[-seedS].pt), the
 evaluation is run_toy.py's (4 replicates of 4096 scrambled-Sobol points, seeded by S), and the yardstick is the
 teacher's 128-step Euler sampler; each candidate is distilled in memory (nothing written) and its EMA student scored.
@@ -176,16 +176,12 @@ def patched(cfg, departures, ema_warmups):
     def sample_t(n, rng):
         return torch.sigmoid(torch.randn(n, generator=rng, device=rng.device) * scale + loc)
 
-    def ema_update(ema, net, decay, step):
+    def ema_update(ema, net, decay, warmup, step):
         for G in ema_warmups:
             if G not in extra_emas:
                 extra_emas[G] = copy.deepcopy(ema)
-            extra = extra_emas[G]
-            d = min(decay, (1 + step) / (G + step))
-            with torch.no_grad():
-                for p_ema, p in zip(extra.parameters(), net.parameters(), strict=True):
-                    p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - d)
-        official_ema_update(ema, net, decay, step)
+            official_ema_update(extra_emas[G], net, decay, G, step)
+        official_ema_update(ema, net, decay, warmup, step)
 
     def generator_update(sid, k, gan_weight):  # on gen_batches micro-batches of the global batch
         micro_batches = sid.config.grad_accum
