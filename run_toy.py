@@ -1,6 +1,6 @@
 """run_toy.py -- the laptop demo: distil a 2-D flow-matching teacher into a four-step generator with SiD.
 
-    python run_toy.py                       # checkerboard, 2-2.5 min on 2 CPU cores: out/toy/checkerboard/
+    python run_toy.py                       # checkerboard, 1.5-2.5 min on 2 CPU cores: out/toy/checkerboard/
     python run_toy.py --dataset moons       # also: 8gaussians, spiral; each in its own out/toy/<dataset>/
     python run_toy.py --compare             # + DMD, alpha 1.2, 1 step, uniform k, data-aided, side by side
     python experiments/digits.py            # next: a SANA-architecture DiT on real 8x8 digits (out/digits/)

@@ -388,7 +388,8 @@ def make_optimizers(config, generator, fake):
 def ema_update(ema, net, decay, warmup, step):
     """EMA with warm-up: the effective decay min(decay, (1 + step) / (warmup + step)) lets the average follow the fast
     early moves away from the teacher and average only once training settles. While the warm-up binds, the average
-    spans about the last step / (warmup - 1) iterations: a tenth of the run so far for warmup 10, a fifth for 6."""
+    spans about the last step / (warmup - 1) iterations: a tenth of the run so far for warmup 10, a quarter for the
+    toy's 5."""
     decay = min(decay, (1 + step) / (warmup + step))
     for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)

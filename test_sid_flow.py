@@ -888,6 +888,22 @@ def test_ema_update_closed_form():
         assert decay == 0.0 or not torch.allclose(ema.weight, net.weight)
 
 
+def test_iteration_averages_with_the_configured_warmup():
+    """The loop's EMA is ema_update's with --ema-warmup G: after iteration 1 the EMA, which started as the teacher,
+    is teacher + (1 - d) (generator - teacher), d = min(decay, 2 / (G + 1)): for the default G = 10 and the toy's 5."""
+    for warmup in (10, 5):
+        bb = _tiny_backbone()
+        config = _cfg(iters=1, batch_size=16, ema_decay=0.99, ema_warmup=warmup)
+        sid = sf.SiD(config, bb, sf.Runtime())
+        sid.iteration(0)
+        d = min(0.99, 2 / (warmup + 1))
+        for p_ema, p, p_teacher in zip(
+            sid.ema.parameters(), sid.generator.parameters(), bb.teacher.parameters(), strict=True
+        ):
+            assert torch.allclose(p_ema, p_teacher + (1 - d) * (p - p_teacher), atol=1e-7), warmup
+        assert not torch.equal(sid.generator.head.weight, bb.teacher.head.weight)  # the generator moved
+
+
 def test_resume_equals_uninterrupted(tmp_path, capsys):
     """A run stopped after 3 iterations and resumed to 6 ends with the same weights, EMA and optimizer state as an
     uninterrupted 6-iteration run with the same seed (uniform k, fresh noise: every RNG stream is restored). Under a
@@ -1202,7 +1218,7 @@ def test_cli_help_gives_every_flag_its_meaning_and_real_default():
     the toy preset); run_toy.py offers none of sid_flow.py's image-teacher flags. sid_flow.py's lists the presets and
     the export command; its --teacher says it is required, not "[default: required]"."""
     helps = {f.name: f.metadata["help"] for f in sf.dataclasses.fields(sf.Config)}
-    assert all(len(h.split()) >= 4 and "WEIGHTINGS" not in h for h in helps.values()), helps
+    assert all(len(h.split()) >= 4 and "WEIGHTS" not in h for h in helps.values()), helps
     wide = dict(os.environ, COLUMNS="400")  # argparse wraps help at hyphens otherwise ("SiD- LSG")
     r = subprocess.run(
         [sys.executable, os.path.join(HERE, "sid_flow.py"), "--help"],
@@ -2076,7 +2092,7 @@ def test_lora_mode_each_update_reaches_only_its_adapter(tiny, family, monkeypatc
         sid.iteration(0)
         assert all(torch.equal(seen[n], p.grad) for n, p in fake.named_parameters())
         assert all(torch.equal(p, base0[n]) for n, p in bb.teacher.named_parameters())
-        d, ema_state = min(0.9, 2 / 11), sid.ema.state_dict()  # the EMA adapter: ema_update's average, no step
+        d, ema_state = min(0.9, 2 / (config.ema_warmup + 1)), sid.ema.state_dict()  # ema_update's average
         assert all(
             torch.allclose(v, d * ema0[k] + (1 - d) * gen.state_dict()[k], atol=1e-6) for k, v in ema_state.items()
         )

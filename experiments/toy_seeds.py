@@ -1,6 +1,6 @@
 """toy_seeds.py -- error bars that include training: the demo's headline student over several training seeds.
 
-    python experiments/toy_seeds.py                    # seeds 0, 1, 2: 2-2.5 min per seed not yet run, 2 cores
+    python experiments/toy_seeds.py                    # seeds 0, 1, 2: 1.5-2.5 min per seed not yet run, 2 cores
     python experiments/toy_seeds.py --seeds 0 1 2 3 4  # more seeds; any other flag goes to run_toy.py as it is
 
 `python run_toy.py --seed S` draws everything from S: the teacher's initial weights and training data, every draw of

@@ -271,6 +271,7 @@ class Seed:
             curve=curve,
             config={k: v for k, v in dataclasses.asdict(cfg).items() if k in overrides},
             departures=departures,
+            ema_warmup=cfg.ema_warmup,  # the G of the scored EMA (the preset's, unless the candidate sets it)
             ema_warmups=warmups,
         )
 
@@ -282,22 +283,25 @@ def table(path):
     with open(path) as f:
         rows = [json.loads(line) for line in f]
     sums = lambda r: "strict" if "STRICT" in (r.get("mkl_cbwr") or "") else "MKL's default"  # noqa: E731
-    print("| candidate (overrides of the toy preset) | seed | / teacher-128 | +- | distill s | threads | sums |")
-    print("|---|---|---|---|---|---|---|")
+    warmup = lambda r: r.get("ema_warmup", 10)  # noqa: E731  (rows from before the setting: the preset's G was 10)
+    print(
+        "| candidate (overrides of the toy preset) | seed | / teacher-128 | +- | distill s | threads | sums | EMA G |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| `{r['spec']}` | {r['seed']} | {r['ratio']:.3f} | {r['se_ratio']:.3f} | {r['seconds']:.1f} "
-            f"| {r['threads']} | {sums(r)} |"
+            f"| {r['threads']} | {sums(r)} | {warmup(r)} |"
         )
     by_spec = {}
-    for r in rows:  # the last result of each (candidate, seed, threads, sums)
-        by_spec.setdefault((r["spec"], r["threads"], sums(r)), {})[r["seed"]] = r["ratio"]
-    print("\n| candidate | threads | sums | seeds | mean | worst |\n|---|---|---|---|---|---|")
-    for (spec, threads, kind), ratios in by_spec.items():
+    for r in rows:  # the last result of each (candidate, seed, threads, sums, the EMA's G)
+        by_spec.setdefault((r["spec"], r["threads"], sums(r), warmup(r)), {})[r["seed"]] = r["ratio"]
+    print("\n| candidate | threads | sums | EMA G | seeds | mean | worst |\n|---|---|---|---|---|---|---|")
+    for (spec, threads, kind, G), ratios in by_spec.items():
         if len(ratios) > 1:
             mean = sum(ratios.values()) / len(ratios)
             seeds = ", ".join(f"{s}: {v:.3f}" for s, v in sorted(ratios.items()))
-            print(f"| `{spec}` | {threads} | {kind} | {seeds} | {mean:.3f} | {max(ratios.values()):.3f} |")
+            print(f"| `{spec}` | {threads} | {kind} | {G} | {seeds} | {mean:.3f} | {max(ratios.values()):.3f} |")
 
 
 def main(argv=None):
